@@ -1,0 +1,10 @@
+"""peftbench: parameter-efficient fine-tuning on CLUE-style Chinese tasks, measured."""
+
+__version__ = "0.1.0"
+
+
+def load(ckpt_dir, device="cpu"):
+    """Load a trained checkpoint: returns (model, tokenizer, meta). See peftbench.inference."""
+    from peftbench.inference import load as _load
+
+    return _load(ckpt_dir, device)

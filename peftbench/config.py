@@ -1,0 +1,228 @@
+"""Typed run configuration: built-in defaults -> YAML recipe -> ``key=value`` overrides.
+
+A recipe has the sections ``task``, ``model``, ``method``, ``train`` and the key
+``output_dir``. The ``method`` section is checked against the Config dataclass of
+the method it names, so every method owns its keys. Unknown keys and values of
+the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftbench.errors import PeftbenchError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "synthetic"
+    data_dir: str | None = None  # local CLUE/FewCLUE folder; None = the hub (or generated, for synthetic)
+    max_length: int = 128
+    max_train_samples: int | None = None  # keep the first N training records (quick runs)
+    # Only for task.name=custom:
+    text_fields: list[str] | None = None  # one field, or two for sentence pairs
+    label_field: str | None = None
+    labels: list[str] | None = None
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # hub name, local directory, or the built-in "tiny"
+    tokenizer: str | None = None  # defaults to name_or_path
+    attn_implementation: str | None = None  # None = transformers' default (sdpa where supported)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int = -1  # > 0 stops after this many optimizer steps
+    batch_size: int = 32  # per process, per micro-batch
+    eval_batch_size: int = 128
+    grad_accum_steps: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    mixed_precision: str = "no"
+    group_by_length: bool = True
+    log_every: int = 50  # optimizer steps between loss reads (each read syncs the device)
+    timing_warmup_steps: int = 5  # optimizer steps left out of throughput
+    save_checkpoint: bool = True
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # the Config dataclass of the chosen method
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str | None = None  # None = runs/<task>-<method>-<run id>
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_id(self) -> str:
+        """Stable hash of everything that changes the result (not where it is written)."""
+        body = self.to_dict()
+        body.pop("output_dir")
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _yaml_float(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads ``2e-5`` (no dot) as a string; read it as the float it means."""
+    if isinstance(value, str) and float in (typing.get_args(hint) or (hint,)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
+
+
+def build(cls: type, values: dict, prefix: str) -> Any:
+    """Make dataclass ``cls`` from ``values``; unknown keys and bad types name the key."""
+    if not isinstance(values, dict):
+        raise PeftbenchError(f"config key '{prefix}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise PeftbenchError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        hint = hints[key]
+        value = _yaml_float(value, hint)
+        if dataclasses.is_dataclass(hint):
+            value = build(hint, value, full)
+        elif not _type_ok(value, hint):
+            raise PeftbenchError(f"config key '{full}' must be {_type_name(hint)}, got {value!r}")
+        if hint is float and value is not None:
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``["train.lr=1e-4", "method.name=lora"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise PeftbenchError(f"override '{item}' is not of the form key=value")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PeftbenchError(f"override '{item}' conflicts with an earlier override of '{part}'")
+        node[parts[-1]] = value
+    return tree
+
+
+def read_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PeftbenchError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise PeftbenchError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise PeftbenchError(f"{path}: a recipe must be a mapping of sections")
+    return data
+
+
+def resolve(tree: dict) -> RunConfig:
+    """Build a RunConfig from a raw nested dict (defaults fill what is missing)."""
+    from peftbench.methods import get_method  # the method registry owns the method sections
+
+    tree = dict(tree)
+    method_tree = tree.pop("method", None) or {}
+    if not isinstance(method_tree, dict):
+        raise PeftbenchError(f"config key 'method' must be a mapping, got {method_tree!r}")
+    method_tree = {"name": "lora", **method_tree}
+    if not isinstance(method_tree["name"], str):
+        raise PeftbenchError(f"config key 'method.name' must be str, got {method_tree['name']!r}")
+    cfg = build(RunConfig, tree, "")
+    cfg.method = build(get_method(method_tree["name"]).Config, method_tree, "method")
+    _check_values(cfg)
+    return cfg
+
+
+def load(recipe: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """defaults -> ``base`` -> recipe file -> overrides."""
+    tree = base or {}
+    if recipe is not None:
+        tree = merge(tree, read_recipe(recipe))
+    tree = merge(tree, parse_overrides(overrides or []))
+    return resolve(tree)
+
+
+def _check_values(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.mixed_precision not in MIXED_PRECISION:
+        raise PeftbenchError(f"config key 'train.mixed_precision' must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every"):
+        if getattr(t, key) < 1:
+            raise PeftbenchError(f"config key 'train.{key}' must be >= 1, got {getattr(t, key)}")
+    if t.lr <= 0:
+        raise PeftbenchError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise PeftbenchError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    if cfg.task.max_length < 8:
+        raise PeftbenchError(f"config key 'task.max_length' must be >= 8, got {cfg.task.max_length}")
+    if cfg.task.name != "custom":
+        for key in ("text_fields", "label_field", "labels"):
+            if getattr(cfg.task, key) is not None:
+                raise PeftbenchError(f"config key 'task.{key}' applies only to task.name=custom")

@@ -1,0 +1,85 @@
+"""Honest measurement: synchronised clocks, warm-up left out, real (non-pad) tokens, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a clock read after it means 'done'."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+class StepTimer:
+    """Throughput of the timed optimizer steps.
+
+    The first ``warmup_steps`` optimizer steps (allocator growth, kernel selection,
+    lazy init) are not timed. The device is synchronised before every clock read;
+    ``pause``/``resume`` keep evaluation out of the training time. Samples and
+    tokens are counted per micro-batch and credited when their optimizer step ends.
+    """
+
+    def __init__(self, device: torch.device, warmup_steps: int):
+        self.device = device
+        self.warmup_steps = warmup_steps
+        self.samples = self.tokens = self.steps = 0
+        self.seconds = 0.0
+        self._pending = [0, 0]
+        self._t0: float | None = None  # set while the clock runs
+        self._warm = False  # warm-up is over: time from now on
+        if warmup_steps == 0:
+            self._start()
+
+    def _start(self) -> None:
+        self._warm = True
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def count(self, samples: int, tokens: int) -> None:
+        self._pending[0] += samples
+        self._pending[1] += tokens
+
+    def optimizer_step(self, step: int) -> None:
+        if step > self.warmup_steps:
+            self.samples += self._pending[0]
+            self.tokens += self._pending[1]
+            self.steps += 1
+        self._pending = [0, 0]
+        if step == self.warmup_steps:
+            self._start()
+
+    def pause(self) -> None:
+        if self._t0 is not None:
+            synchronize(self.device)
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def resume(self) -> None:
+        if self._warm:
+            self._start()
+
+    def result(self) -> dict:
+        self.pause()
+        return {"timed_steps": self.steps, "timed_seconds": self.seconds, "timed_samples": self.samples, "timed_tokens": self.tokens}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    """GPU: max allocated and max reserved since the last reset. CPU: the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+                "memory_kind": "cuda_max_allocated"}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory_kind": "cpu_peak_rss"}

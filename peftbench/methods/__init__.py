@@ -1,0 +1,102 @@
+"""Method interface and registry.
+
+A method is one file with a ``Config`` dataclass and a :class:`Method` subclass.
+It changes the model (``apply``), declares what it trains (``is_trainable``),
+may hook into the loop (``on_optimizer_step``, ``extra_loss``) and saves /
+reloads what it trained. The loop never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peftbench.errors import PeftbenchError
+
+
+@dataclass
+class MethodConfig:
+    name: str
+
+
+@dataclass
+class RunContext:
+    """What a method may need to know about the run it is applied in."""
+
+    total_steps: int  # optimizer steps this process will take
+    num_labels: int
+
+
+class Method:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    saves_full_model: ClassVar[bool] = False  # True: the checkpoint needs no base model to reload
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def apply(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        """Add the method's modules to ``model``; return the model to train."""
+        return model
+
+    def is_trainable(self, name: str) -> bool:
+        """Whether the parameter called ``name`` (in the applied model) is trained."""
+        raise NotImplementedError
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss (e.g. a regulariser); None for none."""
+        return None
+
+    def on_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called once after every optimizer step (not per micro-batch)."""
+
+    def summary(self, model: nn.Module) -> dict:
+        """Method-specific facts for the result record."""
+        return {}
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, base_model: nn.Module | None, ckpt_dir: Path) -> nn.Module:
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise PeftbenchError(f"config key 'method.name': unknown method '{name}' (known: {', '.join(method_names())})")
+    return _METHODS[name]
+
+
+def set_trainable(model: nn.Module, method: Method) -> dict:
+    """Freeze every parameter the method does not declare; count both kinds."""
+    trainable = total = 0
+    seen = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param.requires_grad_(method.is_trainable(name))
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    if trainable == 0:
+        raise PeftbenchError(f"method '{method.name}' declares no trainable parameter in this model")
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total}
+
+
+from peftbench.methods import full, lora  # noqa: E402,F401  (registration)

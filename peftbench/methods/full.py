@@ -1,0 +1,31 @@
+"""Full fine-tuning: every weight of the backbone and the head is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification
+
+from peftbench.methods import Method, MethodConfig, register_method
+
+
+@dataclass
+class FullConfig(MethodConfig):
+    name: str = "full"
+
+
+@register_method
+class Full(Method):
+    name = "full"
+    Config = FullConfig
+    saves_full_model = True
+
+    def is_trainable(self, name: str) -> bool:
+        return True
+
+    def save(self, model, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir))
+
+    def load(self, base_model, ckpt_dir: Path):
+        return AutoModelForSequenceClassification.from_pretrained(str(ckpt_dir))

@@ -1,0 +1,52 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) through PEFT.
+
+Each targeted linear layer W gets a low-rank update: h = W x + (alpha / r) * B A x,
+with A (r x d_in, Kaiming-uniform) and B (d_out x r, zeros) trained and W frozen,
+so training starts from the base model. ``use_rslora`` scales by alpha / sqrt(r)
+(Kalajdzievski 2023); ``use_dora`` adds a trained magnitude vector per output
+(Liu et al. 2024). The classification head is trained in full (PEFT's
+``modules_to_save``). Trainable parameters: sum over targeted layers of
+r * (d_in + d_out), plus the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+
+from peftbench.methods import Method, MethodConfig, register_method
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    name: str = "lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] | None = None  # None = PEFT's default for the architecture (BERT: query, value)
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+@register_method
+class Lora(Method):
+    name = "lora"
+    Config = LoraConfig
+
+    def apply(self, model, ctx):
+        cfg = self.cfg
+        peft_cfg = PeftLoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                  target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+        return get_peft_model(model, peft_cfg)
+
+    def is_trainable(self, name: str) -> bool:
+        return "lora_" in name or ".modules_to_save." in name
+
+    def save(self, model, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir))
+
+    def load(self, base_model, ckpt_dir: Path):
+        return PeftModel.from_pretrained(base_model, str(ckpt_dir))

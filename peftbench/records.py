@@ -1,0 +1,133 @@
+"""The result record: one JSON file per run, written atomically, with its provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from peftbench.errors import PeftbenchError
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "record.json"
+REQUIRED = {
+    "metrics": ("accuracy", "macro_f1", "n_eval", "train_samples_per_s", "train_tokens_per_s",
+                "eval_samples_per_s", "peak_memory_mb", "wall_s"),
+    "params": ("trainable", "total", "adapter_bytes"),
+}
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
+
+
+def write_atomic(path: str | Path, data: dict) -> Path:
+    """Write JSON to a temp file in the same folder, fsync it, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_record(status: str, config: dict, run_id: str, env: dict, metrics: dict | None = None,
+                params: dict | None = None, error: str | None = None, extra: dict | None = None) -> dict:
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": status,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "metrics": metrics or {},
+        "params": params or {},
+        "env": env,
+    }
+    if error is not None:
+        record["error"] = error
+    record.update(extra or {})
+    return record
+
+
+def validate(record: dict, source: str = "record") -> dict:
+    """Check a record's schema; a success record must carry every required metric."""
+    for key in ("schema_version", "run_id", "status", "config", "metrics", "params", "env"):
+        if key not in record:
+            raise PeftbenchError(f"{source}: field '{key}' missing")
+    if record["schema_version"] != SCHEMA_VERSION:
+        raise PeftbenchError(f"{source}: field 'schema_version': {record['schema_version']} (expected {SCHEMA_VERSION})")
+    if record["status"] not in ("success", "failed"):
+        raise PeftbenchError(f"{source}: field 'status': {record['status']!r} (expected success or failed)")
+    if record["status"] == "failed":
+        if not record.get("error"):
+            raise PeftbenchError(f"{source}: field 'error' missing on a failed record")
+        return record
+    for section, keys in REQUIRED.items():
+        for key in keys:
+            if key not in record[section]:
+                raise PeftbenchError(f"{source}: field '{section}.{key}' missing")
+    return record
+
+
+def read_record(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PeftbenchError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    return validate(record, str(path))
+
+
+def environment(num_processes: int = 1) -> dict:
+    """Versions, hardware and code revision, recorded with every number."""
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in PACKAGES:
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = None
+    if torch.cuda.is_available():
+        env.update(device="cuda", device_name=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),
+                   cuda=torch.version.cuda)
+    else:
+        env.update(device="cpu", device_name=_cpu_name(), device_count=1)
+    env.update(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), num_processes=num_processes)
+    env.update(_git_revision())
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def _git_revision() -> dict:
+    """The commit of the peftbench checkout this code runs from, if it is one."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return {"git_sha": None}
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return {"git_sha": sha.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None}

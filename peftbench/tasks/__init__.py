@@ -1,0 +1,246 @@
+"""Task registry and the one loader that turns task files into ``datasets`` splits.
+
+A task is a :class:`TaskSpec`: its label list and a ``convert`` function that turns
+one raw record (a JSON line, a CSV row or a hub row) into an :class:`Example`.
+Every split comes out with the same columns: ``text_a``, ``text_b`` ("" for single
+sentences), ``label`` (class index, -1 when the split is unlabeled) and ``id``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from datasets import Dataset
+
+from peftbench.errors import PeftbenchError, where
+
+# File names per layout: split -> candidates, first match wins.
+LAYOUTS = {
+    "clue": {"train": "train.json", "dev": "dev.json", "test": "test.json"},
+    "fewclue": {"train": "train_few_all.json", "dev": "dev_few_all.json", "test": "test_public.json"},
+    "csv": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv"},
+}
+HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+
+
+@dataclass
+class Example:
+    text_a: str
+    text_b: str = ""
+    label: str | None = None  # the label as a string; None = unlabeled
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    description: str
+    labels: tuple[str, ...]  # label strings as they appear in the data; list index = class id
+    convert: Callable[[dict], Example]  # raises KeyError(field) for a missing field
+    text_fields: tuple[str, ...]
+    label_names: tuple[str, ...] | None = None  # human-readable names, if the labels are codes
+    hub: tuple[str, str] | None = None  # load_dataset(*hub) when no data_dir is given
+    skip_labels: tuple[str, ...] = ()  # labels meaning "no gold label": dropped and counted
+    label_key: str = "label"  # the label's field name in the files
+    metric: str = "accuracy"
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    splits: dict[str, Dataset]
+    source: str
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def labeled(self, split: str) -> bool:
+        ds = self.splits.get(split)
+        return ds is not None and len(ds) > 0 and min(ds["label"]) >= 0
+
+
+_TASKS: dict[str, Callable[..., TaskSpec] | TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec | Callable[..., TaskSpec], name: str | None = None):
+    """Register a spec, or a factory ``f(task_cfg) -> TaskSpec`` under ``name``."""
+    _TASKS[name or spec.name] = spec
+    return spec
+
+
+def task_names() -> list[str]:
+    return sorted(_TASKS)
+
+
+def describe_task(name: str) -> str:
+    """One line for ``peftbench tasks``."""
+    entry = _TASKS[name]
+    if not isinstance(entry, TaskSpec):
+        return f"{name:<12}    * labels  local      {entry.__doc__.strip().splitlines()[0]}"
+    source = "hub+local" if entry.hub else "local"
+    return f"{name:<12} {len(entry.labels):>4} labels  {source:<9}  {entry.description}"
+
+
+def get_spec(task_cfg) -> TaskSpec:
+    entry = _TASKS.get(task_cfg.name)
+    if entry is None:
+        raise PeftbenchError(f"config key 'task.name': unknown task '{task_cfg.name}' (known: {', '.join(task_names())})")
+    return entry if isinstance(entry, TaskSpec) else entry(task_cfg)
+
+
+def load_task(task_cfg) -> TaskData:
+    """Load train/dev(/test) for ``task_cfg`` from a local folder, the hub, or a generator."""
+    spec = get_spec(task_cfg)
+    if task_cfg.data_dir is None and spec.name == "synthetic":
+        from peftbench.tasks.synthetic import generate_splits
+
+        raw = {split: list(enumerate(rows, 1)) for split, rows in generate_splits().items()}
+        return _build(spec, raw, "generated (seed 0)", task_cfg, source_of=lambda split: f"<synthetic {split}>")
+    if task_cfg.data_dir is None:
+        return _load_hub(spec, task_cfg)
+    return _load_dir(spec, Path(task_cfg.data_dir), task_cfg)
+
+
+def find_files(data_dir: Path) -> dict[str, Path]:
+    """The split files of a CLUE, FewCLUE or CSV layout in ``data_dir``."""
+    if not data_dir.is_dir():
+        raise PeftbenchError(f"{data_dir}: data directory not found (config key 'task.data_dir')")
+    for names in LAYOUTS.values():
+        if (data_dir / names["train"]).is_file():
+            files = {split: data_dir / name for split, name in names.items() if (data_dir / name).is_file()}
+            if "dev" not in files:
+                raise PeftbenchError(f"{data_dir}: has {names['train']} but no {names['dev']}")
+            return files
+    expected = "; ".join(f"{n['train']} + {n['dev']}" for n in LAYOUTS.values())
+    raise PeftbenchError(f"{data_dir}: no training file found (expected one of: {expected})")
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) from a JSON-lines or CSV file.
+
+    JSON lines are split on ``\\n`` only: IFLYTEK text holds raw U+2028, which
+    ``str.splitlines`` would treat as a line break. CRLF line ends are accepted.
+    """
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            for lineno, row in enumerate(csv.DictReader(fh), 2):
+                yield lineno, row
+        return
+    with path.open(encoding="utf-8", newline="\n") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PeftbenchError(f"{where(path, lineno)}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise PeftbenchError(f"{where(path, lineno)}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def _load_dir(spec: TaskSpec, data_dir: Path, task_cfg) -> TaskData:
+    files = find_files(data_dir)
+    _check_label_file(spec, data_dir / "labels.json")
+    raw = {split: list(read_records(path)) for split, path in files.items()}
+    return _build(spec, raw, str(data_dir), task_cfg, source_of=lambda split: files[split])
+
+
+def _load_hub(spec: TaskSpec, task_cfg) -> TaskData:
+    if spec.hub is None:
+        raise PeftbenchError(f"task '{spec.name}' is not on the hub: set config key 'task.data_dir' to a local folder")
+    from datasets import load_dataset
+
+    try:
+        hub = load_dataset(*spec.hub)
+    except Exception as exc:  # offline, missing config, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeftbenchError(f"task '{spec.name}': could not load {'/'.join(spec.hub)} from the hub ({first}); "
+                             f"set 'task.data_dir' to a local folder") from None
+    raw = {}
+    for split, hub_split in HUB_SPLITS.items():
+        if hub_split not in hub:
+            continue
+        ds = hub[hub_split]
+        names = ds.features["label"].names if hasattr(ds.features.get("label"), "names") else None
+        rows = []
+        for i, row in enumerate(ds, 1):
+            row = dict(row)
+            if names is not None:
+                row["label"] = None if row["label"] < 0 else names[row["label"]]
+            rows.append((i, row))
+        raw[split] = rows
+    return _build(spec, raw, "hub:" + "/".join(spec.hub), task_cfg, source_of=lambda split: f"hub:{'/'.join(spec.hub)}[{split}]")
+
+
+def _check_label_file(spec: TaskSpec, path: Path) -> None:
+    """A CLUE release's labels.json must not name labels the task does not know."""
+    if not path.is_file():
+        return
+    for lineno, record in read_records(path):
+        if "label" not in record:
+            raise PeftbenchError(f"{where(path, lineno, 'label')} missing")
+        if str(record["label"]) not in spec.labels:
+            raise PeftbenchError(f"{where(path, lineno, 'label')}: label {record['label']!r} is not a label of task '{spec.name}'")
+
+
+def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, task_cfg, source_of) -> TaskData:
+    label_index = {label: i for i, label in enumerate(spec.labels)}
+    splits, dropped = {}, {}
+    for split, rows in raw.items():
+        path = source_of(split)
+        columns = {"text_a": [], "text_b": [], "label": [], "id": []}
+        n_dropped = n_unlabeled = 0
+        for lineno, record in rows:
+            try:
+                ex = spec.convert(record)
+            except KeyError as exc:
+                raise PeftbenchError(f"{where(path, lineno, exc.args[0])} missing") from None
+            except (TypeError, ValueError) as exc:
+                raise PeftbenchError(f"{where(path, lineno)}: {exc}") from None
+            if ex.label in spec.skip_labels:
+                n_dropped += 1
+                continue
+            if ex.label is None:
+                if split != "test":
+                    raise PeftbenchError(f"{where(path, lineno, spec.label_key)} missing")
+                n_unlabeled += 1
+                index = -1
+            elif ex.label not in label_index:
+                raise PeftbenchError(f"{where(path, lineno, spec.label_key)}: label {ex.label!r} is not a label of task '{spec.name}'")
+            else:
+                index = label_index[ex.label]
+            columns["text_a"].append(ex.text_a)
+            columns["text_b"].append(ex.text_b)
+            columns["label"].append(index)
+            columns["id"].append(lineno if ex.id is None else int(ex.id))
+        if 0 < n_unlabeled < len(columns["label"]):
+            raise PeftbenchError(f"{path}: {n_unlabeled} of {len(columns['label'])} records have no label; label all or none")
+        if not columns["label"] and split != "test":
+            raise PeftbenchError(f"{path}: split '{split}' is empty")
+        if split == "train" and task_cfg.max_train_samples is not None:
+            columns = {k: v[: task_cfg.max_train_samples] for k, v in columns.items()}
+        splits[split] = Dataset.from_dict(columns)
+        if n_dropped:
+            dropped[split] = n_dropped
+    return TaskData(spec=spec, splits=splits, source=source, dropped=dropped)
+
+
+def text_field(record: dict, name: str) -> str:
+    """Read a text field; a missing field raises KeyError(name), a non-string TypeError."""
+    value = record[name]
+    if not isinstance(value, str):
+        raise TypeError(f"field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def label_field(record: dict, name: str = "label") -> str | None:
+    """Read a label as a string (JSON ints and strings alike); None/"" = unlabeled."""
+    value = record.get(name)
+    return None if value is None or value == "" else str(value)
+
+
+# Registration of the built-in tasks.
+from peftbench.tasks import clue, custom, synthetic  # noqa: E402,F401

@@ -1,0 +1,35 @@
+import json
+import os
+from pathlib import Path
+
+import datasets
+import pytest
+
+datasets.disable_progress_bars()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_CLUE = Path(__file__).resolve().parents[2] / "shared" / "clue"
+needs_shared_clue = pytest.mark.skipif(not SHARED_CLUE.is_dir(), reason="../shared/clue is not present")
+
+
+def write_jsonl(path: Path, records, newline: str = "\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        for r in records:
+            fh.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + newline)
+    return path
+
+
+def fewclue_dir(root: Path, train, dev, test=None, newline: str = "\n") -> Path:
+    """A FewCLUE-layout folder with the given record lists."""
+    write_jsonl(root / "train_few_all.json", train, newline)
+    write_jsonl(root / "dev_few_all.json", dev, newline)
+    if test is not None:
+        write_jsonl(root / "test_public.json", test, newline)
+    return root
+
+
+@pytest.fixture
+def quick_overrides(tmp_path):
+    """Overrides for a small, fast run of the tiny backbone on the synthetic task."""
+    return ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", f"output_dir={tmp_path / 'run'}"]

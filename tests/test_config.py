@@ -1,0 +1,73 @@
+import pytest
+
+from peftbench import config
+from peftbench.errors import PeftbenchError
+
+
+def test_defaults_then_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: {name: tnews, max_length: 64}\nmethod: {name: lora, r: 4}\ntrain: {lr: 5e-4, epochs: 2}\n")
+    cfg = config.load(recipe, ["train.epochs=5", "method.r=16", "train.mixed_precision=bf16"])
+    assert cfg.task.name == "tnews" and cfg.task.max_length == 64
+    assert cfg.train.lr == pytest.approx(5e-4) and isinstance(cfg.train.lr, float)  # YAML reads 5e-4 as a string
+    assert cfg.train.epochs == 5 and cfg.method.r == 16 and cfg.method.alpha == 16
+    assert cfg.train.mixed_precision == "bf16"
+    assert cfg.train.batch_size == config.TrainConfig().batch_size  # untouched default
+
+
+def test_required_keys_exist():
+    cfg = config.load(None, [])
+    for key in ("task.name", "task.data_dir", "model.name_or_path", "method.name", "train.epochs", "train.max_steps",
+                "train.batch_size", "train.lr", "train.seed", "train.mixed_precision", "output_dir"):
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)  # raises AttributeError if missing
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["train.epochs=three"], "config key 'train.epochs' must be int"),
+    (["train.epochs=2.5"], "config key 'train.epochs' must be int"),
+    (["train.group_by_length=3"], "config key 'train.group_by_length' must be bool"),
+    (["method.r=4", "method.name=full"], "unknown config key 'method.r'"),
+    (["method.name=nope"], "unknown method 'nope'"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["train=3"], "config key 'train' must be a mapping"),
+    (["task.labels=[a,b]"], "applies only to task.name=custom"),
+    (["train.lr"], "not of the form key=value"),
+])
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(PeftbenchError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        config.load(None, override)
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task:\n  name: [unclosed\n")
+    with pytest.raises(PeftbenchError, match=r"bad\.yaml:\d+: invalid YAML"):
+        config.load(bad)
+    with pytest.raises(PeftbenchError, match="recipe file not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_run_id_is_stable_and_ignores_output_dir():
+    a = config.load(None, ["method.name=lora", "output_dir=/a"])
+    b = config.load(None, ["output_dir=/b", "method.name=lora"])
+    c = config.load(None, ["method.name=lora", "train.seed=1"])
+    assert a.run_id == b.run_id != c.run_id
+    assert config.resolve(a.to_dict()).to_dict() == a.to_dict()  # a saved config resolves to itself
+
+
+def test_every_shipped_recipe_resolves():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+    recipes = [r for r in recipes if "accelerate" not in r.parts]
+    assert len(recipes) >= 20
+    tasks = set()
+    for path in recipes:
+        cfg = config.load(path)
+        tasks.add((cfg.task.name, cfg.method.name))
+    for task in ("tnews", "iflytek", "afqmc", "ocnli", "cmnli", "csl", "cluewsc2020", "eprstmt", "bustm", "csldcp"):
+        assert {(task, "full"), (task, "lora")} <= tasks

@@ -1,0 +1,36 @@
+import torch
+
+from peftbench.data import Collator, LengthGroupedBatchSampler
+
+
+def test_length_grouped_sampler_covers_every_index_once_and_is_deterministic():
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=32, seed=3)
+    epoch0 = list(sampler)
+    assert len(epoch0) == len(sampler) == 32
+    assert sorted(i for b in epoch0 for i in b) == list(range(1000))
+    assert list(LengthGroupedBatchSampler(lengths, 32, seed=3)) == epoch0
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0
+
+
+def test_length_grouping_reduces_padding():
+    lengths = [(i * 37) % 101 + 1 for i in range(2000)]
+
+    def padded(group):
+        batches = LengthGroupedBatchSampler(lengths, 32, seed=0, group_by_length=group)
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(True) < 0.7 * padded(False)
+
+
+def test_collator_pads_and_counts_real_tokens():
+    examples = [{"input_ids": [2, 5, 3], "token_type_ids": [0, 0, 0], "attention_mask": [1, 1, 1], "labels": 1, "id": 10},
+                {"input_ids": [2, 3], "token_type_ids": [0, 0], "attention_mask": [1, 1], "labels": 0, "id": 11}]
+    batch = Collator(pad_id=0, pad_to_multiple_of=4)(examples)
+    assert batch["input_ids"].tolist() == [[2, 5, 3, 0], [2, 3, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert batch["num_tokens"] == 5
+    assert torch.equal(batch["labels"], torch.tensor([1, 0])) and batch["id"].tolist() == [10, 11]

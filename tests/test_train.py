@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peftbench import config
+from peftbench.records import read_record
+from peftbench.train import run
+
+CHANCE = 0.25  # synthetic: 4 balanced topics
+METHOD_SETTINGS = {"full": ["train.lr=5e-4"], "lora": ["train.lr=5e-3"]}
+
+
+def quick(quick_overrides, method, *extra):
+    return config.load(None, quick_overrides + [f"method.name={method}", "train.epochs=6", *METHOD_SETTINGS[method], *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One trained run per method, shared by the tests below."""
+    out = {}
+    for method in METHOD_SETTINGS:
+        d = tmp_path_factory.mktemp(method)
+        cfg = quick(["task.max_length=48", f"output_dir={d}"], method)
+        out[method] = run(cfg)
+    return out
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_trains_well_above_chance(trained, method):
+    m = trained[method].record["metrics"]
+    assert m["accuracy"] > CHANCE + 0.35, m
+    assert m["test_accuracy"] > CHANCE + 0.35, m
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_record_schema_and_counts(trained, method):
+    result = trained[method]
+    rec = read_record(f"{result.record['config']['output_dir']}/record.json")  # validates the schema
+    assert rec == json.loads(json.dumps(result.record))
+    assert rec["status"] == "success" and rec["schema_version"] == 1
+    m, p, env = rec["metrics"], rec["params"], rec["env"]
+    assert m["n_eval"] == 300 and m["test_n_eval"] == 300 and rec["data"]["n_train"] == 1000
+    assert m["train_samples_per_s"] > 0 and m["train_tokens_per_s"] > m["train_samples_per_s"]
+    assert m["timed_steps"] == rec["total_steps"] - 5
+    assert m["peak_memory_mb"] > 0 and m["wall_s"] > 0 and m["eval_samples_per_s"] > 0
+    assert 0 < p["trainable"] <= p["total"] and p["adapter_bytes"] > 0
+    for key in ("python", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "device_name", "num_processes"):
+        assert key in env
+    model = result.model
+    assert p["trainable"] == sum(q.numel() for q in model.parameters() if q.requires_grad)
+    if method == "full":
+        assert p["trainable"] == p["total"]
+    else:
+        assert p["trainable"] < 0.05 * p["total"]
+    assert len(rec["dev_history"]) == 6 and rec["metrics"]["accuracy"] == max(h["accuracy"] for h in rec["dev_history"])
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_checkpoint_reloads_in_a_new_process_to_identical_logits(trained, method, tmp_path):
+    result = trained[method]
+    ckpt = result.record["checkpoint"]
+    texts = ["股钱债涨跌", "星影歌剧", "今天的芯片与网络"]
+    enc = result.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = result.model.eval()(**enc).logits
+    script = (
+        "import sys, torch, peftbench\n"
+        "model, tok, meta = peftbench.load(sys.argv[1])\n"
+        f"enc = tok({texts!r}, padding=True, return_tensors='pt')\n"
+        "with torch.no_grad(): torch.save(model(**enc).logits, sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, ckpt, str(tmp_path / "logits.pt")], check=True)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_lora_checkpoint_holds_only_what_was_trained(trained):
+    rec = trained["lora"].record
+    assert rec["params"]["adapter_bytes"] < 0.1 * trained["full"].record["params"]["adapter_bytes"]
+
+
+def test_grad_accumulation_matches_larger_batch_step_count(quick_overrides):
+    a = run(quick(quick_overrides, "lora", "train.max_steps=4", "train.batch_size=16", "train.grad_accum_steps=2",
+                  "train.save_checkpoint=false"))
+    assert a.record["total_steps"] == 4 and a.record["metrics"]["timed_steps"] == 2
+
+
+def test_crash_inside_a_run_writes_a_failed_record(quick_overrides, tmp_path, monkeypatch):
+    from peftbench.methods.lora import Lora
+
+    def boom(self, model, step):
+        if step == 3:
+            raise RuntimeError("boom at step 3")
+
+    monkeypatch.setattr(Lora, "on_optimizer_step", boom)
+    cfg = quick(quick_overrides, "lora")
+    with pytest.raises(RuntimeError, match="boom"):
+        run(cfg)
+    rec = read_record(f"{cfg.output_dir}/record.json")
+    assert rec["status"] == "failed" and rec["error"] == "RuntimeError: boom at step 3"
+    assert rec["metrics"] == {} and rec["config"]["method"]["name"] == "lora"
+
+
+def test_nan_loss_fails_the_run(quick_overrides):
+    cfg = quick(quick_overrides, "full", "train.lr=1e30", "train.log_every=1", "train.max_grad_norm=0",
+                "train.save_checkpoint=false")
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        run(cfg)
+    assert read_record(f"{cfg.output_dir}/record.json")["status"] == "failed"

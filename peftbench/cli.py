@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run | tasks | methods``.
+"""Command line: ``peftbench run | predict | tasks | methods``.
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -28,30 +28,58 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="train and evaluate one recipe (no recipe: the demo)")
     run_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
+    pred_p = sub.add_parser("predict", help="predict a split with a trained checkpoint")
+    pred_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
+    pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    pred_p.add_argument("--data-dir", help="task folder (default: the one the checkpoint was trained on)")
+    pred_p.add_argument("--out", required=True, help="output file (with --format clue: a file or a directory)")
+    pred_p.add_argument("--format", default="jsonl", choices=["jsonl", "clue"],
+                        help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
+    pred_p.add_argument("--batch-size", type=int, default=128)
+    pred_p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         if ns.command == "tasks":
             return _list_tasks()
         if ns.command == "methods":
             return _list_methods()
+        if ns.command == "predict":
+            from peftbench.inference import predict
+
+            out = predict(ns.checkpoint, ns.split, ns.data_dir, ns.out, ns.format, ns.batch_size, ns.device)
+            print(f"predictions: {out}")
+            return 0
         return _run(ns.args)
     except PeftbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _run(args: list[str]) -> int:
+def _quiet_libraries() -> None:
+    """Keep progress output to peftbench's own training bar."""
     import datasets
+    from transformers.utils import logging as hf_logging
 
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run(args: list[str]) -> int:
     from peftbench import config
     from peftbench.train import run
 
     recipe = None
     if args and "=" not in args[0]:
         recipe, args = args[0], args[1:]
-    datasets.disable_progress_bars()
     overrides = config.parse_overrides(args)
     if recipe is None and "name" not in overrides.get("method", {}):
         cfgs = [config.load(None, args, base=config.merge(DEMO_BASE, DEMO[name])) for name in DEMO]

@@ -1,4 +1,4 @@
-"""Reload a trained checkpoint for inference: ``model, tokenizer, meta = peftbench.load(dir)``."""
+"""Use a trained checkpoint: ``peftbench.load`` for apps, ``predict`` for ``peftbench predict``."""
 
 from __future__ import annotations
 
@@ -9,18 +9,28 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from peftbench.config import resolve
+from peftbench.data import Collator, encode
 from peftbench.errors import PeftbenchError
 from peftbench.methods import get_method
-from peftbench.train import META_FILE
+from peftbench.tasks import load_task
+
+META_FILE = "peftbench.json"
 
 
-def load(ckpt_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the trained model from a peftbench checkpoint directory, in eval mode."""
-    ckpt_dir = Path(ckpt_dir)
+def read_meta(ckpt_dir: Path) -> dict:
     meta_path = ckpt_dir / META_FILE
     if not meta_path.is_file():
         raise PeftbenchError(f"{ckpt_dir}: not a peftbench checkpoint ({META_FILE} missing)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return json.loads(meta_path.read_text(encoding="utf-8"))
+
+
+def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool = False):
+    """Rebuild a trained model from its checkpoint; returns (model, tokenizer, meta), model in eval mode.
+
+    ``merge=True`` folds LoRA-style updates into the base weights (no extra latency).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
     cfg = resolve(meta["config"])
     method = get_method(meta["method"])(cfg.method)
     base = None
@@ -28,7 +38,53 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu"):
         source = ckpt_dir / "base" if meta["base_model"] == "base" else meta["base_model"]
         labels = meta["labels"]
         base = AutoModelForSequenceClassification.from_pretrained(
-            str(source), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    model = method.load(base, ckpt_dir).to(device).eval()
+            str(source), num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)})
+    model = method.load(base, ckpt_dir)
+    if merge:
+        if not hasattr(model, "merge_and_unload"):
+            raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
+        model = model.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir))
-    return model, tokenizer, meta
+    return model.to(device).eval(), tokenizer, meta
+
+
+@torch.inference_mode()
+def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | Path, fmt: str = "jsonl",
+            batch_size: int = 128, device: str = "cpu") -> Path:
+    """Predict a split of the checkpoint's task and write one JSON line per record, in file order.
+
+    ``fmt="clue"`` writes CLUE's submission format, ``{"id": ..., "label": "<label>"}``, to
+    ``<task>_predict.json`` (inside ``out`` if it is a directory).
+    """
+    model, tokenizer, meta = load(ckpt_dir, device)
+    cfg = resolve(meta["config"])
+    if data_dir is not None:
+        cfg.task.data_dir = data_dir
+    cfg.task.max_train_samples = None
+    data = load_task(cfg.task)
+    if split not in data.splits:
+        raise PeftbenchError(f"{data.source}: no '{split}' split to predict")
+    encoded = encode(data.splits[split], tokenizer, meta["max_length"], meta["pair"])
+    collator = Collator(tokenizer.pad_token_id)
+    rows = []
+    for start in range(0, len(encoded), batch_size):
+        batch = collator([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
+        ids = batch.pop("id").tolist()
+        batch.pop("labels"), batch.pop("num_tokens")
+        probs = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
+        for record_id, p in zip(ids, probs):
+            k = int(p.argmax())
+            rows.append({"id": record_id, "label": meta["labels"][k], "label_name": meta["label_names"][k],
+                         "score": round(float(p[k]), 6)})
+    as_dir = str(out).endswith("/") or Path(out).is_dir()
+    out = Path(out)
+    if fmt == "clue":
+        rows = [{"id": r["id"], "label": r["label"]} for r in rows]
+        if as_dir:
+            out = out / f"{meta['task']}_predict.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -17,7 +17,7 @@ from peftbench.errors import PeftbenchError
 
 TINY = "tiny"
 TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
-                   max_position_embeddings=512, type_vocab_size=2)
+                   max_position_embeddings=512, type_vocab_size=2, initializer_range=0.1)
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 

@@ -25,6 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from peftbench import models
 from peftbench.config import RunConfig
 from peftbench.data import Collator, encode, eval_loader, train_loader
+from peftbench.inference import META_FILE
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory, synchronize
 from peftbench.methods import Method, RunContext, get_method, set_trainable
 from peftbench.metrics import classification_metrics
@@ -32,7 +33,6 @@ from peftbench.records import RECORD_NAME, environment, make_record, write_atomi
 from peftbench.tasks import load_task
 
 CHECKPOINT_DIR = "checkpoint"
-META_FILE = "peftbench.json"
 
 
 def default_output_dir(cfg: RunConfig) -> str:
@@ -111,6 +111,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
 
     device = accelerator.device
     timer = StepTimer(device, warmup_steps=min(t.timing_warmup_steps, total_steps // 2))
@@ -133,6 +134,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    method.on_optimizer_step(raw_model, step + 1)  # gradients are still there (AdaLoRA reads them)
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             loss_count += 1
@@ -141,7 +144,6 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
             if not optimizer.step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
                 scheduler.step()
             step += 1
-            method.on_optimizer_step(model, step)
             timer.optimizer_step(step)
             progress.update(1)
             if step % t.log_every == 0 or step == total_steps:
@@ -158,16 +160,14 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         history.append({"epoch": epoch + 1, "step": step, **dev})
         if best is None or dev["accuracy"] > best["accuracy"]:
             best = history[-1]
-            best_state = {n: p.detach().to("cpu", copy=True) for n, p in accelerator.unwrap_model(model).named_parameters()
-                          if p.requires_grad}
+            best_state = {n: p.detach().to("cpu", copy=True) for n, p in raw_model.named_parameters() if p.requires_grad}
         timer.resume()
     progress.close()
     timing = timer.result()
     memory = peak_memory_mb(device)
 
-    unwrapped = accelerator.unwrap_model(model)
     with torch.no_grad():
-        for name, param in unwrapped.named_parameters():
+        for name, param in raw_model.named_parameters():
             if name in best_state:
                 param.copy_(best_state[name])
     dev_metrics, _, _ = evaluate(model, eval_dls["dev"], accelerator)
@@ -179,7 +179,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
 
     adapter_bytes = sum(p.numel() * p.element_size() for p in best_state.values())
     if t.save_checkpoint and accelerator.is_main_process:
-        method.save(unwrapped, ckpt_dir)
+        method.save(raw_model, ckpt_dir)
         tokenizer.save_pretrained(str(ckpt_dir))
         meta = {"method": cfg.method.name, "task": cfg.task.name, "labels": labels,
                 "label_names": list(task.spec.label_names or labels), "pair": pair, "max_length": cfg.task.max_length,
@@ -190,14 +190,14 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         adapter_bytes = sum(f.stat().st_size for f in ckpt_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
 
     return {
-        "model": unwrapped,
+        "model": raw_model,
         "tokenizer": tokenizer,
         "metrics": metrics,
         "params": {**params, "adapter_bytes": adapter_bytes},
         "dev_history": history,
         "data": {"source": task.source, "dropped": task.dropped,
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
-        "method_summary": method.summary(unwrapped),
+        "method_summary": method.summary(raw_model),
         "checkpoint": str(ckpt_dir) if t.save_checkpoint else None,
         "total_steps": total_steps,
     }

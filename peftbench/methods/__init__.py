@@ -17,6 +17,14 @@ from torch import nn
 
 from peftbench.errors import PeftbenchError
 
+HEAD_MODULES = ("classifier", "score")  # sequence/token classification heads (BERT family, decoders)
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def is_head(name: str) -> bool:
+    """Whether a parameter of an un-wrapped model belongs to the classification head."""
+    return name.split(".", 1)[0] in HEAD_MODULES
+
 
 @dataclass
 class MethodConfig:
@@ -65,6 +73,56 @@ class Method:
         raise NotImplementedError
 
 
+class PeftMethod(Method):
+    """A method implemented by PEFT: saved in the standard PEFT format."""
+
+    trainable_markers: ClassVar[tuple[str, ...]]  # substrings of the names PEFT trains
+
+    def peft_config(self, ctx: RunContext):
+        raise NotImplementedError
+
+    def apply(self, model, ctx):
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(ctx))
+
+    def is_trainable(self, name: str) -> bool:
+        return ".modules_to_save." in name or any(marker in name for marker in self.trainable_markers)
+
+    def save(self, model, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir))
+
+    def load(self, base_model, ckpt_dir: Path):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base_model, str(ckpt_dir))
+
+
+class InPlaceMethod(Method):
+    """A method written here that edits the model in place; saves only its trained tensors."""
+
+    def trained_tensors(self, model) -> dict[str, torch.Tensor]:
+        """What to save: by default every trainable parameter."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save(self, model, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.contiguous().cpu() for n, t in self.trained_tensors(model).items()}, str(out_dir / TRAINABLE_FILE))
+
+    def load(self, base_model, ckpt_dir: Path):
+        from safetensors.torch import load_file
+
+        model = self.apply(base_model, RunContext(total_steps=0, num_labels=base_model.config.num_labels))
+        state = load_file(str(ckpt_dir / TRAINABLE_FILE))
+        unknown = sorted(set(state) - set(model.state_dict()))
+        if unknown:
+            raise PeftbenchError(f"{ckpt_dir / TRAINABLE_FILE}: tensor '{unknown[0]}' has no place in the model")
+        model.load_state_dict(state, strict=False)
+        return model
+
+
 _METHODS: dict[str, type[Method]] = {}
 
 
@@ -99,4 +157,4 @@ def set_trainable(model: nn.Module, method: Method) -> dict:
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total}
 
 
-from peftbench.methods import full, lora  # noqa: E402,F401  (registration)
+from peftbench.methods import adalora, adapter, bitfit, full, ia3, lora, prefix, prompt  # noqa: E402,F401  (registration)

@@ -12,12 +12,11 @@ r * (d_in + d_out), plus the head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
+from peft import TaskType
 
-from peftbench.methods import Method, MethodConfig, register_method
+from peftbench.methods import MethodConfig, PeftMethod, register_method
 
 
 @dataclass
@@ -32,21 +31,12 @@ class LoraConfig(MethodConfig):
 
 
 @register_method
-class Lora(Method):
+class Lora(PeftMethod):
     name = "lora"
     Config = LoraConfig
+    trainable_markers = ("lora_",)
 
-    def apply(self, model, ctx):
+    def peft_config(self, ctx):
         cfg = self.cfg
-        peft_cfg = PeftLoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                  target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
-        return get_peft_model(model, peft_cfg)
-
-    def is_trainable(self, name: str) -> bool:
-        return "lora_" in name or ".modules_to_save." in name
-
-    def save(self, model, out_dir: Path) -> None:
-        model.save_pretrained(str(out_dir))
-
-    def load(self, base_model, ckpt_dir: Path):
-        return PeftModel.from_pretrained(base_model, str(ckpt_dir))
+        return PeftLoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                              target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)

@@ -31,8 +31,8 @@ def make_records(n: int, rng: random.Random, start_id: int = 0) -> list[dict]:
     records = []
     for i in range(n):
         label = rng.randrange(len(TOPICS))
-        chars = [rng.choice(FILLER) for _ in range(rng.randint(10, 30))]
-        inserts = [rng.choice(KEYWORDS[label]) for _ in range(rng.randint(2, 3))]
+        chars = [rng.choice(FILLER) for _ in range(rng.randint(6, 16))]
+        inserts = [rng.choice(KEYWORDS[label]) for _ in range(rng.randint(3, 4))]
         if rng.random() < 0.2:
             other = rng.choice([k for k in range(len(TOPICS)) if k != label])
             inserts.append(rng.choice(KEYWORDS[other]))

@@ -1,0 +1,74 @@
+"""AdaLoRA (Zhang et al. 2023, arXiv:2303.10512) through PEFT.
+
+LoRA in SVD form, W + P diag(E) Q, with singular values E pruned during training:
+every optimizer step updates importance scores (smoothed |w * grad|), and the
+total rank budget falls on a cubic schedule from ``init_r`` per module to
+``target_r`` per module between step ``tinit`` and ``total_steps - tfinal``, then
+stays fixed. An orthogonality regulariser ||P^T P - I||^2 + ||Q Q^T - I||^2 is
+added to the loss (PEFT adds it in the forward, weighted by ``orth_reg_weight``).
+
+``total_step`` comes from the actual run length; ``update_and_allocate`` runs in
+``on_optimizer_step``, once per optimizer step (after the step, before the
+gradients are cleared), never per micro-batch. Trainable parameters:
+Σ_modules init_r * (d_in + d_out + 1) plus the head; the record's method summary
+holds the final rank of each module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import AdaLoraConfig as PeftAdaLoraConfig
+from peft import TaskType
+
+from peftbench.errors import PeftbenchError
+from peftbench.methods import MethodConfig, PeftMethod, register_method
+
+
+@dataclass
+class AdaLoraConfig(MethodConfig):
+    name: str = "adalora"
+    init_r: int = 12
+    target_r: int = 8  # average final rank per module
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] | None = None  # None = PEFT's default (BERT: query, value)
+    tinit_ratio: float = 0.1  # share of steps before pruning starts
+    tfinal_ratio: float = 0.2  # share of steps at the final budget
+    delta_t: int = 1  # steps between budget reallocations
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+
+@register_method
+class AdaLora(PeftMethod):
+    name = "adalora"
+    Config = AdaLoraConfig
+    trainable_markers = ("lora_",)
+
+    def peft_config(self, ctx):
+        cfg = self.cfg
+        total = max(ctx.total_steps, 1)
+        tinit, tfinal = round(cfg.tinit_ratio * total), round(cfg.tfinal_ratio * total)
+        if ctx.total_steps and total - tinit - tfinal < 1:
+            raise PeftbenchError(f"method adalora: {total} steps leave no pruning phase after tinit={tinit} and "
+                                 f"tfinal={tfinal}; train longer or lower method.tinit_ratio / method.tfinal_ratio")
+        if cfg.target_r > cfg.init_r:
+            raise PeftbenchError("config key 'method.target_r' must be <= method.init_r")
+        return PeftAdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=cfg.init_r, target_r=cfg.target_r,
+                                 lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                                 tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
+                                 orth_reg_weight=cfg.orth_reg_weight, total_step=total)
+
+    def on_optimizer_step(self, model, step: int) -> None:
+        model.base_model.update_and_allocate(step)
+
+    def summary(self, model) -> dict:
+        cfg = model.peft_config["default"]
+        n_modules = sum(1 for n, _ in model.named_parameters() if ".lora_E." in n)
+        # rank_pattern: {"<module path>.lora_E[.default]": [kept?] * init_r}, set once pruning has run
+        ranks = {key.removeprefix("base_model.model.").split(".lora_E")[0]: int(sum(kept))
+                 for key, kept in (cfg.rank_pattern or {}).items()}
+        return {"init_total_rank": cfg.init_r * n_modules, "target_total_rank": cfg.target_r * n_modules,
+                "final_total_rank": sum(ranks.values()) if ranks else None, "final_ranks": ranks}

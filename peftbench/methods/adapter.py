@@ -1,0 +1,98 @@
+"""Bottleneck adapters: Houlsby et al. 2019 (arXiv:1902.00751) and Pfeiffer et al. 2021 (arXiv:2005.00247).
+
+An adapter is a small residual MLP applied to a sub-layer's output projection,
+before the sub-layer's own residual connection and layer norm:
+
+    adapter(h) = h + W_up f(W_down h + b_down) + b_up,   W_down: m x d, W_up: d x m
+
+with m = ``bottleneck`` (or d / ``reduction_factor``). W_up and b_up start at zero,
+so at init the adapted model computes exactly what the base model does.
+
+- ``houlsby``: after the attention output projection and after the feed-forward
+  output projection of every layer (2 adapters per layer).
+- ``pfeiffer``: after the feed-forward output projection only (1 per layer).
+
+Projections are found by name (regular expressions matched at the end of the
+module name), with defaults for BERT/RoBERTa encoders and Llama/Qwen decoders.
+Trainable parameters: per adapter 2 d m + d + m, plus the head.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from peftbench.errors import PeftbenchError
+from peftbench.methods import InPlaceMethod, MethodConfig, is_head, register_method
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class BottleneckAdapter(nn.Module):
+    """h + up(act(down(h))), with ``up`` zero-initialised (identity at init)."""
+
+    def __init__(self, dim: int, bottleneck: int, activation: str = "gelu"):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        return h + self.up(self.act(self.down(h)))
+
+
+class AdaptedLinear(nn.Module):
+    """A (frozen) projection followed by an adapter on its output."""
+
+    def __init__(self, base: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x):
+        return self.adapter(self.base(x))
+
+
+@dataclass
+class AdapterConfig(MethodConfig):
+    name: str = "adapter"
+    variant: str = "houlsby"  # houlsby | pfeiffer
+    bottleneck: int | None = None  # hidden units m; None = d / reduction_factor
+    reduction_factor: int = 16
+    activation: str = "gelu"
+    attn_modules: list[str] = field(default_factory=lambda: [r"attention\.output\.dense", r"self_attn\.o_proj"])
+    ffn_modules: list[str] = field(default_factory=lambda: [r"layer\.\d+\.output\.dense", r"mlp\.down_proj"])
+
+
+@register_method
+class Adapter(InPlaceMethod):
+    name = "adapter"
+    Config = AdapterConfig
+
+    def apply(self, model, ctx):
+        cfg = self.cfg
+        if cfg.variant not in ("houlsby", "pfeiffer"):
+            raise PeftbenchError(f"config key 'method.variant' must be houlsby or pfeiffer, got {cfg.variant!r}")
+        if cfg.activation not in ACTIVATIONS:
+            raise PeftbenchError(f"config key 'method.activation' must be one of {sorted(ACTIVATIONS)}")
+        patterns = cfg.ffn_modules + (cfg.attn_modules if cfg.variant == "houlsby" else [])
+        regex = re.compile("(" + "|".join(patterns) + ")$")
+        targets = [(n, m) for n, m in model.named_modules() if regex.search(n) and isinstance(m, nn.Linear)]
+        if not targets:
+            raise PeftbenchError(f"method adapter: no module matches {patterns}; set method.attn_modules / method.ffn_modules")
+        for name, linear in targets:
+            dim = linear.out_features
+            bottleneck = cfg.bottleneck or max(1, dim // cfg.reduction_factor)
+            adapter = BottleneckAdapter(dim, bottleneck, cfg.activation).to(linear.weight.device)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, AdaptedLinear(linear, adapter))
+        return model
+
+    def is_trainable(self, name: str) -> bool:
+        return ".adapter." in name or is_head(name)

@@ -1,0 +1,157 @@
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190) / P-tuning v2 (Liu et al. 2022, arXiv:2110.07602).
+
+Every self-attention layer l gets ``num_virtual_tokens`` learned key and value
+vectors P_k^l, P_v^l (per key/value head) prepended to its own keys and values:
+
+    Attn(Q, [P_k; K], [P_v; V]),   mask extended so every query sees every prefix
+
+The backbone is frozen; only the prefixes (and the head) train. With
+``reparameterize`` the prefixes are produced by an MLP from a smaller
+embedding (Li & Liang's stabilisation): P = MLP(E), E: n x d; the MLP is used in
+training only: the saved adapter holds the folded prefixes P themselves.
+
+PEFT's prefix tuning passes prefixes as ``past_key_values``, which encoders
+ignore and current transformers renamed; here the attention computation itself
+is extended. The chosen attention modules dispatch to a registered attention
+function that prepends the prefixes and then calls the model's own eager or
+SDPA attention, so it works for encoders (BERT/RoBERTa) and decoders
+(Llama/Qwen, grouped-query attention included). For a causal decoder with no
+explicit mask the causal mask is built with the prefix columns visible.
+
+Trainable parameters: n_layers * 2 * num_virtual_tokens * n_kv_heads * head_dim
+(folded), plus the head; with the MLP in training, n * d + d * h + h +
+h * (n_layers * 2 * n_kv_heads * head_dim) + n_layers * 2 * n_kv_heads * head_dim.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from peftbench.errors import PeftbenchError
+from peftbench.methods import InPlaceMethod, MethodConfig, is_head, register_method
+
+ATTENTION_NAME = "peftbench_prefix"
+ENCODER_NAME = "peftbench_prefix"  # attribute of the model holding the PrefixEncoder
+
+
+class PrefixEncoder(nn.Module):
+    """Key/value prefixes of every layer, shape (layers, 2, kv_heads, tokens, head_dim)."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, tokens: int, d_model: int,
+                 reparam_hidden: int | None, init_std: float):
+        super().__init__()
+        self.shape = (layers, 2, kv_heads, tokens, head_dim)
+        if reparam_hidden:
+            self.embedding = nn.Parameter(torch.randn(tokens, d_model) * init_std)
+            self.mlp = nn.Sequential(nn.Linear(d_model, reparam_hidden), nn.Tanh(),
+                                     nn.Linear(reparam_hidden, layers * 2 * kv_heads * head_dim))
+        else:
+            self.prefix = nn.Parameter(torch.randn(self.shape) * init_std)
+
+    def forward(self) -> torch.Tensor:
+        if hasattr(self, "prefix"):
+            return self.prefix
+        layers, two, kv_heads, tokens, head_dim = self.shape
+        out = self.mlp(self.embedding).view(tokens, layers, two, kv_heads, head_dim)
+        return out.permute(1, 2, 3, 0, 4)
+
+
+@dataclasses.dataclass
+class _Link:
+    """What one attention module needs: the shared encoder, its layer index, the attention it wraps."""
+
+    encoder: PrefixEncoder
+    layer: int
+    base_attention: object
+
+
+def prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """Prepend this layer's prefixes to keys/values, extend the mask, run the wrapped attention."""
+    link: _Link = module.peftbench_prefix
+    prefix_k, prefix_v = link.encoder()[link.layer]  # (kv_heads, tokens, head_dim) each
+    batch, tokens = key.shape[0], prefix_k.shape[1]
+    key = torch.cat([prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix_v.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and getattr(module, "is_causal", False) and q_len > 1:
+        # torch SDPA's is_causal aligns top-left, which would hide the prefix: build the mask explicitly.
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = keep if link.base_attention is ALL_ATTENTION_FUNCTIONS.get("sdpa") else \
+            torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device).masked_fill(~keep, torch.finfo(query.dtype).min)
+        attention_mask = attention_mask[None, None]
+    elif attention_mask is not None:
+        visible = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
+        pad = visible(*attention_mask.shape[:-1], tokens, dtype=attention_mask.dtype, device=attention_mask.device)
+        attention_mask = torch.cat([pad, attention_mask], dim=-1)
+    return link.base_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+
+
+def _base_attention(module, implementation: str):
+    if implementation == "sdpa":
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if implementation == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    raise PeftbenchError(f"method prefix supports eager and sdpa attention, not '{implementation}' "
+                         f"(set model.attn_implementation)")
+
+
+@dataclass
+class PrefixConfig(MethodConfig):
+    name: str = "prefix"
+    num_virtual_tokens: int = 20
+    reparameterize: bool = True  # MLP reparameterisation during training (folded away when saved)
+    reparam_hidden: int = 512
+    attention_modules: list[str] = field(default_factory=lambda: [r"attention\.self", r"self_attn"])
+
+
+@register_method
+class Prefix(InPlaceMethod):
+    name = "prefix"
+    Config = PrefixConfig
+
+    def apply(self, model, ctx):
+        cfg, config = self.cfg, model.config
+        regex = re.compile("(" + "|".join(cfg.attention_modules) + ")$")
+        targets = [m for n, m in model.named_modules() if regex.search(n)]
+        if not targets:
+            raise PeftbenchError(f"method prefix: no attention module matches {cfg.attention_modules}; "
+                                 f"set method.attention_modules")
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        encoder = PrefixEncoder(len(targets), kv_heads, head_dim, cfg.num_virtual_tokens, config.hidden_size,
+                                cfg.reparam_hidden if cfg.reparameterize else None,
+                                getattr(config, "initializer_range", 0.02))
+        model.add_module(ENCODER_NAME, encoder.to(next(model.parameters()).device))
+        for layer, module in enumerate(targets):
+            base = _base_attention(module, module.config._attn_implementation)
+            module.peftbench_prefix = _Link(encoder, layer, base)
+            module.config = copy.copy(module.config)  # only the attention modules dispatch to the prefix attention
+            module.config._attn_implementation = ATTENTION_NAME
+        return model
+
+    def is_trainable(self, name: str) -> bool:
+        return name.startswith(ENCODER_NAME + ".") or is_head(name)
+
+    def trained_tensors(self, model):
+        """The folded prefixes (no MLP) and the head."""
+        tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and is_head(n)}
+        with torch.no_grad():
+            tensors[f"{ENCODER_NAME}.prefix"] = getattr(model, ENCODER_NAME)().detach()
+        return tensors
+
+    def load(self, base_model, ckpt_dir):
+        folded = Prefix(dataclasses.replace(self.cfg, reparameterize=False))
+        return InPlaceMethod.load(folded, base_model, ckpt_dir)

@@ -1,0 +1,118 @@
+"""The modules written here (adapters, prefix attention) on an encoder and a decoder."""
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+from peftbench.methods import RunContext, get_method
+from peftbench.methods.adapter import AdaptedLinear
+from peftbench.methods.prefix import ENCODER_NAME
+
+CTX = RunContext(total_steps=10, num_labels=3)
+
+
+def bert(attn="sdpa"):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                     num_labels=3, initializer_range=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = attn
+    return BertForSequenceClassification(cfg).eval()
+
+
+def qwen(attn="sdpa"):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, num_labels=3, pad_token_id=0, initializer_range=0.1)
+    cfg._attn_implementation = attn
+    return Qwen2ForSequenceClassification(cfg).eval()
+
+
+def with_method(model, name, **kw):
+    method = get_method(name)(get_method(name).Config(**kw))
+    return method.apply(copy.deepcopy(model), CTX)
+
+
+def hidden(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states
+
+
+BATCH = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 6, 8, 13, 3]]),
+         "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])}
+
+
+@pytest.mark.parametrize("build", [bert, qwen])
+@pytest.mark.parametrize("variant, per_layer", [("houlsby", 2), ("pfeiffer", 1)])
+def test_adapters_at_init_leave_outputs_unchanged(build, variant, per_layer):
+    base = build()
+    adapted = with_method(base, "adapter", variant=variant, bottleneck=4)
+    assert sum(isinstance(m, AdaptedLinear) for m in adapted.modules()) == per_layer * 3
+    for h0, h1 in zip(hidden(base, **BATCH), hidden(adapted, **BATCH)):
+        assert torch.equal(h0, h1)
+
+
+@pytest.mark.parametrize("build", [bert, qwen])
+def test_prefix_changes_every_layer_and_gradient_reaches_every_layer(build):
+    base = build()
+    model = with_method(base, "prefix", num_virtual_tokens=4, reparameterize=False)
+    h_base, h_prefix = hidden(base, **BATCH), hidden(model, **BATCH)
+    assert torch.equal(h_base[0], h_prefix[0])  # embeddings untouched
+    for layer in range(1, len(h_base)):
+        assert not torch.allclose(h_base[layer], h_prefix[layer], atol=1e-4), f"layer {layer} unchanged"
+    model.train()
+    model(**BATCH, labels=torch.tensor([0, 2])).loss.backward()
+    grad = getattr(model, ENCODER_NAME).prefix.grad  # (layers, 2, kv_heads, tokens, head_dim)
+    for layer in range(grad.shape[0]):
+        assert grad[layer, 0].abs().sum() > 0 and grad[layer, 1].abs().sum() > 0, f"no gradient in layer {layer}"
+
+
+@pytest.mark.parametrize("build", [bert, qwen])
+def test_prefix_eager_equals_sdpa(build):
+    eager, sdpa = build("eager"), build("sdpa")
+    torch.manual_seed(1)
+    a = with_method(eager, "prefix", num_virtual_tokens=3)
+    torch.manual_seed(1)
+    b = with_method(sdpa, "prefix", num_virtual_tokens=3)
+    unpadded = {"input_ids": BATCH["input_ids"][1:]}  # no padding: SDPA may get no mask at all
+    with torch.no_grad():
+        for inputs in (BATCH, unpadded):
+            torch.testing.assert_close(a(**inputs).logits, b(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_prefix_mask_extension_keeps_padding_out(attn):
+    """A padded row gives the same outputs on its real tokens as the same row alone, unpadded."""
+    model = with_method(bert(attn), "prefix", num_virtual_tokens=3)
+    with torch.no_grad():
+        padded = model.bert(**BATCH).last_hidden_state[0, :5]
+        alone = model.bert(input_ids=BATCH["input_ids"][:1, :5]).last_hidden_state[0]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_prefix_on_a_decoder_stays_causal_and_reaches_the_first_token(attn):
+    base = qwen(attn)
+    model = with_method(base, "prefix", num_virtual_tokens=3)
+    ids = torch.tensor([[4, 9, 12, 20, 31]])
+    later = ids.clone()
+    later[0, 4] = 44
+    with torch.no_grad():
+        h = model.model(input_ids=ids).last_hidden_state
+        h_later = model.model(input_ids=later).last_hidden_state
+        h_base = base.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(h[0, :4], h_later[0, :4])  # a later token never leaks backwards
+    assert not torch.allclose(h[0, 4], h_later[0, 4])
+    assert not torch.allclose(h[0, 0], h_base[0, 0], atol=1e-4)  # even the first token sees the prefix
+
+
+def test_prefix_folding_keeps_outputs():
+    """Saving folds the MLP away; the folded prefixes give the same outputs."""
+    model = with_method(bert(), "prefix", num_virtual_tokens=3, reparameterize=True, reparam_hidden=16)
+    method = get_method("prefix")(get_method("prefix").Config(num_virtual_tokens=3, reparameterize=True))
+    state = method.trained_tensors(model)
+    folded = with_method(bert(), "prefix", num_virtual_tokens=3, reparameterize=False)
+    folded.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(**BATCH).logits, model(**BATCH).logits, atol=1e-6, rtol=1e-6)

@@ -1,0 +1,220 @@
+"""Every registered method, on the tiny backbone and the synthetic task."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+import peftbench
+from peftbench import config, models
+from peftbench.methods import RunContext, get_method, method_names
+from peftbench.train import run
+
+CHANCE = 0.25
+# Learning rates for the random-init tiny backbone (variants share their method's rate).
+LR = {"full": 5e-4, "lora": 5e-3, "adalora": 1e-2, "adapter": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
+      "bitfit": 1e-2}
+VARIANTS = {  # name -> method overrides
+    "full": [], "lora": [], "lora-rslora": ["method.use_rslora=true"], "lora-dora": ["method.use_dora=true"],
+    "adalora": [], "adapter": [], "adapter-pfeiffer": ["method.variant=pfeiffer"], "prefix": [],
+    "prefix-no-mlp": ["method.reparameterize=false"], "prompt": [], "ia3": [], "bitfit": [],
+}
+
+
+def variant_config(variant, out_dir, *extra):
+    method = variant.split("-")[0]
+    return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=6",
+                              f"method.name={method}", f"train.lr={LR[method]}", f"output_dir={out_dir}",
+                              *VARIANTS[variant], *extra])
+
+
+def test_every_method_is_covered():
+    assert {v.split("-")[0] for v in VARIANTS} == set(method_names())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return {v: run(variant_config(v, tmp_path_factory.mktemp(v))) for v in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trains_above_chance(trained, variant):
+    m = trained[variant].record["metrics"]
+    assert m["accuracy"] > CHANCE + 0.2 and m["test_accuracy"] > CHANCE + 0.2, m
+
+
+def initial_model(cfg, tokenizer):
+    """The model exactly as ``run`` builds it before training (same seed, same order)."""
+    set_seed(cfg.train.seed)
+    model = models.load_model(cfg.model, ["0", "1", "2", "3"], tokenizer)
+    method = get_method(cfg.method.name)(cfg.method)
+    model = method.apply(model, RunContext(total_steps=1000, num_labels=4))
+    return model, method
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_only_declared_parameters_change(trained, variant):
+    result = trained[variant]
+    cfg = config.resolve(result.record["config"])
+    before, method = initial_model(cfg, result.tokenizer)
+    after = dict(result.model.named_parameters())
+    changed = 0
+    for name, p0 in before.named_parameters():
+        if method.is_trainable(name):
+            changed += not torch.equal(p0, after[name])
+        else:
+            assert torch.equal(p0, after[name]), f"frozen parameter {name} changed"
+    assert changed >= 2
+
+
+def tiny_dims(result):
+    c = result.model.config if not hasattr(result.model, "get_base_model") else result.model.get_base_model().config
+    return c.hidden_size, c.num_hidden_layers, c.intermediate_size, 4
+
+
+def expected_trainable(variant, result):
+    """Each method's parameter-count formula (docs/methods/<name>.md) on the tiny backbone."""
+    d, L, ff, k = tiny_dims(result)
+    head = d * k + k
+    if variant == "full":
+        return result.record["params"]["total"]
+    if variant in ("lora", "lora-rslora"):
+        return L * 2 * 8 * (d + d) + head
+    if variant == "lora-dora":
+        return L * 2 * (8 * (d + d) + d) + head
+    if variant == "adalora":
+        return L * 2 * (12 * (d + d) + 12) + head
+    if variant.startswith("adapter"):
+        m, per_layer = d // 16, 2 if variant == "adapter" else 1
+        return L * per_layer * (2 * d * m + d + m) + head
+    if variant == "prefix":
+        n, h = 20, 512
+        return n * d + d * h + h + h * (L * 2 * d) + L * 2 * d + head
+    if variant == "prefix-no-mlp":
+        return L * 2 * 20 * d + head
+    if variant == "prompt":
+        return 20 * d + head
+    if variant == "ia3":
+        return L * (d + d + d + ff) + head  # key, value, attention output (input side), feed-forward output input
+    if variant == "bitfit":
+        per_layer = 3 * d + d + d + ff + d + d  # q,k,v; attention out; its norm; intermediate; output; its norm
+        return L * per_layer + d + d + head  # + embedding norm, pooler
+    raise AssertionError(variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_trainable_count_matches_formula(trained, variant):
+    assert trained[variant].record["params"]["trainable"] == expected_trainable(variant, trained[variant])
+
+
+def test_reload_in_a_new_process_gives_identical_logits(trained, tmp_path):
+    texts = ["股钱债涨跌", "星影歌剧综艺的", "今天芯片与网络"]
+    expected = {}
+    for variant, result in trained.items():
+        enc = result.tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expected[variant] = result.model.eval()(**enc).logits
+    ckpts = {v: r.record["checkpoint"] for v, r in trained.items()}
+    script = (
+        "import json, sys, torch, peftbench\n"
+        "out = {}\n"
+        "for variant, ckpt in json.loads(sys.argv[1]).items():\n"
+        "    model, tok, meta = peftbench.load(ckpt)\n"
+        f"    enc = tok({texts!r}, padding=True, return_tensors='pt')\n"
+        "    with torch.no_grad(): out[variant] = model(**enc).logits\n"
+        "torch.save(out, sys.argv[2])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, json.dumps(ckpts), str(tmp_path / "logits.pt")], check=True)
+    reloaded = torch.load(tmp_path / "logits.pt")
+    for variant in trained:
+        if variant == "adalora":  # saved with the pruned ranks removed: equal maths, other rounding
+            torch.testing.assert_close(reloaded[variant], expected[variant], atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(reloaded[variant], expected[variant]), variant
+
+
+@pytest.mark.parametrize("variant", ["lora", "lora-rslora", "lora-dora", "adalora", "ia3", "prompt"])
+def test_peft_methods_save_standard_peft_adapters(trained, variant):
+    result = trained[variant]
+    ckpt = result.record["checkpoint"]
+    base = AutoModelForSequenceClassification.from_pretrained(f"{ckpt}/base")
+    model = PeftModel.from_pretrained(base, ckpt).eval()
+    enc = result.tokenizer(["股钱债涨跌"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**enc).logits, result.model.eval()(**enc).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["adapter", "prefix", "bitfit"])
+def test_own_methods_save_only_what_they_trained(trained, variant):
+    from safetensors.torch import load_file
+
+    result = trained[variant]
+    saved = load_file(f"{result.record['checkpoint']}/trainable.safetensors")
+    n_saved = sum(t.numel() for t in saved.values())
+    if variant == "prefix":  # the MLP is folded away: only the prefixes and the head
+        assert n_saved == expected_trainable("prefix-no-mlp", result)
+        assert n_saved < result.record["params"]["trainable"]
+    else:
+        assert n_saved == result.record["params"]["trainable"]
+
+
+@pytest.mark.parametrize("variant", ["lora", "lora-rslora", "adalora", "ia3"])
+def test_merged_model_equals_unmerged(trained, variant):
+    ckpt = trained[variant].record["checkpoint"]
+    unmerged, tok, _ = peftbench.load(ckpt)
+    merged, _, _ = peftbench.load(ckpt, merge=True)
+    assert not isinstance(merged, PeftModel)
+    enc = tok(["股钱债涨跌", "星影歌剧综艺的芯片"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, unmerged(**enc).logits, atol=1e-5, rtol=0)
+
+
+def test_merge_refused_where_nothing_merges(trained):
+    with pytest.raises(peftbench.errors.PeftbenchError, match="no weights to merge"):
+        peftbench.load(trained["adapter"].record["checkpoint"], merge=True)
+
+
+def test_adalora_final_ranks_respect_the_budget(trained):
+    summary = trained["adalora"].record["method_summary"]
+    assert summary["target_total_rank"] == 2 * 2 * 8 and summary["init_total_rank"] == 2 * 2 * 12
+    assert len(summary["final_ranks"]) == 4
+    assert 0 < summary["final_total_rank"] <= summary["target_total_rank"]
+
+
+def test_adalora_updates_once_per_optimizer_step(tmp_path, monkeypatch):
+    from peft.tuners.adalora import AdaLoraModel
+
+    calls = []
+    original = AdaLoraModel.update_and_allocate
+
+    def counting(self, global_step):
+        assert all(p.grad is not None for n, p in self.named_parameters() if "lora_E" in n)  # before zero_grad
+        calls.append(global_step)
+        return original(self, global_step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", counting)
+    cfg = variant_config("adalora", tmp_path, "train.max_steps=12", "train.batch_size=8", "train.grad_accum_steps=4",
+                         "train.save_checkpoint=false")
+    result = run(cfg)
+    assert result.record["total_steps"] == 12
+    assert calls == list(range(1, 13))  # 48 micro-batches, 12 updates
+
+
+def test_adalora_orthogonality_regulariser_is_in_the_loss():
+    model_cfg = config.ModelConfig()
+    tok = models.char_tokenizer(["甲乙丙丁"], "/tmp/peftbench-test-tok")
+    enc = tok(["甲乙", "丙丁甲"], padding=True, return_tensors="pt")
+    losses = []
+    for weight in (0.0, 0.5):
+        set_seed(0)
+        model = models.load_model(model_cfg, ["0", "1"], tok)
+        cfg = get_method("adalora").Config(orth_reg_weight=weight)
+        model = get_method("adalora")(cfg).apply(model, RunContext(total_steps=100, num_labels=2)).train()
+        torch.manual_seed(0)
+        losses.append(model(**enc, labels=torch.tensor([0, 1])).loss.item())
+    assert losses[1] > losses[0]

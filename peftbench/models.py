@@ -56,11 +56,14 @@ def _check_reachable(name: str, key: str) -> None:
         raise PeftbenchError(f"config key '{key}': directory not found: {name}")
 
 
-def load_tokenizer(model_cfg, train_texts, save_dir: str | Path):
-    """The tokenizer for a run; ``tiny`` builds a char vocabulary from the training texts."""
+def load_tokenizer(model_cfg, train_texts, save_dir: str | Path, build: bool = True):
+    """The tokenizer for a run; ``tiny`` builds a char vocabulary from the training texts.
+
+    With ``build=False`` the ``tiny`` tokenizer is read from ``save_dir`` (other processes of a run).
+    """
     name = model_cfg.tokenizer or model_cfg.name_or_path
     if name == TINY:
-        return char_tokenizer(train_texts, save_dir)
+        return char_tokenizer(train_texts, save_dir) if build else BertTokenizer.from_pretrained(str(save_dir))
     key = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
     _check_reachable(name, key)
     try:

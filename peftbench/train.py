@@ -75,11 +75,11 @@ def run(cfg: RunConfig) -> RunResult:
 
 def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     t = cfg.train
-    set_seed(t.seed)
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():  # the local main process builds the tiny vocabulary first
         task = load_task(cfg.task)
         train = task.splits["train"]
-        tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]), out_dir / "tokenizer")
+        tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]), out_dir / "tokenizer",
+                                          build=accelerator.is_local_main_process)
         pair = any(train["text_b"])
         encoded = {split: encode(ds, tokenizer, cfg.task.max_length, pair) for split, ds in task.splits.items()}
     labels = list(task.spec.labels)
@@ -96,7 +96,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     total_steps = steps_per_epoch * t.epochs if t.max_steps <= 0 else min(t.max_steps, steps_per_epoch * t.epochs)
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    set_seed(t.seed)  # model init does not depend on how much data loading consumed
+    set_seed(t.seed)  # before the model: init, dropout and method modules follow the seed
     model = models.load_model(cfg.model, labels, tokenizer)
     method: Method = get_method(cfg.method.name)(cfg.method)
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -105,9 +105,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     model = method.apply(model, RunContext(total_steps=total_steps, num_labels=len(labels)))
     params = set_trainable(model, method)
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases, norms
     optimizer = torch.optim.AdamW(groups, lr=t.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)

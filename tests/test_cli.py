@@ -23,7 +23,8 @@ def test_tasks_and_methods_are_listed(capsys):
         assert f"\n{name} " in "\n" + out
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("full ") and "\nlora " in out
+    for name in ("full", "lora", "adalora", "adapter", "prefix", "prompt", "ia3", "bitfit"):
+        assert f"\n{name} " in "\n" + out
 
 
 @pytest.mark.parametrize("args, message", [

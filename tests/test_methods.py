@@ -218,3 +218,22 @@ def test_adalora_orthogonality_regulariser_is_in_the_loss():
         torch.manual_seed(0)
         losses.append(model(**enc, labels=torch.tensor([0, 1])).loss.item())
     assert losses[1] > losses[0]
+
+
+def test_predict_writes_clue_submission_and_matches_the_record(trained, tmp_path):
+    from peftbench.cli import main
+    from peftbench.tasks.synthetic import generate_splits
+
+    result = trained["adapter"]
+    ckpt = result.record["checkpoint"]
+    assert main(["predict", ckpt, "--split", "test", "--format", "clue", "--out", f"{tmp_path}/submit/"]) == 0
+    lines = (tmp_path / "submit" / "synthetic_predict.json").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    gold = generate_splits()["test"]
+    assert [r["id"] for r in rows] == [g["id"] for g in gold]  # file order, ids as in the data
+    assert all(set(r) == {"id", "label"} and r["label"] in {"0", "1", "2", "3"} for r in rows)
+    accuracy = sum(r["label"] == str(g["label"]) for r, g in zip(rows, gold)) / len(gold)
+    assert accuracy == pytest.approx(result.record["metrics"]["test_accuracy"])
+    assert main(["predict", ckpt, "--split", "dev", "--out", f"{tmp_path}/dev.jsonl"]) == 0
+    first = json.loads((tmp_path / "dev.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert set(first) == {"id", "label", "label_name", "score"} and 0 < first["score"] <= 1

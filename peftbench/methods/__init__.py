@@ -8,6 +8,7 @@ reloads what it trained. The loop never asks which method it runs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -121,6 +122,15 @@ class InPlaceMethod(Method):
             raise PeftbenchError(f"{ckpt_dir / TRAINABLE_FILE}: tensor '{unknown[0]}' has no place in the model")
         model.load_state_dict(state, strict=False)
         return model
+
+
+def find_modules(model: nn.Module, patterns: list[str], key: str) -> list[tuple[str, nn.Module]]:
+    """Modules whose names end with one of the regular expressions ``patterns`` (config key ``key``)."""
+    regex = re.compile("(?:" + "|".join(patterns) + ")$")
+    found = [(name, module) for name, module in model.named_modules() if regex.search(name)]
+    if not found:
+        raise PeftbenchError(f"no module name of this model ends with {patterns}; set config key '{key}'")
+    return found
 
 
 _METHODS: dict[str, type[Method]] = {}

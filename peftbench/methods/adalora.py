@@ -40,6 +40,10 @@ class AdaLoraConfig(MethodConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
 
+    def __post_init__(self):
+        if self.target_r > self.init_r:
+            raise PeftbenchError(f"config key 'method.target_r' ({self.target_r}) must be <= method.init_r ({self.init_r})")
+
 
 @register_method
 class AdaLora(PeftMethod):
@@ -54,8 +58,6 @@ class AdaLora(PeftMethod):
         if ctx.total_steps and total - tinit - tfinal < 1:
             raise PeftbenchError(f"method adalora: {total} steps leave no pruning phase after tinit={tinit} and "
                                  f"tfinal={tfinal}; train longer or lower method.tinit_ratio / method.tfinal_ratio")
-        if cfg.target_r > cfg.init_r:
-            raise PeftbenchError("config key 'method.target_r' must be <= method.init_r")
         return PeftAdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=cfg.init_r, target_r=cfg.target_r,
                                  lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                                  tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,

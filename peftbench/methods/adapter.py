@@ -19,13 +19,12 @@ Trainable parameters: per adapter 2 d m + d + m, plus the head.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from peftbench.errors import PeftbenchError
-from peftbench.methods import InPlaceMethod, MethodConfig, is_head, register_method
+from peftbench.methods import InPlaceMethod, MethodConfig, find_modules, is_head, register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -69,6 +68,12 @@ class AdapterConfig(MethodConfig):
     attn_modules: list[str] = field(default_factory=lambda: [r"attention\.output\.dense", r"self_attn\.o_proj"])
     ffn_modules: list[str] = field(default_factory=lambda: [r"layer\.\d+\.output\.dense", r"mlp\.down_proj"])
 
+    def __post_init__(self):
+        if self.variant not in ("houlsby", "pfeiffer"):
+            raise PeftbenchError(f"config key 'method.variant' must be houlsby or pfeiffer, got {self.variant!r}")
+        if self.activation not in ACTIVATIONS:
+            raise PeftbenchError(f"config key 'method.activation' must be one of {sorted(ACTIVATIONS)}")
+
 
 @register_method
 class Adapter(InPlaceMethod):
@@ -77,15 +82,10 @@ class Adapter(InPlaceMethod):
 
     def apply(self, model, ctx):
         cfg = self.cfg
-        if cfg.variant not in ("houlsby", "pfeiffer"):
-            raise PeftbenchError(f"config key 'method.variant' must be houlsby or pfeiffer, got {cfg.variant!r}")
-        if cfg.activation not in ACTIVATIONS:
-            raise PeftbenchError(f"config key 'method.activation' must be one of {sorted(ACTIVATIONS)}")
-        patterns = cfg.ffn_modules + (cfg.attn_modules if cfg.variant == "houlsby" else [])
-        regex = re.compile("(" + "|".join(patterns) + ")$")
-        targets = [(n, m) for n, m in model.named_modules() if regex.search(n) and isinstance(m, nn.Linear)]
-        if not targets:
-            raise PeftbenchError(f"method adapter: no module matches {patterns}; set method.attn_modules / method.ffn_modules")
+        targets = find_modules(model, cfg.ffn_modules, "method.ffn_modules")
+        if cfg.variant == "houlsby":
+            targets += find_modules(model, cfg.attn_modules, "method.attn_modules")
+        targets = [(name, module) for name, module in targets if isinstance(module, nn.Linear)]
         for name, linear in targets:
             dim = linear.out_features
             bottleneck = cfg.bottleneck or max(1, dim // cfg.reduction_factor)

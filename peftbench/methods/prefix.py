@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftbench.errors import PeftbenchError
-from peftbench.methods import InPlaceMethod, MethodConfig, is_head, register_method
+from peftbench.methods import InPlaceMethod, MethodConfig, find_modules, is_head, register_method
 
 ATTENTION_NAME = "peftbench_prefix"
 ENCODER_NAME = "peftbench_prefix"  # attribute of the model holding the PrefixEncoder
@@ -123,11 +122,7 @@ class Prefix(InPlaceMethod):
 
     def apply(self, model, ctx):
         cfg, config = self.cfg, model.config
-        regex = re.compile("(" + "|".join(cfg.attention_modules) + ")$")
-        targets = [m for n, m in model.named_modules() if regex.search(n)]
-        if not targets:
-            raise PeftbenchError(f"method prefix: no attention module matches {cfg.attention_modules}; "
-                                 f"set method.attention_modules")
+        targets = [module for _, module in find_modules(model, cfg.attention_modules, "method.attention_modules")]
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run | predict | tasks | methods``.
+"""Command line: ``peftbench run | sweep | leaderboard | predict | tasks | methods``.
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -28,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="train and evaluate one recipe (no recipe: the demo)")
     run_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
+    sweep_p = sub.add_parser("sweep", help="run every cell of a sweep file (resumable, shardable)")
+    sweep_p.add_argument("sweep_file")
+    sweep_p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to the sweep's base recipe")
+    sweep_p.add_argument("--shard", default="0/1", help="i/N: run the i-th of N deterministic shares of the cells")
+    sweep_p.add_argument("--retry-failed", action="store_true", help="rerun cells whose record says failed")
+    sweep_p.add_argument("--dry-run", action="store_true", help="list the cells and their status, run nothing")
+    lb_p = sub.add_parser("leaderboard", help="tables (md/csv/html) and plots from result records")
+    lb_p.add_argument("results", nargs="+", help="folders searched for record.json files")
+    lb_p.add_argument("--out", required=True, help="output folder")
     pred_p = sub.add_parser("predict", help="predict a split with a trained checkpoint")
     pred_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
     pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])
@@ -46,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             return _list_tasks()
         if ns.command == "methods":
             return _list_methods()
+        if ns.command == "sweep":
+            return _sweep(ns)
+        if ns.command == "leaderboard":
+            from peftbench.leaderboard import write
+
+            for path in write(ns.results, ns.out):
+                print(f"wrote {path}")
+            return 0
         if ns.command == "predict":
             from peftbench.inference import predict
 
@@ -104,6 +121,30 @@ def _run(args: list[str]) -> int:
         for cfg in cfgs:
             print(f"record: {Path(cfg.output_dir) / 'record.json'}")
     return 0
+
+
+def _sweep(ns) -> int:
+    from accelerate import PartialState
+
+    from peftbench import sweep
+
+    spec = sweep.read_sweep(ns.sweep_file)
+    cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
+    todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
+    print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
+    if ns.dry_run:
+        for c in cells:
+            print(f"{c.run_id}  {c.cfg.task.name:<12} {c.cfg.method.name:<8} seed {c.cfg.train.seed:<4} {c.status or 'to do'}")
+        return 0
+    command = " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides] + ([f"--shard {ns.shard}"] if ns.shard != "0/1" else []))
+    records = sweep.run_sweep(cells, ns.retry_failed, provenance={"sweep_file": ns.sweep_file, "command": command})
+    if PartialState().is_main_process:
+        ok = [r for r in records if r["status"] == "success"]
+        print(format_table(ok))
+        failed = [r for r in records if r["status"] == "failed"]
+        for r in failed:
+            print(f"failed: {r['run_id']} {r['error']}")
+    return 0 if len(records) == len(cells) and not any(r["status"] == "failed" for r in records) else 1
 
 
 def format_table(records: list[dict]) -> str:

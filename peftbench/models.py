@@ -39,14 +39,10 @@ def _is_cjk(ch: str) -> bool:
     return 0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2FA1F or 0xF900 <= cp <= 0xFAFF
 
 
-def char_tokenizer(texts, save_dir: str | Path, min_freq: int = 1) -> BertTokenizer:
-    """Build a character-level BERT tokenizer from ``texts`` and save it in ``save_dir``."""
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / "vocab.txt").write_text("\n".join(build_char_vocab(texts, min_freq)) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer.from_pretrained(str(save_dir), do_lower_case=True)
-    tokenizer.save_pretrained(str(save_dir))
-    return tokenizer
+def char_tokenizer(texts, min_freq: int = 1) -> BertTokenizer:
+    """A character-level BERT tokenizer for ``texts`` (built in memory; ``save_pretrained`` writes vocab.txt)."""
+    vocab = build_char_vocab(texts, min_freq)
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
 
 
 def _check_reachable(name: str, key: str) -> None:
@@ -56,14 +52,11 @@ def _check_reachable(name: str, key: str) -> None:
         raise PeftbenchError(f"config key '{key}': directory not found: {name}")
 
 
-def load_tokenizer(model_cfg, train_texts, save_dir: str | Path, build: bool = True):
-    """The tokenizer for a run; ``tiny`` builds a char vocabulary from the training texts.
-
-    With ``build=False`` the ``tiny`` tokenizer is read from ``save_dir`` (other processes of a run).
-    """
+def load_tokenizer(model_cfg, train_texts):
+    """The tokenizer for a run; ``tiny`` builds a char vocabulary from the training texts."""
     name = model_cfg.tokenizer or model_cfg.name_or_path
     if name == TINY:
-        return char_tokenizer(train_texts, save_dir) if build else BertTokenizer.from_pretrained(str(save_dir))
+        return char_tokenizer(train_texts)
     key = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
     _check_reachable(name, key)
     try:

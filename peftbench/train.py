@@ -46,8 +46,12 @@ class RunResult:
     tokenizer: object
 
 
-def run(cfg: RunConfig) -> RunResult:
-    """Train and evaluate one configuration; write its record. A crash writes a failed record."""
+def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
+    """Train and evaluate one configuration; write its record. A crash writes a failed record.
+
+    ``provenance`` (e.g. the sweep a run belongs to) is stored in the record as is.
+    """
+    provenance = {"provenance": provenance} if provenance else {}
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg)
     AcceleratorState._reset_state()  # several runs in one process may differ in precision
@@ -58,15 +62,16 @@ def run(cfg: RunConfig) -> RunResult:
     start = time.perf_counter()
     try:
         result = _train(cfg, accelerator, out_dir)
-    except BaseException as exc:
+    except Exception as exc:  # an interrupt (KeyboardInterrupt, SystemExit) leaves no record: the run is still to do
         if accelerator.is_main_process:
             error = f"{type(exc).__name__}: {exc}".strip()
-            write_atomic(out_dir / RECORD_NAME, make_record("failed", cfg.to_dict(), cfg.run_id, env, error=error))
+            write_atomic(out_dir / RECORD_NAME, make_record("failed", cfg.to_dict(), cfg.run_id, env, error=error,
+                                                            extra=provenance))
         raise
     model, tokenizer = result.pop("model"), result.pop("tokenizer")
     result["metrics"]["wall_s"] = time.perf_counter() - start
     record = make_record("success", cfg.to_dict(), cfg.run_id, env, result.pop("metrics"), result.pop("params"),
-                         extra=result)
+                         extra={**result, **provenance})
     if accelerator.is_main_process:
         write_atomic(out_dir / RECORD_NAME, record)
     accelerator.wait_for_everyone()
@@ -75,11 +80,10 @@ def run(cfg: RunConfig) -> RunResult:
 
 def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     t = cfg.train
-    with accelerator.local_main_process_first():  # the local main process builds the tiny vocabulary first
+    with accelerator.main_process_first():
         task = load_task(cfg.task)
         train = task.splits["train"]
-        tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]), out_dir / "tokenizer",
-                                          build=accelerator.is_local_main_process)
+        tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]))
         pair = any(train["text_b"])
         encoded = {split: encode(ds, tokenizer, cfg.task.max_length, pair) for split, ds in task.splits.items()}
     labels = list(task.spec.labels)
@@ -198,6 +202,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         "data": {"source": task.source, "dropped": task.dropped,
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "method_summary": method.summary(raw_model),
+        "backbone": {"name_or_path": cfg.model.name_or_path, "random_init": cfg.model.name_or_path == models.TINY},
         "checkpoint": str(ckpt_dir) if t.save_checkpoint else None,
         "total_steps": total_steps,
     }

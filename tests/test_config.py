@@ -67,7 +67,7 @@ def test_every_shipped_recipe_resolves():
     from pathlib import Path
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
-    recipes = [r for r in recipes if "accelerate" not in r.parts]
+    recipes = [r for r in recipes if "accelerate" not in r.parts and "sweeps" not in r.parts]
     assert len(recipes) >= 20
     tasks = set()
     for path in recipes:

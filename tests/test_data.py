@@ -34,3 +34,20 @@ def test_collator_pads_and_counts_real_tokens():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
     assert batch["num_tokens"] == 5
     assert torch.equal(batch["labels"], torch.tensor([1, 0])) and batch["id"].tolist() == [10, 11]
+
+
+def test_char_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from peftbench.models import SPECIAL_TOKENS, build_char_vocab, char_tokenizer
+
+    texts = ["新款iPhone发布，价格5999元！", "ａｂ全角字符"]
+    vocab = build_char_vocab(texts)
+    assert vocab[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS and len(vocab) == len(set(vocab))
+    tok = char_tokenizer(texts)
+    pieces = tok.convert_ids_to_tokens(tok("新款iPhone发布")["input_ids"])
+    assert pieces == ["[CLS]", "新", "款", "i", "##p", "##h", "##o", "##n", "##e", "发", "布", "[SEP]"]
+    assert "[UNK]" not in tok.convert_ids_to_tokens(tok(texts[0])["input_ids"])
+    tok.save_pretrained(str(tmp_path))
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reloaded(texts)["input_ids"] == tok(texts)["input_ids"]

@@ -19,7 +19,7 @@ def qwen_dir(tmp_path_factory):
     """A local model directory: random-init Qwen2 + a char tokenizer without token types."""
     path = tmp_path_factory.mktemp("qwen2")
     texts = [r["sentence"] for r in generate_splits()["train"]]
-    tok = models.char_tokenizer(texts, path)
+    tok = models.char_tokenizer(texts)
     tok.model_input_names = ["input_ids", "attention_mask"]
     tok.save_pretrained(str(path))
     torch.manual_seed(0)

@@ -1,0 +1,374 @@
+"""Records -> comparable leaderboard tables (Markdown, CSV, HTML) and plots.
+
+Records are grouped into one table per (backbone, hardware, precision): numbers
+from different backbones or machines are never ranked together. A row is a
+method with its settings (everything in the config but the task and the seed);
+a cell is a task's score over seeds, mean ± std (n). The score is accuracy on
+the labeled test split where every record has one, else on dev. With at least
+3 seeds, the best mean per task is marked ★ and every row not significantly
+worse than it (Welch's t-test, p >= 0.05) ☆; rows on a random-init backbone are
+labelled and not ranked. The same records always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftbench.errors import PeftbenchError
+from peftbench.records import RECORD_NAME, read_record
+
+ALPHA = 0.05
+MIN_SEEDS_FOR_TEST = 3
+
+
+@dataclass
+class Cell:
+    scores: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.scores) if self.scores else None
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
+
+
+@dataclass
+class Row:
+    method: str
+    settings: str
+    cells: dict[str, Cell] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} ({self.settings})" if self.settings else self.method
+
+    def mean_of(self, section: str, key: str) -> float | None:
+        values = [r[section][key] for r in self.records if r["status"] == "success" and key in r[section]]
+        return statistics.fmean(values) if values else None
+
+
+@dataclass
+class Group:
+    backbone: str
+    hardware: str
+    precision: str
+    random_init: bool
+    rows: dict[tuple, Row] = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)
+    split: dict[str, str] = field(default_factory=dict)  # task -> "test" or "dev"
+    reproduce: set[str] = field(default_factory=set)
+
+    @property
+    def title(self) -> str:
+        init = " (random init: not a ranking)" if self.random_init else ""
+        return f"{self.backbone}{init} · {self.hardware} · precision {self.precision}"
+
+    @property
+    def slug(self) -> str:
+        text = f"{self.backbone}-{self.hardware}-{self.precision}".lower()
+        return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:80]
+
+
+def collect(dirs: list[str | Path]) -> list[dict]:
+    paths = sorted(p for d in dirs for p in Path(d).rglob(RECORD_NAME))
+    if not paths:
+        raise PeftbenchError(f"no {RECORD_NAME} under {', '.join(map(str, dirs))}")
+    return [read_record(p) for p in paths]
+
+
+def _hardware(env: dict) -> str:
+    procs = env.get("num_processes", 1)
+    return f"{env.get('device_name', 'unknown')} ×{procs}"
+
+
+def _settings(config: dict) -> tuple[tuple, str]:
+    """The row identity (all but task and seed) and its short label (method settings that differ from defaults + lr)."""
+    from peftbench.methods import get_method
+
+    method = dict(config["method"])
+    name = method.pop("name")
+    defaults = vars(get_method(name).Config())
+    changed = {k: v for k, v in method.items() if defaults.get(k) != v}
+    train = {k: v for k, v in config["train"].items() if k != "seed"}
+    identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
+                json.dumps({k: v for k, v in config["model"].items()}, sort_keys=True))
+    label = ", ".join([f"{k}={v}" for k, v in sorted(changed.items())] + [f"lr={train['lr']:g}"])
+    return identity, label
+
+
+def build(records: list[dict]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for r in records:
+        cfg = r["config"]
+        backbone = cfg["model"]["name_or_path"]
+        key = (backbone, _hardware(r["env"]), cfg["train"]["mixed_precision"])
+        random_init = r.get("backbone", {}).get("random_init", backbone == "tiny")
+        group = groups.setdefault(key, Group(*key, random_init=random_init))
+        identity, label = _settings(cfg)
+        row = group.rows.setdefault(identity, Row(cfg["method"]["name"], label))
+        row.records.append(r)
+        task = cfg["task"]["name"]
+        if task not in group.tasks:
+            group.tasks.append(task)
+        if r.get("provenance", {}).get("command"):
+            group.reproduce.add(r["provenance"]["command"])
+    for group in groups.values():
+        group.tasks.sort()
+        for task in group.tasks:
+            ok = [r for row in group.rows.values() for r in row.records
+                  if r["config"]["task"]["name"] == task and r["status"] == "success"]
+            group.split[task] = "test" if ok and all("test_accuracy" in r["metrics"] for r in ok) else "dev"
+        for row in group.rows.values():
+            for r in row.records:
+                task = r["config"]["task"]["name"]
+                cell = row.cells.setdefault(task, Cell())
+                if r["status"] == "success":
+                    cell.scores.append(r["metrics"]["test_accuracy" if group.split[task] == "test" else "accuracy"])
+                else:
+                    cell.failures.append("OOM" if "out of memory" in r.get("error", "").lower() else "failed")
+    return [groups[k] for k in sorted(groups)]
+
+
+def significance(group: Group) -> dict[tuple[str, str], str]:
+    """(row label, task) -> '★' for the best mean, '☆' for rows not significantly worse (Welch, p >= ALPHA)."""
+    from scipy.stats import ttest_ind
+
+    marks = {}
+    if group.random_init:
+        return marks
+    for task in group.tasks:
+        candidates = [row for row in group.rows.values()
+                      if len(row.cells.get(task, Cell()).scores) >= MIN_SEEDS_FOR_TEST]
+        if len(candidates) < 2:
+            continue
+        best = max(candidates, key=lambda row: (row.cells[task].mean, row.label))
+        marks[(best.label, task)] = "★"
+        for row in candidates:
+            if row is best:
+                continue
+            a, b = best.cells[task].scores, row.cells[task].scores
+            p = ttest_ind(a, b, equal_var=False).pvalue
+            if math.isnan(p):  # both without variance
+                p = 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
+            if p >= ALPHA:
+                marks[(row.label, task)] = "☆"
+    return marks
+
+
+def _fmt_cell(cell: Cell | None, mark: str = "") -> str:
+    if cell is None:
+        return "—"
+    if not cell.scores:
+        return "/".join(sorted(set(cell.failures)))
+    text = f"{100 * cell.mean:.1f} ± {100 * cell.std:.1f} ({len(cell.scores)})"
+    if cell.failures:
+        text += f" +{len(cell.failures)} failed"
+    return text + (f" {mark}" if mark else "")
+
+
+def _fmt_count(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _average(row: Row, tasks: list[str]) -> str:
+    means = [row.cells[t].mean if t in row.cells else None for t in tasks]
+    return "—" if any(m is None for m in means) else f"{100 * statistics.fmean(means):.1f}"
+
+
+def table(group: Group) -> tuple[list[str], list[list[str]]]:
+    marks = significance(group)
+    head = (["method"] + [f"{t} ({group.split[t]})" for t in group.tasks] + ["average", "trainable", "trainable %",
+            "peak MB", "train samples/s", "train tokens/s", "adapter size"])
+    rows = []
+    for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
+        pct = row.mean_of("params", "trainable_pct")
+        size = row.mean_of("params", "adapter_bytes")
+        rows.append([row.label] + [_fmt_cell(row.cells.get(t), marks.get((row.label, t), "")) for t in group.tasks]
+                    + [_average(row, group.tasks), _fmt_count(row.mean_of("params", "trainable")),
+                       "—" if pct is None else f"{pct:.2f}", _fmt_number(row.mean_of("metrics", "peak_memory_mb")),
+                       _fmt_number(row.mean_of("metrics", "train_samples_per_s")),
+                       _fmt_number(row.mean_of("metrics", "train_tokens_per_s")),
+                       "—" if size is None else f"{_fmt_count(size)}B"])
+    return head, rows
+
+
+def _fmt_number(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0f}"
+
+
+NOTES = ("Cells: accuracy in %, mean ± std over seeds (n seeds); split in the header (test = labeled test split). "
+         "Average: the CLUE-style mean of the task means, where a row has every task. Trainable: parameters trained "
+         "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "
+         f"★ best mean per task; ☆ not significantly worse than ★ (Welch's t-test, p ≥ {ALPHA}, "
+         f"≥ {MIN_SEEDS_FOR_TEST} seeds each).")
+
+
+def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str]]) -> str:
+    newest = max(r["finished_at"] for r in records)
+    lines = ["# Leaderboard", "", f"{len(records)} records, newest {newest}. {NOTES}", ""]
+    for group in groups:
+        head, rows = table(group)
+        lines += [f"## {group.title}", ""]
+        if group.random_init:
+            lines += ["Random-init backbone: these numbers test the machinery; they do not rank the methods.", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines.append("")
+        for command in sorted(group.reproduce):
+            lines.append(f"Reproduce: `{command}`, then `peftbench leaderboard RESULTS_DIR --out DIR`.")
+        for name in plots.get(group.slug, []):
+            lines.append(f"![{name}]({name}.png)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def csv_text(groups: list[Group]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["backbone", "hardware", "precision", "random_init", "method", "settings", "task", "split",
+                     "mean", "std", "n", "failed", "trainable", "peak_memory_mb", "train_samples_per_s"])
+    for group in groups:
+        for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
+            for task in group.tasks:
+                cell = row.cells.get(task)
+                if cell is None:
+                    continue
+                writer.writerow([group.backbone, group.hardware, group.precision, group.random_init, row.method,
+                                 row.settings, task, group.split[task],
+                                 "" if cell.mean is None else f"{cell.mean:.6f}", f"{cell.std:.6f}", len(cell.scores),
+                                 len(cell.failures), _fmt_number(row.mean_of("params", "trainable")),
+                                 _fmt_number(row.mean_of("metrics", "peak_memory_mb")),
+                                 _fmt_number(row.mean_of("metrics", "train_samples_per_s"))])
+    return out.getvalue()
+
+
+SORT_SCRIPT = """
+document.querySelectorAll("table").forEach(t => t.querySelectorAll("th").forEach((th, i) => th.onclick = () => {
+  const rows = [...t.tBodies[0].rows], asc = th.dataset.asc !== "1"; th.dataset.asc = asc ? "1" : "0";
+  const key = r => { const v = parseFloat(r.cells[i].textContent); return isNaN(v) ? r.cells[i].textContent : v; };
+  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1));
+  rows.forEach(r => t.tBodies[0].appendChild(r)); }));
+"""
+
+
+def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes]) -> str:
+    newest = max(r["finished_at"] for r in records)
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftbench leaderboard</title><style>",
+             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}th{cursor:pointer;"
+             "background:#eee}img{max-width:100%}</style></head><body>",
+             "<h1>peftbench leaderboard</h1>", f"<p>{len(records)} records, newest {html.escape(newest)}. "
+             f"{html.escape(NOTES)} Click a header to sort.</p>"]
+    for group in groups:
+        head, rows = table(group)
+        parts.append(f"<h2>{html.escape(group.title)}</h2>")
+        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</tbody></table>")
+        for command in sorted(group.reproduce):
+            parts.append(f"<p>Reproduce: <code>{html.escape(command)}</code></p>")
+        for name, data in sorted(pngs.items()):
+            if name.startswith(group.slug):
+                parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+    parts.append(f"<script>{SORT_SCRIPT}</script></body></html>\n")
+    return "\n".join(parts)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten by another with lower-or-equal cost and higher score (cost ascending)."""
+    front, best = [], -math.inf
+    for cost, score in sorted(points, key=lambda p: (p[0], -p[1])):
+        if score > best:
+            front.append((cost, score))
+            best = score
+    return front
+
+
+def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
+    """Accuracy vs trainable params (log x) and vs peak memory per task, with Pareto fronts; throughput per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams["svg.hashsalt"] = "peftbench"
+    rows = sorted(group.rows.values(), key=lambda r: (r.method, r.label))
+    pngs = {}
+
+    def save(fig, name):
+        for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, metadata=meta, dpi=90)
+            (out_dir / f"{name}.{ext}").write_bytes(buf.getvalue())
+            if ext == "png":
+                pngs[name] = buf.getvalue()
+        plt.close(fig)
+
+    for x_key, section, xlabel, log in (("trainable", "params", "trainable parameters", True),
+                                        ("peak_memory_mb", "metrics", "peak memory (MB)", False)):
+        fig, axes = plt.subplots(1, len(group.tasks), figsize=(4 * len(group.tasks), 3.6), squeeze=False)
+        for ax, task in zip(axes[0], group.tasks):
+            points = []
+            for row in rows:
+                cell = row.cells.get(task)
+                x = statistics.fmean([r[section][x_key] for r in row.records if r["status"] == "success"
+                                      and r["config"]["task"]["name"] == task] or [math.nan])
+                if cell and cell.scores and not math.isnan(x):
+                    ax.errorbar(x, 100 * cell.mean, yerr=100 * cell.std, fmt="o", capsize=3, label=row.label)
+                    points.append((x, 100 * cell.mean))
+            front = pareto(points)
+            if front:
+                ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", ls="--", lw=1,
+                        label="Pareto front")
+            ax.set_xscale("log" if log else "linear")
+            ax.set_title(f"{task} ({group.split[task]})")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("accuracy (%)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        save(fig, f"{group.slug}-accuracy-vs-{'params' if log else 'memory'}")
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.6))
+    speeds = [row.mean_of("metrics", "train_samples_per_s") or 0 for row in rows]
+    ax.bar(range(len(rows)), speeds)
+    ax.set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("train samples/s (mean over tasks)")
+    fig.tight_layout()
+    save(fig, f"{group.slug}-throughput")
+    return pngs
+
+
+def write(dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Build the leaderboard of every record under ``dirs`` into ``out_dir``."""
+    records = collect(dirs)
+    groups = build(records)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs, names = {}, {}
+    for group in groups:
+        group_pngs = plot(group, out_dir)
+        pngs.update(group_pngs)
+        names[group.slug] = sorted(group_pngs)
+    files = {"leaderboard.md": markdown(groups, records, names), "leaderboard.csv": csv_text(groups),
+             "leaderboard.html": html_page(groups, records, pngs)}
+    for name, text in files.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+    return [out_dir / name for name in files]

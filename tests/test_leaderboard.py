@@ -1,0 +1,102 @@
+import csv
+import re
+import statistics
+
+import pytest
+
+from peftbench import config, leaderboard
+from peftbench.records import make_record, write_atomic
+
+ENV = {"device_name": "Test GPU", "num_processes": 1}
+
+
+def record(root, backbone, method, task, seed, acc, status="success", env=ENV, error=None, lr=None):
+    cfg = config.load(None, [f"model.name_or_path={backbone}", f"method.name={method}", f"task.name={task}",
+                             f"train.seed={seed}"] + ([f"train.lr={lr}"] if lr else []))
+    metrics = {"accuracy": acc - 0.01, "test_accuracy": acc, "macro_f1": acc, "n_eval": 100,
+               "train_samples_per_s": 100.0 * (2 if method == "lora" else 1), "train_tokens_per_s": 2000.0,
+               "eval_samples_per_s": 500.0, "peak_memory_mb": 1000.0 if method == "full" else 400.0, "wall_s": 1.0}
+    params = {"trainable": 1_000_000 if method == "full" else 10_000, "total": 1_000_000,
+              "trainable_pct": 100.0 if method == "full" else 1.0, "adapter_bytes": 4_000}
+    rec = make_record(status, cfg.to_dict(), cfg.run_id, dict(env), metrics if status == "success" else {},
+                      params if status == "success" else {}, error=error,
+                      extra={"backbone": {"name_or_path": backbone, "random_init": backbone == "tiny"},
+                             "provenance": {"command": "peftbench sweep s.yaml"}})
+    rec["finished_at"] = f"2026-01-0{seed}T00:00:00+00:00"
+    write_atomic(root / f"{backbone}-{method}-{task}-{seed}-{env['device_name']}" / "record.json", rec)
+    return rec
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    accs = {("full", "tnews"): [0.50, 0.52, 0.54], ("lora", "tnews"): [0.49, 0.53, 0.55],
+            ("prefix", "tnews"): [0.30, 0.31, 0.29], ("full", "afqmc"): [0.70, 0.70, 0.72],
+            ("lora", "afqmc"): [0.69, 0.71, 0.70], ("prefix", "afqmc"): [0.60, 0.61, 0.62]}
+    for (method, task), values in accs.items():
+        for seed, acc in enumerate(values, 1):
+            record(root, "bert-base-chinese", method, task, seed, acc)
+    record(root, "bert-base-chinese", "adapter", "tnews", 1, 0, status="failed", error="OutOfMemoryError: CUDA out of memory")
+    record(root, "bert-base-chinese", "adapter", "afqmc", 1, 0, status="failed", error="RuntimeError: boom")
+    record(root, "tiny", "lora", "tnews", 1, 0.9)
+    record(root, "tiny", "full", "tnews", 1, 0.95)
+    record(root, "bert-base-chinese", "full", "tnews", 1, 0.99, env={"device_name": "Other GPU", "num_processes": 1})
+    return root, accs
+
+
+def test_groups_rows_and_aggregation(results):
+    root, accs = results
+    groups = leaderboard.build(leaderboard.collect([root]))
+    assert [(g.backbone, g.hardware) for g in groups] == [
+        ("bert-base-chinese", "Other GPU ×1"), ("bert-base-chinese", "Test GPU ×1"), ("tiny", "Test GPU ×1")]
+    main = groups[1]
+    assert main.tasks == ["afqmc", "tnews"] and main.split == {"afqmc": "test", "tnews": "test"}
+    head, rows = leaderboard.table(main)
+    by_method = {r[0].split(" ")[0]: r for r in rows}
+    tnews = head.index("tnews (test)")
+    mean, std = statistics.fmean(accs[("full", "tnews")]), statistics.stdev(accs[("full", "tnews")])
+    assert by_method["full"][tnews].startswith(f"{100 * mean:.1f} ± {100 * std:.1f} (3)")
+    average = statistics.fmean([statistics.fmean(accs[("full", t)]) for t in ("tnews", "afqmc")])
+    assert by_method["full"][head.index("average")] == f"{100 * average:.1f}"
+    assert by_method["adapter"][tnews] == "OOM" and by_method["adapter"][head.index("afqmc (test)")] == "failed"
+    assert by_method["adapter"][head.index("average")] == "—"
+    assert by_method["lora"][head.index("trainable")] == "10.00K"
+
+
+def test_significance_marks(results):
+    root, _ = results
+    groups = leaderboard.build(leaderboard.collect([root]))
+    head, rows = leaderboard.table(groups[1])
+    by_method = {r[0].split(" ")[0]: r for r in rows}
+    tnews, afqmc = head.index("tnews (test)"), head.index("afqmc (test)")
+    assert by_method["lora"][tnews].endswith("★")  # best mean 52.3 vs full 52.0
+    assert by_method["full"][tnews].endswith("☆")  # not significantly worse
+    assert by_method["prefix"][tnews].endswith("(3)")  # clearly worse: unmarked
+    assert by_method["full"][afqmc].endswith("★") and by_method["lora"][afqmc].endswith("☆")
+    tiny_head, tiny_rows = leaderboard.table(groups[2])
+    assert not any("★" in c or "☆" in c for r in tiny_rows for c in r)  # random init: never ranked
+
+
+def test_outputs_are_byte_identical_and_self_contained(results, tmp_path):
+    root, _ = results
+    a = leaderboard.write([root], tmp_path / "a")
+    b = leaderboard.write([root], tmp_path / "b")
+    for fa, fb in zip(a, b):
+        assert fa.read_bytes() == fb.read_bytes(), fa.name
+    md = (tmp_path / "a" / "leaderboard.md").read_text(encoding="utf-8")
+    assert "random init: not a ranking" in md and "Reproduce: `peftbench sweep s.yaml`" in md
+    assert "newest 2026-01-03T00:00:00+00:00" in md and "Welch" in md
+    page = (tmp_path / "a" / "leaderboard.html").read_text(encoding="utf-8")
+    assert "http:" not in page and "https:" not in page  # base64 has no ':', so any hit would be a URL
+    assert all(v.startswith("data:") for v in re.findall(r"(?:src|href)='([^']*)'", page))
+    assert page.count("<table>") == 3 and page.count("data:image/png;base64,") == 9
+    for kind in ("accuracy-vs-params", "accuracy-vs-memory", "throughput"):
+        for ext in ("png", "svg"):
+            assert len(list((tmp_path / "a").glob(f"*-{kind}.{ext}"))) == 3
+    rows = list(csv.DictReader((tmp_path / "a" / "leaderboard.csv").open(encoding="utf-8")))
+    failed = [r for r in rows if r["method"] == "adapter"]
+    assert {r["failed"] for r in failed} == {"1"} and {r["mean"] for r in failed} == {""}
+
+
+def test_pareto_front():
+    assert leaderboard.pareto([(10, 50), (1, 40), (5, 45), (20, 48), (2, 30)]) == [(1, 40), (5, 45), (10, 50)]

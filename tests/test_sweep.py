@@ -1,0 +1,141 @@
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from peftbench import sweep
+from peftbench.cli import main
+from peftbench.errors import PeftbenchError
+from peftbench.records import RECORD_NAME, make_record, write_atomic
+
+GRID = """\
+recipe: {{model: {{name_or_path: tiny}}, task: {{max_length: 48}}, train: {{epochs: 1}}}}
+grid:
+  task.name: [synthetic]
+  variants:
+    - {{method: {{name: full}}, train: {{lr: 5e-4}}}}
+    - {{method: {{name: lora}}, train: {{lr: 5e-3}}}}
+  train.seed: [1, 2, 3]
+output_dir: {out}
+"""
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(GRID.format(out=tmp_path / "results"))
+    return sweep.read_sweep(path)
+
+
+def fake_runner(calls, fail_on=(), interrupt_at=None):
+    """Stands in for train.run: writes a record like it (success or failed)."""
+
+    def runner(cfg):
+        calls.append(cfg.run_id)
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        path = f"{cfg.output_dir}/{RECORD_NAME}"
+        if (cfg.method.name, cfg.train.seed) in fail_on:
+            write_atomic(path, make_record("failed", cfg.to_dict(), cfg.run_id, {}, error="RuntimeError: boom"))
+            raise RuntimeError("boom")
+        metrics = dict.fromkeys(["accuracy", "macro_f1", "n_eval", "train_samples_per_s", "train_tokens_per_s",
+                                 "eval_samples_per_s", "peak_memory_mb", "wall_s"], 1.0)
+        record = make_record("success", cfg.to_dict(), cfg.run_id, {}, metrics,
+                             {"trainable": 1, "total": 2, "adapter_bytes": 4})
+        write_atomic(path, record)
+        return SimpleNamespace(record=record)
+
+    return runner
+
+
+def test_grid_expansion_and_stable_cell_ids(spec, tmp_path):
+    cfgs = sweep.expand(spec)
+    assert len(cfgs) == 6
+    assert {(c.method.name, c.train.seed, c.train.lr) for c in cfgs} == {
+        (m, s, lr) for m, lr in (("full", 5e-4), ("lora", 5e-3)) for s in (1, 2, 3)}
+    assert len({c.run_id for c in cfgs}) == 6
+    assert all(c.output_dir == str(tmp_path / "results" / c.run_id) for c in cfgs)
+    assert [c.run_id for c in sweep.expand(spec)] == [c.run_id for c in cfgs]  # stable
+    reordered = dict(spec, grid=dict(reversed(list(spec["grid"].items()))))
+    assert {c.run_id for c in sweep.expand(reordered)} == {c.run_id for c in cfgs}  # independent of grid order
+    assert {c.train.epochs for c in sweep.expand(spec, ["train.epochs=2"])} == {2}
+
+
+def test_bad_sweep_files(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("grid: {train.seed: 3}\n")
+    with pytest.raises(PeftbenchError, match=r"field 'grid\.train\.seed' must be a non-empty list"):
+        sweep.read_sweep(path)
+    path.write_text("grid: {train.seed: [1]}\nruns: 3\n")
+    with pytest.raises(PeftbenchError, match="unknown sweep key 'runs'"):
+        sweep.read_sweep(path)
+    path.write_text("grid: {train.seedz: [1]}\n")
+    with pytest.raises(PeftbenchError, match="unknown config key 'train.seedz'"):
+        sweep.expand(sweep.read_sweep(path))
+    path.write_text("grid: {train.seed: [1, 1]}\n")
+    with pytest.raises(PeftbenchError, match="same config"):
+        sweep.expand(sweep.read_sweep(path))
+
+
+def test_shards_cover_every_cell_exactly_once(spec):
+    cfgs = sweep.expand(spec)
+    for n in (1, 2, 4, 7):
+        ids = [c.run_id for i in range(n) for c in sweep.plan(cfgs, (i, n))]
+        assert sorted(ids) == sorted(c.run_id for c in cfgs)
+    with pytest.raises(PeftbenchError, match="i/N"):
+        sweep.parse_shard("2")
+    with pytest.raises(PeftbenchError, match="0 <= i < N"):
+        sweep.parse_shard("4/4")
+
+
+def test_killed_sweep_resumes_and_runs_every_cell_exactly_once(spec):
+    cfgs = sweep.expand(spec)
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(calls, interrupt_at=4))
+    assert len(calls) == 4  # the 4th was killed before writing anything
+    finished = calls[:3]
+    sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(calls))
+    counts = Counter(calls)
+    assert len(counts) == 6
+    assert all(counts[i] == 1 for i in finished) and counts[calls[3]] == 2  # only the killed cell ran again
+    again = []
+    records = sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(again))
+    assert again == [] and len(records) == 6
+
+
+def test_failed_cells_are_recorded_and_retried_on_request(spec, capsys):
+    cfgs = sweep.expand(spec)
+    calls = []
+    records = sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(calls, fail_on={("lora", 2)}))
+    assert len(calls) == 6 and Counter(r["status"] for r in records) == {"success": 5, "failed": 1}
+    assert "failed: RuntimeError: boom" in capsys.readouterr().err
+    rerun = []
+    sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(rerun))
+    assert rerun == []
+    sweep.run_sweep(sweep.plan(cfgs), retry_failed=True, runner=fake_runner(rerun))
+    assert len(rerun) == 1
+    assert all(c.status == "success" for c in sweep.plan(cfgs))
+
+
+def test_sweep_command_end_to_end(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(GRID.format(out=tmp_path / "results").replace("[1, 2, 3]", "[1]"))
+    assert main(["sweep", str(path), "train.max_steps=4", "train.save_checkpoint=false"]) == 0
+    out = capsys.readouterr().out
+    assert "2 cells in this shard, 2 to run" in out and "| synthetic | full |" in out and "| synthetic | lora |" in out
+    records = sorted((tmp_path / "results").glob(f"*/{RECORD_NAME}"))
+    assert len(records) == 2 and all(json.loads(p.read_text())["status"] == "success" for p in records)
+    assert main(["sweep", str(path), "train.max_steps=4", "train.save_checkpoint=false", "--dry-run"]) == 0
+    assert "2 cells in this shard, 0 to run" in capsys.readouterr().out
+
+
+def test_shipped_sweeps_expand():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "sweeps"
+    clue = sweep.expand(sweep.read_sweep(root / "clue-peft.yaml"))
+    assert len(clue) == 7 * 5 * 3
+    assert {c.method.name for c in clue} == {"full", "adapter", "lora", "adalora", "prefix"}
+    assert len(sweep.expand(sweep.read_sweep(root / "fewclue-peft.yaml"))) == 8 * 5 * 3

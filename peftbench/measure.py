@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -71,15 +72,32 @@ class StepTimer:
         return {"timed_steps": self.steps, "timed_seconds": self.seconds, "timed_samples": self.samples, "timed_tokens": self.tokens}
 
 
+def _cpu_peak_rss_mb() -> float:
+    """VmHWM (peak resident set) from /proc; falls back to getrusage's lifetime maximum."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA allocator statistics, or the process's peak RSS on Linux (/proc/self/clear_refs)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak then covers the whole process lifetime
 
 
 def peak_memory_mb(device: torch.device) -> dict:
-    """GPU: max allocated and max reserved since the last reset. CPU: the process's peak RSS."""
+    """GPU: max allocated and max reserved since the reset. CPU: peak resident set size since the reset."""
     if device.type == "cuda":
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                 "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
                 "memory_kind": "cuda_max_allocated"}
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory_kind": "cpu_peak_rss"}
+    return {"peak_memory_mb": _cpu_peak_rss_mb(), "memory_kind": "cpu_peak_rss"}

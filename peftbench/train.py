@@ -181,7 +181,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         metrics.update({f"test_{k}": v for k, v in test_metrics.items() if k != "eval_samples_per_s"})
     metrics.update(_throughput(timing, memory, accelerator))
 
-    adapter_bytes = sum(p.numel() * p.element_size() for p in best_state.values())
+    adapter_bytes = method.trained_bytes(raw_model)
     if t.save_checkpoint and accelerator.is_main_process:
         method.save(raw_model, ckpt_dir)
         tokenizer.save_pretrained(str(ckpt_dir))

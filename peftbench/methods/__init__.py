@@ -67,6 +67,10 @@ class Method:
         """Method-specific facts for the result record."""
         return {}
 
+    def trained_bytes(self, model: nn.Module) -> int:
+        """Bytes of the tensors ``save`` writes (its file size, less the format's small overhead)."""
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         raise NotImplementedError
 
@@ -105,6 +109,9 @@ class InPlaceMethod(Method):
     def trained_tensors(self, model) -> dict[str, torch.Tensor]:
         """What to save: by default every trainable parameter."""
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def trained_bytes(self, model) -> int:
+        return sum(t.numel() * t.element_size() for t in self.trained_tensors(model).values())
 
     def save(self, model, out_dir: Path) -> None:
         from safetensors.torch import save_file

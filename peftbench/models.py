@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizer
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+)
 
 from peftbench.errors import PeftbenchError
 

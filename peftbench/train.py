@@ -75,6 +75,8 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     if accelerator.is_main_process:
         write_atomic(out_dir / RECORD_NAME, record)
     accelerator.wait_for_everyone()
+    # Not end_training(): it destroys the process group, which the next run of a sweep still needs.
+    accelerator.free_memory()  # drop the accelerator's references (a sweep runs many cells in one process)
     return RunResult(record, model, tokenizer)
 
 

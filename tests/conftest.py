@@ -33,3 +33,35 @@ def fewclue_dir(root: Path, train, dev, test=None, newline: str = "\n") -> Path:
 def quick_overrides(tmp_path):
     """Overrides for a small, fast run of the tiny backbone on the synthetic task."""
     return ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", f"output_dir={tmp_path / 'run'}"]
+
+
+RELOAD_SCRIPT = """
+import json, sys, torch, peftbench
+ckpts, texts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = {}
+for name, ckpt in ckpts.items():
+    model, tok, meta = peftbench.load(ckpt)
+    with torch.no_grad():
+        out[name] = model(**tok(texts, padding=True, return_tensors="pt")).logits
+torch.save(out, sys.argv[3])
+"""
+
+
+def logits_in_new_process(ckpts: dict, texts: list[str], tmp_path: Path) -> dict:
+    """Reload each checkpoint with ``peftbench.load`` in a fresh Python process; return its logits on ``texts``."""
+    import subprocess
+    import sys
+
+    import torch
+
+    out = tmp_path / "reloaded_logits.pt"
+    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(ckpts), json.dumps(texts), str(out)], check=True)
+    return torch.load(out)
+
+
+def logits_here(result, texts: list[str]):
+    """Logits of a run's trained model (``RunResult``) on ``texts``."""
+    import torch
+
+    with torch.no_grad():
+        return result.model.eval()(**result.tokenizer(texts, padding=True, return_tensors="pt")).logits

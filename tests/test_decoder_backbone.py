@@ -1,11 +1,8 @@
 """Every method also trains and reloads on a decoder backbone (a tiny Qwen2 with grouped-query attention)."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import logits_here, logits_in_new_process
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 from peftbench import config, models
@@ -37,22 +34,6 @@ def test_every_method_runs_and_reloads_on_a_decoder(qwen_dir, tmp_path):
         results[method] = run(cfg)
         assert results[method].record["status"] == "success"
     texts = ["股钱债涨跌", "星影歌剧综艺的"]
-    expected = {}
+    reloaded = logits_in_new_process({m: r.record["checkpoint"] for m, r in results.items()}, texts, tmp_path)
     for method, result in results.items():
-        enc = result.tokenizer(texts, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            expected[method] = result.model.eval()(**enc).logits
-    script = (
-        "import json, sys, torch, peftbench\n"
-        "out = {}\n"
-        "for method, ckpt in json.loads(sys.argv[1]).items():\n"
-        "    model, tok, meta = peftbench.load(ckpt)\n"
-        f"    enc = tok({texts!r}, padding=True, return_tensors='pt')\n"
-        "    with torch.no_grad(): out[method] = model(**enc).logits\n"
-        "torch.save(out, sys.argv[2])\n"
-    )
-    ckpts = {m: r.record["checkpoint"] for m, r in results.items()}
-    subprocess.run([sys.executable, "-c", script, json.dumps(ckpts), str(tmp_path / "logits.pt")], check=True)
-    reloaded = torch.load(tmp_path / "logits.pt")
-    for method in results:
-        torch.testing.assert_close(reloaded[method], expected[method], atol=1e-5, rtol=0, msg=method)
+        torch.testing.assert_close(reloaded[method], logits_here(result, texts), atol=1e-5, rtol=0, msg=method)

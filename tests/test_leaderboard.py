@@ -73,7 +73,7 @@ def test_significance_marks(results):
     assert by_method["full"][tnews].endswith("☆")  # not significantly worse
     assert by_method["prefix"][tnews].endswith("(3)")  # clearly worse: unmarked
     assert by_method["full"][afqmc].endswith("★") and by_method["lora"][afqmc].endswith("☆")
-    tiny_head, tiny_rows = leaderboard.table(groups[2])
+    _, tiny_rows = leaderboard.table(groups[2])
     assert not any("★" in c or "☆" in c for r in tiny_rows for c in r)  # random init: never ranked
 
 

@@ -1,12 +1,11 @@
 """Every registered method, on the tiny backbone and the synthetic task."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from accelerate.utils import set_seed
+from conftest import logits_here, logits_in_new_process
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
@@ -114,28 +113,13 @@ def test_trainable_count_matches_formula(trained, variant):
 
 def test_reload_in_a_new_process_gives_identical_logits(trained, tmp_path):
     texts = ["股钱债涨跌", "星影歌剧综艺的", "今天芯片与网络"]
-    expected = {}
+    reloaded = logits_in_new_process({v: r.record["checkpoint"] for v, r in trained.items()}, texts, tmp_path)
     for variant, result in trained.items():
-        enc = result.tokenizer(texts, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            expected[variant] = result.model.eval()(**enc).logits
-    ckpts = {v: r.record["checkpoint"] for v, r in trained.items()}
-    script = (
-        "import json, sys, torch, peftbench\n"
-        "out = {}\n"
-        "for variant, ckpt in json.loads(sys.argv[1]).items():\n"
-        "    model, tok, meta = peftbench.load(ckpt)\n"
-        f"    enc = tok({texts!r}, padding=True, return_tensors='pt')\n"
-        "    with torch.no_grad(): out[variant] = model(**enc).logits\n"
-        "torch.save(out, sys.argv[2])\n"
-    )
-    subprocess.run([sys.executable, "-c", script, json.dumps(ckpts), str(tmp_path / "logits.pt")], check=True)
-    reloaded = torch.load(tmp_path / "logits.pt")
-    for variant in trained:
+        expected = logits_here(result, texts)
         if variant == "adalora":  # saved with the pruned ranks removed: equal maths, other rounding
-            torch.testing.assert_close(reloaded[variant], expected[variant], atol=1e-5, rtol=0)
+            torch.testing.assert_close(reloaded[variant], expected, atol=1e-5, rtol=0)
         else:
-            assert torch.equal(reloaded[variant], expected[variant]), variant
+            assert torch.equal(reloaded[variant], expected), variant
 
 
 @pytest.mark.parametrize("variant", ["lora", "lora-rslora", "lora-dora", "adalora", "ia3", "prompt"])

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import SHARED_CLUE, fewclue_dir, needs_shared_clue, write_jsonl
+
 from peftbench.config import TaskConfig
 from peftbench.errors import PeftbenchError
 from peftbench.tasks import get_spec, load_task, task_names

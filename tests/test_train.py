@@ -1,9 +1,8 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import logits_here, logits_in_new_process
 
 from peftbench import config
 from peftbench.records import read_record
@@ -60,20 +59,9 @@ def test_record_schema_and_counts(trained, method):
 
 @pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
 def test_checkpoint_reloads_in_a_new_process_to_identical_logits(trained, method, tmp_path):
-    result = trained[method]
-    ckpt = result.record["checkpoint"]
     texts = ["股钱债涨跌", "星影歌剧", "今天的芯片与网络"]
-    enc = result.tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        expected = result.model.eval()(**enc).logits
-    script = (
-        "import sys, torch, peftbench\n"
-        "model, tok, meta = peftbench.load(sys.argv[1])\n"
-        f"enc = tok({texts!r}, padding=True, return_tensors='pt')\n"
-        "with torch.no_grad(): torch.save(model(**enc).logits, sys.argv[2])\n"
-    )
-    subprocess.run([sys.executable, "-c", script, ckpt, str(tmp_path / "logits.pt")], check=True)
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    reloaded = logits_in_new_process({method: trained[method].record["checkpoint"]}, texts, tmp_path)
+    assert torch.equal(reloaded[method], logits_here(trained[method], texts))
 
 
 def test_lora_checkpoint_holds_only_what_was_trained(trained):

@@ -131,7 +131,8 @@ def _sweep(ns) -> int:
     spec = sweep.read_sweep(ns.sweep_file)
     cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
     todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
-    print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
+    if PartialState().is_main_process:
+        print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
     if ns.dry_run:
         for c in cells:
             print(f"{c.run_id}  {c.cfg.task.name:<12} {c.cfg.method.name:<8} seed {c.cfg.train.seed:<4} {c.status or 'to do'}")

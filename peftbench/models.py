@@ -1,8 +1,8 @@
 """Backbones and tokenizers: a hub name, a local directory, or the built-in ``tiny``.
 
 ``tiny`` is a 2-layer, 128-wide BERT (random init) with a character-level
-vocabulary built from the task's training text and written as a plain
-``vocab.txt``, so it runs with no hub. Random init means it measures the
+vocabulary built in memory from the task's training text (saved with the
+checkpoint as ``tokenizer.json``), so it runs with no hub. Random init means it measures the
 machinery, not a method's accuracy on real language.
 """
 
@@ -46,7 +46,7 @@ def _is_cjk(ch: str) -> bool:
 
 
 def char_tokenizer(texts, min_freq: int = 1) -> BertTokenizer:
-    """A character-level BERT tokenizer for ``texts`` (built in memory; ``save_pretrained`` writes vocab.txt)."""
+    """A character-level BERT tokenizer for ``texts``, built in memory (``save_pretrained`` writes tokenizer.json)."""
     vocab = build_char_vocab(texts, min_freq)
     return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
 

@@ -132,13 +132,10 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
             timer.count(len(batch["labels"]), batch.pop("num_tokens"))
             batch.pop("id")
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                extra = method.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
+                loss = model(**batch).loss  # includes any regulariser the model adds (AdaLoRA's orthogonality term)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     method.on_optimizer_step(raw_model, step + 1)  # gradients are still there (AdaLoRA reads them)

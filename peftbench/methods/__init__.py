@@ -2,7 +2,7 @@
 
 A method is one file with a ``Config`` dataclass and a :class:`Method` subclass.
 It changes the model (``apply``), declares what it trains (``is_trainable``),
-may hook into the loop (``on_optimizer_step``, ``extra_loss``) and saves /
+may hook into the loop (``on_optimizer_step``) and saves /
 reloads what it trained. The loop never asks which method it runs.
 """
 
@@ -55,10 +55,6 @@ class Method:
     def is_trainable(self, name: str) -> bool:
         """Whether the parameter called ``name`` (in the applied model) is trained."""
         raise NotImplementedError
-
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        """A term added to the task loss (e.g. a regulariser); None for none."""
-        return None
 
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called once after every optimizer step (not per micro-batch)."""

@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run | sweep | leaderboard | predict | tasks | methods``.
+"""Command line: ``peftbench run | sweep | pretrain | bench | leaderboard | predict | tasks | methods``.
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep_p.add_argument("--shard", default="0/1", help="i/N: run the i-th of N deterministic shares of the cells")
     sweep_p.add_argument("--retry-failed", action="store_true", help="rerun cells whose record says failed")
     sweep_p.add_argument("--dry-run", action="store_true", help="list the cells and their status, run nothing")
+    pre_p = sub.add_parser("pretrain", help="masked-LM pretraining (resumes an interrupted run in the same output_dir)")
+    pre_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
     lb_p = sub.add_parser("leaderboard", help="tables (md/csv/html) and plots from result records")
     lb_p.add_argument("results", nargs="+", help="folders searched for record.json files")
     lb_p.add_argument("--out", required=True, help="output folder")
@@ -46,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
     pred_p.add_argument("--batch-size", type=int, default=128)
     pred_p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    bench_p = sub.add_parser("bench", help="training throughput beside the plain transformers + PEFT loop")
+    from peftbench.bench import add_arguments
+
+    add_arguments(bench_p)
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
@@ -57,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             return _list_methods()
         if ns.command == "sweep":
             return _sweep(ns)
+        if ns.command == "bench":
+            from peftbench.bench import main as bench_main
+
+            return bench_main(ns)
+        if ns.command == "pretrain":
+            return _pretrain(ns.args)
         if ns.command == "leaderboard":
             from peftbench.leaderboard import write
 
@@ -123,6 +135,22 @@ def _run(args: list[str]) -> int:
     return 0
 
 
+def _pretrain(args: list[str]) -> int:
+    from accelerate import PartialState
+
+    from peftbench.pretrain import RECORD_NAME, load_config, pretrain
+
+    recipe, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
+    cfg = load_config(recipe, overrides)
+    m = pretrain(cfg)["metrics"]
+    if PartialState().is_main_process:
+        print(f"MLM loss {m['mlm_loss']:.4f} (perplexity {m['mlm_perplexity']:.1f}) after {m['steps']} steps "
+              f"({m['stopped_by']}), {m['train_tokens_per_s']:.0f} tokens/s, peak {m['peak_memory_mb']:.0f} MB")
+        print(f"model: {Path(cfg.output_dir) / 'model'}")
+        print(f"record: {Path(cfg.output_dir) / RECORD_NAME}")
+    return 0
+
+
 def _sweep(ns) -> int:
     from accelerate import PartialState
 
@@ -150,16 +178,15 @@ def _sweep(ns) -> int:
 
 def format_table(records: list[dict]) -> str:
     """A Markdown comparison table of finished runs."""
-    head = ["task", "method", "dev acc", "dev macro-F1", "test acc", "trainable", "trainable %", "train samples/s",
+    head = ["task", "method", "metric", "dev", "test", "trainable", "trainable %", "train samples/s",
             "train tokens/s", "peak MB", "wall s"]
     rows = []
     for r in records:
         m, p = r["metrics"], r["params"]
-        test = f"{m['test_accuracy']:.4f}" if "test_accuracy" in m else "-"
-        rows.append([r["config"]["task"]["name"], r["config"]["method"]["name"], f"{m['accuracy']:.4f}",
-                     f"{m['macro_f1']:.4f}", test, f"{p['trainable']:,}", f"{p['trainable_pct']:.2f}",
-                     f"{m['train_samples_per_s']:.1f}", f"{m['train_tokens_per_s']:.0f}", f"{m['peak_memory_mb']:.0f}",
-                     f"{m['wall_s']:.1f}"])
+        test = f"{m['test_score']:.4f}" if "test_score" in m else "-"
+        rows.append([r["config"]["task"]["name"], r["config"]["method"]["name"], m["score_name"], f"{m['score']:.4f}",
+                     test, f"{p['trainable']:,}", f"{p['trainable_pct']:.2f}", f"{m['train_samples_per_s']:.1f}",
+                     f"{m['train_tokens_per_s']:.0f}", f"{m['peak_memory_mb']:.0f}", f"{m['wall_s']:.1f}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)

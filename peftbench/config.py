@@ -30,7 +30,8 @@ class TaskConfig:
     data_dir: str | None = None  # local CLUE/FewCLUE folder; None = the hub (or generated, for synthetic)
     max_length: int = 128
     max_train_samples: int | None = None  # keep the first N training records (quick runs)
-    # Only for task.name=custom:
+    tag_scheme: str = "bio"  # token classification: bio | bioes
+    # Only for task.name=custom and custom_ner (labels: the entity types):
     text_fields: list[str] | None = None  # one field, or two for sentence pairs
     label_field: str | None = None
     labels: list[str] | None = None
@@ -60,6 +61,8 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between loss reads (each read syncs the device)
     timing_warmup_steps: int = 5  # optimizer steps left out of throughput
     save_checkpoint: bool = True
+    compile: bool = False  # torch.compile the model (inductor)
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward pass (less memory)
 
 
 @dataclass
@@ -222,7 +225,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise PeftbenchError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
     if cfg.task.max_length < 8:
         raise PeftbenchError(f"config key 'task.max_length' must be >= 8, got {cfg.task.max_length}")
-    if cfg.task.name != "custom":
+    if cfg.task.name not in ("custom", "custom_ner"):
         for key in ("text_fields", "label_field", "labels"):
             if getattr(cfg.task, key) is not None:
-                raise PeftbenchError(f"config key 'task.{key}' applies only to task.name=custom")
+                raise PeftbenchError(f"config key 'task.{key}' applies only to task.name=custom or custom_ner")

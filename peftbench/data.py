@@ -23,6 +23,34 @@ def encode(ds: Dataset, tokenizer, max_length: int, pair: bool) -> Dataset:
     return ds.rename_column("label", "labels")
 
 
+def encode_tokens(ds: Dataset, tokenizer, max_length: int, tags: tuple[str, ...], scheme: str) -> Dataset:
+    """Token classification: each character of ``text_a`` is a word; its first token carries its tag.
+
+    Later pieces of a character and special tokens get label -100 (ignored by the loss), and
+    ``char_index`` maps each first piece back to its character (-1 elsewhere), so predictions
+    return to character spans. Characters the tokenizer drops (spaces) or truncates get no
+    prediction (``O``).
+    """
+    from peftbench.tasks.ner import Span, spans_to_tags
+
+    tag_id = {tag: i for i, tag in enumerate(tags)}
+
+    def tokenize(batch):
+        enc = tokenizer([list(text) for text in batch["text_a"]], is_split_into_words=True, truncation=True,
+                        max_length=max_length)
+        enc["labels"], enc["char_index"] = [], []
+        for i, (text, entities) in enumerate(zip(batch["text_a"], batch["entities"])):
+            char_tags = spans_to_tags(len(text), [Span(e["start"], e["end"], e["type"]) for e in entities], scheme)
+            word_ids = enc.word_ids(i)
+            first = [w is not None and (j == 0 or word_ids[j - 1] != w) for j, w in enumerate(word_ids)]
+            enc["char_index"].append([w if f else -1 for w, f in zip(word_ids, first)])
+            enc["labels"].append([tag_id[char_tags[w]] if f else -100 for w, f in zip(word_ids, first)])
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
+    return ds.map(tokenize, batched=True, remove_columns=["text_a", "text_b", "label", "entities"])
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Shuffled batches of similar length, so dynamic padding pads little.
 
@@ -62,7 +90,8 @@ class Collator:
     """Pads a list of encoded examples to the longest in the batch.
 
     Adds ``num_tokens`` (real, non-pad tokens, counted on the host before any
-    transfer) and keeps ``id`` so predictions can be traced to records.
+    transfer) and keeps ``id`` so predictions can be traced to records. Token
+    labels are padded with -100 and ``char_index`` with -1.
     """
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
@@ -78,19 +107,24 @@ class Collator:
                 continue
             fill = self.pad_id if key == "input_ids" else 0
             batch[key] = torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in examples], dtype=torch.long)
-        batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=torch.long)
+        if "char_index" in examples[0]:
+            for key, fill in (("labels", -100), ("char_index", -1)):
+                batch[key] = torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in examples], dtype=torch.long)
+        else:
+            batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=torch.long)
         batch["id"] = torch.tensor([ex["id"] for ex in examples], dtype=torch.long)
         batch["num_tokens"] = sum(len(ex["input_ids"]) for ex in examples)
         return batch
 
 
-def train_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, group_by_length: bool) -> DataLoader:
+def train_loader(ds: Dataset, collator: Collator, batch_size: int, seed: int, group_by_length: bool,
+                 pin_memory: bool = False) -> DataLoader:
     sampler = LengthGroupedBatchSampler(list(ds["length"]), batch_size, seed, group_by_length)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=collator)
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collator, pin_memory=pin_memory)
 
 
-def eval_loader(ds: Dataset, collator: Collator, batch_size: int) -> DataLoader:
+def eval_loader(ds: Dataset, collator: Collator, batch_size: int, pin_memory: bool = False) -> DataLoader:
     """Sequential batches over the split sorted by length (less padding); ``id`` maps back."""
     lengths = list(ds["length"])
     order = sorted(range(len(ds)), key=lengths.__getitem__, reverse=True)
-    return DataLoader(ds.select(order), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    return DataLoader(ds.select(order), batch_size=batch_size, shuffle=False, collate_fn=collator, pin_memory=pin_memory)

@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from peftbench.config import resolve
-from peftbench.data import Collator, encode
+from peftbench.data import Collator, encode, encode_tokens
 from peftbench.errors import PeftbenchError
 from peftbench.methods import get_method
+from peftbench.models import AUTO_CLASSES
 from peftbench.tasks import load_task
+from peftbench.tasks.ner import clue_label, predicted_spans
 
 META_FILE = "peftbench.json"
 
@@ -37,7 +39,7 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
     if meta["base_model"] is not None:
         source = ckpt_dir / "base" if meta["base_model"] == "base" else meta["base_model"]
         labels = meta["labels"]
-        base = AutoModelForSequenceClassification.from_pretrained(
+        base = AUTO_CLASSES[meta.get("kind", "classification")].from_pretrained(
             str(source), num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)})
     model = method.load(base, ckpt_dir)
@@ -54,8 +56,11 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
             batch_size: int = 128, device: str = "cpu") -> Path:
     """Predict a split of the checkpoint's task and write one JSON line per record, in file order.
 
-    ``fmt="clue"`` writes CLUE's submission format, ``{"id": ..., "label": "<label>"}``, to
-    ``<task>_predict.json`` (inside ``out`` if it is a directory).
+    Classification: ``{"id", "label", "label_name", "score"}``; token classification:
+    ``{"id", "text", "entities": [{"start", "end", "type", "text"}]}`` (``end`` inclusive).
+    ``fmt="clue"`` writes CLUE's submission format, ``{"id": ..., "label": "<label>"}`` or, for
+    NER, ``{"id": ..., "label": {TYPE: {ENTITY: [[start, end]]}}}``, to ``<task>_predict.json``
+    (inside ``out`` if it is a directory).
     """
     model, tokenizer, meta = load(ckpt_dir, device)
     cfg = resolve(meta["config"])
@@ -65,14 +70,29 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     data = load_task(cfg.task)
     if split not in data.splits:
         raise PeftbenchError(f"{data.source}: no '{split}' split to predict")
-    encoded = encode(data.splits[split], tokenizer, meta["max_length"], meta["pair"])
+    ds = data.splits[split]
+    tokens = data.spec.kind == "token_classification"
+    encoded = (encode_tokens(ds, tokenizer, meta["max_length"], data.spec.labels, cfg.task.tag_scheme) if tokens
+               else encode(ds, tokenizer, meta["max_length"], meta["pair"]))
+    texts = dict(zip(ds["id"], ds["text_a"]))
     collator = Collator(tokenizer.pad_token_id)
     rows = []
     for start in range(0, len(encoded), batch_size):
         batch = collator([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
-        ids = batch.pop("id").tolist()
-        batch.pop("labels"), batch.pop("num_tokens")
-        probs = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
+        ids, index = batch.pop("id").tolist(), batch.pop("char_index", None)
+        labels = batch.pop("labels")
+        batch.pop("num_tokens")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        if tokens:
+            preds = logits[:, -labels.shape[1]:].argmax(-1)  # prompt tuning prepends virtual-token outputs
+            for record_id, p, c in zip(ids, preds.tolist(), index.tolist()):
+                text = texts[record_id]
+                spans = predicted_spans(p, c, len(text), data.spec.labels)
+                rows.append({"id": record_id, "text": text, "entities": [
+                    {"start": s.start, "end": s.end, "type": s.type, "text": text[s.start : s.end + 1]} for s in spans],
+                    "label": clue_label(spans, text)})
+            continue
+        probs = logits.softmax(-1)
         for record_id, p in zip(ids, probs):
             k = int(p.argmax())
             rows.append({"id": record_id, "label": meta["labels"][k], "label_name": meta["label_names"][k],
@@ -83,6 +103,8 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
         rows = [{"id": r["id"], "label": r["label"]} for r in rows]
         if as_dir:
             out = out / f"{meta['task']}_predict.json"
+    elif tokens:
+        rows = [{k: v for k, v in r.items() if k != "label"} for r in rows]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

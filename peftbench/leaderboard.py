@@ -3,8 +3,9 @@
 Records are grouped into one table per (backbone, hardware, precision): numbers
 from different backbones or machines are never ranked together. A row is a
 method with its settings (everything in the config but the task and the seed);
-a cell is a task's score over seeds, mean ± std (n). The score is accuracy on
-the labeled test split where every record has one, else on dev. With at least
+a cell is a task's score over seeds, mean ± std (n). The score is the task's
+headline metric (accuracy; entity F1 for NER) on the labeled test split where
+every record has one, else on dev. With at least
 3 seeds, the best mean per task is marked ★ and every row not significantly
 worse than it (Welch's t-test, p >= 0.05) ☆; rows on a random-init backbone are
 labelled and not ranked. The same records always give byte-identical files.
@@ -68,7 +69,24 @@ class Group:
     rows: dict[tuple, Row] = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
     split: dict[str, str] = field(default_factory=dict)  # task -> "test" or "dev"
+    metric: dict[str, str] = field(default_factory=dict)  # task -> the score's name (accuracy, entity_f1)
     reproduce: set[str] = field(default_factory=set)
+    pretrained: dict | None = None  # backbone.pretrained_by_peftbench of its records
+
+    @property
+    def backbone_note(self) -> str | None:
+        """Where a backbone made by ``peftbench pretrain`` came from."""
+        p = self.pretrained
+        if not p:
+            return None
+        corpus = ", ".join(p["corpus"])
+        return (f"Backbone pretrained by `peftbench pretrain` (run {p['run_id']}): {p['steps']} steps of masked-LM "
+                f"on {corpus}, held-out MLM loss {p['mlm_loss']:.3f}, on {p['device']}.")
+
+    def column(self, task: str) -> str:
+        """A task's column title: its name, split, and the metric when it is not accuracy."""
+        metric = {"accuracy": "", "entity_f1": ", F1"}.get(self.metric[task], f", {self.metric[task]}")
+        return f"{task} ({self.split[task]}{metric})"
 
     @property
     def title(self) -> str:
@@ -116,6 +134,7 @@ def build(records: list[dict]) -> list[Group]:
         key = (backbone, _hardware(r["env"]), cfg["train"]["mixed_precision"])
         random_init = r.get("backbone", {}).get("random_init", backbone == "tiny")
         group = groups.setdefault(key, Group(*key, random_init=random_init))
+        group.pretrained = group.pretrained or r.get("backbone", {}).get("pretrained_by_peftbench")
         identity, label = _settings(cfg)
         row = group.rows.setdefault(identity, Row(cfg["method"]["name"], label))
         row.records.append(r)
@@ -129,13 +148,14 @@ def build(records: list[dict]) -> list[Group]:
         for task in group.tasks:
             ok = [r for row in group.rows.values() for r in row.records
                   if r["config"]["task"]["name"] == task and r["status"] == "success"]
-            group.split[task] = "test" if ok and all("test_accuracy" in r["metrics"] for r in ok) else "dev"
+            group.split[task] = "test" if ok and all("test_score" in r["metrics"] for r in ok) else "dev"
+            group.metric[task] = ok[0]["metrics"]["score_name"] if ok else "accuracy"
         for row in group.rows.values():
             for r in row.records:
                 task = r["config"]["task"]["name"]
                 cell = row.cells.setdefault(task, Cell())
                 if r["status"] == "success":
-                    cell.scores.append(r["metrics"]["test_accuracy" if group.split[task] == "test" else "accuracy"])
+                    cell.scores.append(r["metrics"]["test_score" if group.split[task] == "test" else "score"])
                 else:
                     cell.failures.append("OOM" if "out of memory" in r.get("error", "").lower() else "failed")
     return [groups[k] for k in sorted(groups)]
@@ -194,7 +214,7 @@ def _average(row: Row, tasks: list[str]) -> str:
 
 def table(group: Group) -> tuple[list[str], list[list[str]]]:
     marks = significance(group)
-    head = (["method"] + [f"{t} ({group.split[t]})" for t in group.tasks] + ["average", "trainable", "trainable %",
+    head = (["method"] + [group.column(t) for t in group.tasks] + ["average", "trainable", "trainable %",
             "peak MB", "train samples/s", "train tokens/s", "adapter size"])
     rows = []
     for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
@@ -213,7 +233,7 @@ def _fmt_number(x: float | None) -> str:
     return "—" if x is None else f"{x:.0f}"
 
 
-NOTES = ("Cells: accuracy in %, mean ± std over seeds (n seeds); split in the header (test = labeled test split). "
+NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header says F1), mean ± std over seeds (n seeds); split in the header (test = labeled test split). "
          "Average: the CLUE-style mean of the task means, where a row has every task. Trainable: parameters trained "
          "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "
          f"★ best mean per task; ☆ not significantly worse than ★ (Welch's t-test, p ≥ {ALPHA}, "
@@ -228,6 +248,8 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
         lines += [f"## {group.title}", ""]
         if group.random_init:
             lines += ["Random-init backbone: these numbers test the machinery; they do not rank the methods.", ""]
+        if group.backbone_note:
+            lines += [group.backbone_note, ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines.append("")
@@ -279,6 +301,8 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes]) 
     for group in groups:
         head, rows = table(group)
         parts.append(f"<h2>{html.escape(group.title)}</h2>")
+        if group.backbone_note:
+            parts.append(f"<p>{html.escape(group.backbone_note)}</p>")
         parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
         parts.append("</tbody></table>")
@@ -338,9 +362,9 @@ def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
                 ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", ls="--", lw=1,
                         label="Pareto front")
             ax.set_xscale("log" if log else "linear")
-            ax.set_title(f"{task} ({group.split[task]})")
+            ax.set_title(group.column(task))
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("accuracy (%)")
+            ax.set_ylabel("entity F1 (%)" if group.metric[task] == "entity_f1" else "accuracy (%)")
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7)
         fig.tight_layout(rect=(0, 0.12, 1, 1))

@@ -1,43 +1,63 @@
-"""Backbones and tokenizers: a hub name, a local directory, or the built-in ``tiny``.
+"""Backbones and tokenizers: a hub name, a local directory, or a random-init architecture.
 
 ``tiny`` is a 2-layer, 128-wide BERT (random init) with a character-level
 vocabulary built in memory from the task's training text (saved with the
 checkpoint as ``tokenizer.json``), so it runs with no hub. Random init means it measures the
-machinery, not a method's accuracy on real language.
+machinery, not a method's accuracy on real language. ``random:NAME`` builds the
+architecture of ``NAME`` with random weights the same way (for benchmarks: weights do
+not change speed); the names in ``ARCHITECTURES`` need no hub.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     BertConfig,
-    BertForSequenceClassification,
     BertTokenizer,
 )
 
 from peftbench.errors import PeftbenchError
 
 TINY = "tiny"
-TINY_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
-                   max_position_embeddings=512, type_vocab_size=2, initializer_range=0.1)
+RANDOM = "random:"
+TINY_CONFIG = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
+               "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.1}
+_BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+              "max_position_embeddings": 512, "type_vocab_size": 2, "vocab_size": 21128}
+ARCHITECTURES = {  # BERT configurations known offline (name -> BertConfig fields)
+    "tiny": TINY_CONFIG,
+    "mini": {**TINY_CONFIG, "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 1024, "initializer_range": 0.02},
+    "bert-base-chinese": _BERT_BASE,
+    "hfl/chinese-roberta-wwm-ext": _BERT_BASE,
+    "hfl/chinese-roberta-wwm-ext-large": {**_BERT_BASE, "hidden_size": 1024, "num_hidden_layers": 24,
+                                          "num_attention_heads": 16, "intermediate_size": 4096},
+}
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def build_char_vocab(texts, min_freq: int = 1) -> list[str]:
     """Special tokens, then every character seen ``min_freq`` times (most frequent first).
 
-    Characters are lower-cased as the tokenizer does. Non-CJK characters also get a
-    ``##`` continuation entry, so a word such as ``iPhone`` splits into characters
-    instead of becoming ``[UNK]``.
+    Characters are normalised as the BERT tokenizer normalises them before the vocabulary
+    lookup (lower-cased, NFD, accents dropped), so ``é`` counts as ``e`` and a Hangul
+    syllable as its jamo. Non-CJK characters also get a ``##`` continuation entry, so a
+    word such as ``iPhone`` splits into characters instead of becoming ``[UNK]``.
     """
-    counts = Counter(ch for text in texts for ch in text.lower() if not ch.isspace())
+    counts = Counter(ch for text in texts for ch in _normalize(text) if not ch.isspace())
     chars = [ch for ch, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_freq]
     continuations = ["##" + ch for ch in chars if not _is_cjk(ch)]
     return SPECIAL_TOKENS + chars + continuations
+
+
+def _normalize(text: str) -> str:
+    return "".join(ch for ch in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(ch) != "Mn")
 
 
 def _is_cjk(ch: str) -> bool:
@@ -58,10 +78,14 @@ def _check_reachable(name: str, key: str) -> None:
         raise PeftbenchError(f"config key '{key}': directory not found: {name}")
 
 
+def is_random_init(name: str) -> bool:
+    return name == TINY or name.startswith(RANDOM)
+
+
 def load_tokenizer(model_cfg, train_texts):
-    """The tokenizer for a run; ``tiny`` builds a char vocabulary from the training texts."""
+    """The tokenizer for a run; random-init backbones build a char vocabulary from the training texts."""
     name = model_cfg.tokenizer or model_cfg.name_or_path
-    if name == TINY:
+    if is_random_init(name):
         return char_tokenizer(train_texts)
     key = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
     _check_reachable(name, key)
@@ -72,21 +96,39 @@ def load_tokenizer(model_cfg, train_texts):
                              f"(not a local directory, and the hub said: {_first_line(exc)})") from None
 
 
-def load_model(model_cfg, labels: list[str], tokenizer):
-    """A sequence-classification model with ``len(labels)`` outputs."""
+AUTO_CLASSES = {"classification": AutoModelForSequenceClassification,
+                "token_classification": AutoModelForTokenClassification}
+
+
+def load_model(model_cfg, labels: list[str], tokenizer, kind: str = "classification"):
+    """A sequence- (or token-) classification model with ``len(labels)`` outputs."""
     label_kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
     extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
-    if model_cfg.name_or_path == TINY:
-        config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG, **label_kwargs)
-        if extra:
-            config._attn_implementation = extra["attn_implementation"]
-        return BertForSequenceClassification(config)
+    if is_random_init(model_cfg.name_or_path):
+        config = _random_init_config(model_cfg.name_or_path, len(tokenizer))
+        config.update({"pad_token_id": tokenizer.pad_token_id, **label_kwargs})
+        return AUTO_CLASSES[kind].from_config(config, **extra)
     _check_reachable(model_cfg.name_or_path, "model.name_or_path")
     try:
-        return AutoModelForSequenceClassification.from_pretrained(model_cfg.name_or_path, **label_kwargs, **extra)
+        return AUTO_CLASSES[kind].from_pretrained(model_cfg.name_or_path, **label_kwargs, **extra)
     except OSError as exc:
         raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{model_cfg.name_or_path}' "
                              f"(not a local directory, and the hub said: {_first_line(exc)})") from None
+
+
+def _random_init_config(name: str, vocab_size: int):
+    """``tiny``, ``random:<name in ARCHITECTURES>`` (no hub) or ``random:<hub name or directory>`` (its config)."""
+    arch = TINY if name == TINY else name.removeprefix(RANDOM)
+    if arch in ARCHITECTURES:
+        fields = ARCHITECTURES[arch]
+        return BertConfig(**{**fields, "vocab_size": max(vocab_size, fields.get("vocab_size", 0))})
+    try:
+        config = AutoConfig.from_pretrained(arch)
+    except OSError as exc:
+        raise PeftbenchError(f"config key 'model.name_or_path': no configuration for '{arch}' (built in: "
+                             f"{', '.join(ARCHITECTURES)}; the hub said: {_first_line(exc)})") from None
+    config.vocab_size = max(vocab_size, config.vocab_size)
+    return config
 
 
 def _first_line(exc: Exception) -> str:

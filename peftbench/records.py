@@ -15,10 +15,10 @@ import torch
 
 from peftbench.errors import PeftbenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added metrics.score / score_name (the task's headline metric), so NER fits
 RECORD_NAME = "record.json"
 REQUIRED = {
-    "metrics": ("accuracy", "macro_f1", "n_eval", "train_samples_per_s", "train_tokens_per_s",
+    "metrics": ("score", "score_name", "n_eval", "train_samples_per_s", "train_tokens_per_s",
                 "eval_samples_per_s", "peak_memory_mb", "wall_s"),
     "params": ("trainable", "total", "adapter_bytes"),
 }
@@ -67,6 +67,8 @@ def validate(record: dict, source: str = "record") -> dict:
     for key in ("schema_version", "run_id", "status", "config", "metrics", "params", "env"):
         if key not in record:
             raise PeftbenchError(f"{source}: field '{key}' missing")
+    if record["schema_version"] == 1:
+        record = _upgrade_v1(record)
     if record["schema_version"] != SCHEMA_VERSION:
         raise PeftbenchError(f"{source}: field 'schema_version': {record['schema_version']} (expected {SCHEMA_VERSION})")
     if record["status"] not in ("success", "failed"):
@@ -80,6 +82,16 @@ def validate(record: dict, source: str = "record") -> dict:
             if key not in record[section]:
                 raise PeftbenchError(f"{source}: field '{section}.{key}' missing")
     return record
+
+
+def _upgrade_v1(record: dict) -> dict:
+    """Version 1 records (classification only) scored accuracy: copy it into ``score``."""
+    metrics = dict(record["metrics"])
+    if "accuracy" in metrics:
+        metrics.update(score=metrics["accuracy"], score_name="accuracy")
+    if "test_accuracy" in metrics:
+        metrics["test_score"] = metrics["test_accuracy"]
+    return {**record, "metrics": metrics, "schema_version": 2}
 
 
 def read_record(path: str | Path) -> dict:

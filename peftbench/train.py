@@ -18,19 +18,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from peftbench import models
 from peftbench.config import RunConfig
-from peftbench.data import Collator, encode, eval_loader, train_loader
+from peftbench.data import Collator, encode, encode_tokens, eval_loader, train_loader
 from peftbench.inference import META_FILE
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory, synchronize
 from peftbench.methods import Method, RunContext, get_method, set_trainable
-from peftbench.metrics import classification_metrics
+from peftbench.metrics import classification_metrics, entity_metrics
+from peftbench.pretrain import pretrained_by_peftbench
 from peftbench.records import RECORD_NAME, environment, make_record, write_atomic
-from peftbench.tasks import load_task
+from peftbench.tasks import TaskData, load_task
+from peftbench.tasks.ner import Span, predicted_spans
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -55,8 +57,11 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg)
     AcceleratorState._reset_state()  # several runs in one process may differ in precision
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum_steps)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_steps=cfg.train.grad_accum_steps,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda),  # with pinned batches
+                              dynamo_backend="inductor" if cfg.train.compile else "no")
     out_dir = Path(cfg.output_dir)
     env = environment(accelerator.num_processes)
     start = time.perf_counter()
@@ -87,13 +92,16 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         train = task.splits["train"]
         tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]))
         pair = any(train["text_b"])
-        encoded = {split: encode(ds, tokenizer, cfg.task.max_length, pair) for split, ds in task.splits.items()}
+        tokens = task.spec.kind == "token_classification"
+        encoded = {split: encode_tokens(ds, tokenizer, cfg.task.max_length, task.spec.labels, cfg.task.tag_scheme)
+                   if tokens else encode(ds, tokenizer, cfg.task.max_length, pair) for split, ds in task.splits.items()}
     labels = list(task.spec.labels)
 
-    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else 1)
-    train_dl = train_loader(encoded["train"], collator, t.batch_size, t.seed, t.group_by_length)
+    cuda = accelerator.device.type == "cuda"
+    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)
+    train_dl = train_loader(encoded["train"], collator, t.batch_size, t.seed, t.group_by_length, pin_memory=cuda)
     train_sampler = train_dl.batch_sampler
-    eval_dls = {split: eval_loader(encoded[split], collator, t.eval_batch_size)
+    eval_dls = {split: eval_loader(encoded[split], collator, t.eval_batch_size, pin_memory=cuda)
                 for split in ("dev", "test") if split == "dev" or task.labeled("test")}
     train_dl, *prepared = accelerator.prepare(train_dl, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
@@ -103,18 +111,21 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     set_seed(t.seed)  # before the model: init, dropout and method modules follow the seed
-    model = models.load_model(cfg.model, labels, tokenizer)
+    model = models.load_model(cfg.model, labels, tokenizer, task.spec.kind)
     method: Method = get_method(cfg.method.name)(cfg.method)
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    if t.save_checkpoint and accelerator.is_main_process and cfg.model.name_or_path == models.TINY and not method.saves_full_model:
+    if t.save_checkpoint and accelerator.is_main_process and models.is_random_init(cfg.model.name_or_path) and not method.saves_full_model:
         model.save_pretrained(str(ckpt_dir / "base"))  # a random-init base cannot be rebuilt from a name
-    model = method.apply(model, RunContext(total_steps=total_steps, num_labels=len(labels)))
+    if t.gradient_checkpointing:  # non-reentrant: works when the inputs need no gradient (frozen embeddings)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = method.apply(model, RunContext(total_steps=total_steps, num_labels=len(labels), task_kind=task.spec.kind))
     params = set_trainable(model, method)
+    params.update(frozen_weights_to_compute_dtype(model, t.mixed_precision))
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # no decay on biases, norms
-    optimizer = torch.optim.AdamW(groups, lr=t.lr)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=cuda)  # fused: one kernel for all tensors
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -131,6 +142,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         for batch in train_dl:
             timer.count(len(batch["labels"]), batch.pop("num_tokens"))
             batch.pop("id")
+            batch.pop("char_index", None)
             with accelerator.accumulate(model):
                 loss = model(**batch).loss  # includes any regulariser the model adds (AdaLoRA's orthogonality term)
                 accelerator.backward(loss)
@@ -159,9 +171,9 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
             if step >= total_steps:
                 break
         timer.pause()
-        dev = evaluate(model, eval_dls["dev"], accelerator)[0]
+        dev = evaluate(model, eval_dls["dev"], accelerator, task, "dev")[0]
         history.append({"epoch": epoch + 1, "step": step, **dev})
-        if best is None or dev["accuracy"] > best["accuracy"]:
+        if best is None or dev["score"] > best["score"]:
             best = history[-1]
             best_state = {n: p.detach().to("cpu", copy=True) for n, p in raw_model.named_parameters() if p.requires_grad}
         timer.resume()
@@ -173,21 +185,21 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         for name, param in raw_model.named_parameters():
             if name in best_state:
                 param.copy_(best_state[name])
-    dev_metrics, _, _ = evaluate(model, eval_dls["dev"], accelerator)
+    dev_metrics, _, _ = evaluate(model, eval_dls["dev"], accelerator, task, "dev")
     metrics = {**dev_metrics, "best_epoch": best["epoch"]}
     if "test" in eval_dls:
-        test_metrics = evaluate(model, eval_dls["test"], accelerator)[0]
-        metrics.update({f"test_{k}": v for k, v in test_metrics.items() if k != "eval_samples_per_s"})
+        test_metrics = evaluate(model, eval_dls["test"], accelerator, task, "test")[0]
+        metrics.update({f"test_{k}": v for k, v in test_metrics.items() if k not in ("eval_samples_per_s", "score_name")})
     metrics.update(_throughput(timing, memory, accelerator))
 
     adapter_bytes = method.trained_bytes(raw_model)
     if t.save_checkpoint and accelerator.is_main_process:
         method.save(raw_model, ckpt_dir)
         tokenizer.save_pretrained(str(ckpt_dir))
-        meta = {"method": cfg.method.name, "task": cfg.task.name, "labels": labels,
+        meta = {"method": cfg.method.name, "task": cfg.task.name, "kind": task.spec.kind, "labels": labels,
                 "label_names": list(task.spec.label_names or labels), "pair": pair, "max_length": cfg.task.max_length,
                 "base_model": None if method.saves_full_model else
-                ("base" if cfg.model.name_or_path == models.TINY else cfg.model.name_or_path),
+                ("base" if models.is_random_init(cfg.model.name_or_path) else cfg.model.name_or_path),
                 "run_id": cfg.run_id, "config": cfg.to_dict()}
         (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         adapter_bytes = sum(f.stat().st_size for f in ckpt_dir.iterdir() if f.suffix in (".safetensors", ".bin"))
@@ -199,38 +211,96 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         "params": {**params, "adapter_bytes": adapter_bytes},
         "dev_history": history,
         "data": {"source": task.source, "dropped": task.dropped,
+                 **({"overlapping_entities": task.overlapping_entities} if tokens else {}),
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "method_summary": method.summary(raw_model),
-        "backbone": {"name_or_path": cfg.model.name_or_path, "random_init": cfg.model.name_or_path == models.TINY},
+        "backbone": {"name_or_path": cfg.model.name_or_path, "random_init": models.is_random_init(cfg.model.name_or_path),
+                     "pretrained_by_peftbench": pretrained_by_peftbench(cfg.model.name_or_path)},
         "checkpoint": str(ckpt_dir) if t.save_checkpoint else None,
         "total_steps": total_steps,
     }
 
 
 @torch.inference_mode()
-def evaluate(model, loader, accelerator: Accelerator):
-    """Metrics over exactly the split (``gather_for_metrics`` drops the padding samples of the last batch).
+def evaluate(model, loader, accelerator: Accelerator, task: TaskData, split: str):
+    """Metrics over exactly the split (``gather_for_metrics`` drops the padding samples of the last batch),
+    with ``score``, the task's headline metric (accuracy; entity F1 for token classification).
 
-    Returns (metrics, ids, predictions) in the loader's order.
+    Returns (metrics, ids, predictions) in the loader's order: class indices, or span lists.
     """
     model.eval()
     synchronize(accelerator.device)
     start = time.perf_counter()
-    ids, preds, golds = [], [], []
+    rows = []
     for batch in loader:
         batch.pop("num_tokens")
-        batch_ids, labels = batch.pop("id"), batch.pop("labels")
+        batch_ids, labels, index = batch.pop("id"), batch.pop("labels"), batch.pop("char_index", None)
         logits = model(**batch).logits
-        batch_ids, batch_preds, labels = accelerator.gather_for_metrics((batch_ids, logits.argmax(-1), labels))
-        ids.append(batch_ids.cpu())
-        preds.append(batch_preds.cpu())
-        golds.append(labels.cpu())
+        if index is None:
+            rows.append(accelerator.gather_for_metrics((batch_ids, logits.argmax(-1), labels)))
+            continue
+        preds = logits[:, -labels.shape[1]:].argmax(-1)  # methods that prepend virtual tokens return longer outputs
+        preds, labels, index = (accelerator.pad_across_processes(t, dim=1, pad_index=-100) for t in (preds, labels, index))
+        rows.append(accelerator.gather_for_metrics((batch_ids, preds, labels, index)))
     seconds = time.perf_counter() - start
     model.train()
-    ids, preds, golds = torch.cat(ids), torch.cat(preds), torch.cat(golds)
-    metrics = classification_metrics(golds.tolist(), preds.tolist())
-    metrics["eval_samples_per_s"] = len(golds) / seconds
+    ids = torch.cat([r[0].cpu() for r in rows])
+    if task.spec.kind == "classification":
+        preds, golds = torch.cat([r[1].cpu() for r in rows]), torch.cat([r[2].cpu() for r in rows])
+        metrics = classification_metrics(golds.tolist(), preds.tolist())
+    else:
+        preds, metrics = _entity_scores(rows, ids, task, split)
+    metrics.update(score=metrics[task.spec.metric], score_name=task.spec.metric)
+    metrics["eval_samples_per_s"] = len(ids) / seconds
     return metrics, ids, preds
+
+
+def _entity_scores(rows, ids, task: TaskData, split: str) -> tuple[list[list[Span]], dict]:
+    ds = task.splits[split]
+    gold = {i: (len(text), [Span(e["start"], e["end"], e["type"]) for e in ents])
+            for i, text, ents in zip(ds["id"], ds["text_a"], ds["entities"])}
+    pred_rows, index_rows, correct, counted = [], [], 0, 0
+    for _, preds, labels, index in rows:
+        preds, labels, index = preds.cpu(), labels.cpu(), index.cpu()
+        real = labels != -100
+        correct += int((preds[real] == labels[real]).sum())
+        counted += int(real.sum())
+        pred_rows += preds.tolist()
+        index_rows += index.tolist()
+    pred_spans = [predicted_spans(p, c, gold[i][0], task.spec.labels)
+                  for i, p, c in zip(ids.tolist(), pred_rows, index_rows)]
+    metrics = entity_metrics([gold[i][1] for i in ids.tolist()], pred_spans, task.spec.entity_types)
+    metrics["token_accuracy"] = correct / max(counted, 1)
+    return pred_spans, metrics
+
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def frozen_weights_to_compute_dtype(model: torch.nn.Module, mixed_precision: str) -> dict:
+    """Under mixed precision, keep frozen floating-point weights in the compute dtype.
+
+    Autocast would cast them on every forward anyway; stored in bf16/fp16 they take half
+    the memory and skip those casts. Trained parameters stay fp32 (the optimizer's master
+    copy), and so do frozen ones that share a module with a trained one (BitFit's layer-norm
+    weight beside its trained bias: ``layer_norm`` wants one dtype). Returns the bytes of the
+    frozen and the trained weights.
+    """
+    dtype = COMPUTE_DTYPES.get(mixed_precision)
+    if dtype is not None:
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if own and not any(p.requires_grad for p in own):
+                for p in own:
+                    if p.is_floating_point():
+                        p.data = p.data.to(dtype)
+    frozen = trained = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        if p.requires_grad:
+            trained += p.numel() * p.element_size()
+        else:
+            frozen += p.numel() * p.element_size()
+    return {"frozen_weight_bytes": frozen, "trained_weight_bytes": trained}
 
 
 def _throughput(timing: dict, memory: dict, accelerator: Accelerator) -> dict:

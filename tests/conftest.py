@@ -65,3 +65,13 @@ def logits_here(result, texts: list[str]):
 
     with torch.no_grad():
         return result.model.eval()(**result.tokenizer(texts, padding=True, return_tensors="pt")).logits
+
+
+def torchrun(nproc: int, *args: str, cwd=None):
+    """``python -m torch.distributed.run --nproc_per_node N -m peftbench ARGS``: a gloo group on CPU."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m",
+                           "peftbench", *args], capture_output=True, text=True, env=env, cwd=cwd)

@@ -67,11 +67,24 @@ def test_every_shipped_recipe_resolves():
     from pathlib import Path
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
-    recipes = [r for r in recipes if "accelerate" not in r.parts and "sweeps" not in r.parts]
-    assert len(recipes) >= 20
+    recipes = [r for r in recipes if not {"accelerate", "sweeps", "pretrain"} & set(r.parts)]
+    assert len(recipes) >= 22
     tasks = set()
     for path in recipes:
         cfg = config.load(path)
         tasks.add((cfg.task.name, cfg.method.name))
-    for task in ("tnews", "iflytek", "afqmc", "ocnli", "cmnli", "csl", "cluewsc2020", "eprstmt", "bustm", "csldcp"):
+    for task in ("tnews", "iflytek", "afqmc", "ocnli", "cmnli", "csl", "cluewsc2020", "eprstmt", "bustm", "csldcp",
+                 "cluener"):
         assert {(task, "full"), (task, "lora")} <= tasks
+
+
+def test_pretrain_recipes_resolve():
+    from pathlib import Path
+
+    from peftbench.pretrain import load_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes" / "pretrain").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        cfg = load_config(str(path), [])
+        assert cfg.corpus.files and all("unlabeled" in f for f in cfg.corpus.files)

@@ -13,7 +13,7 @@ ENV = {"device_name": "Test GPU", "num_processes": 1}
 def record(root, backbone, method, task, seed, acc, status="success", env=ENV, error=None, lr=None):
     cfg = config.load(None, [f"model.name_or_path={backbone}", f"method.name={method}", f"task.name={task}",
                              f"train.seed={seed}"] + ([f"train.lr={lr}"] if lr else []))
-    metrics = {"accuracy": acc - 0.01, "test_accuracy": acc, "macro_f1": acc, "n_eval": 100,
+    metrics = {"score": acc - 0.01, "test_score": acc, "score_name": "accuracy", "n_eval": 100,
                "train_samples_per_s": 100.0 * (2 if method == "lora" else 1), "train_tokens_per_s": 2000.0,
                "eval_samples_per_s": 500.0, "peak_memory_mb": 1000.0 if method == "full" else 400.0, "wall_s": 1.0}
     params = {"trainable": 1_000_000 if method == "full" else 10_000, "total": 1_000_000,

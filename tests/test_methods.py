@@ -221,3 +221,15 @@ def test_predict_writes_clue_submission_and_matches_the_record(trained, tmp_path
     assert main(["predict", ckpt, "--split", "dev", "--out", f"{tmp_path}/dev.jsonl"]) == 0
     first = json.loads((tmp_path / "dev.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert set(first) == {"id", "label", "label_name", "score"} and 0 < first["score"] <= 1
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_gradient_checkpointing_trains_identically(method, tmp_path):
+    """Recomputing activations (with the same dropout masks) saves memory and leaves training unchanged."""
+    results = [run(variant_config(method, tmp_path / gc, "train.max_steps=6", "train.save_checkpoint=false",
+                                  f"train.gradient_checkpointing={gc}")) for gc in ("false", "true")]
+    plain, checkpointed = ({n: p for n, p in r.model.named_parameters() if p.requires_grad} for r in results)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert results[1].record["metrics"]["accuracy"] == results[0].record["metrics"]["accuracy"]

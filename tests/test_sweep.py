@@ -39,8 +39,8 @@ def fake_runner(calls, fail_on=(), interrupt_at=None):
         if (cfg.method.name, cfg.train.seed) in fail_on:
             write_atomic(path, make_record("failed", cfg.to_dict(), cfg.run_id, {}, error="RuntimeError: boom"))
             raise RuntimeError("boom")
-        metrics = dict.fromkeys(["accuracy", "macro_f1", "n_eval", "train_samples_per_s", "train_tokens_per_s",
-                                 "eval_samples_per_s", "peak_memory_mb", "wall_s"], 1.0)
+        metrics = dict.fromkeys(["score", "n_eval", "train_samples_per_s", "train_tokens_per_s",
+                                 "eval_samples_per_s", "peak_memory_mb", "wall_s"], 1.0) | {"score_name": "accuracy"}
         record = make_record("success", cfg.to_dict(), cfg.run_id, {}, metrics,
                              {"trainable": 1, "total": 2, "adapter_bytes": 4})
         write_atomic(path, record)

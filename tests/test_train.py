@@ -39,7 +39,7 @@ def test_record_schema_and_counts(trained, method):
     result = trained[method]
     rec = read_record(f"{result.record['config']['output_dir']}/record.json")  # validates the schema
     assert rec == json.loads(json.dumps(result.record))
-    assert rec["status"] == "success" and rec["schema_version"] == 1
+    assert rec["status"] == "success" and rec["schema_version"] == 2
     m, p, env = rec["metrics"], rec["params"], rec["env"]
     assert m["n_eval"] == 300 and m["test_n_eval"] == 300 and rec["data"]["n_train"] == 1000
     assert m["train_samples_per_s"] > 0 and m["train_tokens_per_s"] > m["train_samples_per_s"]
@@ -54,7 +54,7 @@ def test_record_schema_and_counts(trained, method):
         assert p["trainable"] == p["total"]
     else:
         assert p["trainable"] < 0.05 * p["total"]
-    assert len(rec["dev_history"]) == 6 and rec["metrics"]["accuracy"] == max(h["accuracy"] for h in rec["dev_history"])
+    assert len(rec["dev_history"]) == 6 and rec["metrics"]["score"] == max(h["score"] for h in rec["dev_history"])
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))

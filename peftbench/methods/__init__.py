@@ -38,6 +38,13 @@ class RunContext:
 
     total_steps: int  # optimizer steps this process will take
     num_labels: int
+    task_kind: str = "classification"  # or "token_classification"
+
+    @property
+    def peft_task_type(self):
+        from peft import TaskType
+
+        return TaskType.TOKEN_CLS if self.task_kind == "token_classification" else TaskType.SEQ_CLS
 
 
 class Method:
@@ -118,13 +125,19 @@ class InPlaceMethod(Method):
     def load(self, base_model, ckpt_dir: Path):
         from safetensors.torch import load_file
 
-        model = self.apply(base_model, RunContext(total_steps=0, num_labels=base_model.config.num_labels))
+        model = self.apply(base_model, RunContext(total_steps=0, num_labels=base_model.config.num_labels,
+                                                  task_kind=task_kind(base_model)))
         state = load_file(str(ckpt_dir / TRAINABLE_FILE))
         unknown = sorted(set(state) - set(model.state_dict()))
         if unknown:
             raise PeftbenchError(f"{ckpt_dir / TRAINABLE_FILE}: tensor '{unknown[0]}' has no place in the model")
         model.load_state_dict(state, strict=False)
         return model
+
+
+def task_kind(model: nn.Module) -> str:
+    """``token_classification`` for a ``*ForTokenClassification`` model, else ``classification``."""
+    return "token_classification" if type(model).__name__.endswith("ForTokenClassification") else "classification"
 
 
 def find_modules(model: nn.Module, patterns: list[str], key: str) -> list[tuple[str, nn.Module]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peft import AdaLoraConfig as PeftAdaLoraConfig
-from peft import TaskType
 
 from peftbench.errors import PeftbenchError
 from peftbench.methods import MethodConfig, PeftMethod, register_method
@@ -58,7 +57,7 @@ class AdaLora(PeftMethod):
         if ctx.total_steps and total - tinit - tfinal < 1:
             raise PeftbenchError(f"method adalora: {total} steps leave no pruning phase after tinit={tinit} and "
                                  f"tfinal={tfinal}; train longer or lower method.tinit_ratio / method.tfinal_ratio")
-        return PeftAdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=cfg.init_r, target_r=cfg.target_r,
+        return PeftAdaLoraConfig(task_type=ctx.peft_task_type, init_r=cfg.init_r, target_r=cfg.target_r,
                                  lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                                  tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
                                  orth_reg_weight=cfg.orth_reg_weight, total_step=total)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification
-
 from peftbench.methods import Method, MethodConfig, register_method
 
 
@@ -28,4 +26,7 @@ class Full(Method):
         model.save_pretrained(str(out_dir))
 
     def load(self, base_model, ckpt_dir: Path):
-        return AutoModelForSequenceClassification.from_pretrained(str(ckpt_dir))
+        import transformers
+
+        architecture = transformers.AutoConfig.from_pretrained(str(ckpt_dir)).architectures[0]  # e.g. BertForTokenClassification
+        return getattr(transformers, architecture).from_pretrained(str(ckpt_dir))

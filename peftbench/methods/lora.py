@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peft import LoraConfig as PeftLoraConfig
-from peft import TaskType
 
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
@@ -38,5 +37,5 @@ class Lora(PeftMethod):
 
     def peft_config(self, ctx):
         cfg = self.cfg
-        return PeftLoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        return PeftLoraConfig(task_type=ctx.peft_task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)

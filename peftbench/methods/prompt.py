@@ -4,13 +4,18 @@
 (and the attention mask); the backbone is frozen. Only the input layer is
 touched, unlike prefix tuning, which reaches every layer. Trainable parameters:
 num_virtual_tokens * d_model, plus the head.
+
+Token classification: the backbone's outputs then start with one position per
+virtual token. Their labels are set to -100 (no loss), and the loop reads the
+last positions, which belong to the input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import PromptTuningConfig, TaskType
+import torch.nn.functional as F
+from peft import PromptTuningConfig
 
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
@@ -28,4 +33,17 @@ class Prompt(PeftMethod):
     trainable_markers = ("prompt_encoder.",)
 
     def peft_config(self, ctx):
-        return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=self.cfg.num_virtual_tokens)
+        return PromptTuningConfig(task_type=ctx.peft_task_type, num_virtual_tokens=self.cfg.num_virtual_tokens)
+
+    def apply(self, model, ctx):
+        model = super().apply(model, ctx)
+        if ctx.task_kind == "token_classification":
+            n = self.cfg.num_virtual_tokens
+
+            def label_virtual_tokens(module, args, kwargs):
+                if kwargs.get("labels") is not None:
+                    kwargs["labels"] = F.pad(kwargs["labels"], (n, 0), value=-100)
+                return args, kwargs
+
+            model.base_model.register_forward_pre_hook(label_virtual_tokens, with_kwargs=True)
+        return model

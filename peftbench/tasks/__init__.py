@@ -3,13 +3,15 @@
 A task is a :class:`TaskSpec`: its label list and a ``convert`` function that turns
 one raw record (a JSON line, a CSV row or a hub row) into an :class:`Example`.
 Every split comes out with the same columns: ``text_a``, ``text_b`` ("" for single
-sentences), ``label`` (class index, -1 when the split is unlabeled) and ``id``.
+sentences), ``label`` (class index, -1 when the split is unlabeled) and ``id``;
+token-classification tasks (``tasks.ner``) add ``entities``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +25,9 @@ LAYOUTS = {
     "clue": {"train": "train.json", "dev": "dev.json", "test": "test.json"},
     "fewclue": {"train": "train_few_all.json", "dev": "dev_few_all.json", "test": "test_public.json"},
     "csv": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv"},
+    "conll": {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"},  # token classification: 'char TAG' lines
 }
+log = logging.getLogger("peftbench")
 HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
 
@@ -33,6 +37,8 @@ class Example:
     text_b: str = ""
     label: str | None = None  # the label as a string; None = unlabeled
     id: int | None = None
+    entities: list | None = None  # token classification: gold spans (tasks.ner.Span)
+    overlaps: list | None = None  # token classification: (dropped, kept) overlapping spans
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,10 @@ class TaskSpec:
     hub: tuple[str, str] | None = None  # load_dataset(*hub) when no data_dir is given
     skip_labels: tuple[str, ...] = ()  # labels meaning "no gold label": dropped and counted
     label_key: str = "label"  # the label's field name in the files
-    metric: str = "accuracy"
+    metric: str = "accuracy"  # the score in records and leaderboards
+    kind: str = "classification"  # or "token_classification" (labels are then the tags)
+    entity_types: tuple[str, ...] = ()  # token classification
+    generate: Callable[[], dict[str, list[dict]]] | None = None  # split -> records, when no data_dir is given
 
 
 @dataclass
@@ -55,6 +64,7 @@ class TaskData:
     splits: dict[str, Dataset]
     source: str
     dropped: dict[str, int] = field(default_factory=dict)
+    overlapping_entities: dict[str, int] = field(default_factory=dict)  # token classification
 
     def labeled(self, split: str) -> bool:
         ds = self.splits.get(split)
@@ -93,11 +103,11 @@ def get_spec(task_cfg) -> TaskSpec:
 def load_task(task_cfg) -> TaskData:
     """Load train/dev(/test) for ``task_cfg`` from a local folder, the hub, or a generator."""
     spec = get_spec(task_cfg)
-    if task_cfg.data_dir is None and spec.name == "synthetic":
-        from peftbench.tasks.synthetic import generate_splits
-
-        raw = {split: list(enumerate(rows, 1)) for split, rows in generate_splits().items()}
-        return _build(spec, raw, "generated (seed 0)", task_cfg, source_of=lambda split: f"<synthetic {split}>")
+    if spec.kind == "classification" and task_cfg.tag_scheme != "bio":
+        raise PeftbenchError(f"config key 'task.tag_scheme' applies only to token classification, not '{spec.name}'")
+    if task_cfg.data_dir is None and spec.generate is not None:
+        raw = {split: list(enumerate(rows, 1)) for split, rows in spec.generate().items()}
+        return _build(spec, raw, "generated (seed 0)", task_cfg, source_of=lambda split: f"<{spec.name} {split}>")
     if task_cfg.data_dir is None:
         return _load_hub(spec, task_cfg)
     return _load_dir(spec, Path(task_cfg.data_dir), task_cfg)
@@ -123,6 +133,11 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     JSON lines are split on ``\\n`` only: IFLYTEK text holds raw U+2028, which
     ``str.splitlines`` would treat as a line break. CRLF line ends are accepted.
     """
+    if path.suffix == ".txt":
+        from peftbench.tasks.ner import read_conll
+
+        yield from read_conll(path)
+        return
     if path.suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as fh:
             for lineno, row in enumerate(csv.DictReader(fh), 2):
@@ -187,12 +202,16 @@ def _check_label_file(spec: TaskSpec, path: Path) -> None:
 
 
 def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, task_cfg, source_of) -> TaskData:
+    """Convert raw records into one Dataset per split: text_a, text_b, label (class index, -1 = unlabeled), id;
+    token classification adds ``entities`` (gold spans) and ``label`` is 0 for a labeled record."""
+    tokens = spec.kind == "token_classification"
     label_index = {label: i for i, label in enumerate(spec.labels)}
-    splits, dropped = {}, {}
+    splits, dropped, overlapping = {}, {}, {}
     for split, rows in raw.items():
         path = source_of(split)
-        columns = {"text_a": [], "text_b": [], "label": [], "id": []}
-        n_dropped = n_unlabeled = 0
+        columns = {"text_a": [], "text_b": [], "label": [], "id": []} | ({"entities": []} if tokens else {})
+        n_dropped = n_unlabeled = n_overlaps = 0
+        seen_ids = set()
         for lineno, record in rows:
             try:
                 ex = spec.convert(record)
@@ -204,28 +223,47 @@ def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, 
                 n_dropped += 1
                 continue
             if ex.label is None:
-                if split != "test":
+                if split != "test" and not tokens:
                     raise PeftbenchError(f"{where(path, lineno, spec.label_key)} missing")
                 n_unlabeled += 1
                 index = -1
+            elif tokens:
+                index = 0
             elif ex.label not in label_index:
                 raise PeftbenchError(f"{where(path, lineno, spec.label_key)}: label {ex.label!r} is not a label of task '{spec.name}'")
             else:
                 index = label_index[ex.label]
+            for lost, kept in ex.overlaps or ():
+                n_overlaps += 1
+                log.warning("%s: entity %r [%d, %d] (%s) overlaps %r [%d, %d] (%s); kept the latter",
+                            where(path, lineno, spec.label_key), ex.text_a[lost.start : lost.end + 1], lost.start,
+                            lost.end, lost.type, ex.text_a[kept.start : kept.end + 1], kept.start, kept.end, kept.type)
             columns["text_a"].append(ex.text_a)
             columns["text_b"].append(ex.text_b)
             columns["label"].append(index)
             columns["id"].append(lineno if ex.id is None else int(ex.id))
-        if 0 < n_unlabeled < len(columns["label"]):
-            raise PeftbenchError(f"{path}: {n_unlabeled} of {len(columns['label'])} records have no label; label all or none")
-        if not columns["label"] and split != "test":
-            raise PeftbenchError(f"{path}: split '{split}' is empty")
+            if tokens:
+                if columns["id"][-1] in seen_ids:
+                    raise PeftbenchError(f"{where(path, lineno, 'id')}: id {columns['id'][-1]} repeats; "
+                                         "token-classification records need unique ids")
+                seen_ids.add(columns["id"][-1])
+                columns["entities"].append([{"start": e.start, "end": e.end, "type": e.type} for e in ex.entities])
+        labels = columns["label"]
+        if tokens and 0 < n_unlabeled < len(labels):  # a record with no entity may lack its label field
+            labels[:] = [0] * len(labels)
+        elif 0 < n_unlabeled < len(labels):
+            raise PeftbenchError(f"{path}: {n_unlabeled} of {len(labels)} records have no label; label all or none")
+        if split != "test" and (not labels or min(labels) < 0):
+            raise PeftbenchError(f"{path}: split '{split}' is empty" if not labels else
+                                 f"{where(path, rows[0][0], spec.label_key)} missing")
         if split == "train" and task_cfg.max_train_samples is not None:
             columns = {k: v[: task_cfg.max_train_samples] for k, v in columns.items()}
         splits[split] = Dataset.from_dict(columns)
         if n_dropped:
             dropped[split] = n_dropped
-    return TaskData(spec=spec, splits=splits, source=source, dropped=dropped)
+        if n_overlaps:
+            overlapping[split] = n_overlaps
+    return TaskData(spec=spec, splits=splits, source=source, dropped=dropped, overlapping_entities=overlapping)
 
 
 def text_field(record: dict, name: str) -> str:
@@ -243,4 +281,4 @@ def label_field(record: dict, name: str = "label") -> str | None:
 
 
 # Registration of the built-in tasks.
-from peftbench.tasks import clue, custom, synthetic  # noqa: E402,F401
+from peftbench.tasks import clue, custom, ner, synthetic  # noqa: E402,F401

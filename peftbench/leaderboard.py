@@ -19,6 +19,7 @@ import html
 import io
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +143,7 @@ def build(records: list[dict]) -> list[Group]:
         if task not in group.tasks:
             group.tasks.append(task)
         if r.get("provenance", {}).get("command"):
-            group.reproduce.add(r["provenance"]["command"])
+            group.reproduce.add(re.sub(r" --shard \d+/\d+", "", r["provenance"]["command"]))  # shards: one sweep
     for group in groups.values():
         group.tasks.sort()
         for task in group.tasks:
@@ -192,7 +193,8 @@ def _fmt_cell(cell: Cell | None, mark: str = "") -> str:
         return "—"
     if not cell.scores:
         return "/".join(sorted(set(cell.failures)))
-    text = f"{100 * cell.mean:.1f} ± {100 * cell.std:.1f} ({len(cell.scores)})"
+    spread = f" ± {100 * cell.std:.1f}" if len(cell.scores) > 1 else ""
+    text = f"{100 * cell.mean:.1f}{spread} ({len(cell.scores)})"
     if cell.failures:
         text += f" +{len(cell.failures)} failed"
     return text + (f" {mark}" if mark else "")

@@ -100,3 +100,16 @@ def test_outputs_are_byte_identical_and_self_contained(results, tmp_path):
 
 def test_pareto_front():
     assert leaderboard.pareto([(10, 50), (1, 40), (5, 45), (20, 48), (2, 30)]) == [(1, 40), (5, 45), (10, 50)]
+
+
+def test_ner_scores_are_entity_f1_and_count_in_the_average(tmp_path):
+    root = tmp_path / "results"
+    for seed in (1, 2, 3):
+        record(root, "bert-base-chinese", "lora", "tnews", seed, 0.5)
+        rec = record(root, "bert-base-chinese", "lora", "cluener", seed, 0.7)
+        rec["metrics"]["score_name"] = "entity_f1"
+        write_atomic(next(root.glob(f"*cluener-{seed}-*")) / "record.json", rec)
+    (group,) = leaderboard.build(leaderboard.collect([root]))
+    head, rows = leaderboard.table(group)
+    assert "cluener (test, F1)" in head and "tnews (test)" in head
+    assert rows[0][head.index("average")] == "60.0"

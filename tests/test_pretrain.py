@@ -217,3 +217,30 @@ def test_two_processes_pretrain(corpus, tmp_path):
     assert record["env"]["num_processes"] == 2 and len(record["metrics"]["peak_memory_mb_per_process"]) == 2
     assert record["eval_curve"][-1]["mlm_loss"] < record["eval_curve"][0]["mlm_loss"] - 0.5
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_continued_pretraining_with_lora_merges_into_a_plain_model(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    pretrain.pretrain(quick_cfg(corpus, tmp_path / "base", "train.max_steps=8"))
+    base_dir = tmp_path / "base" / "model"
+    cfg = pretrain.load_config(None, [f"corpus.files=[{corpus}]", f"model.name_or_path={base_dir}", "model.lora_r=4",
+                                      "mask.block_size=64", "train.batch_size=16", "train.lr=5e-3", "train.max_steps=16",
+                                      "train.eval_every=8", f"output_dir={tmp_path / 'continued'}"])
+    record = pretrain.pretrain(cfg)
+    assert record["params"]["trainable"] < record["params"]["total"] / 5  # adapters only
+    assert record["eval_curve"][-1]["mlm_loss"] < record["eval_curve"][0]["mlm_loss"]
+    before = load_file(base_dir / "model.safetensors")
+    after = load_file(tmp_path / "continued" / "model" / "model.safetensors")
+    assert after.keys() == before.keys(), "LoRA is merged: the saved model has the base's tensors, no adapter"
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("attention" in k or "dense" in k for k in changed)
+
+
+def test_time_budget_stops_and_fits_the_schedule(corpus, tmp_path):
+    record = pretrain.pretrain(quick_cfg(corpus, tmp_path, "train.max_steps=100000", "train.max_minutes=0.05",
+                                         "train.eval_every=100000"))
+    m = record["metrics"]
+    assert m["stopped_by"] == "time" and 0 < m["steps"] < 100000
+    assert m["train_seconds"] < 30
+    assert record["eval_curve"][-1]["step"] == m["steps"]  # evaluated at the (re-planned) end

@@ -30,6 +30,7 @@ import torch
 
 from peftbench import config, models
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory, synchronize
+from peftbench.methods.prefix import ENCODER_NAME as PREFIX_ENCODER
 from peftbench.records import environment, write_atomic
 
 PLAIN_PEFT = ("full", "lora", "adalora", "ia3", "prompt")  # methods the plain loop can run (PEFT's prefix tuning
@@ -92,10 +93,11 @@ def peftbench_step(arch: str, method: str, precision: str, data_dir: Path, args,
 
 
 def model_shape(model) -> dict:
-    """Non-embedding parameter count, trained non-embedding count, layers and width, for the FLOP formula."""
+    """Non-embedding parameter count, trained non-embedding count, layers and width, for the FLOP formula.
+    Embedding lookups and the virtual-token encoders (run once per step, not per token) are left out."""
     total = trained = 0
     for name, param in model.named_parameters():
-        if "embeddings" in name or "prompt_encoder" in name:
+        if any(part in name for part in ("embeddings", "prompt_encoder", PREFIX_ENCODER)):
             continue
         total += param.numel()
         trained += param.numel() if param.requires_grad else 0

@@ -22,6 +22,8 @@ import yaml
 from peftbench.errors import PeftbenchError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+QUANTIZATION = ("none", "8bit", "4bit")
+QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -42,6 +44,10 @@ class ModelConfig:
     name_or_path: str = "tiny"  # hub name, local directory, or the built-in "tiny"
     tokenizer: str | None = None  # defaults to name_or_path
     attn_implementation: str | None = None  # None = transformers' default (sdpa where supported)
+    quantization: str = "none"  # none | 8bit (bitsandbytes LLM.int8) | 4bit (NF4/FP4): frozen base weights
+    quant_4bit_type: str = "nf4"  # 4bit: nf4 | fp4
+    quant_4bit_compute_dtype: str = "bf16"  # 4bit: dtype of the de-quantised matmuls (bf16 | fp16 | fp32)
+    quant_4bit_double: bool = False  # 4bit: quantise the quantisation constants too (QLoRA's double quantisation)
 
 
 @dataclass
@@ -223,9 +229,27 @@ def _check_values(cfg: RunConfig) -> None:
         raise PeftbenchError(f"config key 'train.lr' must be > 0, got {t.lr}")
     if not 0 <= t.warmup_ratio < 1:
         raise PeftbenchError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    _check_quantization(cfg)
     if cfg.task.max_length < 8:
         raise PeftbenchError(f"config key 'task.max_length' must be >= 8, got {cfg.task.max_length}")
     if cfg.task.name not in ("custom", "custom_ner"):
         for key in ("text_fields", "label_field", "labels"):
             if getattr(cfg.task, key) is not None:
                 raise PeftbenchError(f"config key 'task.{key}' applies only to task.name=custom or custom_ner")
+
+
+def _check_quantization(cfg: RunConfig) -> None:
+    from peftbench.methods import get_method
+
+    m = cfg.model
+    if m.quantization not in QUANTIZATION:
+        raise PeftbenchError(f"config key 'model.quantization' must be one of {QUANTIZATION}, got {m.quantization!r}")
+    if m.quant_4bit_type not in ("nf4", "fp4"):
+        raise PeftbenchError(f"config key 'model.quant_4bit_type' must be nf4 or fp4, got {m.quant_4bit_type!r}")
+    if m.quant_4bit_compute_dtype not in QUANT_COMPUTE_DTYPES:
+        raise PeftbenchError(f"config key 'model.quant_4bit_compute_dtype' must be one of {QUANT_COMPUTE_DTYPES}, "
+                             f"got {m.quant_4bit_compute_dtype!r}")
+    if m.quantization != "none" and get_method(cfg.method.name).trains_base_weights:
+        raise PeftbenchError(f"config keys 'method.name={cfg.method.name}' and 'model.quantization={m.quantization}' "
+                             f"conflict: {cfg.method.name} trains the base weights, and {m.quantization} base weights "
+                             f"are frozen integer storage without gradients; use a PEFT method or model.quantization=none")

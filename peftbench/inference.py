@@ -12,7 +12,7 @@ from peftbench.config import resolve
 from peftbench.data import Collator, encode, encode_tokens
 from peftbench.errors import PeftbenchError
 from peftbench.methods import get_method
-from peftbench.models import AUTO_CLASSES
+from peftbench.models import from_pretrained
 from peftbench.tasks import load_task
 from peftbench.tasks.ner import clue_label, predicted_spans
 
@@ -36,19 +36,19 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
     cfg = resolve(meta["config"])
     method = get_method(meta["method"])(cfg.method)
     base = None
-    if meta["base_model"] is not None:
+    quantized = cfg.model.quantization != "none"
+    if meta["base_model"] is not None:  # quantised as in training: the trained tensors were fitted to that base
         source = ckpt_dir / "base" if meta["base_model"] == "base" else meta["base_model"]
-        labels = meta["labels"]
-        base = AUTO_CLASSES[meta.get("kind", "classification")].from_pretrained(
-            str(source), num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)})
+        gpu = torch.device(device)
+        base = from_pretrained(source, cfg.model, meta["labels"], meta.get("kind", "classification"),
+                               device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None)
     model = method.load(base, ckpt_dir)
     if merge:
         if not hasattr(model, "merge_and_unload"):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
         model = model.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir))
-    return model.to(device).eval(), tokenizer, meta
+    return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
 
 
 @torch.inference_mode()

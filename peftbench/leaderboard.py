@@ -123,6 +123,11 @@ def _settings(config: dict) -> tuple[tuple, str]:
     train = {k: v for k, v in config["train"].items() if k != "seed"}
     identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
                 json.dumps({k: v for k, v in config["model"].items()}, sort_keys=True))
+    from peftbench.config import ModelConfig
+
+    model_defaults = vars(ModelConfig())
+    changed.update({k: v for k, v in config["model"].items()  # quantisation, attention: same backbone, other settings
+                    if k not in ("name_or_path", "tokenizer") and k in model_defaults and model_defaults[k] != v})
     label = ", ".join([f"{k}={v}" for k, v in sorted(changed.items())] + [f"lr={train['lr']:g}"])
     return identity, label
 

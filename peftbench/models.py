@@ -10,10 +10,13 @@ not change speed); the names in ``ARCHITECTURES`` need no hub.
 
 from __future__ import annotations
 
+import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_model
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -100,20 +103,94 @@ AUTO_CLASSES = {"classification": AutoModelForSequenceClassification,
                 "token_classification": AutoModelForTokenClassification}
 
 
-def load_model(model_cfg, labels: list[str], tokenizer, kind: str = "classification"):
-    """A sequence- (or token-) classification model with ``len(labels)`` outputs."""
-    label_kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    extra = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
-    if is_random_init(model_cfg.name_or_path):
-        config = _random_init_config(model_cfg.name_or_path, len(tokenizer))
-        config.update({"pad_token_id": tokenizer.pad_token_id, **label_kwargs})
-        return AUTO_CLASSES[kind].from_config(config, **extra)
-    _check_reachable(model_cfg.name_or_path, "model.name_or_path")
+def load_model(model_cfg, labels: list[str], tokenizer, kind: str = "classification",
+               save_random_base: Path | None = None, device_map: dict | None = None):
+    """A sequence- (or token-) classification model with ``len(labels)`` outputs, quantised per
+    ``model.quantization``. A random-init backbone is written to ``save_random_base`` (float weights,
+    before quantisation) when given: it cannot be rebuilt from a name."""
+    if not is_random_init(model_cfg.name_or_path):
+        _check_reachable(model_cfg.name_or_path, "model.name_or_path")
+        return from_pretrained(model_cfg.name_or_path, model_cfg, labels, kind, device_map)
+    config = _random_init_config(model_cfg.name_or_path, len(tokenizer))
+    config.update({"pad_token_id": tokenizer.pad_token_id, **_label_kwargs(labels)})
+    model = AUTO_CLASSES[kind].from_config(config, **_attention_kwargs(model_cfg))
+    if save_random_base is not None:
+        model.save_pretrained(str(save_random_base))
+    if model_cfg.quantization == "none":
+        return model
+    with tempfile.TemporaryDirectory() as tmp:  # bitsandbytes quantises while loading. Written directly:
+        # save_pretrained writes on global rank 0 only, and every process needs its own copy
+        model.config.to_json_file(f"{tmp}/config.json")
+        save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+        model = from_pretrained(tmp, model_cfg, labels, kind, device_map)
+    model.name_or_path = model.config._name_or_path = ""  # built from a config, as unquantised: no path to record
+    return model
+
+
+def from_pretrained(source, model_cfg, labels: list[str], kind: str = "classification", device_map: dict | None = None):
+    """Load a hub name or directory with the run's labels, attention and quantisation settings."""
+    quant = quantization_config(model_cfg)
+    kwargs = {**_label_kwargs(labels), **_attention_kwargs(model_cfg)}
+    if quant is not None:  # float parts (embeddings, norms, head) stay fp32; ``device_map`` puts a copy on each device
+        kwargs.update(quantization_config=quant, dtype=torch.float32, device_map=device_map)
     try:
-        return AUTO_CLASSES[kind].from_pretrained(model_cfg.name_or_path, **label_kwargs, **extra)
+        return AUTO_CLASSES[kind].from_pretrained(str(source), **kwargs)
     except OSError as exc:
-        raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{model_cfg.name_or_path}' "
+        raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{source}' "
                              f"(not a local directory, and the hub said: {_first_line(exc)})") from None
+
+
+QUANT_SKIP_MODULES = ["classifier", "score", "pooler.dense"]  # stay in float: the trained head, BERT's pooler
+QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def quantization_config(model_cfg):
+    """bitsandbytes settings for ``model.quantization`` (None for ``none``).
+
+    The classification head (and BERT's pooler in front of it) is kept out of quantisation:
+    PEFT trains the head, and an int8 head fails with "only Tensors of floating point dtype
+    can require gradients" when it is made trainable.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "none":
+        return None
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quant_4bit_type,
+                              bnb_4bit_compute_dtype=QUANT_DTYPES[model_cfg.quant_4bit_compute_dtype],
+                              bnb_4bit_use_double_quant=model_cfg.quant_4bit_double,
+                              llm_int8_skip_modules=QUANT_SKIP_MODULES)
+
+
+def quantization_name(model_cfg) -> str:
+    """``none``, ``8bit``, or e.g. ``4bit-nf4-bf16(+double)``: the quantisation a record states."""
+    if model_cfg.quantization != "4bit":
+        return model_cfg.quantization
+    double = "+double" if model_cfg.quant_4bit_double else ""
+    return f"4bit-{model_cfg.quant_4bit_type}-{model_cfg.quant_4bit_compute_dtype}{double}"
+
+
+def stored_bytes(param: torch.Tensor) -> int:
+    """Bytes a weight occupies: its storage plus bitsandbytes' quantisation constants (int8 row scales,
+    4-bit block scales and their own constants under double quantisation)."""
+    total = param.numel() * param.element_size()
+    scales = getattr(param, "SCB", None)  # LLM.int8: one fp32 scale per row
+    if isinstance(scales, torch.Tensor):
+        total += scales.numel() * scales.element_size()
+    state = getattr(param, "quant_state", None)  # 4-bit: block absmax, nested state when double-quantised
+    while state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        state = getattr(state, "state2", None)
+    return total
+
+
+def _label_kwargs(labels: list[str]) -> dict:
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+
+
+def _attention_kwargs(model_cfg) -> dict:
+    return {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
 
 
 def _random_init_config(name: str, vocab_size: int):

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from peftbench import models
 from peftbench.config import RunConfig
 from peftbench.data import Collator, encode, encode_tokens, eval_loader, train_loader
+from peftbench.errors import PeftbenchError
 from peftbench.inference import META_FILE
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory, synchronize
 from peftbench.methods import Method, RunContext, get_method, set_trainable
@@ -62,6 +63,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
                               gradient_accumulation_steps=cfg.train.grad_accum_steps,
                               dataloader_config=DataLoaderConfiguration(non_blocking=cuda),  # with pinned batches
                               dynamo_backend="inductor" if cfg.train.compile else "no")
+    check_launch(cfg, accelerator)  # refuse what this launch cannot run, before any work
     out_dir = Path(cfg.output_dir)
     env = environment(accelerator.num_processes)
     start = time.perf_counter()
@@ -111,16 +113,20 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     set_seed(t.seed)  # before the model: init, dropout and method modules follow the seed
-    model = models.load_model(cfg.model, labels, tokenizer, task.spec.kind)
     method: Method = get_method(cfg.method.name)(cfg.method)
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    if t.save_checkpoint and accelerator.is_main_process and models.is_random_init(cfg.model.name_or_path) and not method.saves_full_model:
-        model.save_pretrained(str(ckpt_dir / "base"))  # a random-init base cannot be rebuilt from a name
+    save_base = t.save_checkpoint and accelerator.is_main_process and not method.saves_full_model
+    quantized = cfg.model.quantization != "none"
+    model = models.load_model(cfg.model, labels, tokenizer, task.spec.kind,
+                              save_random_base=ckpt_dir / "base" if save_base else None,
+                              device_map={"": accelerator.local_process_index} if quantized and cuda else None)
+    base_params = {id(p) for p in model.parameters()}
     if t.gradient_checkpointing:  # non-reentrant: works when the inputs need no gradient (frozen embeddings)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, RunContext(total_steps=total_steps, num_labels=len(labels), task_kind=task.spec.kind))
     params = set_trainable(model, method)
     params.update(frozen_weights_to_compute_dtype(model, t.mixed_precision))
+    params["base_weight_bytes"] = sum(models.stored_bytes(p) for p in unique_parameters(model) if id(p) in base_params)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
@@ -129,6 +135,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters it shards
 
     device = accelerator.device
     timer = StepTimer(device, warmup_steps=min(t.timing_warmup_steps, total_steps // 2))
@@ -175,7 +182,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
         history.append({"epoch": epoch + 1, "step": step, **dev})
         if best is None or dev["score"] > best["score"]:
             best = history[-1]
-            best_state = {n: p.detach().to("cpu", copy=True) for n, p in raw_model.named_parameters() if p.requires_grad}
+            best_state = {n: _local(p).detach().to("cpu", copy=True)  # each process keeps its own shard
+                          for n, p in raw_model.named_parameters() if p.requires_grad}
         timer.resume()
     progress.close()
     timing = timer.result()
@@ -184,7 +192,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     with torch.no_grad():
         for name, param in raw_model.named_parameters():
             if name in best_state:
-                param.copy_(best_state[name])
+                _local(param).copy_(best_state[name])
     dev_metrics, _, _ = evaluate(model, eval_dls["dev"], accelerator, task, "dev")
     metrics = {**dev_metrics, "best_epoch": best["epoch"]}
     if "test" in eval_dls:
@@ -193,8 +201,13 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
     metrics.update(_throughput(timing, memory, accelerator))
 
     adapter_bytes = method.trained_bytes(raw_model)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP  # only full fine-tuning gets here (check_launch)
+    full_state = accelerator.get_state_dict(model) if t.save_checkpoint and fsdp else None  # every process gathers
     if t.save_checkpoint and accelerator.is_main_process:
-        method.save(raw_model, ckpt_dir)
+        if fsdp:
+            raw_model.save_pretrained(str(ckpt_dir), state_dict=full_state)
+        else:
+            method.save(raw_model, ckpt_dir)
         tokenizer.save_pretrained(str(ckpt_dir))
         meta = {"method": cfg.method.name, "task": cfg.task.name, "kind": task.spec.kind, "labels": labels,
                 "label_names": list(task.spec.label_names or labels), "pair": pair, "max_length": cfg.task.max_length,
@@ -214,11 +227,47 @@ def _train(cfg: RunConfig, accelerator: Accelerator, out_dir: Path) -> dict:
                  **({"overlapping_entities": task.overlapping_entities} if tokens else {}),
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "method_summary": method.summary(raw_model),
+        "precision": {"mixed_precision": t.mixed_precision, "quantization": models.quantization_name(cfg.model),
+                      "base_weight_bytes": params["base_weight_bytes"]},
         "backbone": {"name_or_path": cfg.model.name_or_path, "random_init": models.is_random_init(cfg.model.name_or_path),
                      "pretrained_by_peftbench": pretrained_by_peftbench(cfg.model.name_or_path)},
         "checkpoint": str(ckpt_dir) if t.save_checkpoint else None,
         "total_steps": total_steps,
     }
+
+
+def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """Refuse at start-up what this device or sharding strategy cannot run (a clear error, not a failure mid-run)."""
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise PeftbenchError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate runs neither fp16 autocast "
+                             "nor loss scaling; use bf16 or 'no'")
+    kind = accelerator.distributed_type
+    if kind not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    strategy, name = ("FSDP" if kind == DistributedType.FSDP else "DeepSpeed"), cfg.method.name
+    ddp = "launch it with recipes/accelerate/multi_gpu.yaml (DDP)"
+    if cfg.model.quantization != "none":
+        raise PeftbenchError(f"model.quantization={cfg.model.quantization} cannot run under {strategy}: bitsandbytes "
+                             f"weights are neither sharded nor partitioned by it; {ddp}, one quantised copy per GPU")
+    if kind == DistributedType.FSDP and not get_method(name).trains_base_weights:
+        raise PeftbenchError(f"method '{name}' cannot run under FSDP: peftbench keeps and saves its trained tensors "
+                             f"whole, which FSDP shards, and a method that trains a small part of the weights needs "
+                             f"no sharding; {ddp} or recipes/accelerate/deepspeed_zero2.yaml")
+    if kind == DistributedType.DEEPSPEED:
+        if name == "adalora":
+            raise PeftbenchError("method 'adalora' cannot run under DeepSpeed ZeRO: its rank allocation reads every "
+                                 f"LoRA gradient after the backward pass, and ZeRO-2 partitions gradients; {ddp}")
+        ds = accelerator.state.deepspeed_plugin
+        accum = ds.deepspeed_config.get("gradient_accumulation_steps", "auto")
+        if accum != "auto" and accum != cfg.train.grad_accum_steps:
+            raise PeftbenchError(f"DeepSpeed config has gradient_accumulation_steps={accum} but train.grad_accum_steps="
+                                 f"{cfg.train.grad_accum_steps}: set them equal (DeepSpeed's value would win)")
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size  # the model is prepared alone
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's data on this process: its shard under FSDP2 (a DTensor), else the parameter itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 @torch.inference_mode()
@@ -283,24 +332,29 @@ def frozen_weights_to_compute_dtype(model: torch.nn.Module, mixed_precision: str
     Autocast would cast them on every forward anyway; stored in bf16/fp16 they take half
     the memory and skip those casts. Trained parameters stay fp32 (the optimizer's master
     copy), and so do frozen ones that share a module with a trained one (BitFit's layer-norm
-    weight beside its trained bias: ``layer_norm`` wants one dtype). Returns the bytes of the
-    frozen and the trained weights.
+    weight beside its trained bias: ``layer_norm`` wants one dtype), and normalisation layers
+    (a few KB; on CPU ``layer_norm`` refuses fp32 activations with bf16 weights, and
+    bitsandbytes layers may return fp32). Returns the bytes of the frozen and the trained weights.
     """
     dtype = COMPUTE_DTYPES.get(mixed_precision)
     if dtype is not None:
         for module in model.modules():
             own = list(module.parameters(recurse=False))
-            if own and not any(p.requires_grad for p in own):
+            if own and not any(p.requires_grad for p in own) and "norm" not in type(module).__name__.lower():
                 for p in own:
                     if p.is_floating_point():
                         p.data = p.data.to(dtype)
     frozen = trained = 0
-    for p in {id(p): p for p in model.parameters()}.values():
+    for p in unique_parameters(model):
         if p.requires_grad:
-            trained += p.numel() * p.element_size()
+            trained += models.stored_bytes(p)
         else:
-            frozen += p.numel() * p.element_size()
+            frozen += models.stored_bytes(p)
     return {"frozen_weight_bytes": frozen, "trained_weight_bytes": trained}
+
+
+def unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return list({id(p): p for p in model.parameters()}.values())
 
 
 def _throughput(timing: dict, memory: dict, accelerator: Accelerator) -> dict:

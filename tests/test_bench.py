@@ -55,21 +55,45 @@ def test_frozen_weights_kept_in_compute_dtype():
     model = method.apply(model, RunContext(total_steps=10, num_labels=2))
     set_trainable(model, method)
     sizes = frozen_weights_to_compute_dtype(model, "bf16")
-    for name, p in model.named_parameters():
-        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    assert sizes["frozen_weight_bytes"] == 2 * frozen
-    assert frozen_weights_to_compute_dtype(model, "no")["frozen_weight_bytes"] == 2 * frozen  # "no" casts nothing
+    for name, p in model.named_parameters():  # layer norms stay fp32 (a few KB)
+        assert p.dtype == (torch.float32 if p.requires_grad or "LayerNorm" in name else torch.bfloat16), name
+    frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "LayerNorm" not in n)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "LayerNorm" in n)
+    assert norms < frozen / 100 and sizes["frozen_weight_bytes"] == 2 * frozen + 4 * norms
+    assert frozen_weights_to_compute_dtype(model, "no")["frozen_weight_bytes"] == 2 * frozen + 4 * norms  # no casts
 
 
-@pytest.mark.parametrize("method,lr", [("lora", 5e-3), ("adapter", 5e-3)])
+@pytest.mark.parametrize("method,lr", [("lora", 5e-3), ("adapter", 5e-3), ("bitfit", 1e-2), ("prefix", 5e-3)])
 def test_bf16_fast_path_trains_like_fp32(tmp_path, method, lr):
     records = {}
     for precision in ("no", "bf16"):
         cfg = config.load(None, ["task.name=synthetic", f"method.name={method}", "task.max_length=48", "train.epochs=4",
+                                 "task.max_train_samples=500", "train.batch_size=16",  # bf16 is slow on most CPUs
                                  f"train.lr={lr}", f"train.mixed_precision='{precision}'", "train.save_checkpoint=false",
                                  f"output_dir={tmp_path / precision}"])
         records[precision] = run(cfg).record
     fp32, bf16 = records["no"]["metrics"], records["bf16"]["metrics"]
     assert records["bf16"]["params"]["frozen_weight_bytes"] < records["no"]["params"]["frozen_weight_bytes"]
-    assert fp32["accuracy"] > 0.8 and abs(bf16["accuracy"] - fp32["accuracy"]) < 0.05, (fp32, bf16)
+    assert fp32["accuracy"] > 0.45 and abs(bf16["accuracy"] - fp32["accuracy"]) < 0.05, (fp32, bf16)  # chance 0.25
+
+
+def test_dynamic_padding_leaves_logits_unchanged():
+    """Padding a batch to its longest text, not to the fixed length, computes the same logits."""
+    texts = ["股钱债涨跌", "星影歌剧综艺的", "涨"]
+    tokenizer = models.char_tokenizer(texts)
+    torch.manual_seed(0)
+    model = models.load_model(config.ModelConfig(), ["0", "1", "2", "3"], tokenizer).eval()
+    with torch.no_grad():
+        longest = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+        fixed = model(**tokenizer(texts, padding="max_length", max_length=128, return_tensors="pt")).logits
+    torch.testing.assert_close(longest, fixed, atol=1e-5, rtol=0)
+
+
+def test_length_grouped_batches_train_like_file_order(tmp_path):
+    records = {}
+    for grouped in ("true", "false"):
+        cfg = config.load(None, ["task.name=synthetic", "method.name=lora", "task.max_length=48", "train.epochs=4",
+                                 "train.lr=5e-3", f"train.group_by_length={grouped}", "train.save_checkpoint=false",
+                                 f"output_dir={tmp_path / grouped}"])
+        records[grouped] = run(cfg).record["metrics"]["accuracy"]
+    assert records["false"] > 0.8 and abs(records["true"] - records["false"]) < 0.05, records

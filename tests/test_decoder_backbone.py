@@ -37,3 +37,17 @@ def test_every_method_runs_and_reloads_on_a_decoder(qwen_dir, tmp_path):
     reloaded = logits_in_new_process({m: r.record["checkpoint"] for m, r in results.items()}, texts, tmp_path)
     for method, result in results.items():
         torch.testing.assert_close(reloaded[method], logits_here(result, texts), atol=1e-5, rtol=0, msg=method)
+
+
+def test_lora_on_an_8bit_decoder(qwen_dir, tmp_path):
+    """The head (``score``) stays in float: an int8 head cannot be made trainable."""
+    pytest.importorskip("bitsandbytes")
+    cfg = config.load(None, [f"model.name_or_path={qwen_dir}", "method.name=lora", "model.quantization=8bit",
+                             "train.max_steps=6", "task.max_length=48", "train.lr=1e-3", f"output_dir={tmp_path}"])
+    result = run(cfg)
+    dtypes = {n: p.dtype for n, p in result.model.named_parameters()}
+    assert dtypes[next(n for n in dtypes if n.endswith("mlp.up_proj.weight"))] == torch.int8
+    assert all(dtypes[n] == torch.float32 for n in dtypes if ".score." in n)
+    texts = ["股钱债涨跌", "星影歌剧综艺的"]
+    reloaded = logits_in_new_process({"lora": result.record["checkpoint"]}, texts, tmp_path)
+    torch.testing.assert_close(reloaded["lora"], logits_here(result, texts), atol=1e-5, rtol=0)

@@ -10,9 +10,9 @@ from peftbench.records import make_record, write_atomic
 ENV = {"device_name": "Test GPU", "num_processes": 1}
 
 
-def record(root, backbone, method, task, seed, acc, status="success", env=ENV, error=None, lr=None):
+def record(root, backbone, method, task, seed, acc, status="success", env=ENV, error=None, lr=None, extra=()):
     cfg = config.load(None, [f"model.name_or_path={backbone}", f"method.name={method}", f"task.name={task}",
-                             f"train.seed={seed}"] + ([f"train.lr={lr}"] if lr else []))
+                             f"train.seed={seed}", *extra] + ([f"train.lr={lr}"] if lr else []))
     metrics = {"score": acc - 0.01, "test_score": acc, "score_name": "accuracy", "n_eval": 100,
                "train_samples_per_s": 100.0 * (2 if method == "lora" else 1), "train_tokens_per_s": 2000.0,
                "eval_samples_per_s": 500.0, "peak_memory_mb": 1000.0 if method == "full" else 400.0, "wall_s": 1.0}
@@ -23,7 +23,7 @@ def record(root, backbone, method, task, seed, acc, status="success", env=ENV, e
                       extra={"backbone": {"name_or_path": backbone, "random_init": backbone == "tiny"},
                              "provenance": {"command": "peftbench sweep s.yaml"}})
     rec["finished_at"] = f"2026-01-0{seed}T00:00:00+00:00"
-    write_atomic(root / f"{backbone}-{method}-{task}-{seed}-{env['device_name']}" / "record.json", rec)
+    write_atomic(root / f"{backbone}-{method}-{task}-{seed}-{env['device_name']}-{len(extra)}" / "record.json", rec)
     return rec
 
 
@@ -113,3 +113,13 @@ def test_ner_scores_are_entity_f1_and_count_in_the_average(tmp_path):
     head, rows = leaderboard.table(group)
     assert "cluener (test, F1)" in head and "tnews (test)" in head
     assert rows[0][head.index("average")] == "60.0"
+
+
+def test_quantised_runs_are_their_own_rows(tmp_path):
+    for seed in (1, 2, 3):
+        record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.55)
+        record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.50, extra=("model.quantization=8bit",))
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path]))
+    labels = sorted(row.label for row in group.rows.values())
+    assert labels == ["lora (lr=2e-05)", "lora (quantization=8bit, lr=2e-05)"]
+    assert all(len(row.cells["tnews"].scores) == 3 for row in group.rows.values())

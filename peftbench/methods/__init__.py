@@ -51,6 +51,7 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     saves_full_model: ClassVar[bool] = False  # True: the checkpoint needs no base model to reload
+    trains_base_weights: ClassVar[bool] = False  # True: cannot run on a quantised (frozen integer) base
 
     def __init__(self, cfg):
         self.cfg = cfg

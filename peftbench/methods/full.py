@@ -18,6 +18,7 @@ class Full(Method):
     name = "full"
     Config = FullConfig
     saves_full_model = True
+    trains_base_weights = True
 
     def is_trainable(self, name: str) -> bool:
         return True

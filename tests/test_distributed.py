@@ -1,0 +1,92 @@
+"""Launch configurations: the Accelerate configs load; what a sharding strategy cannot run is refused at start-up."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+from peftbench import config
+from peftbench.errors import PeftbenchError
+from peftbench.train import check_launch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
+
+
+@pytest.mark.parametrize(("name", "kind", "processes"), [
+    ("single_gpu.yaml", "NO", 1), ("multi_gpu.yaml", "MULTI_GPU", 8), ("fsdp.yaml", "FSDP", 8),
+    ("deepspeed_zero2.yaml", "DEEPSPEED", 8), ("two_nodes.yaml", "MULTI_GPU", 16)])
+def test_accelerate_configs_load_and_are_documented(name, kind, processes):
+    cfg = load_config_from_file(str(CONFIGS / name))
+    assert cfg.distributed_type == kind and cfg.num_processes == processes
+    assert f"--config_file recipes/accelerate/{name}" in DOCS.read_text(encoding="utf-8")
+
+
+def fake_accelerator(kind, accum=1):
+    plugin = SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": accum})
+    return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin),
+                           device=SimpleNamespace(type="cuda"))
+
+
+@pytest.mark.parametrize(("kind", "overrides", "message"), [
+    (DistributedType.FSDP, ["method.name=lora"], "method 'lora' cannot run under FSDP"),
+    (DistributedType.FSDP, ["method.name=adapter"], "method 'adapter' cannot run under FSDP"),
+    (DistributedType.FSDP, ["method.name=lora", "model.quantization=4bit"], "quantization=4bit cannot run under FSDP"),
+    (DistributedType.DEEPSPEED, ["method.name=lora", "model.quantization=8bit"], "cannot run under DeepSpeed"),
+    (DistributedType.DEEPSPEED, ["method.name=adalora"], "'adalora' cannot run under DeepSpeed ZeRO"),
+    (DistributedType.DEEPSPEED, ["method.name=lora", "train.grad_accum_steps=4"], "gradient_accumulation_steps=1 but"),
+])
+def test_sharding_strategies_refuse_what_they_cannot_run(kind, overrides, message):
+    with pytest.raises(PeftbenchError, match=message):
+        check_launch(config.load(None, overrides), fake_accelerator(kind))
+
+
+@pytest.mark.parametrize(("kind", "method"), [
+    (DistributedType.FSDP, "full"), (DistributedType.DEEPSPEED, "lora"), (DistributedType.DEEPSPEED, "full"),
+    (DistributedType.DEEPSPEED, "prefix"), (DistributedType.MULTI_GPU, "adalora"), (DistributedType.MULTI_CPU, "lora")])
+def test_what_a_strategy_can_run_starts(kind, method):
+    accelerator = fake_accelerator(kind)
+    check_launch(config.load(None, [f"method.name={method}", "train.batch_size=16"]), accelerator)
+    if kind == DistributedType.DEEPSPEED:  # the model is prepared without a loader: DeepSpeed is told the batch
+        assert accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 16
+
+
+def test_quantised_ddp_is_allowed():
+    check_launch(config.load(None, ["method.name=lora", "model.quantization=8bit"]),
+                   fake_accelerator(DistributedType.MULTI_GPU))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_fp16_on_cpu_is_refused_before_any_work(tmp_path):
+    from peftbench.train import run
+
+    with pytest.raises(PeftbenchError, match="train.mixed_precision=fp16 needs a GPU"):
+        run(config.load(None, ["train.mixed_precision=fp16", f"output_dir={tmp_path}"]))
+    assert not (tmp_path / "record.json").exists()  # nothing ran: no failed record to rerun around
+
+
+def test_best_state_snapshot_reads_and_writes_fsdp2_shards():
+    """Under FSDP2 parameters are DTensors: the best-epoch snapshot copies this process's shard and writes it back."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from peftbench.train import _local
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        weight = torch.nn.Parameter(distribute_tensor(torch.arange(8.0).reshape(4, 2), init_device_mesh("cpu", (1,)),
+                                                      [Shard(0)]))
+        saved = _local(weight).detach().to("cpu", copy=True)
+        with torch.no_grad():
+            _local(weight).zero_()
+            assert weight.full_tensor().abs().sum() == 0
+            _local(weight).copy_(saved)
+        assert torch.equal(weight.full_tensor(), torch.arange(8.0).reshape(4, 2))
+        plain = torch.ones(3)
+        assert _local(plain) is plain
+    finally:
+        dist.destroy_process_group()

@@ -254,9 +254,9 @@ def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
                              f"whole, which FSDP shards, and a method that trains a small part of the weights needs "
                              f"no sharding; {ddp} or recipes/accelerate/deepspeed_zero2.yaml")
     if kind == DistributedType.DEEPSPEED:
-        if name == "adalora":
-            raise PeftbenchError("method 'adalora' cannot run under DeepSpeed ZeRO: its rank allocation reads every "
-                                 f"LoRA gradient after the backward pass, and ZeRO-2 partitions gradients; {ddp}")
+        if get_method(name).reads_gradients:
+            raise PeftbenchError(f"method '{name}' cannot run under DeepSpeed ZeRO: it reads whole gradients after "
+                                 f"the backward pass, and ZeRO-2 partitions them across processes; {ddp}")
         ds = accelerator.state.deepspeed_plugin
         accum = ds.deepspeed_config.get("gradient_accumulation_steps", "auto")
         if accum != "auto" and accum != cfg.train.grad_accum_steps:

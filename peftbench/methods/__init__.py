@@ -52,6 +52,7 @@ class Method:
     Config: ClassVar[type]
     saves_full_model: ClassVar[bool] = False  # True: the checkpoint needs no base model to reload
     trains_base_weights: ClassVar[bool] = False  # True: cannot run on a quantised (frozen integer) base
+    reads_gradients: ClassVar[bool] = False  # True: on_optimizer_step reads whole gradients (not under ZeRO/FSDP)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -47,6 +47,7 @@ class AdaLoraConfig(MethodConfig):
 @register_method
 class AdaLora(PeftMethod):
     name = "adalora"
+    reads_gradients = True  # the rank allocation scores every LoRA weight by its gradient
     Config = AdaLoraConfig
     trainable_markers = ("lora_",)
 

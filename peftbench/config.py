@@ -23,6 +23,9 @@ from peftbench.errors import PeftbenchError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
+LATER_KEYS = (  # (section, key) added after leaderboards/ records were written; append every new task/model/train key
+    ("model", "quantization"), ("model", "quant_4bit_type"), ("model", "quant_4bit_compute_dtype"),
+    ("model", "quant_4bit_double"))
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -51,8 +54,9 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 3
+class LoopConfig:
+    """Optimizer and loop settings shared by fine-tuning and pretraining (each sets its own defaults)."""
+
     max_steps: int = -1  # > 0 stops after this many optimizer steps
     batch_size: int = 32  # per process, per micro-batch
     eval_batch_size: int = 128
@@ -63,9 +67,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     mixed_precision: str = "no"
-    group_by_length: bool = True
     log_every: int = 50  # optimizer steps between loss reads (each read syncs the device)
     timing_warmup_steps: int = 5  # optimizer steps left out of throughput
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    epochs: int = 3
+    group_by_length: bool = True
     save_checkpoint: bool = True
     compile: bool = False  # torch.compile the model (inductor)
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass (less memory)
@@ -84,9 +93,15 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        """Stable hash of everything that changes the result (not where it is written)."""
+        """Stable hash of everything that changes the result (not where it is written). Keys in
+        ``LATER_KEYS`` count only when set away from their default, so that records written before
+        they existed keep their ids (and sweeps resume over them)."""
         body = self.to_dict()
         body.pop("output_dir")
+        for section, key in LATER_KEYS:
+            defaults = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}[section]()
+            if body[section][key] == getattr(defaults, key):
+                del body[section][key]
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

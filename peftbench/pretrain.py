@@ -76,18 +76,12 @@ class MaskConfig:
 
 
 @dataclass
-class PretrainTrainConfig:
+class PretrainTrainConfig(config_lib.LoopConfig):
     max_steps: int = 1000
     max_minutes: float = 0.0  # > 0: also stop after this much training time; the LR schedule follows the budget
     batch_size: int = 64
-    grad_accum_steps: int = 1
     lr: float = 5e-4
-    weight_decay: float = 0.01
     warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    mixed_precision: str = "no"
-    eval_batch_size: int = 128
     log_every: int = 20  # optimizer steps between loss reads and time-budget checks
     eval_every: int = 200
     save_every: int = 200

@@ -7,11 +7,11 @@ out=${1:-bench-gpu}
 mkdir -p "$out"
 export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-peftbench bench --arch bert-base-chinese --precisions bf16 --lengths fixed,tnews \
+python benchmarks/throughput.py --arch bert-base-chinese --precisions bf16 --lengths fixed,tnews \
   --methods full,lora,adalora,adapter,prefix,bitfit --out "$out/bert-base.json" 2>"$out/bert-base.err" | grep '^|'
-peftbench bench --arch hfl/chinese-roberta-wwm-ext-large --precisions bf16 --lengths fixed --methods full,lora \
+python benchmarks/throughput.py --arch hfl/chinese-roberta-wwm-ext-large --precisions bf16 --lengths fixed --methods full,lora \
   --out "$out/large.json" 2>"$out/large.err" | grep '^|'
-peftbench bench --arch hfl/chinese-roberta-wwm-ext-large --precisions bf16 --lengths fixed --methods full,lora \
+python benchmarks/throughput.py --arch hfl/chinese-roberta-wwm-ext-large --precisions bf16 --lengths fixed --methods full,lora \
   --batch-size 128 --compile --out "$out/large-compiled.json" 2>"$out/large-compiled.err" | grep '^|'
 python benchmarks/precision_matrix.py --arch bert-base-chinese,qwen2-small --precisions fp16,bf16 \
   2>"$out/matrix.err" | tee "$out/matrix.md"

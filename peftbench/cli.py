@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run | sweep | pretrain | bench | leaderboard | predict | tasks | methods``.
+"""Command line: ``peftbench run | sweep | pretrain | leaderboard | predict | tasks | methods``.
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -8,11 +8,12 @@ comparison table. Also works as ``accelerate launch -m peftbench run ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
 
-from peftbench.errors import PeftbenchError
+from peftbench.errors import DivergedError, PeftbenchError
 
 # Per-method settings of the demo (over the defaults): a random-init backbone needs larger rates.
 DEMO = {
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     lb_p = sub.add_parser("leaderboard", help="tables (md/csv/html) and plots from result records")
     lb_p.add_argument("results", nargs="+", help="folders searched for record.json files")
     lb_p.add_argument("--out", required=True, help="output folder")
+    lb_p.add_argument("--strict", action="store_true", help="an unreadable record is an error, not skipped")
     pred_p = sub.add_parser("predict", help="predict a split with a trained checkpoint")
     pred_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
     pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])
@@ -48,10 +50,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
     pred_p.add_argument("--batch-size", type=int, default=128)
     pred_p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    bench_p = sub.add_parser("bench", help="training throughput beside the plain transformers + PEFT loop")
-    from peftbench.bench import add_arguments
-
-    add_arguments(bench_p)
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
@@ -63,16 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             return _list_methods()
         if ns.command == "sweep":
             return _sweep(ns)
-        if ns.command == "bench":
-            from peftbench.bench import main as bench_main
-
-            return bench_main(ns)
         if ns.command == "pretrain":
             return _pretrain(ns.args)
         if ns.command == "leaderboard":
             from peftbench.leaderboard import write
 
-            for path in write(ns.results, ns.out):
+            paths, skipped = write(ns.results, ns.out, ns.strict)
+            for reason in skipped:
+                print(f"warning: skipped {reason}", file=sys.stderr)
+            for path in paths:
                 print(f"wrote {path}")
             return 0
         if ns.command == "predict":
@@ -83,8 +80,40 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run(ns.args)
     except PeftbenchError as exc:
+        _traceback_if_debugging()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (DivergedError, OSError) as exc:  # expected failures outside a run (a full disk, a lost file)
+        _traceback_if_debugging()
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _traceback_if_debugging() -> None:
+    """Expected failures print one line; ``PEFTBENCH_DEBUG=1`` shows where they came from."""
+    if os.environ.get("PEFTBENCH_DEBUG") == "1":
+        traceback.print_exc()
+
+
+def expected_failure(exc: BaseException) -> bool:
+    """Divergence and I/O errors (a full disk) are expected: they are reported, not debugged. safetensors
+    wraps I/O errors in its own type."""
+    return isinstance(exc, (DivergedError, OSError)) or (type(exc).__name__ == "SafetensorError"
+                                                         and "I/O error" in str(exc))
+
+
+def report_failed_run(exc: Exception, out_dir) -> None:
+    """One line for a run that failed: why, and where its failed record is (or why none could be written).
+    Divergence and I/O errors are expected; anything else is a bug and shows its traceback."""
+    from peftbench.records import error_text
+
+    if expected_failure(exc):
+        _traceback_if_debugging()
+    else:
+        traceback.print_exc()
+    note = getattr(exc, "record_error", None)
+    where = f"the failed record could not be written: {note}" if note else f"failed record in {out_dir}"
+    print(f"error: run failed: {error_text(exc)} ({where})", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:
@@ -123,13 +152,14 @@ def _run(args: list[str]) -> int:
         except PeftbenchError:
             raise
         except Exception as exc:
-            traceback.print_exc()
-            print(f"error: run failed: {type(exc).__name__}: {exc} (failed record in {cfg.output_dir})", file=sys.stderr)
+            report_failed_run(exc, cfg.output_dir)
             return 1
     from accelerate import PartialState
 
+    from peftbench.leaderboard import run_summary
+
     if PartialState().is_main_process:
-        print(format_table(records))
+        print(run_summary(records))
         for cfg in cfgs:
             print(f"record: {Path(cfg.output_dir) / 'record.json'}")
     return 0
@@ -138,16 +168,23 @@ def _run(args: list[str]) -> int:
 def _pretrain(args: list[str]) -> int:
     from accelerate import PartialState
 
-    from peftbench.pretrain import RECORD_NAME, load_config, pretrain
+    from peftbench.pretrain import load_config, pretrain
+    from peftbench.records import PRETRAIN_RECORD_NAME
 
     recipe, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
     cfg = load_config(recipe, overrides)
-    m = pretrain(cfg)["metrics"]
+    try:
+        m = pretrain(cfg)["metrics"]
+    except PeftbenchError:
+        raise
+    except Exception as exc:
+        report_failed_run(exc, cfg.output_dir)
+        return 1
     if PartialState().is_main_process:
         print(f"MLM loss {m['mlm_loss']:.4f} (perplexity {m['mlm_perplexity']:.1f}) after {m['steps']} steps "
               f"({m['stopped_by']}), {m['train_tokens_per_s']:.0f} tokens/s, peak {m['peak_memory_mb']:.0f} MB")
         print(f"model: {Path(cfg.output_dir) / 'model'}")
-        print(f"record: {Path(cfg.output_dir) / RECORD_NAME}")
+        print(f"record: {Path(cfg.output_dir) / PRETRAIN_RECORD_NAME}")
     return 0
 
 
@@ -155,6 +192,7 @@ def _sweep(ns) -> int:
     from accelerate import PartialState
 
     from peftbench import sweep
+    from peftbench.leaderboard import run_summary
 
     spec = sweep.read_sweep(ns.sweep_file)
     cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
@@ -163,33 +201,19 @@ def _sweep(ns) -> int:
         print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
     if ns.dry_run:
         for c in cells:
-            print(f"{c.run_id}  {c.cfg.task.name:<12} {c.cfg.method.name:<8} seed {c.cfg.train.seed:<4} {c.status or 'to do'}")
+            task, method, seed = c.cfg.task.name, c.cfg.method.name, c.cfg.train.seed
+            print(f"{c.run_id}  {task:<12} {method:<8} seed {seed:<4} {c.status or 'to do'}")
         return 0
-    command = " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides] + ([f"--shard {ns.shard}"] if ns.shard != "0/1" else []))
-    records = sweep.run_sweep(cells, ns.retry_failed, provenance={"sweep_file": ns.sweep_file, "command": command})
+    shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []
+    command = " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides, *shard])
+    outcome = sweep.run_sweep(cells, ns.retry_failed, provenance={"sweep_file": ns.sweep_file, "command": command})
     if PartialState().is_main_process:
-        ok = [r for r in records if r["status"] == "success"]
-        print(format_table(ok))
-        failed = [r for r in records if r["status"] == "failed"]
-        for r in failed:
-            print(f"failed: {r['run_id']} {r['error']}")
-    return 0 if len(records) == len(cells) and not any(r["status"] == "failed" for r in records) else 1
-
-
-def format_table(records: list[dict]) -> str:
-    """A Markdown comparison table of finished runs."""
-    head = ["task", "method", "metric", "dev", "test", "trainable", "trainable %", "train samples/s",
-            "train tokens/s", "peak MB", "wall s"]
-    rows = []
-    for r in records:
-        m, p = r["metrics"], r["params"]
-        test = f"{m['test_score']:.4f}" if "test_score" in m else "-"
-        rows.append([r["config"]["task"]["name"], r["config"]["method"]["name"], m["score_name"], f"{m['score']:.4f}",
-                     test, f"{p['trainable']:,}", f"{p['trainable_pct']:.2f}", f"{m['train_samples_per_s']:.1f}",
-                     f"{m['train_tokens_per_s']:.0f}", f"{m['peak_memory_mb']:.0f}", f"{m['wall_s']:.1f}"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+        print(run_summary([r for r in outcome.records if r["status"] == "success"]))
+        for r in outcome.records:
+            if r["status"] == "failed":
+                print(f"failed: {r['run_id']} {r['error']}")
+        print(outcome.summary())
+    return 1 if outcome.failed else 0
 
 
 def _list_tasks() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 from peftbench.errors import PeftbenchError
+from peftbench.registry import METHODS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
@@ -90,6 +92,15 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def changed_settings(self) -> dict:
+        """Method and model settings away from their defaults (the backbone aside): what tells a leaderboard
+        row apart, written into the record so that tables read records only."""
+        method_defaults = dataclasses.asdict(type(self.method)())
+        model_defaults = dataclasses.asdict(ModelConfig())
+        return {"method": {k: v for k, v in dataclasses.asdict(self.method).items() if method_defaults[k] != v},
+                "model": {k: v for k, v in dataclasses.asdict(self.model).items()
+                          if k not in ("name_or_path", "tokenizer") and model_defaults[k] != v}}
 
     @property
     def run_id(self) -> str:
@@ -192,12 +203,31 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise PeftbenchError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PeftbenchError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") \
+            from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -209,8 +239,6 @@ def read_recipe(path: str | Path) -> dict:
 
 def resolve(tree: dict) -> RunConfig:
     """Build a RunConfig from a raw nested dict (defaults fill what is missing)."""
-    from peftbench.methods import get_method  # the method registry owns the method sections
-
     tree = dict(tree)
     method_tree = tree.pop("method", None) or {}
     if not isinstance(method_tree, dict):
@@ -219,7 +247,7 @@ def resolve(tree: dict) -> RunConfig:
     if not isinstance(method_tree["name"], str):
         raise PeftbenchError(f"config key 'method.name' must be str, got {method_tree['name']!r}")
     cfg = build(RunConfig, tree, "")
-    cfg.method = build(get_method(method_tree["name"]).Config, method_tree, "method")
+    cfg.method = build(METHODS.get(method_tree["name"], "method.name").Config, method_tree, "method")
     _check_values(cfg)
     return cfg
 
@@ -233,20 +261,41 @@ def load(recipe: str | Path | None = None, overrides: list[str] | None = None, b
     return resolve(tree)
 
 
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Raise the one-line error for config key ``key`` unless ``ok``: ``must be <rule>, got <value>``."""
+    if not ok:
+        raise PeftbenchError(f"config key '{key}' must be {rule}, got {value!r}")
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_loop(t: LoopConfig, section: str = "train") -> None:
+    """Ranges of the optimizer and loop settings (fine-tuning and pretraining)."""
+    require(t.mixed_precision in MIXED_PRECISION, f"{section}.mixed_precision", f"one of {MIXED_PRECISION}",
+            t.mixed_precision)
+    for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every"):
+        require(getattr(t, key) >= 1, f"{section}.{key}", ">= 1", getattr(t, key))
+    require(t.max_steps == -1 or t.max_steps >= 1, f"{section}.max_steps", "-1 (no limit) or >= 1", t.max_steps)
+    require(finite(t.lr) and t.lr > 0, f"{section}.lr", "a finite number > 0", t.lr)
+    require(finite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1, f"{section}.warmup_ratio", "in [0, 1)",
+            t.warmup_ratio)
+    for key in ("weight_decay", "max_grad_norm"):
+        require(finite(getattr(t, key)) and getattr(t, key) >= 0, f"{section}.{key}", "a finite number >= 0",
+                getattr(t, key))
+    require(t.seed >= 0, f"{section}.seed", ">= 0", t.seed)
+    require(t.timing_warmup_steps >= 0, f"{section}.timing_warmup_steps", ">= 0", t.timing_warmup_steps)
+
+
 def _check_values(cfg: RunConfig) -> None:
     t = cfg.train
-    if t.mixed_precision not in MIXED_PRECISION:
-        raise PeftbenchError(f"config key 'train.mixed_precision' must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
-    for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every"):
-        if getattr(t, key) < 1:
-            raise PeftbenchError(f"config key 'train.{key}' must be >= 1, got {getattr(t, key)}")
-    if t.lr <= 0:
-        raise PeftbenchError(f"config key 'train.lr' must be > 0, got {t.lr}")
-    if not 0 <= t.warmup_ratio < 1:
-        raise PeftbenchError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    check_loop(t)
+    require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     _check_quantization(cfg)
-    if cfg.task.max_length < 8:
-        raise PeftbenchError(f"config key 'task.max_length' must be >= 8, got {cfg.task.max_length}")
+    require(cfg.task.max_length >= 8, "task.max_length", ">= 8", cfg.task.max_length)
+    require(cfg.task.max_train_samples is None or cfg.task.max_train_samples >= 1, "task.max_train_samples",
+            "null (all) or >= 1", cfg.task.max_train_samples)
     if cfg.task.name not in ("custom", "custom_ner"):
         for key in ("text_fields", "label_field", "labels"):
             if getattr(cfg.task, key) is not None:
@@ -254,8 +303,6 @@ def _check_values(cfg: RunConfig) -> None:
 
 
 def _check_quantization(cfg: RunConfig) -> None:
-    from peftbench.methods import get_method
-
     m = cfg.model
     if m.quantization not in QUANTIZATION:
         raise PeftbenchError(f"config key 'model.quantization' must be one of {QUANTIZATION}, got {m.quantization!r}")
@@ -264,7 +311,8 @@ def _check_quantization(cfg: RunConfig) -> None:
     if m.quant_4bit_compute_dtype not in QUANT_COMPUTE_DTYPES:
         raise PeftbenchError(f"config key 'model.quant_4bit_compute_dtype' must be one of {QUANT_COMPUTE_DTYPES}, "
                              f"got {m.quant_4bit_compute_dtype!r}")
-    if m.quantization != "none" and get_method(cfg.method.name).trains_base_weights:
+    if m.quantization != "none" and METHODS.get(cfg.method.name, "method.name").trains_base_weights:
         raise PeftbenchError(f"config keys 'method.name={cfg.method.name}' and 'model.quantization={m.quantization}' "
                              f"conflict: {cfg.method.name} trains the base weights, and {m.quantization} base weights "
-                             f"are frozen integer storage without gradients; use a PEFT method or model.quantization=none")
+                             "are frozen integer storage without gradients; use a PEFT method or "
+                             "model.quantization=none")

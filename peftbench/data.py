@@ -1,4 +1,4 @@
-"""Tokenisation, length-grouped batching and dynamic padding."""
+"""Length-grouped batching and dynamic padding (tokenisation belongs to the task kinds)."""
 
 from __future__ import annotations
 
@@ -9,46 +9,6 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Sampler
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
-
-
-def encode(ds: Dataset, tokenizer, max_length: int, pair: bool) -> Dataset:
-    """Tokenise ``text_a`` (and ``text_b`` for pair tasks); keep ``labels``, ``id`` and ``length``."""
-
-    def tokenize(batch):
-        enc = tokenizer(batch["text_a"], batch["text_b"] if pair else None, truncation=True, max_length=max_length)
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return enc
-
-    ds = ds.map(tokenize, batched=True, remove_columns=["text_a", "text_b"])
-    return ds.rename_column("label", "labels")
-
-
-def encode_tokens(ds: Dataset, tokenizer, max_length: int, tags: tuple[str, ...], scheme: str) -> Dataset:
-    """Token classification: each character of ``text_a`` is a word; its first token carries its tag.
-
-    Later pieces of a character and special tokens get label -100 (ignored by the loss), and
-    ``char_index`` maps each first piece back to its character (-1 elsewhere), so predictions
-    return to character spans. Characters the tokenizer drops (spaces) or truncates get no
-    prediction (``O``).
-    """
-    from peftbench.tasks.ner import Span, spans_to_tags
-
-    tag_id = {tag: i for i, tag in enumerate(tags)}
-
-    def tokenize(batch):
-        enc = tokenizer([list(text) for text in batch["text_a"]], is_split_into_words=True, truncation=True,
-                        max_length=max_length)
-        enc["labels"], enc["char_index"] = [], []
-        for i, (text, entities) in enumerate(zip(batch["text_a"], batch["entities"])):
-            char_tags = spans_to_tags(len(text), [Span(e["start"], e["end"], e["type"]) for e in entities], scheme)
-            word_ids = enc.word_ids(i)
-            first = [w is not None and (j == 0 or word_ids[j - 1] != w) for j, w in enumerate(word_ids)]
-            enc["char_index"].append([w if f else -1 for w, f in zip(word_ids, first)])
-            enc["labels"].append([tag_id[char_tags[w]] if f else -100 for w, f in zip(word_ids, first)])
-        enc["length"] = [len(ids) for ids in enc["input_ids"]]
-        return enc
-
-    return ds.map(tokenize, batched=True, remove_columns=["text_a", "text_b", "label", "entities"])
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -89,9 +49,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 class Collator:
     """Pads a list of encoded examples to the longest in the batch.
 
-    Adds ``num_tokens`` (real, non-pad tokens, counted on the host before any
-    transfer) and keeps ``id`` so predictions can be traced to records. Token
-    labels are padded with -100 and ``char_index`` with -1.
+    A batch is ``{"inputs": model inputs, "labels", "id", "num_tokens"}`` (+ ``char_index`` for
+    token classification): ``num_tokens`` counts real, non-pad tokens on the host before any
+    transfer, and ``id`` traces predictions to records. Token labels are padded with -100 and
+    ``char_index`` with -1.
     """
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 1):
@@ -101,15 +62,14 @@ class Collator:
     def __call__(self, examples: list[dict]) -> dict:
         longest = max(len(ex["input_ids"]) for ex in examples)
         width = math.ceil(longest / self.multiple) * self.multiple
-        batch = {}
-        for key in MODEL_INPUTS:
-            if key not in examples[0]:
-                continue
-            fill = self.pad_id if key == "input_ids" else 0
-            batch[key] = torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in examples], dtype=torch.long)
+
+        def padded(key, fill):
+            return torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in examples], dtype=torch.long)
+
+        present = [key for key in MODEL_INPUTS if key in examples[0]]
+        batch = {"inputs": {key: padded(key, self.pad_id if key == "input_ids" else 0) for key in present}}
         if "char_index" in examples[0]:
-            for key, fill in (("labels", -100), ("char_index", -1)):
-                batch[key] = torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in examples], dtype=torch.long)
+            batch.update(labels=padded("labels", -100), char_index=padded("char_index", -1))
         else:
             batch["labels"] = torch.tensor([ex["labels"] for ex in examples], dtype=torch.long)
         batch["id"] = torch.tensor([ex["id"] for ex in examples], dtype=torch.long)
@@ -127,4 +87,5 @@ def eval_loader(ds: Dataset, collator: Collator, batch_size: int, pin_memory: bo
     """Sequential batches over the split sorted by length (less padding); ``id`` maps back."""
     lengths = list(ds["length"])
     order = sorted(range(len(ds)), key=lengths.__getitem__, reverse=True)
-    return DataLoader(ds.select(order), batch_size=batch_size, shuffle=False, collate_fn=collator, pin_memory=pin_memory)
+    return DataLoader(ds.select(order), batch_size=batch_size, shuffle=False, collate_fn=collator,
+                      pin_memory=pin_memory)

@@ -1,8 +1,12 @@
-"""The one error type for bad input: recipes, data files, model paths."""
+"""The error types of expected failures: bad input, and a run that diverged."""
 
 
 class PeftbenchError(ValueError):
     """Bad user input. The message is one line naming the file, line and field."""
+
+
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss, parameter or logit. The message starts with ``diverged:``."""
 
 
 def where(path, line: int | None = None, field: str | None = None) -> str:

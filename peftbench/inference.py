@@ -8,22 +8,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from peftbench import checkpoint
 from peftbench.config import resolve
-from peftbench.data import Collator, encode, encode_tokens
+from peftbench.data import Collator
 from peftbench.errors import PeftbenchError
-from peftbench.methods import get_method
+from peftbench.methods import RunContext, get_method
 from peftbench.models import from_pretrained
 from peftbench.tasks import load_task
-from peftbench.tasks.ner import clue_label, predicted_spans
-
-META_FILE = "peftbench.json"
-
-
-def read_meta(ckpt_dir: Path) -> dict:
-    meta_path = ckpt_dir / META_FILE
-    if not meta_path.is_file():
-        raise PeftbenchError(f"{ckpt_dir}: not a peftbench checkpoint ({META_FILE} missing)")
-    return json.loads(meta_path.read_text(encoding="utf-8"))
+from peftbench.tasks.kinds import KINDS
 
 
 def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool = False):
@@ -32,23 +24,46 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
     ``merge=True`` folds LoRA-style updates into the base weights (no extra latency).
     """
     ckpt_dir = Path(ckpt_dir)
-    meta = read_meta(ckpt_dir)
+    meta = checkpoint.read_meta(ckpt_dir)
     cfg = resolve(meta["config"])
+    kind = KINDS[meta.get("kind", "classification")]
     method = get_method(meta["method"])(cfg.method)
     base = None
     quantized = cfg.model.quantization != "none"
-    if meta["base_model"] is not None:  # quantised as in training: the trained tensors were fitted to that base
-        source = ckpt_dir / "base" if meta["base_model"] == "base" else meta["base_model"]
+    source = checkpoint.base_source(ckpt_dir, meta)
+    if source is not None:  # quantised as in training: the trained tensors were fitted to that base
         gpu = torch.device(device)
-        base = from_pretrained(source, cfg.model, meta["labels"], meta.get("kind", "classification"),
+        base = from_pretrained(source, cfg.model, meta["labels"], kind.auto_class,
                                device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None)
-    model = method.load(base, ckpt_dir)
+    ctx = RunContext(total_steps=0, num_labels=len(meta["labels"]), peft_task_type=kind.peft_task_type,
+                     labels_per_token=kind.labels_per_token)
+    model = method.load(base, ckpt_dir, ctx)
     if merge:
         if not hasattr(model, "merge_and_unload"):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
         model = model.merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir))
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
+
+
+def safe_name(name, ckpt_dir) -> str:
+    """A name from checkpoint metadata that becomes part of a file name: a registered task's, nothing else."""
+    from peftbench.tasks import task_names
+
+    if not isinstance(name, str) or name not in task_names():
+        raise PeftbenchError(f"{Path(ckpt_dir) / checkpoint.META_FILE}: field 'task': {name!r} is not a "
+                             "registered task name")
+    return name
+
+
+def check_unique_ids(ids: list[int], lines: list[int], source: str) -> None:
+    """A submission file is matched by id: two records with one id would be scored against each other."""
+    first = {}
+    for record_id, line in zip(ids, lines):
+        if record_id in first:
+            raise PeftbenchError(f"{source}:{line}: field 'id': id {record_id} repeats line {first[record_id]}; "
+                                 "a submission file needs unique ids")
+        first[record_id] = line
 
 
 @torch.inference_mode()
@@ -70,41 +85,25 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     data = load_task(cfg.task)
     if split not in data.splits:
         raise PeftbenchError(f"{data.source}: no '{split}' split to predict")
-    ds = data.splits[split]
-    tokens = data.spec.kind == "token_classification"
-    encoded = (encode_tokens(ds, tokenizer, meta["max_length"], data.spec.labels, cfg.task.tag_scheme) if tokens
-               else encode(ds, tokenizer, meta["max_length"], meta["pair"]))
+    kind, ds = data.spec.kind, data.splits[split]
+    if fmt == "clue":
+        check_unique_ids(ds["id"], data.lines[split], data.files[split])
+    encoded = kind.encode(ds, tokenizer, data.spec, meta["max_length"], meta["pair"])
     texts = dict(zip(ds["id"], ds["text_a"]))
     collator = Collator(tokenizer.pad_token_id)
     rows = []
     for start in range(0, len(encoded), batch_size):
         batch = collator([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
-        ids, index = batch.pop("id").tolist(), batch.pop("char_index", None)
-        labels = batch.pop("labels")
-        batch.pop("num_tokens")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-        if tokens:
-            preds = logits[:, -labels.shape[1]:].argmax(-1)  # prompt tuning prepends virtual-token outputs
-            for record_id, p, c in zip(ids, preds.tolist(), index.tolist()):
-                text = texts[record_id]
-                spans = predicted_spans(p, c, len(text), data.spec.labels)
-                rows.append({"id": record_id, "text": text, "entities": [
-                    {"start": s.start, "end": s.end, "type": s.type, "text": text[s.start : s.end + 1]} for s in spans],
-                    "label": clue_label(spans, text)})
-            continue
-        probs = logits.softmax(-1)
-        for record_id, p in zip(ids, probs):
-            k = int(p.argmax())
-            rows.append({"id": record_id, "label": meta["labels"][k], "label_name": meta["label_names"][k],
-                         "score": round(float(p[k]), 6)})
+        logits = model(**{k: v.to(device) for k, v in batch["inputs"].items()}).logits.cpu()
+        rows += kind.prediction_rows(logits, batch, texts, meta["labels"], meta["label_names"])
     as_dir = str(out).endswith("/") or Path(out).is_dir()
     out = Path(out)
     if fmt == "clue":
-        rows = [{"id": r["id"], "label": r["label"]} for r in rows]
+        rows = [kind.submission_row(r) for r in rows]
         if as_dir:
-            out = out / f"{meta['task']}_predict.json"
-    elif tokens:
-        rows = [{k: v for k, v in r.items() if k != "label"} for r in rows]
+            out = out / f"{safe_name(meta['task'], ckpt_dir)}_predict.json"
+    else:
+        rows = [kind.jsonl_row(r) for r in rows]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

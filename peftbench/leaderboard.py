@@ -32,7 +32,7 @@ MIN_SEEDS_FOR_TEST = 3
 
 
 @dataclass
-class Cell:
+class Scores:
     scores: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -49,7 +49,7 @@ class Cell:
 class Row:
     method: str
     settings: str
-    cells: dict[str, Cell] = field(default_factory=dict)
+    cells: dict[str, Scores] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
 
     @property
@@ -57,7 +57,7 @@ class Row:
         return f"{self.method} ({self.settings})" if self.settings else self.method
 
     def mean_of(self, section: str, key: str) -> float | None:
-        values = [r[section][key] for r in self.records if r["status"] == "success" and key in r[section]]
+        values = [r[section][key] for r in self.records if r["status"] == "success" and _number(r[section].get(key))]
         return statistics.fmean(values) if values else None
 
 
@@ -100,11 +100,47 @@ class Group:
         return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:80]
 
 
-def collect(dirs: list[str | Path]) -> list[dict]:
-    paths = sorted(p for d in dirs for p in Path(d).rglob(RECORD_NAME))
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_for_table(record: dict, source: str) -> dict:
+    """The fields a table reads, with the types it needs (a record can be valid JSON and still unusable)."""
+    config = record["config"]
+    if not isinstance(config, dict) or not isinstance(record.get("finished_at"), str):
+        raise PeftbenchError(f"{source}: fields 'config' (an object) and 'finished_at' (a time) are needed")
+    for section, key in (("task", "name"), ("method", "name"), ("model", "name_or_path"), ("train", "lr"),
+                         ("train", "seed"), ("train", "mixed_precision")):
+        value = config.get(section, {}).get(key) if isinstance(config.get(section), dict) else None
+        if value is None or (key == "lr" and not _number(value)):
+            raise PeftbenchError(f"{source}: field 'config.{section}.{key}' missing or not usable ({value!r})")
+    if not isinstance(record["env"], dict):
+        raise PeftbenchError(f"{source}: field 'env' is not an object")
+    if record["status"] == "success":
+        metrics = record["metrics"]
+        for key in ("score", *(["test_score"] if "test_score" in metrics else [])):
+            if not _number(metrics.get(key)):
+                raise PeftbenchError(f"{source}: field 'metrics.{key}' is {metrics.get(key)!r}, not a finite number")
+    return record
+
+
+def collect(dirs: list[str | Path], strict: bool = False) -> tuple[list[dict], list[str]]:
+    """Every usable record under ``dirs``, and why each other one was skipped (``strict``: an error instead)."""
+    paths = sorted(p for d in dirs for p in Path(d).rglob(RECORD_NAME)  # not the staging folder of a running run
+                   if not any(part.startswith(".") for part in p.relative_to(d).parts))
     if not paths:
         raise PeftbenchError(f"no {RECORD_NAME} under {', '.join(map(str, dirs))}")
-    return [read_record(p) for p in paths]
+    records, skipped = [], []
+    for path in paths:
+        try:
+            records.append(_check_for_table(read_record(path), str(path)))
+        except PeftbenchError as exc:
+            if strict:
+                raise
+            skipped.append(str(exc))
+    if not records:
+        raise PeftbenchError(f"no usable {RECORD_NAME} under {', '.join(map(str, dirs))} ({len(skipped)} skipped)")
+    return records, skipped
 
 
 def _hardware(env: dict) -> str:
@@ -112,22 +148,17 @@ def _hardware(env: dict) -> str:
     return f"{env.get('device_name', 'unknown')} ×{procs}"
 
 
-def _settings(config: dict) -> tuple[tuple, str]:
-    """The row identity (all but task and seed) and its short label (method settings that differ from defaults + lr)."""
-    from peftbench.methods import get_method
-
+def _settings(record: dict) -> tuple[tuple, str]:
+    """The row identity (all but task and seed) and its short label (the settings the run recorded as away
+    from their defaults, and the learning rate)."""
+    config = record["config"]
     method = dict(config["method"])
     name = method.pop("name")
-    defaults = vars(get_method(name).Config())
-    changed = {k: v for k, v in method.items() if defaults.get(k) != v}
     train = {k: v for k, v in config["train"].items() if k != "seed"}
     identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
                 json.dumps({k: v for k, v in config["model"].items()}, sort_keys=True))
-    from peftbench.config import ModelConfig
-
-    model_defaults = vars(ModelConfig())
-    changed.update({k: v for k, v in config["model"].items()  # quantisation, attention: same backbone, other settings
-                    if k not in ("name_or_path", "tokenizer") and k in model_defaults and model_defaults[k] != v})
+    settings = record.get("settings") or {"method": method, "model": {}}  # older records: every method key
+    changed = {**settings["method"], **settings["model"]}
     label = ", ".join([f"{k}={v}" for k, v in sorted(changed.items())] + [f"lr={train['lr']:g}"])
     return identity, label
 
@@ -141,7 +172,7 @@ def build(records: list[dict]) -> list[Group]:
         random_init = r.get("backbone", {}).get("random_init", backbone == "tiny")
         group = groups.setdefault(key, Group(*key, random_init=random_init))
         group.pretrained = group.pretrained or r.get("backbone", {}).get("pretrained_by_peftbench")
-        identity, label = _settings(cfg)
+        identity, label = _settings(r)
         row = group.rows.setdefault(identity, Row(cfg["method"]["name"], label))
         row.records.append(r)
         task = cfg["task"]["name"]
@@ -159,7 +190,7 @@ def build(records: list[dict]) -> list[Group]:
         for row in group.rows.values():
             for r in row.records:
                 task = r["config"]["task"]["name"]
-                cell = row.cells.setdefault(task, Cell())
+                cell = row.cells.setdefault(task, Scores())
                 if r["status"] == "success":
                     cell.scores.append(r["metrics"]["test_score" if group.split[task] == "test" else "score"])
                 else:
@@ -176,7 +207,7 @@ def significance(group: Group) -> dict[tuple[str, str], str]:
         return marks
     for task in group.tasks:
         candidates = [row for row in group.rows.values()
-                      if len(row.cells.get(task, Cell()).scores) >= MIN_SEEDS_FOR_TEST]
+                      if len(row.cells.get(task, Scores()).scores) >= MIN_SEEDS_FOR_TEST]
         if len(candidates) < 2:
             continue
         best = max(candidates, key=lambda row: (row.cells[task].mean, row.label))
@@ -193,7 +224,7 @@ def significance(group: Group) -> dict[tuple[str, str], str]:
     return marks
 
 
-def _fmt_cell(cell: Cell | None, mark: str = "") -> str:
+def _fmt_cell(cell: Scores | None, mark: str = "") -> str:
     if cell is None:
         return "—"
     if not cell.scores:
@@ -240,27 +271,58 @@ def _fmt_number(x: float | None) -> str:
     return "—" if x is None else f"{x:.0f}"
 
 
-NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header says F1), mean ± std over seeds (n seeds); split in the header (test = labeled test split). "
+NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header says F1), mean ± std over seeds "
+         "(n seeds); split in the header (test = labeled test split). "
          "Average: the CLUE-style mean of the task means, where a row has every task. Trainable: parameters trained "
          "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "
          f"★ best mean per task; ☆ not significantly worse than ★ (Welch's t-test, p ≥ {ALPHA}, "
          f"≥ {MIN_SEEDS_FOR_TEST} seeds each).")
 
 
-def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str]]) -> str:
-    newest = max(r["finished_at"] for r in records)
-    lines = ["# Leaderboard", "", f"{len(records)} records, newest {newest}. {NOTES}", ""]
+def md(text: str) -> str:
+    """Record text made safe for Markdown: no HTML, no table breaks."""
+    return html.escape(str(text), quote=False).replace("|", "\\|")
+
+
+def tex(text: str) -> str:
+    """Record text made safe for matplotlib, which reads ``$...$`` as mathematics."""
+    return str(text).replace("$", r"\$")
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(map(md, head)) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(md, row)) + " |" for row in rows])
+
+
+def run_summary(records: list[dict]) -> str:
+    """One Markdown row per finished run (what ``peftbench run`` and ``sweep`` print at the end)."""
+    head = ["task", "method", "metric", "dev", "test", "trainable", "trainable %", "train samples/s",
+            "train tokens/s", "peak MB", "wall s"]
+    rows = []
+    for r in records:
+        m, p = r["metrics"], r["params"]
+        test = f"{m['test_score']:.4f}" if "test_score" in m else "-"
+        rows.append([r["config"]["task"]["name"], r["config"]["method"]["name"], m["score_name"], f"{m['score']:.4f}",
+                     test, f"{p['trainable']:,}", f"{p['trainable_pct']:.2f}", f"{m['train_samples_per_s']:.1f}",
+                     f"{m['train_tokens_per_s']:.0f}", f"{m['peak_memory_mb']:.0f}", f"{m['wall_s']:.1f}"])
+    return markdown_table(head, rows)
+
+
+def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str]], skipped: list[str]) -> str:
+    newest = max(str(r["finished_at"]) for r in records)
+    note = f" {len(skipped)} unreadable records skipped." if skipped else ""
+    lines = ["# Leaderboard", "", f"{len(records)} records, newest {md(newest)}.{note} {NOTES}", ""]
     for group in groups:
         head, rows = table(group)
-        lines += [f"## {group.title}", ""]
+        lines += [f"## {md(group.title)}", ""]
         if group.random_init:
             lines += ["Random-init backbone: these numbers test the machinery; they do not rank the methods.", ""]
         if group.backbone_note:
-            lines += [group.backbone_note, ""]
-        lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+            lines += [md(group.backbone_note), ""]
+        lines.append(markdown_table(head, rows))
         lines.append("")
         for command in sorted(group.reproduce):
+            command = command.replace("`", "")
             lines.append(f"Reproduce: `{command}`, then `peftbench leaderboard RESULTS_DIR --out DIR`.")
         for name in plots.get(group.slug, []):
             lines.append(f"![{name}]({name}.png)")
@@ -310,7 +372,8 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes]) 
         parts.append(f"<h2>{html.escape(group.title)}</h2>")
         if group.backbone_note:
             parts.append(f"<p>{html.escape(group.backbone_note)}</p>")
-        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>")
+        header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        parts.append(f"<table><thead><tr>{header}</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
         parts.append("</tbody></table>")
         for command in sorted(group.reproduce):
@@ -362,14 +425,14 @@ def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
                 x = statistics.fmean([r[section][x_key] for r in row.records if r["status"] == "success"
                                       and r["config"]["task"]["name"] == task] or [math.nan])
                 if cell and cell.scores and not math.isnan(x):
-                    ax.errorbar(x, 100 * cell.mean, yerr=100 * cell.std, fmt="o", capsize=3, label=row.label)
+                    ax.errorbar(x, 100 * cell.mean, yerr=100 * cell.std, fmt="o", capsize=3, label=tex(row.label))
                     points.append((x, 100 * cell.mean))
             front = pareto(points)
             if front:
                 ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="grey", ls="--", lw=1,
                         label="Pareto front")
             ax.set_xscale("log" if log else "linear")
-            ax.set_title(group.column(task))
+            ax.set_title(tex(group.column(task)))
             ax.set_xlabel(xlabel)
             ax.set_ylabel("entity F1 (%)" if group.metric[task] == "entity_f1" else "accuracy (%)")
         handles, labels = axes[0][0].get_legend_handles_labels()
@@ -380,16 +443,17 @@ def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.6))
     speeds = [row.mean_of("metrics", "train_samples_per_s") or 0 for row in rows]
     ax.bar(range(len(rows)), speeds)
-    ax.set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(range(len(rows)), [tex(row.label) for row in rows], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("train samples/s (mean over tasks)")
     fig.tight_layout()
     save(fig, f"{group.slug}-throughput")
     return pngs
 
 
-def write(dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Build the leaderboard of every record under ``dirs`` into ``out_dir``."""
-    records = collect(dirs)
+def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> tuple[list[Path], list[str]]:
+    """Build the leaderboard of every usable record under ``dirs`` into ``out_dir``; returns the files written
+    and why each unusable record was skipped."""
+    records, skipped = collect(dirs, strict)
     groups = build(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -398,8 +462,8 @@ def write(dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         group_pngs = plot(group, out_dir)
         pngs.update(group_pngs)
         names[group.slug] = sorted(group_pngs)
-    files = {"leaderboard.md": markdown(groups, records, names), "leaderboard.csv": csv_text(groups),
+    files = {"leaderboard.md": markdown(groups, records, names, skipped), "leaderboard.csv": csv_text(groups),
              "leaderboard.html": html_page(groups, records, pngs)}
     for name, text in files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
-    return [out_dir / name for name in files]
+    return [out_dir / name for name in files], skipped

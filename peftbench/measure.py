@@ -28,8 +28,9 @@ class StepTimer:
     tokens are counted per micro-batch and credited when their optimizer step ends.
     """
 
-    def __init__(self, device: torch.device, warmup_steps: int):
+    def __init__(self, device: torch.device, warmup_steps: int, clock=time.perf_counter):
         self.device = device
+        self.clock = clock
         self.warmup_steps = warmup_steps
         self.samples = self.tokens = self.steps = 0
         self.seconds = 0.0
@@ -42,7 +43,7 @@ class StepTimer:
     def _start(self) -> None:
         self._warm = True
         synchronize(self.device)
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
 
     def count(self, samples: int, tokens: int) -> None:
         self._pending[0] += samples
@@ -60,7 +61,7 @@ class StepTimer:
     def pause(self) -> None:
         if self._t0 is not None:
             synchronize(self.device)
-            self.seconds += time.perf_counter() - self._t0
+            self.seconds += self.clock() - self._t0
             self._t0 = None
 
     def resume(self) -> None:
@@ -69,7 +70,8 @@ class StepTimer:
 
     def result(self) -> dict:
         self.pause()
-        return {"timed_steps": self.steps, "timed_seconds": self.seconds, "timed_samples": self.samples, "timed_tokens": self.tokens}
+        return {"timed_steps": self.steps, "timed_seconds": self.seconds, "timed_samples": self.samples,
+                "timed_tokens": self.tokens}
 
 
 def _cpu_peak_rss_mb() -> float:
@@ -101,3 +103,63 @@ def peak_memory_mb(device: torch.device) -> dict:
                 "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
                 "memory_kind": "cuda_max_allocated"}
     return {"peak_memory_mb": _cpu_peak_rss_mb(), "memory_kind": "cpu_peak_rss"}
+
+
+def model_shape(model: torch.nn.Module, per_step_modules: tuple[str, ...] = ()) -> dict:
+    """Non-embedding parameter count, trained non-embedding count, layers and width, for :func:`train_flops`.
+    Embedding lookups and ``per_step_modules`` (virtual-token encoders: run once per step, not per token)
+    are left out."""
+    skip = ("embeddings", *per_step_modules)
+    total = trained = 0
+    for name, param in model.named_parameters():
+        if any(part in name for part in skip):
+            continue
+        total += param.numel()
+        trained += param.numel() if param.requires_grad else 0
+    cfg = model.config
+    return {"n_params": total, "n_trained": trained, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+
+
+def train_flops(shape: dict, lengths: list[int]) -> float:
+    """Training FLOPs for sequences of ``lengths`` real tokens (see docs/performance.md):
+    2N (forward) + 2N (input gradients) + 2N_trained (weight gradients) per token, plus
+    attention 12 * layers * hidden * s^2 per sequence (forward and backward of QK^T and AV)."""
+    tokens = sum(lengths)
+    dense = (4 * shape["n_params"] + 2 * shape["n_trained"]) * tokens
+    attention = 12 * shape["layers"] * shape["hidden"] * sum(s * s for s in lengths)
+    return dense + attention
+
+
+def peak_matmul_flops(dtype: torch.dtype = torch.float32) -> float:
+    """Measured dense matmul FLOP/s of this machine's device in ``dtype`` (the MFU denominator)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    reps = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def stored_bytes(param: torch.Tensor) -> int:
+    """Bytes a weight occupies: its storage plus bitsandbytes' quantisation constants (int8 row scales,
+    4-bit block scales and their own constants under double quantisation)."""
+    total = param.numel() * param.element_size()
+    scales = getattr(param, "SCB", None)  # LLM.int8: one fp32 scale per row
+    if isinstance(scales, torch.Tensor):
+        total += scales.numel() * scales.element_size()
+    state = getattr(param, "quant_state", None)  # 4-bit: block absmax, nested state when double-quantised
+    while state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        state = getattr(state, "state2", None)
+    return total
+
+
+def unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Each parameter once (tied weights are one tensor)."""
+    return list({id(p): p for p in model.parameters()}.values())

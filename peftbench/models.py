@@ -17,14 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertTokenizer,
-)
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertTokenizer
 
 from peftbench.errors import PeftbenchError
 
@@ -36,7 +29,8 @@ _BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads"
               "max_position_embeddings": 512, "type_vocab_size": 2, "vocab_size": 21128}
 ARCHITECTURES = {  # BERT configurations known offline (name -> BertConfig fields)
     "tiny": TINY_CONFIG,
-    "mini": {**TINY_CONFIG, "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 1024, "initializer_range": 0.02},
+    "mini": {**TINY_CONFIG, "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 1024,
+             "initializer_range": 0.02},
     "bert-base-chinese": _BERT_BASE,
     "hfl/chinese-roberta-wwm-ext": _BERT_BASE,
     "hfl/chinese-roberta-wwm-ext-large": {**_BERT_BASE, "hidden_size": 1024, "num_hidden_layers": 24,
@@ -99,21 +93,17 @@ def load_tokenizer(model_cfg, train_texts):
                              f"(not a local directory, and the hub said: {_first_line(exc)})") from None
 
 
-AUTO_CLASSES = {"classification": AutoModelForSequenceClassification,
-                "token_classification": AutoModelForTokenClassification}
-
-
-def load_model(model_cfg, labels: list[str], tokenizer, kind: str = "classification",
+def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForSequenceClassification,
                save_random_base: Path | None = None, device_map: dict | None = None):
-    """A sequence- (or token-) classification model with ``len(labels)`` outputs, quantised per
-    ``model.quantization``. A random-init backbone is written to ``save_random_base`` (float weights,
-    before quantisation) when given: it cannot be rebuilt from a name."""
+    """A model of ``auto_class`` (the task kind's: sequence or token classification) with ``len(labels)``
+    outputs, quantised per ``model.quantization``. A random-init backbone is written to ``save_random_base``
+    (float weights, before quantisation) when given: it cannot be rebuilt from a name."""
     if not is_random_init(model_cfg.name_or_path):
         _check_reachable(model_cfg.name_or_path, "model.name_or_path")
-        return from_pretrained(model_cfg.name_or_path, model_cfg, labels, kind, device_map)
+        return from_pretrained(model_cfg.name_or_path, model_cfg, labels, auto_class, device_map)
     config = _random_init_config(model_cfg.name_or_path, len(tokenizer))
     config.update({"pad_token_id": tokenizer.pad_token_id, **_label_kwargs(labels)})
-    model = AUTO_CLASSES[kind].from_config(config, **_attention_kwargs(model_cfg))
+    model = auto_class.from_config(config, **_attention_kwargs(model_cfg))
     if save_random_base is not None:
         model.save_pretrained(str(save_random_base))
     if model_cfg.quantization == "none":
@@ -122,22 +112,39 @@ def load_model(model_cfg, labels: list[str], tokenizer, kind: str = "classificat
         # save_pretrained writes on global rank 0 only, and every process needs its own copy
         model.config.to_json_file(f"{tmp}/config.json")
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        model = from_pretrained(tmp, model_cfg, labels, kind, device_map)
+        model = from_pretrained(tmp, model_cfg, labels, auto_class, device_map)
     model.name_or_path = model.config._name_or_path = ""  # built from a config, as unquantised: no path to record
     return model
 
 
-def from_pretrained(source, model_cfg, labels: list[str], kind: str = "classification", device_map: dict | None = None):
+def from_pretrained(source, model_cfg, labels: list[str], auto_class=AutoModelForSequenceClassification,
+                    device_map: dict | None = None):
     """Load a hub name or directory with the run's labels, attention and quantisation settings."""
     quant = quantization_config(model_cfg)
     kwargs = {**_label_kwargs(labels), **_attention_kwargs(model_cfg)}
     if quant is not None:  # float parts (embeddings, norms, head) stay fp32; ``device_map`` puts a copy on each device
         kwargs.update(quantization_config=quant, dtype=torch.float32, device_map=device_map)
     try:
-        return AUTO_CLASSES[kind].from_pretrained(str(source), **kwargs)
+        model = auto_class.from_pretrained(str(source), **kwargs)
     except OSError as exc:
         raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{source}' "
                              f"(not a local directory, and the hub said: {_first_line(exc)})") from None
+    if quant is not None:
+        keep_4bit_training_layout(model)
+    return model
+
+
+def keep_4bit_training_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit CPU weights in the layout its autograd path reads.
+
+    On a CPU with AVX512-BF16, ``Linear4bit`` repacks its weight into an inference-only layout on
+    the first forward in eval mode and never converts back, so training after the first
+    evaluation fails ("a view of a leaf Variable ... in-place operation"). Turning that repacking
+    off keeps one layout for training and evaluation; on other CPUs and on GPUs nothing changes.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 QUANT_SKIP_MODULES = ["classifier", "score", "pooler.dense"]  # stay in float: the trained head, BERT's pooler
@@ -171,22 +178,9 @@ def quantization_name(model_cfg) -> str:
     return f"4bit-{model_cfg.quant_4bit_type}-{model_cfg.quant_4bit_compute_dtype}{double}"
 
 
-def stored_bytes(param: torch.Tensor) -> int:
-    """Bytes a weight occupies: its storage plus bitsandbytes' quantisation constants (int8 row scales,
-    4-bit block scales and their own constants under double quantisation)."""
-    total = param.numel() * param.element_size()
-    scales = getattr(param, "SCB", None)  # LLM.int8: one fp32 scale per row
-    if isinstance(scales, torch.Tensor):
-        total += scales.numel() * scales.element_size()
-    state = getattr(param, "quant_state", None)  # 4-bit: block absmax, nested state when double-quantised
-    while state is not None:
-        total += state.absmax.numel() * state.absmax.element_size()
-        state = getattr(state, "state2", None)
-    return total
-
-
 def _label_kwargs(labels: list[str]) -> dict:
-    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)})
 
 
 def _attention_kwargs(model_cfg) -> dict:

@@ -19,40 +19,31 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from peftbench import checkpoint
 from peftbench import config as config_lib
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError, where
-from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
+from peftbench.loop import Hooks, LoopState, build_optimizer, fit, make_accelerator
+from peftbench.methods import RunContext, get_method, set_trainable
 from peftbench.models import build_char_vocab
-from peftbench.records import environment, make_record, write_atomic
-from peftbench.tasks import LAYOUTS, read_records
-
-RECORD_NAME = "pretrain_record.json"
-MODEL_DIR = "model"
-CHECKPOINT_DIR = "checkpoint"
-PROVENANCE_FILE = "peftbench_pretrain.json"  # in the saved model directory: how it was made
-# Evaluation files of every data layout, plus FewCLUE's per-split dev/test files.
-EVAL_FILE = re.compile("|".join([re.escape(n[s]) for n in LAYOUTS.values() for s in ("dev", "test")]
-                                + [r"dev_\d+\.json", r"test_public\.json"]))
+from peftbench.records import PRETRAIN_RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
+from peftbench.tasks import is_evaluation_file, read_records
 
 
 @dataclass
 class CorpusConfig:
     files: list[str] = field(default_factory=list)  # JSON lines (.json/.jsonl) or plain text (one document per line)
-    text_fields: list[str] = field(default_factory=lambda: ["sentence", "content", "text"])  # JSON: each present field is a document
+    # JSON: each of these fields present in a record is a document
+    text_fields: list[str] = field(default_factory=lambda: ["sentence", "content", "text"])
     eval_fraction: float = 0.01  # held-out blocks for the MLM loss
     allow_eval_text: bool = False  # permit files named like a task's dev/test file
 
@@ -116,8 +107,12 @@ def load_config(recipe: str | None, overrides: list[str]) -> PretrainConfig:
         raise PeftbenchError("config keys 'model.name_or_path' / 'model.from_scratch': set exactly one")
     if cfg.model.from_scratch and cfg.model.lora_r:
         raise PeftbenchError("config key 'model.lora_r': LoRA needs pretrained weights (not model.from_scratch)")
-    if cfg.train.mixed_precision not in config_lib.MIXED_PRECISION:
-        raise PeftbenchError(f"config key 'train.mixed_precision' must be one of {config_lib.MIXED_PRECISION}")
+    config_lib.check_loop(cfg.train)
+    config_lib.require(cfg.train.max_steps >= 1, "train.max_steps", ">= 1", cfg.train.max_steps)
+    for key in ("eval_every", "save_every"):
+        config_lib.require(getattr(cfg.train, key) >= 1, f"train.{key}", ">= 1", getattr(cfg.train, key))
+    config_lib.require(config_lib.finite(cfg.train.max_minutes) and cfg.train.max_minutes >= 0, "train.max_minutes",
+                       "a finite number >= 0 (0: no time limit)", cfg.train.max_minutes)
     if not 0 < cfg.mask.probability < 1:
         raise PeftbenchError(f"config key 'mask.probability' must be in (0, 1), got {cfg.mask.probability}")
     if cfg.mask.block_size < 8:
@@ -131,7 +126,7 @@ def load_config(recipe: str | None, overrides: list[str]) -> PretrainConfig:
 
 def check_not_eval_text(path: Path, allow: bool) -> None:
     """Refuse a dev/test file of a task layout: pretraining on it leaks evaluation text into every score."""
-    if EVAL_FILE.fullmatch(path.name) and not allow:
+    if is_evaluation_file(path) and not allow:
         raise PeftbenchError(f"{path}: named like a task's dev/test file; pretraining on evaluation text leaks it "
                              "into every fine-tuned score (set corpus.allow_eval_text=true to use it anyway)")
 
@@ -258,7 +253,7 @@ def _load_tokenizer(cfg: PretrainConfig, out_dir: Path, docs: list[str], fresh: 
         if tokenizer.mask_token_id is None:
             raise PeftbenchError(f"config key 'model.name_or_path': tokenizer of '{m.name_or_path}' has no mask token")
         return tokenizer
-    vocab = out_dir / MODEL_DIR / "vocab.txt"
+    vocab = out_dir / checkpoint.MODEL_DIR / "vocab.txt"
     if fresh:
         vocab.parent.mkdir(parents=True, exist_ok=True)
         vocab.write_text("\n".join(build_char_vocab(docs, m.vocab_min_freq)) + "\n", encoding="utf-8")
@@ -266,6 +261,8 @@ def _load_tokenizer(cfg: PretrainConfig, out_dir: Path, docs: list[str], fresh: 
 
 
 def _load_model(cfg: PretrainConfig, tokenizer):
+    """The masked-LM model with its method applied: ``full`` (from scratch or continued), or ``lora``
+    (continued pretraining of adapters, merged into the saved model). Returns (model, parameter counts)."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     m = cfg.model
@@ -276,177 +273,115 @@ def _load_model(cfg: PretrainConfig, tokenizer):
                                                 pad_token_id=tokenizer.pad_token_id, **arch)
         except (ValueError, TypeError) as exc:
             raise PeftbenchError(f"config key 'model.architecture': {exc}") from None
-        return AutoModelForMaskedLM.from_config(model_config)
-    try:
-        model = AutoModelForMaskedLM.from_pretrained(m.name_or_path)
-    except OSError as exc:
-        raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{m.name_or_path}' ({exc})") from None
-    if m.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=m.lora_r, lora_alpha=2 * m.lora_r, lora_dropout=0.0,
-                                                 target_modules=m.lora_target_modules))
-    return model
-
-
-def _save_model(model, tokenizer, directory: Path, provenance: dict) -> None:
-    """A standard Hugging Face directory; LoRA adapters are merged into the weights."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    write_atomic(directory / PROVENANCE_FILE, provenance)
+        model = AutoModelForMaskedLM.from_config(model_config)
+    else:
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(m.name_or_path)
+        except OSError as exc:
+            raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{m.name_or_path}' ({exc})") from None
+    method_cls = get_method("lora" if m.lora_r else "full")
+    method_cfg = (method_cls.Config(r=m.lora_r, alpha=2 * m.lora_r, dropout=0.0, target_modules=m.lora_target_modules)
+                  if m.lora_r else method_cls.Config())
+    method = method_cls(method_cfg)
+    model = method.apply(model, RunContext(total_steps=cfg.train.max_steps, num_labels=0, peft_task_type=None))
+    return model, set_trainable(model, method)
 
 
-# ---------------------------------------------------------------- loop
+# ---------------------------------------------------------------- recipe
 
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Run (or resume) masked-LM pretraining; returns the record (also written to ``output_dir``)."""
-    AcceleratorState._reset_state()
-    t = cfg.train
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision,
-                              gradient_accumulation_steps=t.grad_accum_steps)
+    """Run (or resume) masked-LM pretraining; returns the record (also written to ``output_dir``).
+    A crash writes a failed record; an interrupt leaves the last resumable checkpoint."""
+    accelerator = make_accelerator(cfg.train)
     out_dir = Path(cfg.output_dir)
-    ckpt = out_dir / CHECKPOINT_DIR
-    state = _resume_state(cfg, ckpt)
     env = environment(accelerator.num_processes)
-    start = time.perf_counter()
-
-    with accelerator.main_process_first():
-        docs = read_documents(cfg.corpus.files, cfg.corpus.text_fields, cfg.corpus.allow_eval_text)
-        set_seed(t.seed)
-        tokenizer = _load_tokenizer(cfg, out_dir, docs, fresh=state is None)
-        model = _load_model(cfg, tokenizer)
-        input_ids, word_ids = pack(docs, tokenizer, cfg.mask.block_size, cfg.mask.whole_word)
-    split = torch.randperm(len(input_ids), generator=torch.Generator().manual_seed(t.seed))
-    n_eval = max(1, round(cfg.corpus.eval_fraction * len(input_ids)))
-    eval_idx, train_idx = split[:n_eval], split[n_eval:]
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-    random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in set(special.tolist())])
-
-    sampler = LengthGroupedBatchSampler([cfg.mask.block_size] * len(train_idx), t.batch_size, t.seed, False)
-    blocks = torch.utils.data.TensorDataset(input_ids[train_idx], word_ids[train_idx])
-    # Its own generator: creating an iterator then draws no number from the global RNG, which the resumed
-    # run (a new iterator mid-epoch) would otherwise consume differently from the uninterrupted one.
-    train_dl = DataLoader(blocks, batch_sampler=sampler, generator=torch.Generator())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if p.requires_grad and p.ndim >= 2], "weight_decay": t.weight_decay},
-         {"params": [p for p in model.parameters() if p.requires_grad and p.ndim < 2], "weight_decay": 0.0}], lr=t.lr)
-    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    state = state or {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "planned_steps": t.max_steps,
-                      "loss_curve": [], "eval_curve": []}
-    if state["step"]:
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resuming {out_dir} at step {state['step']}")
-    if state["step"] == 0:
-        state["eval_curve"].append({"step": 0, "mlm_loss": _eval_loss(model, input_ids[eval_idx], word_ids[eval_idx], cfg,
-                                                                      tokenizer, random_ids, accelerator)})
-
-    device = accelerator.device
-    timer = StepTimer(device, warmup_steps=min(t.timing_warmup_steps, max(t.max_steps // 2, 0)))
-    reset_peak_memory(device)
-    progress = tqdm(total=t.max_steps, initial=state["step"], desc="pretrain", disable=not accelerator.is_local_main_process)
-    loss_sum, loss_count = torch.zeros((), device=device), 0
-    session_start = time.perf_counter()
-    done = state["step"] >= state["planned_steps"]
-    while not done:
-        sampler.set_epoch(state["epoch"])
-        loader = accelerator.skip_first_batches(train_dl, state["batch_in_epoch"]) if state["batch_in_epoch"] else train_dl
-        for ids, words in loader:
-            micro = state["epoch"] * len(train_dl) + state["batch_in_epoch"]
-            state["batch_in_epoch"] += 1
-            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + micro * 101 + accelerator.process_index)
-            inputs, labels = mask_tokens(ids, words, cfg.mask.probability, tokenizer.mask_token_id, random_ids, gen)
-            timer.count(len(ids), ids.numel())
-            with accelerator.accumulate(model):
-                loss = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                _set_lr(optimizer, t, state["step"], state["planned_steps"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            timer.optimizer_step(state["step"])
-            progress.update(1)
-            step = state["step"]
-            if step % t.log_every == 0 or step >= state["planned_steps"]:
-                mean = accelerator.reduce(loss_sum / loss_count, "mean").item()
-                if not math.isfinite(mean):
-                    raise FloatingPointError(f"MLM loss is {mean} at step {step}")
-                state["loss_curve"].append({"step": step, "mlm_loss": mean})
-                progress.set_postfix(loss=f"{mean:.3f}")
-                loss_sum.zero_()
-                loss_count = 0
-                if t.max_minutes > 0:
-                    elapsed = state["train_seconds"] + time.perf_counter() - session_start
-                    planned = min(t.max_steps, max(step, int(step * t.max_minutes * 60 / elapsed)))
-                    state["planned_steps"] = int(broadcast(torch.tensor([planned], device=device)).item())
-            if step % t.eval_every == 0 or step >= state["planned_steps"]:
-                timer.pause()
-                state["eval_curve"].append({"step": step, "mlm_loss": _eval_loss(
-                    model, input_ids[eval_idx], word_ids[eval_idx], cfg, tokenizer, random_ids, accelerator)})
-                timer.resume()
-            if step % t.save_every == 0 and step < state["planned_steps"]:
-                timer.pause()
-                state["train_seconds"] += time.perf_counter() - session_start
-                session_start = time.perf_counter()
-                save_checkpoint(accelerator, state, cfg, ckpt)
-                timer.resume()
-            if step >= state["planned_steps"]:
-                done = True
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    progress.close()
-    state["train_seconds"] += time.perf_counter() - session_start
-    timing, memory = timer.result(), peak_memory_mb(device)
-
-    totals = accelerator.reduce(torch.tensor([timing["timed_samples"], timing["timed_tokens"]], dtype=torch.float64,
-                                             device=device), "sum").tolist()
-    peaks = accelerator.gather(torch.tensor([memory["peak_memory_mb"]], dtype=torch.float64, device=device)).tolist()
-    seconds = timing["timed_seconds"]
-    metrics = {
-        "mlm_loss": state["eval_curve"][-1]["mlm_loss"],
-        "mlm_perplexity": math.exp(min(state["eval_curve"][-1]["mlm_loss"], 50)),
-        "train_mlm_loss": state["loss_curve"][-1]["mlm_loss"] if state["loss_curve"] else float("nan"),
-        "steps": state["step"], "stopped_by": "time" if state["step"] < t.max_steps else "max_steps", "train_seconds": state["train_seconds"],
-        "train_samples_per_s": totals[0] / seconds if seconds else float("nan"),
-        "train_tokens_per_s": totals[1] / seconds if seconds else float("nan"),
-        "peak_memory_mb": max(peaks), "peak_memory_mb_per_process": peaks, "memory_kind": memory["memory_kind"],
-        "wall_s": time.perf_counter() - start,
-    }
-    raw = accelerator.unwrap_model(model)
-    params = {"trainable": sum(p.numel() for p in raw.parameters() if p.requires_grad),
-              "total": sum(p.numel() for p in raw.parameters()), "vocab_size": len(tokenizer)}
-    data = {"files": cfg.corpus.files, "documents": len(docs), "characters": sum(map(len, docs)),
-            "train_blocks": len(train_idx), "eval_blocks": n_eval, "block_size": cfg.mask.block_size,
-            "epochs_seen": (state["step"] * t.batch_size * t.grad_accum_steps * accelerator.num_processes) / len(train_idx)}
-    record = make_record("success", cfg.to_dict(), cfg.run_id, env, metrics, params,
-                         extra={"kind": "pretrain", "data": data, "loss_curve": state["loss_curve"],
-                                "eval_curve": state["eval_curve"], "model_dir": str(out_dir / MODEL_DIR)})
-    if accelerator.is_main_process:
-        summary = {k: record[k] for k in ("run_id", "config", "env")} | {"metrics": metrics, "data": data}
-        _save_model(raw, tokenizer, out_dir / MODEL_DIR, summary)
-        write_atomic(out_dir / RECORD_NAME, record)
-        shutil.rmtree(ckpt, ignore_errors=True)
+    with failed_record_on_error(out_dir / PRETRAIN_RECORD_NAME, cfg.to_dict(), cfg.run_id, env,
+                                accelerator.is_main_process, {"kind": "pretrain"}):
+        record = _pretrain(cfg, accelerator, out_dir, env)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return record
 
 
-def _set_lr(optimizer, t: PretrainTrainConfig, step: int, planned: int) -> None:
-    """Linear warm-up over ``warmup_ratio`` of the planned steps, then linear decay to 0 at the planned end."""
-    warmup = max(1, int(t.warmup_ratio * planned))
-    factor = (step + 1) / warmup if step < warmup else max(0.0, (planned - step) / max(1, planned - warmup))
-    for group in optimizer.param_groups:
-        group["lr"] = t.lr * factor
+def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict) -> dict:
+    t = cfg.train
+    start = time.perf_counter()
+    ckpt = out_dir / checkpoint.CHECKPOINT_DIR
+    saved = checkpoint.read_training_state(ckpt, cfg.run_id)
+    if saved is None and accelerator.is_main_process:  # a new run: the old record no longer describes model/
+        (out_dir / PRETRAIN_RECORD_NAME).unlink(missing_ok=True)
+    with accelerator.main_process_first():
+        docs = read_documents(cfg.corpus.files, cfg.corpus.text_fields, cfg.corpus.allow_eval_text)
+        set_seed(t.seed)
+        tokenizer = _load_tokenizer(cfg, out_dir, docs, fresh=saved is None)
+        model, params = _load_model(cfg, tokenizer)
+        input_ids, word_ids = pack(docs, tokenizer, cfg.mask.block_size, cfg.mask.whole_word)
+    split = torch.randperm(len(input_ids), generator=torch.Generator().manual_seed(t.seed))
+    n_eval = max(1, round(cfg.corpus.eval_fraction * len(input_ids)))
+    eval_idx, train_idx = split[:n_eval], split[n_eval:]
+    special = set(tokenizer.all_special_ids)
+    random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+
+    sampler = LengthGroupedBatchSampler([cfg.mask.block_size] * len(train_idx), t.batch_size, t.seed, False)
+    blocks = torch.utils.data.TensorDataset(input_ids[train_idx], word_ids[train_idx])
+    # Its own generator: creating an iterator then draws no number from the global RNG, which the resumed
+    # run (a new iterator mid-epoch) would otherwise consume differently from the uninterrupted one.
+    train_dl = DataLoader(blocks, batch_sampler=sampler, generator=torch.Generator(),
+                          pin_memory=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(model, t)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+
+    def eval_loss() -> float:
+        return _eval_loss(model, input_ids[eval_idx], word_ids[eval_idx], cfg, tokenizer, random_ids, accelerator)
+
+    if saved:
+        eval_curve = saved.pop("eval_curve")
+        saved.setdefault("lr_steps", saved["step"])  # states saved before the schedule counted skipped steps
+        state = LoopState(**saved)
+        checkpoint.check_rng_state(ckpt, accelerator.process_index)
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resuming {out_dir} at step {state.step}")
+    else:
+        state, eval_curve = LoopState(planned_steps=t.max_steps), [{"step": 0, "mlm_loss": eval_loss()}]
+
+    def batches(epoch: int, skip: int):
+        """The epoch's blocks after the first ``skip``, masked per micro-batch with a seed of its own (resumable)."""
+        sampler.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        for micro, (ids, words) in enumerate(loader, epoch * len(train_dl) + skip):
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + micro * 101 + accelerator.process_index)
+            inputs, labels = mask_tokens(ids, words, cfg.mask.probability, tokenizer.mask_token_id, random_ids, gen)
+            yield {"inputs": {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)}, "labels": labels,
+                   "num_tokens": ids.numel()}
+
+    def save(s: LoopState) -> None:
+        checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, ckpt)
+
+    hooks = Hooks(on_eval=lambda s: eval_curve.append({"step": s.step, "mlm_loss": eval_loss()}), on_save=save)
+    throughput = fit(accelerator, model, optimizer, batches, t, state, hooks,
+                     [p for p in model.parameters() if p.requires_grad], eval_every=t.eval_every,
+                     save_every=t.save_every, max_minutes=t.max_minutes, desc="pretrain")
+
+    final = eval_curve[-1]["mlm_loss"]
+    metrics = {
+        "mlm_loss": final, "mlm_perplexity": math.exp(min(final, 50)),
+        "train_mlm_loss": state.loss_curve[-1]["loss"] if state.loss_curve else float("nan"),
+        "steps": state.step, "stopped_by": "time" if state.step < t.max_steps else "max_steps",
+        "train_seconds": state.train_seconds, **throughput, "wall_s": time.perf_counter() - start,
+    }
+    data = {"files": cfg.corpus.files, "documents": len(docs), "characters": sum(map(len, docs)),
+            "train_blocks": len(train_idx), "eval_blocks": n_eval, "block_size": cfg.mask.block_size,
+            "epochs_seen": state.step * t.batch_size * t.grad_accum_steps * accelerator.num_processes / len(train_idx)}
+    record = make_record("success", cfg.to_dict(), cfg.run_id, env, metrics, {**params, "vocab_size": len(tokenizer)},
+                         extra={"kind": "pretrain", "data": data, "loss_curve": state.loss_curve,
+                                "eval_curve": eval_curve, "model_dir": str(out_dir / checkpoint.MODEL_DIR)})
+    if accelerator.is_main_process:
+        summary = {k: record[k] for k in ("run_id", "config", "env")} | {"metrics": metrics, "data": data}
+        checkpoint.save_pretrained_model(accelerator.unwrap_model(model), tokenizer, out_dir / checkpoint.MODEL_DIR,
+                                         summary)
+        write_atomic(out_dir / PRETRAIN_RECORD_NAME, record)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return record
 
 
 @torch.inference_mode()
@@ -462,43 +397,8 @@ def _eval_loss(model, input_ids, word_ids, cfg, tokenizer, random_ids, accelerat
         n = int((labels != -100).sum())
         if n:
             with accelerator.autocast():
-                total += model(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels).loss.float().item() * n
+                loss = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), labels=labels).loss
+                total += loss.float().item() * n
             count += n
     model.train()
     return total / max(count, 1)
-
-
-def save_checkpoint(accelerator: Accelerator, state: dict, cfg: PretrainConfig, ckpt: Path) -> None:
-    """Model, optimizer and RNG states plus the loop position, replaced as a whole (never half-written)."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        write_atomic(tmp / "loop_state.json", {**state, "run_id": cfg.run_id})
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
-    accelerator.wait_for_everyone()
-
-
-def _resume_state(cfg: PretrainConfig, ckpt: Path) -> dict | None:
-    path = ckpt / "loop_state.json"
-    if not path.is_file():
-        return None
-    state = json.loads(path.read_text(encoding="utf-8"))
-    if state.pop("run_id") != cfg.run_id:
-        raise PeftbenchError(f"{ckpt}: a checkpoint of a different configuration; use another output_dir "
-                             "or delete the checkpoint")
-    return state
-
-
-def pretrained_by_peftbench(model_dir: str) -> dict | None:
-    """The pretraining summary saved with a model directory, if peftbench made it."""
-    path = Path(model_dir) / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    return {"run_id": summary["run_id"], "corpus": summary["data"]["files"], "steps": summary["metrics"]["steps"],
-            "mlm_loss": summary["metrics"]["mlm_loss"], "device": summary["env"].get("device_name")}
-

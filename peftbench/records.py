@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from peftbench.errors import PeftbenchError
+from peftbench.errors import DivergedError, PeftbenchError
 
 SCHEMA_VERSION = 2  # 2 added metrics.score / score_name (the task's headline metric), so NER fits
-RECORD_NAME = "record.json"
+RECORD_NAME = "record.json"  # a fine-tuning run's record
+PRETRAIN_RECORD_NAME = "pretrain_record.json"
 REQUIRED = {
     "metrics": ("score", "score_name", "n_eval", "train_samples_per_s", "train_tokens_per_s",
                 "eval_samples_per_s", "peak_memory_mb", "wall_s"),
@@ -25,14 +28,34 @@ REQUIRED = {
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
 
+def strict_json(data: dict) -> dict:
+    """``data`` with every NaN or infinite number replaced by null, and ``non_finite`` naming each replaced
+    field and its value (JSON has no NaN; a reader must not be handed one)."""
+    found = {}
+
+    def clean(value, where):
+        if isinstance(value, float) and not math.isfinite(value):
+            found[where] = repr(value)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(data, "")
+    return {**cleaned, "non_finite": found} if found else cleaned
+
+
 def write_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON to a temp file in the same folder, fsync it, then rename over ``path``."""
+    """Write strict JSON to a temp file in the same folder, fsync it, then rename over ``path``.
+    On any failure (a full disk) the temp file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
+            json.dump(strict_json(data), fh, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -62,6 +85,31 @@ def make_record(status: str, config: dict, run_id: str, env: dict, metrics: dict
     return record
 
 
+def error_text(exc: BaseException) -> str:
+    """The one line a failed record and the command line give for ``exc``."""
+    if isinstance(exc, DivergedError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+
+
+@contextmanager
+def failed_record_on_error(path: Path, config: dict, run_id: str, env: dict, write: bool, extra: dict | None = None):
+    """Write a failed record to ``path`` (if ``write``: the main process) when the block raises an exception.
+
+    An interrupt (KeyboardInterrupt, SystemExit) leaves no record: the run is still to do. If the record
+    cannot be written either (a full disk), the exception carries ``record_error`` saying why.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if write:
+            try:
+                write_atomic(path, make_record("failed", config, run_id, env, error=error_text(exc), extra=extra))
+            except OSError as write_exc:
+                exc.record_error = f"{type(write_exc).__name__}: {write_exc}"
+        raise
+
+
 def validate(record: dict, source: str = "record") -> dict:
     """Check a record's schema; a success record must carry every required metric."""
     for key in ("schema_version", "run_id", "status", "config", "metrics", "params", "env"):
@@ -70,7 +118,8 @@ def validate(record: dict, source: str = "record") -> dict:
     if record["schema_version"] == 1:
         record = _upgrade_v1(record)
     if record["schema_version"] != SCHEMA_VERSION:
-        raise PeftbenchError(f"{source}: field 'schema_version': {record['schema_version']} (expected {SCHEMA_VERSION})")
+        raise PeftbenchError(f"{source}: field 'schema_version': {record['schema_version']} "
+                             f"(expected {SCHEMA_VERSION})")
     if record["status"] not in ("success", "failed"):
         raise PeftbenchError(f"{source}: field 'status': {record['status']!r} (expected success or failed)")
     if record["status"] == "failed":
@@ -98,8 +147,13 @@ def read_record(path: str | Path) -> dict:
     path = Path(path)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PeftbenchError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") \
+            from None
     except json.JSONDecodeError as exc:
         raise PeftbenchError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise PeftbenchError(f"{path}: a record is a JSON object, not {type(record).__name__}")
     return validate(record, str(path))
 
 

@@ -15,21 +15,28 @@ A sweep file::
 
 Each cell's identity is its run id (hash of the resolved config); its record is
 ``<output_dir>/<run id>/record.json``. Rerunning skips cells with a success
-record (``retry_failed`` reruns failed ones); ``shard=(i, n)`` takes every n-th
+record (``retry_failed`` reruns failed ones). Workers on any number of machines
+may drain one sweep folder: each claims a cell before running it. ``shard=(i, n)`` takes every n-th
 cell of the cells sorted by run id, so n machines share one results folder.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import socket
 import sys
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftbench import config
 from peftbench.config import RunConfig
 from peftbench.errors import PeftbenchError
-from peftbench.records import RECORD_NAME, read_record
+from peftbench.records import RECORD_NAME, error_text, read_record
 
 VARIANTS = "variants"
 
@@ -86,7 +93,8 @@ def expand(spec: dict, overrides: list[str] | None = None) -> list[RunConfig]:
         tree.pop("output_dir", None)
         cfg = config.resolve(tree)
         if cfg.run_id in seen:
-            raise PeftbenchError(f"two grid cells resolve to the same config ({seen[cfg.run_id]} and {dict(zip(keys, values))})")
+            raise PeftbenchError(f"two grid cells resolve to the same config ({seen[cfg.run_id]} and "
+                                 f"{dict(zip(keys, values))})")
         seen[cfg.run_id] = dict(zip(keys, values))
         cfg.output_dir = str(Path(spec["output_dir"]) / cfg.run_id)
         cfgs.append(cfg)
@@ -116,26 +124,164 @@ def plan(cfgs: list[RunConfig], shard: tuple[int, int] = (0, 1)) -> list[Cell]:
     return cells
 
 
-def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, provenance: dict | None = None) -> list[dict]:
+CLAIMS_DIR = ".claims"  # in the sweep's output_dir: one file per cell being run
+HEARTBEAT_S = 15.0  # a worker touches its claim this often
+STALE_S = 90.0  # a claim untouched this long belongs to a dead worker
+
+
+class Claim:
+    """One worker's exclusive hold on one cell, so that workers sharing a folder run each cell once.
+
+    The claim file is created exclusively (``O_EXCL``) and holds the host, pid and a token; a thread
+    touches it every ``HEARTBEAT_S`` seconds. A claim whose process is gone (same host) or whose heartbeat
+    is older than ``STALE_S`` is taken over: renamed aside (one worker's rename wins), then created anew.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    @classmethod
+    def take(cls, path: Path) -> Claim | None:
+        """The claim, or None while another live worker holds it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not cls._take_over(path):
+                    return None
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                           "claimed_at": time.time()}, fh)
+            claim = cls(path)
+            claim._thread.start()
+            return claim
+        return None
+
+    @staticmethod
+    def _take_over(path: Path) -> bool:
+        """Move a stale claim aside; False if the claim is live (or another worker moved it first)."""
+        try:
+            held = json.loads(path.read_text(encoding="utf-8") or "{}")
+            age = time.time() - path.stat().st_mtime
+        except (OSError, ValueError):  # gone meanwhile, or being written: look again later
+            return False
+        dead = held.get("host") == socket.gethostname() and not _alive(held.get("pid"))
+        if not (dead or age > STALE_S):
+            return False
+        aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        moved = json.loads(aside.read_text(encoding="utf-8") or "{}")
+        if moved.get("token") != held.get("token"):  # a fresh claim was made meanwhile: give it back
+            os.rename(aside, path)
+            return False
+        aside.unlink()
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class SweepOutcome:
+    records: list[dict]  # of every cell this worker ran or found done
+    cells: int = 0
+    ran: int = 0
+    done_before: int = 0
+    claimed_elsewhere: int = 0
+    failed: int = 0
+
+    def summary(self) -> str:
+        return (f"sweep: {self.cells} cells, ran {self.ran}, done before {self.done_before}, "
+                f"claimed elsewhere {self.claimed_elsewhere}, failed {self.failed}")
+
+
+def _status(cell: Cell) -> str | None:
+    path = Path(cell.cfg.output_dir) / RECORD_NAME
+    return read_record(path)["status"] if path.is_file() else None
+
+
+def _agree(value):
+    """The main process's value on every process (all must run the same cells)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    return value if PartialState().num_processes == 1 else broadcast_object_list([value])[0]
+
+
+def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
+              provenance: dict | None = None) -> SweepOutcome:
     """Run the cells still to do; a failing cell leaves a failed record and the sweep goes on.
 
-    ``provenance`` (the sweep file and command) goes into every record.
+    Each cell is claimed before it runs (:class:`Claim`), so any number of workers may drain one sweep
+    folder; ``provenance`` (the sweep file and command) goes into every record.
     """
     from functools import partial
+
+    from accelerate import PartialState
 
     from peftbench.train import run
 
     runner = runner or partial(run, provenance=provenance)
-    done = []
+    main = PartialState().is_main_process
+    outcome = SweepOutcome(records=[], cells=len(cells))
+
+    def finished() -> str | None:  # read now: another worker may have finished the cell since planning
+        status = _agree(_status(cell) if main else None)
+        return status if status == "success" or (status == "failed" and not retry_failed) else None
+
     for cell in cells:
-        if cell.status == "success" or (cell.status == "failed" and not retry_failed):
-            done.append(read_record(Path(cell.cfg.output_dir) / RECORD_NAME))
-            continue
+        status = finished()
+        claim = None
+        if status is None:
+            claim = Claim.take(Path(cell.cfg.output_dir).parent / CLAIMS_DIR / f"{cell.run_id}.json") if main else None
+            if not _agree(claim is not None):
+                outcome.claimed_elsewhere += 1
+                continue
+            status = finished()  # it may have finished between the look and the claim
         try:
-            done.append(runner(cell.cfg).record)
-        except Exception as exc:  # the run wrote its failed record; the sweep goes on
-            print(f"cell {cell.run_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            path = Path(cell.cfg.output_dir) / RECORD_NAME
-            if path.is_file():
-                done.append(read_record(path))
-    return done
+            if status is not None:
+                outcome.done_before += 1
+                record = read_record(Path(cell.cfg.output_dir) / RECORD_NAME)
+            else:
+                outcome.ran += 1
+                try:
+                    record = runner(cell.cfg).record
+                except Exception as exc:  # the run wrote its failed record; the sweep goes on
+                    print(f"cell {cell.run_id} failed: {error_text(exc)}", file=sys.stderr)
+                    path = Path(cell.cfg.output_dir) / RECORD_NAME
+                    record = read_record(path) if path.is_file() else None
+        finally:
+            if claim is not None:
+                claim.release()
+        if record is not None:
+            outcome.records.append(record)
+            outcome.failed += record["status"] == "failed"
+    return outcome

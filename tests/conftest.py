@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import datasets
@@ -9,6 +10,7 @@ datasets.disable_progress_bars()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_CLUE = Path(__file__).resolve().parents[2] / "shared" / "clue"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark scripts are importable
 needs_shared_clue = pytest.mark.skipif(not SHARED_CLUE.is_dir(), reason="../shared/clue is not present")
 
 
@@ -75,3 +77,32 @@ def torchrun(nproc: int, *args: str, cwd=None):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m",
                            "peftbench", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+# Every method on the tiny backbone and the synthetic task, trained once per test session and shared by
+# test_methods (every variant), test_train (full, LoRA) and test_quantization (the learning rates).
+CHANCE = 0.25
+# Learning rates for the random-init tiny backbone (variants share their method's rate).
+LR = {"full": 5e-4, "lora": 5e-3, "adalora": 1e-2, "adapter": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
+      "bitfit": 1e-2}
+VARIANTS = {  # name -> method overrides
+    "full": [], "lora": [], "lora-rslora": ["method.use_rslora=true"], "lora-dora": ["method.use_dora=true"],
+    "adalora": [], "adapter": [], "adapter-pfeiffer": ["method.variant=pfeiffer"], "prefix": [],
+    "prefix-no-mlp": ["method.reparameterize=false"], "prompt": [], "ia3": [], "bitfit": [],
+}
+
+
+def variant_config(variant, out_dir, *extra):
+    from peftbench import config
+
+    method = variant.split("-")[0]
+    return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=4",
+                              f"method.name={method}", f"train.lr={LR[method]}", f"output_dir={out_dir}",
+                              *VARIANTS[variant], *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_variants(tmp_path_factory):
+    from peftbench.train import run
+
+    return {v: run(variant_config(v, tmp_path_factory.mktemp(v))) for v in VARIANTS}

@@ -3,18 +3,20 @@
 import json
 
 import pytest
+import throughput as bench
 import torch
 
-from peftbench import bench, config, models
-from peftbench.methods import RunContext, get_method, set_trainable
-from peftbench.train import frozen_weights_to_compute_dtype, run
+from peftbench import config, models
+from peftbench.measure import train_flops
+from peftbench.methods import RunContext, frozen_weights_to_compute_dtype, get_method, set_trainable
+from peftbench.train import run
 
 
 def test_train_flops_formula():
     shape = {"n_params": 1000, "n_trained": 1000, "layers": 2, "hidden": 8}
-    assert bench.train_flops(shape, [3, 5]) == 6 * 1000 * 8 + 12 * 2 * 8 * (9 + 25)  # full: 6N per token
+    assert train_flops(shape, [3, 5]) == 6 * 1000 * 8 + 12 * 2 * 8 * (9 + 25)  # full: 6N per token
     frozen = {**shape, "n_trained": 10}
-    assert bench.train_flops(frozen, [4]) == (4 * 1000 + 2 * 10) * 4 + 12 * 2 * 8 * 16  # frozen: 4N + 2N_trained
+    assert train_flops(frozen, [4]) == (4 * 1000 + 2 * 10) * 4 + 12 * 2 * 8 * 16  # frozen: 4N + 2N_trained
 
 
 def test_lengths_modes():
@@ -28,7 +30,8 @@ def test_lengths_modes():
 def test_bench_runs_both_loops_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = bench.parse_args(["--arch", "tiny", "--methods", "full,lora,adapter", "--lengths", "fixed,tnews",
-                             "--steps", "3", "--warmup", "1", "--batch-size", "8", "--seq-len", "32", "--out", str(out)])
+                             "--steps", "3", "--warmup", "1", "--batch-size", "8", "--seq-len", "32",
+                             "--out", str(out)])
     assert bench.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["lengths"], r["method"]) for r in rows] == [(m, k) for m in ("fixed", "tnews")
@@ -69,7 +72,8 @@ def test_bf16_fast_path_trains_like_fp32(tmp_path, method, lr):
     for precision in ("no", "bf16"):
         cfg = config.load(None, ["task.name=synthetic", f"method.name={method}", "task.max_length=48", "train.epochs=4",
                                  "task.max_train_samples=500", "train.batch_size=16",  # bf16 is slow on most CPUs
-                                 f"train.lr={lr}", f"train.mixed_precision='{precision}'", "train.save_checkpoint=false",
+                                 f"train.lr={lr}", f"train.mixed_precision='{precision}'",
+                                 "train.save_checkpoint=false",
                                  f"output_dir={tmp_path / precision}"])
         records[precision] = run(cfg).record
     fp32, bf16 = records["no"]["metrics"], records["bf16"]["metrics"]
@@ -89,11 +93,10 @@ def test_dynamic_padding_leaves_logits_unchanged():
     torch.testing.assert_close(longest, fixed, atol=1e-5, rtol=0)
 
 
-def test_length_grouped_batches_train_like_file_order(tmp_path):
-    records = {}
-    for grouped in ("true", "false"):
-        cfg = config.load(None, ["task.name=synthetic", "method.name=lora", "task.max_length=48", "train.epochs=4",
-                                 "train.lr=5e-3", f"train.group_by_length={grouped}", "train.save_checkpoint=false",
-                                 f"output_dir={tmp_path / grouped}"])
-        records[grouped] = run(cfg).record["metrics"]["accuracy"]
+def test_length_grouped_batches_train_like_file_order(tmp_path, trained_variants):
+    grouped = trained_variants["lora"].record  # the session's LoRA run: length-grouped batches (the default)
+    assert grouped["config"]["train"]["group_by_length"] is True
+    cfg = config.resolve({**grouped["config"], "output_dir": str(tmp_path / "file-order")})
+    cfg.train.group_by_length, cfg.train.save_checkpoint = False, False
+    records = {"true": grouped["metrics"]["accuracy"], "false": run(cfg).record["metrics"]["accuracy"]}
     assert records["false"] > 0.8 and abs(records["true"] - records["false"]) < 0.05, records

@@ -19,7 +19,8 @@ def cli(*args, cwd=None):
 def test_tasks_and_methods_are_listed(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
-    for name in ("tnews", "iflytek", "afqmc", "ocnli", "cmnli", "csl", "cluewsc2020", "eprstmt", "bustm", "csldcp", "custom"):
+    for name in ("tnews", "iflytek", "afqmc", "ocnli", "cmnli", "csl", "cluewsc2020", "eprstmt", "bustm", "csldcp",
+                 "custom"):
         assert f"\n{name} " in "\n" + out
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
@@ -40,7 +41,8 @@ def test_bad_input_is_one_error_line_exit_2_and_no_record(tmp_path, capsys, args
 
 
 def test_missing_data_dir_and_model_path_fail_cleanly(tmp_path, capsys):
-    assert main(["run", "method.name=lora", "task.name=eprstmt", f"task.data_dir={tmp_path}/none", f"output_dir={tmp_path}/a"]) == 2
+    assert main(["run", "method.name=lora", "task.name=eprstmt", f"task.data_dir={tmp_path}/none",
+                 f"output_dir={tmp_path}/a"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path}/none: data directory not found (config key 'task.data_dir')"
     data = write_files(tmp_path / "syn")
@@ -67,23 +69,25 @@ def test_recipe_run_on_clue_layout_files(tmp_path):
 def test_demo_end_to_end(tmp_path):
     proc = cli("run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("| synthetic")]
-    assert [l.split("|")[2].strip() for l in lines] == ["full", "lora"]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| synthetic")]
+    assert [line.split("|")[2].strip() for line in lines] == ["full", "lora"]
     for method in ("full", "lora"):
         rec = json.loads((tmp_path / "runs" / "demo" / method / "record.json").read_text())
         assert rec["status"] == "success" and rec["metrics"]["accuracy"] > 0.6  # chance is 0.25
 
 
-def test_two_processes_evaluate_every_dev_sample_once(tmp_path):
+def test_two_processes_evaluate_every_dev_sample_once(tmp_path, trained_variants):
     """torchrun / accelerate launch: a gloo group of 2 on CPU, sharded data, exact n_eval."""
-    args = ["method.name=lora", "train.lr=5e-3", "train.epochs=6", "task.max_length=48", "train.save_checkpoint=false"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peftbench", "run",
-                          *args, "train.batch_size=16", f"output_dir={tmp_path}/two"], capture_output=True, text=True, env=ENV)
+    rec1 = trained_variants["lora"].record  # one process, batch 32
+    train = rec1["config"]["train"]
+    args = ["method.name=lora", f"train.lr={train['lr']}", f"train.epochs={train['epochs']}", "task.max_length=48",
+            "train.save_checkpoint=false"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peftbench",
+                          "run", *args, "train.batch_size=16", f"output_dir={tmp_path}/two"],
+                         capture_output=True, text=True, env=ENV)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = cli("run", *args, "train.batch_size=32", f"output_dir={tmp_path}/one")
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert train["batch_size"] == 32 and rec1["config"]["task"]["max_length"] == 48
     rec2 = json.loads((tmp_path / "two" / "record.json").read_text())
-    rec1 = json.loads((tmp_path / "one" / "record.json").read_text())
     assert rec2["env"]["num_processes"] == 2 and len(rec2["metrics"]["peak_memory_mb_per_process"]) == 2
     assert rec2["metrics"]["n_eval"] == rec1["metrics"]["n_eval"] == 300
     assert rec2["metrics"]["test_n_eval"] == 300

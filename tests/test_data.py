@@ -27,11 +27,12 @@ def test_length_grouping_reduces_padding():
 
 
 def test_collator_pads_and_counts_real_tokens():
-    examples = [{"input_ids": [2, 5, 3], "token_type_ids": [0, 0, 0], "attention_mask": [1, 1, 1], "labels": 1, "id": 10},
+    examples = [{"input_ids": [2, 5, 3], "token_type_ids": [0, 0, 0], "attention_mask": [1, 1, 1], "labels": 1,
+                 "id": 10},
                 {"input_ids": [2, 3], "token_type_ids": [0, 0], "attention_mask": [1, 1], "labels": 0, "id": 11}]
     batch = Collator(pad_id=0, pad_to_multiple_of=4)(examples)
-    assert batch["input_ids"].tolist() == [[2, 5, 3, 0], [2, 3, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert batch["inputs"]["input_ids"].tolist() == [[2, 5, 3, 0], [2, 3, 0, 0]]
+    assert batch["inputs"]["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
     assert batch["num_tokens"] == 5
     assert torch.equal(batch["labels"], torch.tensor([1, 0])) and batch["id"].tolist() == [10, 11]
 

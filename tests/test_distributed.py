@@ -36,7 +36,8 @@ def fake_accelerator(kind, accum=1):
     (DistributedType.FSDP, ["method.name=adapter"], "method 'adapter' cannot run under FSDP"),
     (DistributedType.FSDP, ["method.name=lora", "model.quantization=4bit"], "quantization=4bit cannot run under FSDP"),
     (DistributedType.DEEPSPEED, ["method.name=lora", "model.quantization=8bit"], "cannot run under DeepSpeed"),
-    (DistributedType.DEEPSPEED, ["method.name=adalora"], "'adalora' cannot run under DeepSpeed ZeRO: it reads whole gradients"),
+    (DistributedType.DEEPSPEED, ["method.name=adalora"],
+     "'adalora' cannot run under DeepSpeed ZeRO: it reads whole gradients"),
     (DistributedType.DEEPSPEED, ["method.name=lora", "train.grad_accum_steps=4"], "gradient_accumulation_steps=1 but"),
 ])
 def test_sharding_strategies_refuse_what_they_cannot_run(kind, overrides, message):

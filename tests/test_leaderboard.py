@@ -21,6 +21,7 @@ def record(root, backbone, method, task, seed, acc, status="success", env=ENV, e
     rec = make_record(status, cfg.to_dict(), cfg.run_id, dict(env), metrics if status == "success" else {},
                       params if status == "success" else {}, error=error,
                       extra={"backbone": {"name_or_path": backbone, "random_init": backbone == "tiny"},
+                             "settings": cfg.changed_settings(),
                              "provenance": {"command": "peftbench sweep s.yaml"}})
     rec["finished_at"] = f"2026-01-0{seed}T00:00:00+00:00"
     write_atomic(root / f"{backbone}-{method}-{task}-{seed}-{env['device_name']}-{len(extra)}" / "record.json", rec)
@@ -36,7 +37,8 @@ def results(tmp_path):
     for (method, task), values in accs.items():
         for seed, acc in enumerate(values, 1):
             record(root, "bert-base-chinese", method, task, seed, acc)
-    record(root, "bert-base-chinese", "adapter", "tnews", 1, 0, status="failed", error="OutOfMemoryError: CUDA out of memory")
+    record(root, "bert-base-chinese", "adapter", "tnews", 1, 0, status="failed",
+           error="OutOfMemoryError: CUDA out of memory")
     record(root, "bert-base-chinese", "adapter", "afqmc", 1, 0, status="failed", error="RuntimeError: boom")
     record(root, "tiny", "lora", "tnews", 1, 0.9)
     record(root, "tiny", "full", "tnews", 1, 0.95)
@@ -46,7 +48,7 @@ def results(tmp_path):
 
 def test_groups_rows_and_aggregation(results):
     root, accs = results
-    groups = leaderboard.build(leaderboard.collect([root]))
+    groups = leaderboard.build(leaderboard.collect([root])[0])
     assert [(g.backbone, g.hardware) for g in groups] == [
         ("bert-base-chinese", "Other GPU ×1"), ("bert-base-chinese", "Test GPU ×1"), ("tiny", "Test GPU ×1")]
     main = groups[1]
@@ -65,7 +67,7 @@ def test_groups_rows_and_aggregation(results):
 
 def test_significance_marks(results):
     root, _ = results
-    groups = leaderboard.build(leaderboard.collect([root]))
+    groups = leaderboard.build(leaderboard.collect([root])[0])
     head, rows = leaderboard.table(groups[1])
     by_method = {r[0].split(" ")[0]: r for r in rows}
     tnews, afqmc = head.index("tnews (test)"), head.index("afqmc (test)")
@@ -79,8 +81,8 @@ def test_significance_marks(results):
 
 def test_outputs_are_byte_identical_and_self_contained(results, tmp_path):
     root, _ = results
-    a = leaderboard.write([root], tmp_path / "a")
-    b = leaderboard.write([root], tmp_path / "b")
+    a, _ = leaderboard.write([root], tmp_path / "a")
+    b, _ = leaderboard.write([root], tmp_path / "b")
     for fa, fb in zip(a, b):
         assert fa.read_bytes() == fb.read_bytes(), fa.name
     md = (tmp_path / "a" / "leaderboard.md").read_text(encoding="utf-8")
@@ -109,7 +111,7 @@ def test_ner_scores_are_entity_f1_and_count_in_the_average(tmp_path):
         rec = record(root, "bert-base-chinese", "lora", "cluener", seed, 0.7)
         rec["metrics"]["score_name"] = "entity_f1"
         write_atomic(next(root.glob(f"*cluener-{seed}-*")) / "record.json", rec)
-    (group,) = leaderboard.build(leaderboard.collect([root]))
+    (group,) = leaderboard.build(leaderboard.collect([root])[0])
     head, rows = leaderboard.table(group)
     assert "cluener (test, F1)" in head and "tnews (test)" in head
     assert rows[0][head.index("average")] == "60.0"
@@ -119,7 +121,7 @@ def test_quantised_runs_are_their_own_rows(tmp_path):
     for seed in (1, 2, 3):
         record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.55)
         record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.50, extra=("model.quantization=8bit",))
-    (group,) = leaderboard.build(leaderboard.collect([tmp_path]))
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
     labels = sorted(row.label for row in group.rows.values())
     assert labels == ["lora (lr=2e-05)", "lora (quantization=8bit, lr=2e-05)"]
     assert all(len(row.cells["tnews"].scores) == 3 for row in group.rows.values())

@@ -20,17 +20,18 @@ def test_step_timer_leaves_warmup_out_and_counts_real_tokens():
 
 
 def test_step_timer_pauses_for_evaluation():
-    import time
-
-    timer = StepTimer(CPU, warmup_steps=0)
+    now = [0.0]
+    timer = StepTimer(CPU, warmup_steps=0, clock=lambda: now[0])  # a clock the test moves
+    now[0] = 1.0
     timer.count(1, 1)
     timer.optimizer_step(1)
     timer.pause()
-    time.sleep(0.2)  # evaluation: not training time
+    now[0] = 100.0  # evaluation: not training time
     timer.resume()
+    now[0] = 102.5
     timer.count(1, 1)
     timer.optimizer_step(2)
-    assert timer.result()["timed_seconds"] < 0.15
+    assert timer.result()["timed_seconds"] == 3.5
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs /proc")

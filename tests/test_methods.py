@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import logits_here, logits_in_new_process
+from conftest import CHANCE, VARIANTS, logits_here, logits_in_new_process, variant_config
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
@@ -14,31 +14,14 @@ from peftbench import config, models
 from peftbench.methods import RunContext, get_method, method_names
 from peftbench.train import run
 
-CHANCE = 0.25
-# Learning rates for the random-init tiny backbone (variants share their method's rate).
-LR = {"full": 5e-4, "lora": 5e-3, "adalora": 1e-2, "adapter": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
-      "bitfit": 1e-2}
-VARIANTS = {  # name -> method overrides
-    "full": [], "lora": [], "lora-rslora": ["method.use_rslora=true"], "lora-dora": ["method.use_dora=true"],
-    "adalora": [], "adapter": [], "adapter-pfeiffer": ["method.variant=pfeiffer"], "prefix": [],
-    "prefix-no-mlp": ["method.reparameterize=false"], "prompt": [], "ia3": [], "bitfit": [],
-}
-
-
-def variant_config(variant, out_dir, *extra):
-    method = variant.split("-")[0]
-    return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=6",
-                              f"method.name={method}", f"train.lr={LR[method]}", f"output_dir={out_dir}",
-                              *VARIANTS[variant], *extra])
-
 
 def test_every_method_is_covered():
     assert {v.split("-")[0] for v in VARIANTS} == set(method_names())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return {v: run(variant_config(v, tmp_path_factory.mktemp(v))) for v in VARIANTS}
+@pytest.fixture
+def trained(trained_variants):
+    return trained_variants
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -3,17 +3,18 @@
 import json
 import logging
 import unicodedata
+from types import SimpleNamespace
 
 import pytest
 from conftest import SHARED_CLUE, logits_in_new_process, needs_shared_clue, torchrun, write_jsonl
 
 from peftbench import config
-from peftbench.data import encode_tokens
 from peftbench.errors import PeftbenchError
 from peftbench.inference import predict
 from peftbench.metrics import entity_metrics
 from peftbench.models import char_tokenizer
 from peftbench.tasks import load_task
+from peftbench.tasks.kinds import TOKEN_CLASSIFICATION
 from peftbench.tasks.ner import Span, predicted_spans, spans_to_tags, tag_names, tags_to_spans
 from peftbench.train import run
 
@@ -50,7 +51,8 @@ def alignment_round_trip(tokenizer, text, spans, scheme="bio", max_length=64):
     ds = Dataset.from_dict({"text_a": [text], "text_b": [""], "label": [0], "id": [1],
                             "entities": [[{"start": s.start, "end": s.end, "type": s.type} for s in spans]]})
     tags = tag_names(("name", "address", "company"), scheme)
-    enc = encode_tokens(ds, tokenizer, max_length, tags, scheme)[0]
+    spec = SimpleNamespace(labels=tags, tag_scheme=scheme)
+    enc = TOKEN_CLASSIFICATION.encode(ds, tokenizer, spec, max_length, pair=False)[0]
     pred = [max(label, 0) for label in enc["labels"]]
     return enc, predicted_spans(pred, enc["char_index"], len(text), tags)
 
@@ -150,7 +152,8 @@ def test_bad_spans_name_file_line_and_entity(tmp_path, label, message):
 
 
 def test_overlapping_entities_are_resolved_reported_and_counted(tmp_path, caplog):
-    train = [{"text": "北京大学在北京", "label": {"organization": {"北京大学": [[0, 3]]}, "address": {"北京": [[0, 1], [5, 6]]}}}]
+    train = [{"text": "北京大学在北京",
+              "label": {"organization": {"北京大学": [[0, 3]]}, "address": {"北京": [[0, 1], [5, 6]]}}}]
     with caplog.at_level(logging.WARNING, logger="peftbench"):
         data = load_cluener(cluener_dir(tmp_path, train, train))
     assert data.overlapping_entities == {"train": 1, "dev": 1}
@@ -166,7 +169,8 @@ def test_custom_ner_conll_format(tmp_path):
     cfg = config.load(None, ["task.name=custom_ner", f"task.data_dir={tmp_path}", "task.labels=[name, loc]"])
     data = load_task(cfg.task)
     assert data.splits["train"]["text_a"] == ["张伟在北京", "好"]
-    assert data.splits["train"]["entities"][0] == [{"start": 0, "end": 1, "type": "name"}, {"start": 3, "end": 4, "type": "loc"}]
+    assert data.splits["train"]["entities"][0] == [{"start": 0, "end": 1, "type": "name"},
+                                                   {"start": 3, "end": 4, "type": "loc"}]
     assert data.splits["train"]["id"] == [1, 7]  # the line each sentence starts on
     assert data.splits["dev"]["text_a"] == ["李", "NewYork"]
     assert data.splits["dev"]["entities"][1] == [{"start": 0, "end": 6, "type": "loc"}]
@@ -240,7 +244,8 @@ def test_ner_checkpoint_reloads_and_predicts_clue_format(ner_runs, tmp_path):
     test = generate_ner_splits()["test"]
     gold = [[Span(s, e, t) for t, ents in r.get("label", {}).items() for spans in ents.values() for s, e in spans]
             for r in test]
-    pred = [[Span(s, e, t) for t, ents in r["label"].items() for spans in ents.values() for s, e in spans] for r in rows]
+    pred = [[Span(s, e, t) for t, ents in r["label"].items() for spans in ents.values() for s, e in spans]
+            for r in rows]
     assert [r["id"] for r in rows] == [r["id"] for r in test]
     for r, t in zip(rows, test):
         for ents in r["label"].values():
@@ -257,7 +262,8 @@ def test_two_processes_score_every_entity_once(ner_runs, tmp_path):
     two = json.loads((tmp_path / "record.json").read_text())["metrics"]
     one = ner_runs["lora"].record["metrics"]  # the same global batch of 16 in one process
     assert two["n_eval"] == one["n_eval"] == 200
-    assert two["n_gold_entities"] == one["n_gold_entities"] and two["test_n_gold_entities"] == one["test_n_gold_entities"]
+    assert two["n_gold_entities"] == one["n_gold_entities"]
+    assert two["test_n_gold_entities"] == one["test_n_gold_entities"]
     assert abs(two["entity_f1"] - one["entity_f1"]) < 0.15
 
 

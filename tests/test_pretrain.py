@@ -1,22 +1,26 @@
 """Masked-LM pretraining: masking statistics, vocabulary, packing, loss, resume, the eval-text guard."""
 
 import json
+import math
 import random
 
 import pytest
 import torch
 from conftest import torchrun, write_jsonl
 
-from peftbench import config, pretrain
+from peftbench import checkpoint, config, pretrain
 from peftbench.errors import PeftbenchError
+from peftbench.records import PRETRAIN_RECORD_NAME
 from peftbench.tasks.synthetic import generate_splits
 from peftbench.train import run
 
 TINY_ARCH = "model.architecture={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128}"
 
 
-IDIOMS = ("一心一意 三心二意 七上八下 十全十美 四面八方 五湖四海 千军万马 万紫千红 画龙点睛 对牛弹琴 守株待兔 亡羊补牢 "
-          "井底之蛙 杯弓蛇影 刻舟求剑 掩耳盗铃 叶公好龙 狐假虎威 胸有成竹 望梅止渴 卧薪尝胆 破釜沉舟 指鹿为马 塞翁失马").split()
+IDIOMS = ("一心一意 三心二意 七上八下 十全十美 四面八方 五湖四海 "
+          "千军万马 万紫千红 画龙点睛 对牛弹琴 守株待兔 亡羊补牢 "
+          "井底之蛙 杯弓蛇影 刻舟求剑 掩耳盗铃 叶公好龙 狐假虎威 "
+          "胸有成竹 望梅止渴 卧薪尝胆 破釜沉舟 指鹿为马 塞翁失马").split()
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +147,14 @@ def test_pretraining_lowers_mlm_loss_and_the_model_fine_tunes(corpus, tmp_path):
 
 def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
     """Make a run die (as on Ctrl-C) right after writing its checkpoint of ``step``."""
-    real_save = pretrain.save_checkpoint
+    real_save = checkpoint.save_training_state
 
-    def save_then_die(accelerator, state, cfg, ckpt):
-        real_save(accelerator, state, cfg, ckpt)
+    def save_then_die(accelerator, state, run_id, ckpt):
+        real_save(accelerator, state, run_id, ckpt)
         if state["step"] == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_training_state", save_then_die)
 
 
 def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypatch):
@@ -165,11 +169,23 @@ def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypat
 
     assert resumed["loss_curve"] == full["loss_curve"]
     assert resumed["eval_curve"] == full["eval_curve"]
+    assert math.isfinite(resumed["metrics"]["train_tokens_per_s"]) and resumed["metrics"]["train_tokens_per_s"] > 0
+    assert resumed["metrics"]["timed_steps"] > 0  # the resumed session timed its own steps
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "full" / "model" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unreadable_rng_state_is_refused(corpus, tmp_path, monkeypatch):
+    interrupt_after_checkpoint(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4"))
+    monkeypatch.undo()
+    (tmp_path / "pt" / "checkpoint" / "random_states_0.pkl").write_bytes(b"truncated")
+    with pytest.raises(PeftbenchError, match=r"random_states_0\.pkl: the RNG state cannot be read"):
+        pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4"))
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(corpus, tmp_path, monkeypatch):
@@ -178,7 +194,8 @@ def test_resume_refuses_a_checkpoint_of_another_config(corpus, tmp_path, monkeyp
         pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4"))
     monkeypatch.undo()
     with pytest.raises(PeftbenchError, match="different configuration"):
-        pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4", "train.lr=1e-3"))
+        pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4",
+                                    "train.lr=1e-3"))
 
 
 def test_eval_text_guard(tmp_path):
@@ -193,7 +210,8 @@ def test_eval_text_guard(tmp_path):
 
 
 def test_corpus_formats_and_errors(tmp_path):
-    jl = write_jsonl(tmp_path / "a.json", [{"sentence": " 一 "}, {"content": "二", "id": 1}, {"sentence1": "x", "sentence2": "y"}])
+    jl = write_jsonl(tmp_path / "a.json",
+                     [{"sentence": " 一 "}, {"content": "二", "id": 1}, {"sentence1": "x", "sentence2": "y"}])
     txt = tmp_path / "b.txt"
     txt.write_text("三\n\n四\u2028五\n", encoding="utf-8")
     docs = pretrain.read_documents([str(jl), str(txt)], ["sentence", "content", "sentence1", "sentence2"])
@@ -209,11 +227,12 @@ def test_corpus_formats_and_errors(tmp_path):
 
 
 def test_two_processes_pretrain(corpus, tmp_path):
-    proc = torchrun(2, "pretrain", f"corpus.files=[{corpus}]", "model.from_scratch=true", TINY_ARCH, "mask.block_size=64",
+    proc = torchrun(2, "pretrain", f"corpus.files=[{corpus}]", "model.from_scratch=true", TINY_ARCH,
+                    "mask.block_size=64",
                     "train.batch_size=8", "train.lr=5e-3", "train.max_steps=30", "train.log_every=5",
                     "train.eval_every=10", f"output_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads((tmp_path / pretrain.RECORD_NAME).read_text())
+    record = json.loads((tmp_path / PRETRAIN_RECORD_NAME).read_text())
     assert record["env"]["num_processes"] == 2 and len(record["metrics"]["peak_memory_mb_per_process"]) == 2
     assert record["eval_curve"][-1]["mlm_loss"] < record["eval_curve"][0]["mlm_loss"] - 0.5
     assert (tmp_path / "model" / "model.safetensors").is_file()
@@ -225,8 +244,9 @@ def test_continued_pretraining_with_lora_merges_into_a_plain_model(corpus, tmp_p
     pretrain.pretrain(quick_cfg(corpus, tmp_path / "base", "train.max_steps=8"))
     base_dir = tmp_path / "base" / "model"
     cfg = pretrain.load_config(None, [f"corpus.files=[{corpus}]", f"model.name_or_path={base_dir}", "model.lora_r=4",
-                                      "mask.block_size=64", "train.batch_size=16", "train.lr=5e-3", "train.max_steps=16",
-                                      "train.eval_every=8", f"output_dir={tmp_path / 'continued'}"])
+                                      "mask.block_size=64", "train.batch_size=16", "train.lr=5e-3",
+                                      "train.max_steps=16", "train.eval_every=8",
+                                      f"output_dir={tmp_path / 'continued'}"])
     record = pretrain.pretrain(cfg)
     assert record["params"]["trainable"] < record["params"]["total"] / 5  # adapters only
     assert record["eval_curve"][-1]["mlm_loss"] < record["eval_curve"][0]["mlm_loss"]

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits_here, logits_in_new_process
-from test_methods import LR
+from conftest import LR, logits_here, logits_in_new_process
 
 from peftbench import config, models
 from peftbench.errors import PeftbenchError
@@ -26,7 +25,7 @@ def quantized_config(method, quantization, out_dir, *extra):
 
 @pytest.fixture(scope="module")
 def int8_runs(tmp_path_factory):
-    return {m: run(quantized_config(m, "8bit", tmp_path_factory.mktemp(m))) for m in PEFT_METHODS}
+    return {m: run(quantized_config(m, "8bit", tmp_path_factory.mktemp(m), "train.epochs=3")) for m in PEFT_METHODS}
 
 
 def test_full_fine_tuning_of_a_quantised_base_is_refused():
@@ -103,6 +102,12 @@ def test_4bit_nf4_base_trains(method, tmp_path):
     weights = [p for n, p in result.model.named_parameters()
                if n.endswith(("intermediate.dense.weight", "intermediate.dense.base_layer.weight"))]
     assert weights and all(p.dtype == torch.uint8 and p.numel() == 128 * 512 // 2 for p in weights)  # two per byte
+    # Six epochs, each evaluated: evaluation left every 4-bit layer on the training path (on a CPU with
+    # AVX512-BF16, bitsandbytes would otherwise repack the weights for inference only, and training would fail).
+    layers = [m for m in result.model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert len(rec["dev_history"]) == 6
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])

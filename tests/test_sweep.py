@@ -101,14 +101,14 @@ def test_killed_sweep_resumes_and_runs_every_cell_exactly_once(spec):
     assert len(counts) == 6
     assert all(counts[i] == 1 for i in finished) and counts[calls[3]] == 2  # only the killed cell ran again
     again = []
-    records = sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(again))
+    records = sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(again)).records
     assert again == [] and len(records) == 6
 
 
 def test_failed_cells_are_recorded_and_retried_on_request(spec, capsys):
     cfgs = sweep.expand(spec)
     calls = []
-    records = sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(calls, fail_on={("lora", 2)}))
+    records = sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(calls, fail_on={("lora", 2)})).records
     assert len(calls) == 6 and Counter(r["status"] for r in records) == {"success": 5, "failed": 1}
     assert "failed: RuntimeError: boom" in capsys.readouterr().err
     rerun = []

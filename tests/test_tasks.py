@@ -52,21 +52,38 @@ def test_tnews_int_and_string_labels_map_to_same_indices(tmp_path):
 def test_label_outside_label_set_names_file_line_field(tmp_path):
     dev = [{"label": 100, "sentence": "甲"}, {"label": 105, "sentence": "乙"}]
     d = fewclue_dir(tmp_path, [{"label": 100, "sentence": "甲"}], dev)
-    with pytest.raises(PeftbenchError, match=r"dev_few_all\.json:2: field 'label': label '105' is not a label of task 'tnews'"):
+    message = r"dev_few_all\.json:2: field 'label': label '105' is not a label of task 'tnews'"
+    with pytest.raises(PeftbenchError, match=message):
         load("tnews", d)
 
 
 def test_iflytek_u2028_inside_text_and_crlf_lines(tmp_path):
     text = "第一行\u2028第二行\r内部"
-    records = [{"label": 3, "label_des": "租车", "sentence": text, "id": 7}, {"label": 118, "label_des": "其他", "sentence": "x", "id": 8}]
+    records = [{"label": 3, "label_des": "租车", "sentence": text, "id": 7},
+               {"label": 118, "label_des": "其他", "sentence": "x", "id": 8}]
     data = load("iflytek", fewclue_dir(tmp_path, records, records, newline="\r\n"))
     assert len(data.splits["train"]) == 2
     assert data.splits["train"]["text_a"][0] == text
     assert list(data.splits["dev"]["label"]) == [3, 118]
 
 
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    """Windows tools write a BOM at the start of a UTF-8 file; JSON lines and CSV both read past it."""
+    line = '{"sentence": "很好", "label": "Positive"}\n'
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "train_few_all.json").write_bytes(b"\xef\xbb\xbf" + (line * 2).encode())
+    (tmp_path / "j" / "dev_few_all.json").write_text(line, encoding="utf-8")
+    assert load("eprstmt", tmp_path / "j").splits["train"]["text_a"] == ["很好", "很好"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "train.csv").write_bytes(b"\xef\xbb\xbftext,label\n\xe5\xa5\xbd,1\n")
+    (tmp_path / "c" / "dev.csv").write_text("text,label\nx,0\n", encoding="utf-8")
+    data = load("custom", tmp_path / "c", text_fields=["text"], labels=["0", "1"])
+    assert data.splits["train"]["text_a"] == ["好"] and data.splits["train"]["label"] == [1]
+
+
 def test_ocnli_dash_labels_dropped_and_counted(tmp_path):
-    recs = [{"sentence1": "a", "sentence2": "b", "label": lab} for lab in ("entailment", "-", "neutral", "-", "contradiction")]
+    recs = [{"sentence1": "a", "sentence2": "b", "label": lab}
+            for lab in ("entailment", "-", "neutral", "-", "contradiction")]
     data = load("ocnli", fewclue_dir(tmp_path, recs, recs[:3]))
     assert len(data.splits["train"]) == 3 and data.dropped == {"train": 2, "dev": 1}
     assert list(data.splits["train"]["label"]) == [0, 1, 2]
@@ -88,14 +105,16 @@ def test_cluewsc_spans_are_marked():
     marked = mark_wsc_spans(text, {"span1_index": 4, "span1_text": "树叶", "span2_index": 12, "span2_text": "他"})
     assert marked == "就像一片_树叶_飘入了树林，[他]走到了我的家人中间。"
     # pronoun before the candidate
-    marked = mark_wsc_spans("他说小明来了", {"span1_index": 2, "span1_text": "小明", "span2_index": 0, "span2_text": "他"})
+    marked = mark_wsc_spans("他说小明来了",
+                            {"span1_index": 2, "span1_text": "小明", "span2_index": 0, "span2_text": "他"})
     assert marked == "[他]说_小明_来了"
     with pytest.raises(ValueError, match="span1_index"):
         mark_wsc_spans(text, {"span1_index": 5, "span1_text": "树叶", "span2_index": 12, "span2_text": "他"})
 
 
 def test_cluewsc_bad_offset_names_file_and_line(tmp_path):
-    good = {"target": {"span2_index": 0, "span1_index": 2, "span1_text": "小明", "span2_text": "他"}, "idx": 0, "label": "true", "text": "他说小明来了"}
+    good = {"target": {"span2_index": 0, "span1_index": 2, "span1_text": "小明", "span2_text": "他"}, "idx": 0,
+            "label": "true", "text": "他说小明来了"}
     bad = {**good, "target": {**good["target"], "span1_index": 3}}
     with pytest.raises(PeftbenchError, match=r"dev_few_all\.json:2: field 'target\.span1_index'"):
         load("cluewsc2020", fewclue_dir(tmp_path, [good], [good, bad]))
@@ -108,8 +127,10 @@ def test_csldcp_chinese_labels(tmp_path):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"sentence": "a", "label": "Positive"}', '{"sentence": "b", "label": '], r"train_few_all\.json:2: malformed JSON"),
-    (['{"sentence": "a", "label": "Positive"}', '{"text": "b", "label": "Positive"}'], r"train_few_all\.json:2: field 'sentence' missing"),
+    (['{"sentence": "a", "label": "Positive"}', '{"sentence": "b", "label": '],
+     r"train_few_all\.json:2: malformed JSON"),
+    (['{"sentence": "a", "label": "Positive"}', '{"text": "b", "label": "Positive"}'],
+     r"train_few_all\.json:2: field 'sentence' missing"),
     (['{"sentence": "a"}'], r"train_few_all\.json:1: field 'label' missing"),
     (['{"sentence": 5, "label": "Positive"}'], r"train_few_all\.json:1: field 'sentence' must be a string"),
     (['[1, 2]'], r"train_few_all\.json:1: expected a JSON object"),

@@ -1,8 +1,6 @@
 import json
 
 import pytest
-import torch
-from conftest import logits_here, logits_in_new_process
 
 from peftbench import config
 from peftbench.records import read_record
@@ -13,18 +11,17 @@ METHOD_SETTINGS = {"full": ["train.lr=5e-4"], "lora": ["train.lr=5e-3"]}
 
 
 def quick(quick_overrides, method, *extra):
-    return config.load(None, quick_overrides + [f"method.name={method}", "train.epochs=6", *METHOD_SETTINGS[method], *extra])
+    return config.load(None, quick_overrides + [f"method.name={method}", "train.epochs=4", *METHOD_SETTINGS[method],
+                                                *extra])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One trained run per method, shared by the tests below."""
-    out = {}
-    for method in METHOD_SETTINGS:
-        d = tmp_path_factory.mktemp(method)
-        cfg = quick(["task.max_length=48", f"output_dir={d}"], method)
-        out[method] = run(cfg)
-    return out
+@pytest.fixture
+def trained(trained_variants):
+    """The session's full and LoRA runs (conftest); their reload to identical logits in a new process is
+    asserted with every other method's in test_methods."""
+    assert all(trained_variants[m].record["config"]["train"]["lr"] == float(METHOD_SETTINGS[m][0].split("=")[1])
+               for m in METHOD_SETTINGS)
+    return {m: trained_variants[m] for m in METHOD_SETTINGS}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
@@ -46,7 +43,8 @@ def test_record_schema_and_counts(trained, method):
     assert m["timed_steps"] == rec["total_steps"] - 5
     assert m["peak_memory_mb"] > 0 and m["wall_s"] > 0 and m["eval_samples_per_s"] > 0
     assert 0 < p["trainable"] <= p["total"] and p["adapter_bytes"] > 0
-    for key in ("python", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "device_name", "num_processes"):
+    for key in ("python", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "device_name",
+                "num_processes"):
         assert key in env
     model = result.model
     assert p["trainable"] == sum(q.numel() for q in model.parameters() if q.requires_grad)
@@ -54,14 +52,7 @@ def test_record_schema_and_counts(trained, method):
         assert p["trainable"] == p["total"]
     else:
         assert p["trainable"] < 0.05 * p["total"]
-    assert len(rec["dev_history"]) == 6 and rec["metrics"]["score"] == max(h["score"] for h in rec["dev_history"])
-
-
-@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
-def test_checkpoint_reloads_in_a_new_process_to_identical_logits(trained, method, tmp_path):
-    texts = ["股钱债涨跌", "星影歌剧", "今天的芯片与网络"]
-    reloaded = logits_in_new_process({method: trained[method].record["checkpoint"]}, texts, tmp_path)
-    assert torch.equal(reloaded[method], logits_here(trained[method], texts))
+    assert len(rec["dev_history"]) == 4 and rec["metrics"]["score"] == max(h["score"] for h in rec["dev_history"])
 
 
 def test_lora_checkpoint_holds_only_what_was_trained(trained):

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from peftbench.errors import PeftbenchError
+from peftbench.measure import stored_bytes, unique_parameters
+from peftbench.registry import METHODS
 
 HEAD_MODULES = ("classifier", "score")  # sequence/token classification heads (BERT family, decoders)
 TRAINABLE_FILE = "trainable.safetensors"
@@ -34,17 +36,12 @@ class MethodConfig:
 
 @dataclass
 class RunContext:
-    """What a method may need to know about the run it is applied in."""
+    """What a method may need to know about the run it is applied in (the task kind decides the last two)."""
 
     total_steps: int  # optimizer steps this process will take
     num_labels: int
-    task_kind: str = "classification"  # or "token_classification"
-
-    @property
-    def peft_task_type(self):
-        from peft import TaskType
-
-        return TaskType.TOKEN_CLS if self.task_kind == "token_classification" else TaskType.SEQ_CLS
+    peft_task_type: str | None = "SEQ_CLS"  # peft.TaskType; None for a bare model (masked-LM pretraining)
+    labels_per_token: bool = False  # token classification: labels align with the input tokens
 
 
 class Method:
@@ -53,6 +50,7 @@ class Method:
     saves_full_model: ClassVar[bool] = False  # True: the checkpoint needs no base model to reload
     trains_base_weights: ClassVar[bool] = False  # True: cannot run on a quantised (frozen integer) base
     reads_gradients: ClassVar[bool] = False  # True: on_optimizer_step reads whole gradients (not under ZeRO/FSDP)
+    virtual_token_modules: ClassVar[tuple[str, ...]] = ()  # modules run once per step, not per token (FLOP counts)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -79,7 +77,7 @@ class Method:
     def save(self, model: nn.Module, out_dir: Path) -> None:
         raise NotImplementedError
 
-    def load(self, base_model: nn.Module | None, ckpt_dir: Path) -> nn.Module:
+    def load(self, base_model: nn.Module | None, ckpt_dir: Path, ctx: RunContext) -> nn.Module:
         raise NotImplementedError
 
 
@@ -93,8 +91,14 @@ class PeftMethod(Method):
 
     def apply(self, model, ctx):
         from peft import get_peft_model
+        from peft.utils.error import NoMatchingPeftModuleError
 
-        return get_peft_model(model, self.peft_config(ctx))
+        try:
+            return get_peft_model(model, self.peft_config(ctx))
+        except NoMatchingPeftModuleError:
+            targets = getattr(self.cfg, "target_modules", None)
+            raise PeftbenchError(f"config key 'method.target_modules': {targets} names no module of this model") \
+                from None
 
     def is_trainable(self, name: str) -> bool:
         return ".modules_to_save." in name or any(marker in name for marker in self.trainable_markers)
@@ -102,7 +106,7 @@ class PeftMethod(Method):
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))
 
-    def load(self, base_model, ckpt_dir: Path):
+    def load(self, base_model, ckpt_dir: Path, ctx: RunContext):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base_model, str(ckpt_dir))
@@ -122,24 +126,19 @@ class InPlaceMethod(Method):
         from safetensors.torch import save_file
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({n: t.contiguous().cpu() for n, t in self.trained_tensors(model).items()}, str(out_dir / TRAINABLE_FILE))
+        tensors = {n: t.contiguous().cpu() for n, t in self.trained_tensors(model).items()}
+        save_file(tensors, str(out_dir / TRAINABLE_FILE))
 
-    def load(self, base_model, ckpt_dir: Path):
+    def load(self, base_model, ckpt_dir: Path, ctx: RunContext):
         from safetensors.torch import load_file
 
-        model = self.apply(base_model, RunContext(total_steps=0, num_labels=base_model.config.num_labels,
-                                                  task_kind=task_kind(base_model)))
+        model = self.apply(base_model, ctx)
         state = load_file(str(ckpt_dir / TRAINABLE_FILE))
         unknown = sorted(set(state) - set(model.state_dict()))
         if unknown:
             raise PeftbenchError(f"{ckpt_dir / TRAINABLE_FILE}: tensor '{unknown[0]}' has no place in the model")
         model.load_state_dict(state, strict=False)
         return model
-
-
-def task_kind(model: nn.Module) -> str:
-    """``token_classification`` for a ``*ForTokenClassification`` model, else ``classification``."""
-    return "token_classification" if type(model).__name__.endswith("ForTokenClassification") else "classification"
 
 
 def find_modules(model: nn.Module, patterns: list[str], key: str) -> list[tuple[str, nn.Module]]:
@@ -151,22 +150,16 @@ def find_modules(model: nn.Module, patterns: list[str], key: str) -> list[tuple[
     return found
 
 
-_METHODS: dict[str, type[Method]] = {}
-
-
 def register_method(cls: type[Method]) -> type[Method]:
-    _METHODS[cls.name] = cls
-    return cls
+    return METHODS.register(cls.name, cls)
 
 
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in _METHODS:
-        raise PeftbenchError(f"config key 'method.name': unknown method '{name}' (known: {', '.join(method_names())})")
-    return _METHODS[name]
+    return METHODS.get(name, "method.name")
 
 
 def set_trainable(model: nn.Module, method: Method) -> dict:
@@ -183,6 +176,36 @@ def set_trainable(model: nn.Module, method: Method) -> dict:
     if trainable == 0:
         raise PeftbenchError(f"method '{method.name}' declares no trainable parameter in this model")
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total}
+
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def frozen_weights_to_compute_dtype(model: torch.nn.Module, mixed_precision: str) -> dict:
+    """Under mixed precision, keep frozen floating-point weights in the compute dtype.
+
+    Autocast would cast them on every forward anyway; stored in bf16/fp16 they take half
+    the memory and skip those casts. Trained parameters stay fp32 (the optimizer's master
+    copy), and so do frozen ones that share a module with a trained one (BitFit's layer-norm
+    weight beside its trained bias: ``layer_norm`` wants one dtype), and normalisation layers
+    (a few KB; on CPU ``layer_norm`` refuses fp32 activations with bf16 weights, and
+    bitsandbytes layers may return fp32). Returns the bytes of the frozen and the trained weights.
+    """
+    dtype = COMPUTE_DTYPES.get(mixed_precision)
+    if dtype is not None:
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if own and not any(p.requires_grad for p in own) and "norm" not in type(module).__name__.lower():
+                for p in own:
+                    if p.is_floating_point():
+                        p.data = p.data.to(dtype)
+    frozen = trained = 0
+    for p in unique_parameters(model):
+        if p.requires_grad:
+            trained += stored_bytes(p)
+        else:
+            frozen += stored_bytes(p)
+    return {"frozen_weight_bytes": frozen, "trained_weight_bytes": trained}
 
 
 from peftbench.methods import adalora, adapter, bitfit, full, ia3, lora, prefix, prompt  # noqa: E402,F401  (registration)

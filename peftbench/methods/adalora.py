@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from peft import AdaLoraConfig as PeftAdaLoraConfig
 
+from peftbench.config import require
 from peftbench.errors import PeftbenchError
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
@@ -40,8 +41,15 @@ class AdaLoraConfig(MethodConfig):
     orth_reg_weight: float = 0.5
 
     def __post_init__(self):
+        require(self.init_r >= 1, "method.init_r", ">= 1", self.init_r)
+        require(self.target_r >= 1, "method.target_r", ">= 1", self.target_r)
+        require(0 <= self.dropout < 1, "method.dropout", "in [0, 1)", self.dropout)
+        require(self.delta_t >= 1, "method.delta_t", ">= 1", self.delta_t)
+        for key in ("tinit_ratio", "tfinal_ratio"):
+            require(0 <= getattr(self, key) < 1, f"method.{key}", "in [0, 1)", getattr(self, key))
         if self.target_r > self.init_r:
-            raise PeftbenchError(f"config key 'method.target_r' ({self.target_r}) must be <= method.init_r ({self.init_r})")
+            raise PeftbenchError(f"config key 'method.target_r' ({self.target_r}) must be <= "
+                                 f"method.init_r ({self.init_r})")
 
 
 @register_method

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from peftbench.config import require
 from peftbench.errors import PeftbenchError
 from peftbench.methods import InPlaceMethod, MethodConfig, find_modules, is_head, register_method
 
@@ -73,6 +74,8 @@ class AdapterConfig(MethodConfig):
             raise PeftbenchError(f"config key 'method.variant' must be houlsby or pfeiffer, got {self.variant!r}")
         if self.activation not in ACTIVATIONS:
             raise PeftbenchError(f"config key 'method.activation' must be one of {sorted(ACTIVATIONS)}")
+        require(self.bottleneck is None or self.bottleneck >= 1, "method.bottleneck", "null or >= 1", self.bottleneck)
+        require(self.reduction_factor >= 1, "method.reduction_factor", ">= 1", self.reduction_factor)
 
 
 @register_method

@@ -26,8 +26,9 @@ class Full(Method):
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))
 
-    def load(self, base_model, ckpt_dir: Path):
+    def load(self, base_model, ckpt_dir: Path, ctx):
         import transformers
 
-        architecture = transformers.AutoConfig.from_pretrained(str(ckpt_dir)).architectures[0]  # e.g. BertForTokenClassification
+        # e.g. BertForTokenClassification
+        architecture = transformers.AutoConfig.from_pretrained(str(ckpt_dir)).architectures[0]
         return getattr(transformers, architecture).from_pretrained(str(ckpt_dir))

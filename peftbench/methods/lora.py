@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from peft import LoraConfig as PeftLoraConfig
 
+from peftbench.config import require
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
 
@@ -27,6 +28,11 @@ class LoraConfig(MethodConfig):
     target_modules: list[str] | None = None  # None = PEFT's default for the architecture (BERT: query, value)
     use_rslora: bool = False
     use_dora: bool = False
+
+    def __post_init__(self):
+        require(self.r >= 1, "method.r", ">= 1", self.r)
+        require(self.alpha > 0, "method.alpha", "> 0", self.alpha)
+        require(0 <= self.dropout < 1, "method.dropout", "in [0, 1)", self.dropout)
 
 
 @register_method

@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from peftbench.config import require
 from peftbench.errors import PeftbenchError
 from peftbench.methods import InPlaceMethod, MethodConfig, find_modules, is_head, register_method
 
@@ -84,8 +85,11 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is None and getattr(module, "is_causal", False) and q_len > 1:
         # torch SDPA's is_causal aligns top-left, which would hide the prefix: build the mask explicitly.
         keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        attention_mask = keep if link.base_attention is ALL_ATTENTION_FUNCTIONS.get("sdpa") else \
-            torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device).masked_fill(~keep, torch.finfo(query.dtype).min)
+        if link.base_attention is ALL_ATTENTION_FUNCTIONS.get("sdpa"):
+            attention_mask = keep
+        else:
+            attention_mask = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
+            attention_mask = attention_mask.masked_fill(~keep, torch.finfo(query.dtype).min)
         attention_mask = attention_mask[None, None]
     elif attention_mask is not None:
         visible = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
@@ -114,11 +118,16 @@ class PrefixConfig(MethodConfig):
     reparam_hidden: int = 512
     attention_modules: list[str] = field(default_factory=lambda: [r"attention\.self", r"self_attn"])
 
+    def __post_init__(self):
+        require(self.num_virtual_tokens >= 1, "method.num_virtual_tokens", ">= 1", self.num_virtual_tokens)
+        require(self.reparam_hidden >= 1, "method.reparam_hidden", ">= 1", self.reparam_hidden)
+
 
 @register_method
 class Prefix(InPlaceMethod):
     name = "prefix"
     Config = PrefixConfig
+    virtual_token_modules = (ENCODER_NAME,)
 
     def apply(self, model, ctx):
         cfg, config = self.cfg, model.config
@@ -147,6 +156,6 @@ class Prefix(InPlaceMethod):
             tensors[f"{ENCODER_NAME}.prefix"] = getattr(model, ENCODER_NAME)().detach()
         return tensors
 
-    def load(self, base_model, ckpt_dir):
+    def load(self, base_model, ckpt_dir, ctx):
         folded = Prefix(dataclasses.replace(self.cfg, reparameterize=False))
-        return InPlaceMethod.load(folded, base_model, ckpt_dir)
+        return InPlaceMethod.load(folded, base_model, ckpt_dir, ctx)

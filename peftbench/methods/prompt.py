@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from peft import PromptTuningConfig
 
+from peftbench.config import require
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
 
@@ -25,19 +26,23 @@ class PromptConfig(MethodConfig):
     name: str = "prompt"
     num_virtual_tokens: int = 20
 
+    def __post_init__(self):
+        require(self.num_virtual_tokens >= 1, "method.num_virtual_tokens", ">= 1", self.num_virtual_tokens)
+
 
 @register_method
 class Prompt(PeftMethod):
     name = "prompt"
     Config = PromptConfig
     trainable_markers = ("prompt_encoder.",)
+    virtual_token_modules = ("prompt_encoder",)
 
     def peft_config(self, ctx):
         return PromptTuningConfig(task_type=ctx.peft_task_type, num_virtual_tokens=self.cfg.num_virtual_tokens)
 
     def apply(self, model, ctx):
         model = super().apply(model, ctx)
-        if ctx.task_kind == "token_classification":
+        if ctx.labels_per_token:
             n = self.cfg.num_virtual_tokens
 
             def label_virtual_tokens(module, args, kwargs):

@@ -10,8 +10,10 @@ token-classification tasks (``tasks.ner``) add ``entities``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,6 +21,8 @@ from typing import Callable, Iterator
 from datasets import Dataset
 
 from peftbench.errors import PeftbenchError, where
+from peftbench.registry import TASKS
+from peftbench.tasks.kinds import CLASSIFICATION, TaskKind
 
 # File names per layout: split -> candidates, first match wins.
 LAYOUTS = {
@@ -27,6 +31,9 @@ LAYOUTS = {
     "csv": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv"},
     "conll": {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"},  # token classification: 'char TAG' lines
 }
+# Evaluation files of every layout, plus FewCLUE's per-split dev/test files (never pretraining text).
+EVALUATION_FILE = re.compile("|".join([re.escape(names[s]) for names in LAYOUTS.values() for s in ("dev", "test")]
+                                      + [r"dev_\d+\.json", r"test_public\.json"]))
 log = logging.getLogger("peftbench")
 HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
@@ -47,14 +54,13 @@ class TaskSpec:
     description: str
     labels: tuple[str, ...]  # label strings as they appear in the data; list index = class id
     convert: Callable[[dict], Example]  # raises KeyError(field) for a missing field
-    text_fields: tuple[str, ...]
     label_names: tuple[str, ...] | None = None  # human-readable names, if the labels are codes
     hub: tuple[str, str] | None = None  # load_dataset(*hub) when no data_dir is given
     skip_labels: tuple[str, ...] = ()  # labels meaning "no gold label": dropped and counted
     label_key: str = "label"  # the label's field name in the files
-    metric: str = "accuracy"  # the score in records and leaderboards
-    kind: str = "classification"  # or "token_classification" (labels are then the tags)
+    kind: TaskKind = CLASSIFICATION  # or TOKEN_CLASSIFICATION (labels are then the tags)
     entity_types: tuple[str, ...] = ()  # token classification
+    tag_scheme: str = "bio"  # token classification: how spans become tags
     generate: Callable[[], dict[str, list[dict]]] | None = None  # split -> records, when no data_dir is given
 
 
@@ -65,28 +71,26 @@ class TaskData:
     source: str
     dropped: dict[str, int] = field(default_factory=dict)
     overlapping_entities: dict[str, int] = field(default_factory=dict)  # token classification
+    lines: dict[str, list[int]] = field(default_factory=dict)  # split -> the line of each record in its file
+    files: dict[str, str] = field(default_factory=dict)  # split -> where its records come from
 
     def labeled(self, split: str) -> bool:
         ds = self.splits.get(split)
         return ds is not None and len(ds) > 0 and min(ds["label"]) >= 0
 
 
-_TASKS: dict[str, Callable[..., TaskSpec] | TaskSpec] = {}
-
-
 def register_task(spec: TaskSpec | Callable[..., TaskSpec], name: str | None = None):
     """Register a spec, or a factory ``f(task_cfg) -> TaskSpec`` under ``name``."""
-    _TASKS[name or spec.name] = spec
-    return spec
+    return TASKS.register(name or spec.name, spec)
 
 
 def task_names() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def describe_task(name: str) -> str:
     """One line for ``peftbench tasks``."""
-    entry = _TASKS[name]
+    entry = TASKS.get(name, "task.name")
     if not isinstance(entry, TaskSpec):
         return f"{name:<12}    * labels  local      {entry.__doc__.strip().splitlines()[0]}"
     source = "hub+local" if entry.hub else "local"
@@ -94,16 +98,14 @@ def describe_task(name: str) -> str:
 
 
 def get_spec(task_cfg) -> TaskSpec:
-    entry = _TASKS.get(task_cfg.name)
-    if entry is None:
-        raise PeftbenchError(f"config key 'task.name': unknown task '{task_cfg.name}' (known: {', '.join(task_names())})")
+    entry = TASKS.get(task_cfg.name, "task.name")
     return entry if isinstance(entry, TaskSpec) else entry(task_cfg)
 
 
 def load_task(task_cfg) -> TaskData:
     """Load train/dev(/test) for ``task_cfg`` from a local folder, the hub, or a generator."""
     spec = get_spec(task_cfg)
-    if spec.kind == "classification" and task_cfg.tag_scheme != "bio":
+    if not spec.kind.labels_per_token and task_cfg.tag_scheme != "bio":
         raise PeftbenchError(f"config key 'task.tag_scheme' applies only to token classification, not '{spec.name}'")
     if task_cfg.data_dir is None and spec.generate is not None:
         raw = {split: list(enumerate(rows, 1)) for split, rows in spec.generate().items()}
@@ -111,6 +113,11 @@ def load_task(task_cfg) -> TaskData:
     if task_cfg.data_dir is None:
         return _load_hub(spec, task_cfg)
     return _load_dir(spec, Path(task_cfg.data_dir), task_cfg)
+
+
+def is_evaluation_file(path: Path) -> bool:
+    """Whether ``path`` is named like a task's dev or test file."""
+    return EVALUATION_FILE.fullmatch(path.name) is not None
 
 
 def find_files(data_dir: Path) -> dict[str, Path]:
@@ -127,8 +134,19 @@ def find_files(data_dir: Path) -> dict[str, Path]:
     raise PeftbenchError(f"{data_dir}: no training file found (expected one of: {expected})")
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark; other bytes are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PeftbenchError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the file as "
+                             "UTF-8") from None
+
+
 def read_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) from a JSON-lines or CSV file.
+    """Yield (line number, record) from a JSON-lines, CSV or CoNLL file (numbered by physical line).
 
     JSON lines are split on ``\\n`` only: IFLYTEK text holds raw U+2028, which
     ``str.splitlines`` would treat as a line break. CRLF line ends are accepted.
@@ -139,21 +157,26 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield from read_conll(path)
         return
     if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            for lineno, row in enumerate(csv.DictReader(fh), 2):
-                yield lineno, row
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        try:
+            _ = reader.fieldnames  # reads the header row
+            start = reader.line_num + 1
+            for row in reader:
+                yield start, row
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise PeftbenchError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
         return
-    with path.open(encoding="utf-8", newline="\n") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PeftbenchError(f"{where(path, lineno)}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise PeftbenchError(f"{where(path, lineno)}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PeftbenchError(f"{where(path, lineno)}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise PeftbenchError(f"{where(path, lineno)}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def _load_dir(spec: TaskSpec, data_dir: Path, task_cfg) -> TaskData:
@@ -187,7 +210,8 @@ def _load_hub(spec: TaskSpec, task_cfg) -> TaskData:
                 row["label"] = None if row["label"] < 0 else names[row["label"]]
             rows.append((i, row))
         raw[split] = rows
-    return _build(spec, raw, "hub:" + "/".join(spec.hub), task_cfg, source_of=lambda split: f"hub:{'/'.join(spec.hub)}[{split}]")
+    name = "hub:" + "/".join(spec.hub)
+    return _build(spec, raw, name, task_cfg, source_of=lambda split: f"{name}[{split}]")
 
 
 def _check_label_file(spec: TaskSpec, path: Path) -> None:
@@ -198,18 +222,20 @@ def _check_label_file(spec: TaskSpec, path: Path) -> None:
         if "label" not in record:
             raise PeftbenchError(f"{where(path, lineno, 'label')} missing")
         if str(record["label"]) not in spec.labels:
-            raise PeftbenchError(f"{where(path, lineno, 'label')}: label {record['label']!r} is not a label of task '{spec.name}'")
+            raise PeftbenchError(f"{where(path, lineno, 'label')}: label {record['label']!r} is not a label of "
+                                 f"task '{spec.name}'")
 
 
 def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, task_cfg, source_of) -> TaskData:
     """Convert raw records into one Dataset per split: text_a, text_b, label (class index, -1 = unlabeled), id;
     token classification adds ``entities`` (gold spans) and ``label`` is 0 for a labeled record."""
-    tokens = spec.kind == "token_classification"
+    tokens = spec.kind.labels_per_token
     label_index = {label: i for i, label in enumerate(spec.labels)}
-    splits, dropped, overlapping = {}, {}, {}
+    splits, dropped, overlapping, lines = {}, {}, {}, {}
     for split, rows in raw.items():
         path = source_of(split)
         columns = {"text_a": [], "text_b": [], "label": [], "id": []} | ({"entities": []} if tokens else {})
+        lines[split] = []
         n_dropped = n_unlabeled = n_overlaps = 0
         seen_ids = set()
         for lineno, record in rows:
@@ -230,7 +256,8 @@ def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, 
             elif tokens:
                 index = 0
             elif ex.label not in label_index:
-                raise PeftbenchError(f"{where(path, lineno, spec.label_key)}: label {ex.label!r} is not a label of task '{spec.name}'")
+                raise PeftbenchError(f"{where(path, lineno, spec.label_key)}: label {ex.label!r} is not a label of "
+                                     f"task '{spec.name}'")
             else:
                 index = label_index[ex.label]
             for lost, kept in ex.overlaps or ():
@@ -242,6 +269,7 @@ def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, 
             columns["text_b"].append(ex.text_b)
             columns["label"].append(index)
             columns["id"].append(lineno if ex.id is None else int(ex.id))
+            lines[split].append(lineno)
             if tokens:
                 if columns["id"][-1] in seen_ids:
                     raise PeftbenchError(f"{where(path, lineno, 'id')}: id {columns['id'][-1]} repeats; "
@@ -253,17 +281,21 @@ def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, 
             labels[:] = [0] * len(labels)
         elif 0 < n_unlabeled < len(labels):
             raise PeftbenchError(f"{path}: {n_unlabeled} of {len(labels)} records have no label; label all or none")
-        if split != "test" and (not labels or min(labels) < 0):
-            raise PeftbenchError(f"{path}: split '{split}' is empty" if not labels else
-                                 f"{where(path, rows[0][0], spec.label_key)} missing")
+        if not labels:
+            raise PeftbenchError(f"{path}: split '{split}' is empty" +
+                                 (f" (all {n_dropped} carry a label that means 'no gold label')" if n_dropped else ""))
+        if split != "test" and min(labels) < 0:
+            raise PeftbenchError(f"{where(path, rows[0][0], spec.label_key)} missing")
         if split == "train" and task_cfg.max_train_samples is not None:
             columns = {k: v[: task_cfg.max_train_samples] for k, v in columns.items()}
+            lines[split] = lines[split][: task_cfg.max_train_samples]
         splits[split] = Dataset.from_dict(columns)
         if n_dropped:
             dropped[split] = n_dropped
         if n_overlaps:
             overlapping[split] = n_overlaps
-    return TaskData(spec=spec, splits=splits, source=source, dropped=dropped, overlapping_entities=overlapping)
+    return TaskData(spec=spec, splits=splits, source=source, dropped=dropped, overlapping_entities=overlapping,
+                    lines=lines, files={split: str(source_of(split)) for split in raw})
 
 
 def text_field(record: dict, name: str) -> str:

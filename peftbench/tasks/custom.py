@@ -30,7 +30,7 @@ def custom_spec(task_cfg) -> TaskSpec:
         texts = [text_field(record, f) for f in fields]
         return Example(texts[0], texts[1] if len(texts) > 1 else "", label_field(record, label_key))
 
-    return TaskSpec("custom", "user data (CLUE-style JSON lines or CSV)", tuple(labels), convert, tuple(fields),
+    return TaskSpec("custom", "user data (CLUE-style JSON lines or CSV)", tuple(labels), convert,
                     label_key=label_key)
 
 

@@ -3,7 +3,7 @@
 Gold entities are character spans ``(start, end, type)`` with ``end`` inclusive,
 as CLUENER writes them. For training they become one tag per character (BIO, or
 BIOES with ``task.tag_scheme=bioes``); the model sees each character as a word,
-and a character's first token carries its tag (``data.encode_tokens``).
+and a character's first token carries its tag (``kinds.TokenClassification.encode``).
 Predictions go back to character spans with :func:`tags_to_spans`, and the
 metric compares those spans with the gold spans, so any loss in alignment or
 truncation counts as an error.
@@ -17,97 +17,24 @@ reported with its file and line and counted in the record.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from peftbench.errors import PeftbenchError, where
 from peftbench.tasks import Example, TaskSpec, register_task, text_field
+from peftbench.tasks.kinds import TOKEN_CLASSIFICATION
+from peftbench.tasks.spans import (  # noqa: F401  (re-exported)
+    SCHEMES,
+    Span,
+    clue_label,
+    predicted_spans,
+    resolve_overlaps,
+    spans_to_tags,
+    tag_names,
+    tags_to_spans,
+)
 
-SCHEMES = ("bio", "bioes")
 CLUENER_TYPES = ("address", "book", "company", "game", "government", "movie", "name", "organization", "position",
                  "scene")
-
-
-@dataclass(frozen=True)
-class Span:
-    start: int
-    end: int  # inclusive
-    type: str
-
-
-def tag_names(types: tuple[str, ...], scheme: str) -> tuple[str, ...]:
-    """``O`` then, per type, its prefixed tags: B, I (BIO) or B, I, E, S (BIOES)."""
-    prefixes = "BI" if scheme == "bio" else "BIES"
-    return ("O",) + tuple(f"{p}-{t}" for t in types for p in prefixes)
-
-
-def spans_to_tags(n_chars: int, spans: list[Span], scheme: str) -> list[str]:
-    """One tag per character. Spans must not overlap."""
-    tags = ["O"] * n_chars
-    for s in spans:
-        if scheme == "bioes" and s.start == s.end:
-            tags[s.start] = f"S-{s.type}"
-            continue
-        tags[s.start] = f"B-{s.type}"
-        for i in range(s.start + 1, s.end + 1):
-            tags[i] = f"I-{s.type}"
-        if scheme == "bioes":
-            tags[s.end] = f"E-{s.type}"
-    return tags
-
-
-def tags_to_spans(tags: list[str]) -> list[Span]:
-    """Entity spans of a BIO or BIOES tag sequence.
-
-    Read as conlleval reads it: an ``I-``/``E-`` tag continues an open entity of the same
-    type and otherwise starts a new one; ``B-``/``S-`` always start one; ``E-``/``S-`` close it.
-    """
-    spans, start, kind = [], None, None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, _, t = tag.partition("-")
-        continues = start is not None and t == kind and prefix in ("I", "E")
-        if start is not None and not continues:
-            spans.append(Span(start, i - 1, kind))
-            start = None
-        if prefix in ("B", "S") or (prefix in ("I", "E") and not continues):
-            start, kind = i, t
-        if prefix in ("E", "S") and start is not None:
-            spans.append(Span(start, i, kind))
-            start = None
-    return spans
-
-
-def predicted_spans(pred: list[int], char_index: list[int], n_chars: int, tags: tuple[str, ...]) -> list[Span]:
-    """Spans from per-token predictions: each character takes its first token's tag.
-
-    A character without a token (a space) inside an entity, between a tag of type X and a
-    following ``I-X``/``E-X``, continues it; elsewhere it is ``O``.
-    """
-    char_tags: list[str | None] = [None] * n_chars
-    for p, c in zip(pred, char_index):
-        if c >= 0:
-            char_tags[c] = tags[p]
-    following = "O"
-    for i in range(n_chars - 1, -1, -1):  # fill untokenised characters, right to left
-        if char_tags[i] is not None:
-            following = char_tags[i]
-            continue
-        previous = next((t for t in reversed(char_tags[:i]) if t is not None), "O")
-        inside = previous != "O" and previous[0] in "BI" and following[:2] in ("I-", "E-") and previous[2:] == following[2:]
-        char_tags[i] = f"I-{following[2:]}" if inside else "O"
-    return tags_to_spans(char_tags)
-
-
-def resolve_overlaps(spans: list[Span]) -> tuple[list[Span], list[tuple[Span, Span]]]:
-    """Keep the longer of overlapping spans (the earlier on a tie); return (kept, [(dropped, kept_instead)])."""
-    kept, dropped = [], []
-    for span in sorted(set(spans), key=lambda s: (-(s.end - s.start), s.start, s.type)):
-        clash = next((k for k in kept if span.start <= k.end and k.start <= span.end), None)
-        if clash is None:
-            kept.append(span)
-        else:
-            dropped.append((span, clash))
-    return sorted(kept, key=lambda s: s.start), dropped
 
 
 def read_span_label(text: str, label, types: tuple[str, ...], field: str = "label") -> list[Span]:
@@ -127,7 +54,8 @@ def read_span_label(text: str, label, types: tuple[str, ...], field: str = "labe
                 raise TypeError(f"field '{field}.{kind}': entity {entity!r}: offsets must be a list of [start, end]")
             for pair in offsets:
                 if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, int) for x in pair)):
-                    raise ValueError(f"field '{field}.{kind}': entity {entity!r}: offsets {pair!r} are not [start, end]")
+                    raise ValueError(f"field '{field}.{kind}': entity {entity!r}: offsets {pair!r} "
+                                     "are not [start, end]")
                 start, end = pair
                 if not 0 <= start <= end < len(text):
                     raise ValueError(f"field '{field}.{kind}': entity {entity!r} at [{start}, {end}] is outside "
@@ -146,7 +74,8 @@ def span_converter(types: tuple[str, ...], text_key: str = "text", label_key: st
         text = text_field(record, text_key)
         spans, overlaps = resolve_overlaps(read_span_label(text, record.get(label_key), types, label_key))
         record_id = record.get("id")
-        return Example(text, label=None if label_key not in record else "", id=record_id if isinstance(record_id, int) else None,
+        return Example(text, label=None if label_key not in record else "",
+                       id=record_id if isinstance(record_id, int) else None,
                        entities=spans, overlaps=overlaps)
 
     return convert
@@ -156,8 +85,9 @@ def read_conll(path: Path) -> Iterator[tuple[int, dict]]:
     """Sentences of a CoNLL-style file (``char TAG`` per line, blank line between sentences) as
     CLUENER-style records ``{"text", "label"}``, numbered by their first line. Lines without a
     tag give unlabeled records (a test file)."""
-    with path.open(encoding="utf-8", newline="\n") as fh:
-        lines = list(enumerate(fh, 1))
+    from peftbench.tasks import read_text
+
+    lines = list(enumerate(read_text(path).split("\n"), 1))
     sentence: list[tuple[int, list[str]]] = []
     for lineno, line in lines + [(len(lines) + 1, "")]:
         parts = line.split()
@@ -196,8 +126,8 @@ def _char_tags(tag: str, n_chars: int) -> list[str]:
 def cluener_spec(task_cfg) -> TaskSpec:
     """CLUENER2020 fine-grained NER, 10 entity types, entity-level F1 (set task.data_dir)."""
     return TaskSpec("cluener", "CLUENER2020 fine-grained NER (10 entity types, entity F1)",
-                    tag_names(CLUENER_TYPES, scheme_of(task_cfg)), span_converter(CLUENER_TYPES), ("text",),
-                    kind="token_classification", metric="entity_f1", entity_types=CLUENER_TYPES)
+                    tag_names(CLUENER_TYPES, scheme_of(task_cfg)), span_converter(CLUENER_TYPES),
+                    kind=TOKEN_CLASSIFICATION, entity_types=CLUENER_TYPES, tag_scheme=scheme_of(task_cfg))
 
 
 def custom_ner_spec(task_cfg) -> TaskSpec:
@@ -212,22 +142,14 @@ def custom_ner_spec(task_cfg) -> TaskSpec:
         raise PeftbenchError("config key 'task.text_fields' must name one text field for task.name=custom_ner")
     label_key = task_cfg.label_field or "label"
     return TaskSpec("custom_ner", "user NER data", tag_names(tuple(types), scheme_of(task_cfg)),
-                    span_converter(tuple(types), fields[0], label_key), tuple(fields), label_key=label_key,
-                    kind="token_classification", metric="entity_f1", entity_types=tuple(types))
+                    span_converter(tuple(types), fields[0], label_key), label_key=label_key,
+                    kind=TOKEN_CLASSIFICATION, entity_types=tuple(types), tag_scheme=scheme_of(task_cfg))
 
 
 def scheme_of(task_cfg) -> str:
     if task_cfg.tag_scheme not in SCHEMES:
         raise PeftbenchError(f"config key 'task.tag_scheme' must be one of {SCHEMES}, got {task_cfg.tag_scheme!r}")
     return task_cfg.tag_scheme
-
-
-def clue_label(spans: list[Span], text: str) -> dict:
-    """CLUENER's ``{TYPE: {ENTITY: [[start, end], ...]}}`` for predicted spans."""
-    label: dict = {}
-    for s in spans:
-        label.setdefault(s.type, {}).setdefault(text[s.start : s.end + 1], []).append([s.start, s.end])
-    return label
 
 
 register_task(cluener_spec, name="cluener")

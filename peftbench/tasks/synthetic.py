@@ -21,6 +21,7 @@ from pathlib import Path
 
 from peftbench.tasks import LAYOUTS, TaskSpec, register_task
 from peftbench.tasks.clue import single
+from peftbench.tasks.kinds import TOKEN_CLASSIFICATION
 from peftbench.tasks.ner import Span, clue_label, scheme_of, span_converter, tag_names
 
 TOPICS = ("体育", "财经", "科技", "娱乐")
@@ -59,7 +60,8 @@ def generate_splits(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[
     return out
 
 
-def write_files(out_dir: str | Path, layout: str = "fewclue", seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+def write_files(out_dir: str | Path, layout: str = "fewclue", seed: int = 0,
+                sizes: dict[str, int] | None = None) -> Path:
     """Write the task as JSON-lines files in the ``clue`` or ``fewclue`` layout.
 
     The ``clue`` layout mirrors a CLUE release: an unlabeled test.json and a labels.json.
@@ -72,7 +74,8 @@ def write_files(out_dir: str | Path, layout: str = "fewclue", seed: int = 0, siz
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         (out / LAYOUTS[layout][split]).write_text(lines, encoding="utf-8")
     if layout == "clue":
-        labels = "".join(json.dumps({"label": str(i), "label_desc": t}, ensure_ascii=False) + "\n" for i, t in enumerate(TOPICS))
+        labels = "".join(json.dumps({"label": str(i), "label_desc": t}, ensure_ascii=False) + "\n"
+                         for i, t in enumerate(TOPICS))
         (out / "labels.json").write_text(labels, encoding="utf-8")
     return out
 
@@ -120,14 +123,14 @@ def generate_ner_splits(seed: int = 0, sizes: dict[str, int] | None = None) -> d
 
 
 register_task(TaskSpec("synthetic", "synthetic 4-topic CLUE-format task (generated, seed 0)", ("0", "1", "2", "3"),
-                       single("sentence"), ("sentence",), TOPICS, generate=generate_splits))
+                       single("sentence"), TOPICS, generate=generate_splits))
 
 
 def synthetic_ner_spec(task_cfg) -> TaskSpec:
     """Synthetic CLUENER-format NER, 3 entity types (generated, seed 0; or task.data_dir)."""
     return TaskSpec("synthetic_ner", "synthetic CLUENER-format NER (3 entity types)",
-                    tag_names(NER_TYPES, scheme_of(task_cfg)), span_converter(NER_TYPES), ("text",),
-                    kind="token_classification", metric="entity_f1", entity_types=NER_TYPES,
+                    tag_names(NER_TYPES, scheme_of(task_cfg)), span_converter(NER_TYPES),
+                    kind=TOKEN_CLASSIFICATION, entity_types=NER_TYPES, tag_scheme=scheme_of(task_cfg),
                     generate=generate_ner_splits)
 
 

@@ -1,0 +1,201 @@
+"""The one training loop. Fine-tuning (every method) and masked-LM pretraining both run :func:`fit`.
+
+Accelerate handles devices, processes, mixed precision and gradient accumulation;
+the recipe hands in the prepared model, optimizer and batches, and the loop
+accumulates, clips, steps, schedules the learning rate, logs the loss (one host
+sync every ``log_every`` steps, reduced over processes), times the steps and
+calls the recipe's hooks: ``on_optimizer_step`` (a method's per-step update),
+``on_eval`` and ``on_save``. This is the only place in the package that calls
+``backward``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, broadcast
+from tqdm.auto import tqdm
+
+from peftbench.config import LoopConfig
+from peftbench.errors import DivergedError, PeftbenchError
+from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
+
+
+def make_accelerator(cfg: LoopConfig, compile: bool = False) -> Accelerator:
+    """A fresh Accelerator for one run (several runs in one process may differ in precision)."""
+    AcceleratorState._reset_state()
+    cuda = torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and not cuda:
+        raise PeftbenchError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate runs neither fp16 autocast "
+                             "nor loss scaling; use bf16 or 'no'")
+    return Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision,
+                       gradient_accumulation_steps=cfg.grad_accum_steps,
+                       dataloader_config=DataLoaderConfiguration(non_blocking=cuda),  # with pinned batches
+                       dynamo_backend="inductor" if compile else "no")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (tensors of < 2 dims).
+    Fused (one kernel for all tensors) on GPU."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=torch.cuda.is_available())
+
+
+def linear_schedule(step: int, planned: int, warmup_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup_ratio`` of the planned steps, then linear decay to 0
+    at the planned end (``transformers.get_linear_schedule_with_warmup``; the end may be re-planned)."""
+    warmup = int(warmup_ratio * planned)
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(planned - step) / float(max(1, planned - warmup)))
+
+
+@dataclass
+class LoopState:
+    """Where a run stands; saved with a resumable checkpoint and restored from it."""
+
+    planned_steps: int  # the optimizer steps the run will take (a time budget re-plans it)
+    step: int = 0  # optimizer steps taken
+    lr_steps: int = 0  # steps the schedule has advanced (fp16 loss scaling skips steps with inf gradients)
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    train_seconds: float = 0.0  # wall time in the loop, evaluation included, over every session
+    loss_curve: list = field(default_factory=list)  # [{"step", "loss"}] at every log point
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Hooks:
+    on_optimizer_step: Callable[[int], None] = lambda step: None  # after each optimizer step, gradients still there
+    on_eval: Callable[[LoopState], None] = lambda state: None
+    on_save: Callable[[LoopState], None] = lambda state: None
+
+
+def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int], Iterable[dict]], cfg: LoopConfig,
+        state: LoopState, hooks: Hooks, clip: list[torch.nn.Parameter], *, eval_every: int = 0, save_every: int = 0,
+        max_minutes: float = 0.0, desc: str = "train") -> dict:
+    """Train until ``state.planned_steps``; returns the throughput summary of the timed steps.
+
+    ``batches(epoch, skip)`` yields the micro-batches of an epoch after the first ``skip``, each
+    ``{"inputs": model inputs, "labels", "num_tokens"}``. ``on_eval`` runs every ``eval_every`` steps
+    and at the end, or with ``eval_every=0`` after every epoch and at the end; ``on_save`` every
+    ``save_every`` steps before the end. Evaluation and saving are left out of the timed steps.
+    With ``max_minutes`` the planned end moves so that training stops near that time.
+    """
+    device = accelerator.device
+    timer = StepTimer(device, warmup_steps=min(cfg.timing_warmup_steps, (state.planned_steps - state.step) // 2))
+    reset_peak_memory(device)
+    progress = tqdm(total=state.planned_steps, initial=state.step, desc=desc,
+                    disable=not accelerator.is_local_main_process)
+    loss_sum, loss_count, session_steps = torch.zeros((), device=device), 0, 0
+    session_start = time.perf_counter()
+
+    def paused(hook):
+        nonlocal session_start
+        timer.pause()
+        check_finite(clip, model, state.step)  # before evaluating or saving what the last steps made
+        now = time.perf_counter()
+        state.train_seconds += now - session_start
+        session_start = now
+        hook(state)
+        timer.resume()
+
+    try:
+        while state.step < state.planned_steps:
+            model.train()
+            for batch in batches(state.epoch, state.batch_in_epoch):
+                state.batch_in_epoch += 1
+                timer.count(len(batch["labels"]), batch["num_tokens"])
+                with accelerator.accumulate(model):
+                    lr = cfg.lr * linear_schedule(state.lr_steps, state.planned_steps, cfg.warmup_ratio)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss = model(**batch["inputs"], labels=batch["labels"]).loss  # with any regulariser the model adds
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(clip, cfg.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        hooks.on_optimizer_step(state.step + 1)
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                loss_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.lr_steps += not optimizer.step_was_skipped
+                state.step += 1
+                session_steps += 1
+                timer.optimizer_step(session_steps)
+                progress.update(1)
+                if state.step % cfg.log_every == 0 or state.step >= state.planned_steps:
+                    mean = accelerator.reduce(loss_sum / loss_count, "mean").item()  # the only host sync of a step
+                    if not math.isfinite(mean):
+                        raise DivergedError(f"diverged: loss is {mean} at step {state.step}")
+                    state.loss_curve.append({"step": state.step, "loss": mean})
+                    progress.set_postfix(loss=f"{mean:.4f}")
+                    loss_sum.zero_()
+                    loss_count = 0
+                    if max_minutes > 0:
+                        elapsed = state.train_seconds + time.perf_counter() - session_start
+                        fitting = int(state.step * max_minutes * 60 / elapsed)  # steps that fit the budget
+                        planned = min(state.planned_steps, max(state.step, fitting))
+                        state.planned_steps = int(broadcast(torch.tensor([planned], device=device)).item())
+                if eval_every and (state.step % eval_every == 0 or state.step >= state.planned_steps):
+                    paused(hooks.on_eval)
+                if save_every and state.step % save_every == 0 and state.step < state.planned_steps:
+                    paused(hooks.on_save)
+                if state.step >= state.planned_steps:
+                    break
+            else:  # the epoch ran out before the budget
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if not eval_every:
+                    paused(hooks.on_eval)
+                continue
+            if not eval_every:  # the budget ended inside this epoch
+                paused(hooks.on_eval)
+    finally:
+        progress.close()  # also on an error: the error line starts a line of its own
+    check_finite(clip, model, state.step)
+    state.train_seconds += time.perf_counter() - session_start
+    return throughput_summary(timer.result(), peak_memory_mb(device), accelerator)
+
+
+def check_finite(params: list[torch.nn.Parameter], model: torch.nn.Module, step: int) -> None:
+    """Raise ``DivergedError`` naming the first trained parameter that holds a NaN or an infinity (one host
+    sync for all of them: the loss check alone misses an update that breaks the weights after the last loss)."""
+    if not params or bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    bad = next(p for p in params if not p.detach().isfinite().all())
+    raise DivergedError(f"diverged: trained parameter '{names.get(id(bad), '?')}' is not finite after step {step}")
+
+
+def throughput_summary(timing: dict, memory: dict, accelerator: Accelerator) -> dict:
+    """Train throughput summed over processes over the slowest process's time; peak memory per process and max."""
+    device = accelerator.device
+    counts = torch.tensor([timing["timed_samples"], timing["timed_tokens"]], dtype=torch.float64, device=device)
+    seconds = torch.tensor([timing["timed_seconds"]], dtype=torch.float64, device=device)
+    peaks = accelerator.gather(torch.tensor([memory["peak_memory_mb"]], dtype=torch.float64, device=device))
+    samples, tokens = accelerator.reduce(counts, "sum").tolist()
+    seconds = accelerator.reduce(seconds, "max").item()
+    return {
+        "train_samples_per_s": samples / seconds if seconds else float("nan"),
+        "train_tokens_per_s": tokens / seconds if seconds else float("nan"),
+        "timed_steps": timing["timed_steps"],
+        "timed_seconds": seconds,
+        "peak_memory_mb": max(peaks.tolist()),
+        "peak_memory_mb_per_process": peaks.tolist(),
+        "memory_kind": memory["memory_kind"],
+        **{k: v for k, v in memory.items() if k == "peak_memory_reserved_mb"},
+    }

@@ -1,0 +1,227 @@
+"""Faults: a killed rerun, divergence, concurrent sweep workers, broken records, a full disk, crafted metadata."""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from peftbench import checkpoint, config
+from peftbench.cli import main
+from peftbench.errors import DivergedError
+from peftbench.records import RECORD_NAME, make_record, read_record, write_atomic
+from peftbench.train import run
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+QUICK = ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=32", "method.name=lora", "train.lr=5e-3"]
+
+
+def digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_a_killed_rerun_leaves_the_old_record_and_checkpoint_together(tmp_path, how):
+    out = tmp_path / "run"
+    first = run(config.load(None, [*QUICK, "train.max_steps=2", "train.seed=1", f"output_dir={out}"])).record
+    before = digest(out)
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "run", *QUICK, "train.epochs=200", "train.seed=2",
+                             f"output_dir={out}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stage = checkpoint.staging_dir(out)
+    deadline = time.time() + 120
+    while not (stage / "checkpoint" / "base" / "model.safetensors").is_file():  # the new run has written weights
+        assert proc.poll() is None and time.time() < deadline, "the rerun ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(1.0)  # well into training
+    proc.send_signal(how)
+    proc.wait(timeout=60)
+    assert digest(out) == before  # the old pair, untouched
+    assert read_record(out / RECORD_NAME)["config"]["train"]["seed"] == first["config"]["train"]["seed"] == 1
+    second = run(config.load(None, [*QUICK, "train.max_steps=2", "train.seed=2", f"output_dir={out}"])).record
+    assert read_record(out / RECORD_NAME)["run_id"] == second["run_id"] != first["run_id"]
+    assert digest(out) != before and not stage.exists()
+
+
+def test_a_swap_cut_between_its_renames_is_finished_or_undone(tmp_path):
+    out, old = tmp_path / "run", tmp_path / ".run.old"
+    for folder, seed in ((old, 1), (checkpoint.staging_dir(out), 2)):
+        folder.mkdir()
+        write_atomic(folder / RECORD_NAME, {"seed": seed})
+    checkpoint.prepare_run_dir(out)  # the new run was whole: the swap is finished
+    assert json.loads((out / RECORD_NAME).read_text())["seed"] == 2 and not old.exists()
+    shutil.rmtree(out)
+    old.mkdir()
+    write_atomic(old / RECORD_NAME, {"seed": 3})
+    checkpoint.staging_dir(out).mkdir(exist_ok=True)  # the new run was not whole (no record): the old comes back
+    checkpoint.prepare_run_dir(out)
+    assert json.loads((out / RECORD_NAME).read_text())["seed"] == 3 and not old.exists()
+
+
+def test_divergence_on_the_last_step_fails_the_run(tmp_path, capsys):
+    """The loss of the only step is finite (it is computed before the update); the model after it is not."""
+    args = [*QUICK, "method.name=bitfit", "train.lr=1e30", "train.max_steps=1", "train.max_grad_norm=0"]
+    with pytest.raises(DivergedError, match=r"diverged: .+ not finite"):
+        run(config.load(None, [*args, f"output_dir={tmp_path}/a"]))
+    record = read_record(tmp_path / "a" / RECORD_NAME)
+    assert record["status"] == "failed" and record["error"].startswith("diverged: ")
+    assert not (tmp_path / "a" / "checkpoint").exists()
+    assert main(["run", *args, f"output_dir={tmp_path}/b"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: run failed: {read_record(tmp_path / 'b' / RECORD_NAME)['error']} (failed record in {tmp_path}/b)"]
+
+
+def test_a_non_finite_trained_parameter_is_named():
+    import torch
+
+    from peftbench.loop import check_finite
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    check_finite(list(model.parameters()), model, 3)
+    with torch.no_grad():
+        model[1].bias[0] = float("inf")
+    with pytest.raises(DivergedError, match=r"diverged: trained parameter '1\.bias' is not finite after step 3"):
+        check_finite(list(model.parameters()), model, 3)
+
+
+def test_two_sweep_workers_on_one_folder_run_every_cell_once(tmp_path):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("recipe: {model: {name_or_path: tiny}, task: {name: synthetic, max_length: 32}, "
+                          "method: {name: lora}, train: {max_steps: 2, save_checkpoint: false, lr: 5e-3}}\n"
+                          f"grid: {{train.seed: [1, 2, 3, 4]}}\noutput_dir: {tmp_path / 'results'}\n")
+    workers = [subprocess.Popen([sys.executable, "-m", "peftbench", "sweep", str(sweep_file)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    summaries = [out.strip().splitlines()[-1] for out, _ in outputs]
+    ran = [int(s.split("ran ")[1].split(",")[0]) for s in summaries]
+    assert all(s.startswith("sweep: 4 cells, ran ") for s in summaries), summaries
+    assert sum(ran) == 4, summaries  # each cell ran exactly once, in one worker or the other
+    records = [read_record(p) for p in (tmp_path / "results").glob(f"*/{RECORD_NAME}")]
+    assert len(records) == 4 and all(r["status"] == "success" for r in records)
+    assert not list((tmp_path / "results" / ".claims").iterdir())  # every claim released
+
+
+def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
+    from peftbench.sweep import Claim
+
+    path = tmp_path / ".claims" / "cell.json"
+    live = Claim.take(path)
+    assert live is not None and Claim.take(path) is None
+    live.release()
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "t"}), encoding="utf-8")
+    os.utime(path, (time.time() - 3600, time.time() - 3600))  # no heartbeat for an hour
+    taken = Claim.take(path)
+    assert taken is not None
+    taken.release()
+
+
+def good_record(root: Path, name: str, task: str = "tnews", score: float = 0.5) -> dict:
+    cfg = config.load(None, ["task.name=tnews", "method.name=lora", "model.name_or_path=bert-base-chinese"])
+    metrics = {"score": score, "score_name": "accuracy", "n_eval": 10, "train_samples_per_s": 1.0,
+               "train_tokens_per_s": float("nan"), "eval_samples_per_s": 1.0, "peak_memory_mb": 1.0, "wall_s": 1.0}
+    record = make_record("success", cfg.to_dict(), cfg.run_id, {"device_name": "cpu", "num_processes": 1}, metrics,
+                         {"trainable": 1, "total": 2, "trainable_pct": 50.0, "adapter_bytes": 4},
+                         extra={"settings": cfg.changed_settings()})
+    record["config"]["task"]["name"] = task
+    write_atomic(root / name / RECORD_NAME, record)
+    return record
+
+
+def test_leaderboard_skips_broken_records_and_escapes_text(tmp_path, capsys):
+    root = tmp_path / "results"
+    good_record(root, "good", "tnews", 0.61)
+    good_record(root, "evil", "a|b<script>x$^$y", 0.5)  # bad mathtext breaks matplotlib
+    (root / "number").mkdir()
+    (root / "number" / RECORD_NAME).write_text("5\n", encoding="utf-8")
+    (root / "bytes").mkdir()
+    (root / "bytes" / RECORD_NAME).write_bytes(b'{"a": "\xff"}\n')
+    no_task = good_record(root, "no-task")
+    del no_task["config"]["task"]["name"]
+    write_atomic(root / "no-task" / RECORD_NAME, no_task)
+    for name, value in (("string-score", "high"), ("nan-score", float("nan"))):
+        broken = good_record(root, name)
+        broken["metrics"]["score"] = value
+        (root / name / RECORD_NAME).write_text(json.dumps(broken), encoding="utf-8")  # NaN as Python writes it
+    assert main(["leaderboard", str(root), "--out", str(tmp_path / "lb")]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warned) == 5 and "Traceback" not in err
+    for name in ("number", "bytes", "no-task", "string-score", "nan-score"):
+        assert sum(f"/{name}/{RECORD_NAME}" in line for line in warned) == 1, name
+    page = (tmp_path / "lb" / "leaderboard.md").read_text(encoding="utf-8")
+    assert "2 records" in page and "5 unreadable records skipped" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page and "a\\|b" in page
+    assert main(["leaderboard", str(root), "--out", str(tmp_path / "lb2"), "--strict"]) == 2
+    assert len([line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_records_are_strict_json(tmp_path):
+    path = write_atomic(tmp_path / RECORD_NAME, {"metrics": {"a": float("nan"), "b": [1.0, float("inf")], "c": 2.0}})
+    data = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in a record"))
+    assert data["metrics"] == {"a": None, "b": [1.0, None], "c": 2.0}
+    assert data["non_finite"] == {"metrics.a": "nan", "metrics.b[1]": "inf"}
+    assert not math.isnan(data["metrics"]["c"])
+
+
+def copied_checkpoint(trained_variants, tmp_path) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_variants["adapter"].record["checkpoint"], ckpt)
+    return ckpt
+
+
+def test_predict_refuses_a_crafted_task_name(trained_variants, tmp_path, capsys):
+    ckpt = copied_checkpoint(trained_variants, tmp_path)
+    meta = json.loads((ckpt / "peftbench.json").read_text(encoding="utf-8"))
+    meta["task"] = "../../escaped"
+    (ckpt / "peftbench.json").write_text(json.dumps(meta), encoding="utf-8")
+    (tmp_path / "sub" / "out").mkdir(parents=True)
+    assert main(["predict", str(ckpt), "--format", "clue", "--out", f"{tmp_path}/sub/out/"]) == 2
+    assert "field 'task': '../../escaped' is not a registered task name" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*escaped*"))
+
+
+def test_submission_needs_unique_ids(trained_variants, tmp_path, capsys):
+    from peftbench.tasks.synthetic import generate_splits
+
+    ckpt = copied_checkpoint(trained_variants, tmp_path)
+    splits = generate_splits()
+    splits["test"][5]["id"] = splits["test"][2]["id"]
+    for split, name in (("train", "train_few_all.json"), ("dev", "dev_few_all.json"), ("test", "test_public.json")):
+        write_jsonl(tmp_path / "data" / name, splits[split])
+    assert main(["predict", str(ckpt), "--format", "clue", "--data-dir", str(tmp_path / "data"),
+                 "--out", f"{tmp_path}/submit/"]) == 2
+    assert (f"test_public.json:6: field 'id': id {splits['test'][2]['id']} repeats line 3"
+            in capsys.readouterr().err)
+
+
+def test_a_full_disk_gives_one_true_line_and_no_empty_files(tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        code = main(["run", *QUICK, "train.max_steps=2", f"output_dir={disk}/run"])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+        assert "No space left on device" in errors[0]
+        record = disk / "run" / RECORD_NAME
+        if record.is_file():
+            assert "failed record in" in errors[0] and read_record(record)["status"] == "failed"
+        else:
+            assert "the failed record could not be written" in errors[0]
+        assert not [p for p in disk.rglob("*") if p.is_file() and p.stat().st_size == 0]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

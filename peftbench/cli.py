@@ -133,6 +133,7 @@ def _cuda() -> bool:
 
 def _run(args: list[str]) -> int:
     from peftbench import config
+    from peftbench.loop import process_state
     from peftbench.train import run
 
     recipe = None
@@ -154,11 +155,9 @@ def _run(args: list[str]) -> int:
         except Exception as exc:
             report_failed_run(exc, cfg.output_dir)
             return 1
-    from accelerate import PartialState
-
     from peftbench.leaderboard import run_summary
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(run_summary(records))
         for cfg in cfgs:
             print(f"record: {Path(cfg.output_dir) / 'record.json'}")
@@ -166,8 +165,7 @@ def _run(args: list[str]) -> int:
 
 
 def _pretrain(args: list[str]) -> int:
-    from accelerate import PartialState
-
+    from peftbench.loop import process_state
     from peftbench.pretrain import load_config, pretrain
     from peftbench.records import PRETRAIN_RECORD_NAME
 
@@ -180,7 +178,7 @@ def _pretrain(args: list[str]) -> int:
     except Exception as exc:
         report_failed_run(exc, cfg.output_dir)
         return 1
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(f"MLM loss {m['mlm_loss']:.4f} (perplexity {m['mlm_perplexity']:.1f}) after {m['steps']} steps "
               f"({m['stopped_by']}), {m['train_tokens_per_s']:.0f} tokens/s, peak {m['peak_memory_mb']:.0f} MB")
         print(f"model: {Path(cfg.output_dir) / 'model'}")
@@ -189,15 +187,14 @@ def _pretrain(args: list[str]) -> int:
 
 
 def _sweep(ns) -> int:
-    from accelerate import PartialState
-
     from peftbench import sweep
     from peftbench.leaderboard import run_summary
+    from peftbench.loop import process_state
 
     spec = sweep.read_sweep(ns.sweep_file)
     cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
     todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
     if ns.dry_run:
         for c in cells:
@@ -207,7 +204,7 @@ def _sweep(ns) -> int:
     shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []
     command = " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides, *shard])
     outcome = sweep.run_sweep(cells, ns.retry_failed, provenance={"sweep_file": ns.sweep_file, "command": command})
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(run_summary([r for r in outcome.records if r["status"] == "success"]))
         for r in outcome.records:
             if r["status"] == "failed":

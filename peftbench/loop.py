@@ -27,6 +27,14 @@ from peftbench.errors import DivergedError, PeftbenchError
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
 
 
+def process_state():
+    """This process's place among the launched ones, as the accelerator sees it (on CPU, ``cpu=True`` is what
+    joins processes started by torchrun into one gloo group; the first call decides for the whole process)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(cfg: LoopConfig, compile: bool = False) -> Accelerator:
     """A fresh Accelerator for one run (several runs in one process may differ in precision)."""
     AcceleratorState._reset_state()

@@ -36,6 +36,7 @@ from pathlib import Path
 from peftbench import config
 from peftbench.config import RunConfig
 from peftbench.errors import PeftbenchError
+from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, error_text, read_record
 
 VARIANTS = "variants"
@@ -230,10 +231,9 @@ def _status(cell: Cell) -> str | None:
 
 def _agree(value):
     """The main process's value on every process (all must run the same cells)."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    return value if PartialState().num_processes == 1 else broadcast_object_list([value])[0]
+    return value if process_state().num_processes == 1 else broadcast_object_list([value])[0]
 
 
 def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
@@ -245,12 +245,10 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
     """
     from functools import partial
 
-    from accelerate import PartialState
-
     from peftbench.train import run
 
     runner = runner or partial(run, provenance=provenance)
-    main = PartialState().is_main_process
+    main = process_state().is_main_process
     outcome = SweepOutcome(records=[], cells=len(cells))
 
     def finished() -> str | None:  # read now: another worker may have finished the cell since planning

@@ -37,27 +37,48 @@ def quick_overrides(tmp_path):
     return ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", f"output_dir={tmp_path / 'run'}"]
 
 
-RELOAD_SCRIPT = """
-import json, sys, torch, peftbench
-ckpts, texts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-out = {}
-for name, ckpt in ckpts.items():
-    model, tok, meta = peftbench.load(ckpt)
-    with torch.no_grad():
-        out[name] = model(**tok(texts, padding=True, return_tensors="pt")).logits
-torch.save(out, sys.argv[3])
+RELOAD_SERVER = """
+import json, sys, traceback, torch, peftbench
+for line in sys.stdin:
+    request = json.loads(line)
+    try:
+        out = {}
+        for name, ckpt in request["ckpts"].items():
+            model, tok, meta = peftbench.load(ckpt)
+            with torch.no_grad():
+                out[name] = model(**tok(request["texts"], padding=True, return_tensors="pt")).logits
+        torch.save(out, request["out"])
+        print("RELOADED ok", flush=True)
+    except Exception:
+        print("RELOADED " + json.dumps(traceback.format_exc()), flush=True)
 """
+_reloader = None
 
 
 def logits_in_new_process(ckpts: dict, texts: list[str], tmp_path: Path) -> dict:
-    """Reload each checkpoint with ``peftbench.load`` in a fresh Python process; return its logits on ``texts``."""
+    """Reload each checkpoint with ``peftbench.load`` in another Python process, one that has trained nothing
+    (started once per test session and reused: each start costs seconds of imports); return its logits."""
+    import atexit
     import subprocess
     import sys
 
     import torch
 
+    global _reloader
+    if _reloader is None or _reloader.poll() is not None:
+        _reloader = subprocess.Popen([sys.executable, "-c", RELOAD_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        atexit.register(_reloader.stdin.close)
     out = tmp_path / "reloaded_logits.pt"
-    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, json.dumps(ckpts), json.dumps(texts), str(out)], check=True)
+    _reloader.stdin.write(json.dumps({"ckpts": {k: str(v) for k, v in ckpts.items()}, "texts": texts,
+                                      "out": str(out)}) + "\n")
+    _reloader.stdin.flush()
+    answer = ""
+    while not answer.startswith("RELOADED "):  # libraries may print to stdout too
+        answer = _reloader.stdout.readline()
+        assert answer, "the reloading process died"
+    answer = answer.removeprefix("RELOADED ").strip()
+    assert answer == "ok", json.loads(answer)
     return torch.load(out)
 
 

@@ -155,7 +155,10 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     history, best = [], {}
 
     def on_eval(state: LoopState) -> None:
-        dev = evaluate(model, data.evals["dev"], accelerator, task, "dev")[0]
+        try:
+            dev = evaluate(model, data.evals["dev"], accelerator, task, "dev")[0]
+        except DivergedError as exc:
+            raise DivergedError(f"{exc} after step {state.step}") from None
         history.append({"epoch": state.epoch + (state.batch_in_epoch > 0), "step": state.step, **dev})
         if not best or dev["score"] > best["metrics"]["score"]:
             best.update(metrics=history[-1], state={n: _local(p).detach().to("cpu", copy=True)  # each process its shard

@@ -216,6 +216,13 @@ def test_the_corpus_is_large():
     assert len(BAD) >= 60
 
 
+def test_debug_mode_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PEFTBENCH_DEBUG", "1")
+    assert main(run_args("train.lr=-1")(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: config key 'train.lr'")
+
+
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_refused_with_one_line(case, tmp_path, capsys):
     build, expected = BAD[case]

@@ -131,6 +131,17 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _reported(job, cfg):
+    """``job(cfg)``; a run that fails (not bad input: that raises) is reported in one line and gives None."""
+    try:
+        return job(cfg)
+    except PeftbenchError:
+        raise
+    except Exception as exc:
+        report_failed_run(exc, cfg.output_dir)
+        return None
+
+
 def _run(args: list[str]) -> int:
     from peftbench import config
     from peftbench.loop import process_state
@@ -148,13 +159,10 @@ def _run(args: list[str]) -> int:
         cfgs = [config.load(recipe, args)]
     records = []
     for cfg in cfgs:
-        try:
-            records.append(run(cfg).record)
-        except PeftbenchError:
-            raise
-        except Exception as exc:
-            report_failed_run(exc, cfg.output_dir)
+        result = _reported(run, cfg)
+        if result is None:
             return 1
+        records.append(result.record)
     from peftbench.leaderboard import run_summary
 
     if process_state().is_main_process:
@@ -171,13 +179,10 @@ def _pretrain(args: list[str]) -> int:
 
     recipe, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
     cfg = load_config(recipe, overrides)
-    try:
-        m = pretrain(cfg)["metrics"]
-    except PeftbenchError:
-        raise
-    except Exception as exc:
-        report_failed_run(exc, cfg.output_dir)
+    record = _reported(pretrain, cfg)
+    if record is None:
         return 1
+    m = record["metrics"]
     if process_state().is_main_process:
         print(f"MLM loss {m['mlm_loss']:.4f} (perplexity {m['mlm_perplexity']:.1f}) after {m['steps']} steps "
               f"({m['stopped_by']}), {m['train_tokens_per_s']:.0f} tokens/s, peak {m['peak_memory_mb']:.0f} MB")

@@ -102,7 +102,7 @@ def plain_step(arch: str, method: str, precision: str, data_dir: Path, args) -> 
     texts = [json.loads(line)["sentence"] for line in lines]
     tokenizer = models.char_tokenizer(texts)  # the vocabulary the peftbench path builds
     torch.manual_seed(0)
-    model = models.load_model(config.ModelConfig(name_or_path=f"random:{arch}"), ["0", "1", "2", "3"], tokenizer)
+    model = models.load_model(config.ModelConfig(name_or_path=f"random:{arch}"), ["0", "1", "2", "3"], tokenizer)[0]
     if method != "full":
         from peft import get_peft_model
 

@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load(ckpt_dir, device="cpu", merge=False):
+def load(ckpt_dir, device="cpu", merge=False, base=None):
     """Load a trained checkpoint: returns (model, tokenizer, meta). See peftbench.inference.load."""
     from peftbench.inference import load as _load
 
-    return _load(ckpt_dir, device, merge)
+    return _load(ckpt_dir, device, merge, base)

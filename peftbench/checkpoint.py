@@ -2,8 +2,11 @@
 
 - A fine-tuned checkpoint (``<output_dir>/checkpoint/``): what the method trained
   (a PEFT adapter, the method's tensors, or a whole model), the tokenizer,
-  ``peftbench.json`` (method, task, kind, labels, the resolved config, where the
-  base comes from) and, for a random-init backbone, the base itself in ``base/``.
+  ``peftbench.json`` (method, task, kind, labels, the resolved config, the base: where
+  it comes from, its fingerprint and dtypes), the weights the base's source lacked
+  (``base_new_weights.safetensors``: e.g. the pooler of a model saved without one,
+  initialised at random by transformers) and, for a random-init backbone, the base
+  itself in ``base/``.
 - A pretrained model directory (``<output_dir>/model/``): a standard Hugging Face
   folder plus ``peftbench_pretrain.json``, how it was made.
 - A run folder (``output_dir``): ``record.json`` and ``checkpoint/``, built in a
@@ -15,10 +18,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+
+import torch
 
 from peftbench.errors import PeftbenchError
 from peftbench.records import RECORD_NAME, write_atomic
@@ -29,6 +35,7 @@ BASE_DIR = "base"  # a random-init backbone, saved beside the trained tensors: i
 MODEL_DIR = "model"  # pretraining's result
 PROVENANCE_FILE = "peftbench_pretrain.json"  # in a pretrained model directory: how it was made
 LOOP_STATE_FILE = "loop_state.json"
+NEW_WEIGHTS_FILE = "base_new_weights.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -75,15 +82,21 @@ def publish(stage: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_dict: dict | None = None) -> int:
+def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_dict: dict | None = None,
+                   new_weights: dict | None = None) -> int:
     """Write a fine-tuned checkpoint; returns the bytes of its weight files.
 
-    ``state_dict`` (gathered from FSDP shards) replaces the method's own saving.
+    ``state_dict`` (gathered from FSDP shards) replaces the method's own saving. ``new_weights`` are the
+    base's weights its source lacked, as initialised: without them a reload would draw new random ones.
     """
     if state_dict is not None:
         model.save_pretrained(str(ckpt_dir), state_dict=state_dict)
     else:
         method.save(model, ckpt_dir)
+    if new_weights:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in new_weights.items()}, str(ckpt_dir / NEW_WEIGHTS_FILE))
     tokenizer.save_pretrained(str(ckpt_dir))
     write_atomic(ckpt_dir / META_FILE, meta)
     return sum(f.stat().st_size for f in ckpt_dir.iterdir() if f.suffix in WEIGHT_SUFFIXES)
@@ -98,10 +111,44 @@ def read_meta(ckpt_dir: Path) -> dict:
 
 def base_source(ckpt_dir: Path, meta: dict) -> str | Path | None:
     """Where the base model of a checkpoint comes from: None (the checkpoint is a whole model), its own
-    ``base/`` folder (random-init backbone), or the hub name / directory it was trained on."""
-    if meta["base_model"] is None:
+    ``base/`` folder (random-init backbone), or the hub name / absolute directory it was trained on."""
+    if meta["base"] is None:
         return None
-    return ckpt_dir / BASE_DIR if meta["base_model"] == BASE_DIR else meta["base_model"]
+    return ckpt_dir / BASE_DIR if meta["base"]["source"] == BASE_DIR else meta["base"]["source"]
+
+
+VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")  # where and how, not what
+
+
+def fingerprint(model) -> str:
+    """A base model's identity: sha256 over its configuration and every tensor's name, dtype, shape and
+    bytes. Computed right after loading (before a method changes the model), at training and at reload."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_base(ckpt_dir: Path, meta: dict, source, found: str) -> None:
+    """Refuse a base that is not the one the checkpoint was trained on: its tensors would be fitted to another."""
+    expected = meta["base"]["fingerprint"]
+    if found != expected:
+        raise PeftbenchError(f"{ckpt_dir / META_FILE}: field 'base.fingerprint': the base '{source}' is not the "
+                             f"model this checkpoint was trained on (fingerprint {found[:12]}, trained on "
+                             f"{expected[:12]} from '{meta['base']['source']}'); pass the right base")
+
+
+def read_new_weights(ckpt_dir: Path) -> dict:
+    """The base weights a checkpoint stores because its base's source lacked them (empty when none)."""
+    path = ckpt_dir / NEW_WEIGHTS_FILE
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def save_pretrained_model(model, tokenizer, directory: Path, provenance: dict) -> None:
@@ -141,8 +188,6 @@ def save_training_state(accelerator, state: dict, run_id: str, ckpt: Path) -> No
 def check_rng_state(ckpt: Path, process_index: int) -> None:
     """Refuse to resume without this process's RNG state: Accelerate only logs an unreadable one and goes on,
     and the resumed run would silently differ from an uninterrupted one."""
-    import torch
-
     path = ckpt / f"random_states_{process_index}.pkl"
     try:
         torch.load(path, weights_only=False)

@@ -13,36 +13,43 @@ from peftbench.config import resolve
 from peftbench.data import Collator
 from peftbench.errors import PeftbenchError
 from peftbench.methods import RunContext, get_method
-from peftbench.models import from_pretrained
+from peftbench.models import from_pretrained, guard_padding
 from peftbench.tasks import load_task
 from peftbench.tasks.kinds import KINDS
 
 
-def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool = False):
+def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool = False, base: str | None = None):
     """Rebuild a trained model from its checkpoint; returns (model, tokenizer, meta), model in eval mode.
 
-    ``merge=True`` folds LoRA-style updates into the base weights (no extra latency).
+    ``base`` replaces the base model's recorded place (a hub name or a directory: the same model, moved); it
+    is checked against the fingerprint taken at training. ``merge=True`` folds LoRA-style updates into the
+    base weights (no extra latency).
     """
     ckpt_dir = Path(ckpt_dir)
     meta = checkpoint.read_meta(ckpt_dir)
     cfg = resolve(meta["config"])
-    kind = KINDS[meta.get("kind", "classification")]
+    kind = KINDS[meta["kind"]]
     method = get_method(meta["method"])(cfg.method)
-    base = None
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir))
+    if base is not None and meta["base"] is None:
+        raise PeftbenchError(f"{ckpt_dir}: method '{meta['method']}' saved a whole model; it takes no base")
     quantized = cfg.model.quantization != "none"
-    source = checkpoint.base_source(ckpt_dir, meta)
-    if source is not None:  # quantised as in training: the trained tensors were fitted to that base
+    base_model = None
+    if meta["base"] is not None:  # quantised as in training: the trained tensors were fitted to that base
+        source = base if base is not None else checkpoint.base_source(ckpt_dir, meta)
         gpu = torch.device(device)
-        base = from_pretrained(source, cfg.model, meta["labels"], kind.auto_class,
-                               device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None)
+        base_model, _ = from_pretrained(source, cfg.model, meta["labels"], tokenizer.pad_token_id, kind.auto_class,
+                                        device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None)
+        base_model.load_state_dict(checkpoint.read_new_weights(ckpt_dir), strict=False)
+        checkpoint.check_base(ckpt_dir, meta, source, checkpoint.fingerprint(base_model))
     ctx = RunContext(total_steps=0, num_labels=len(meta["labels"]), peft_task_type=kind.peft_task_type,
                      labels_per_token=kind.labels_per_token)
-    model = method.load(base, ckpt_dir, ctx)
+    model = method.load(base_model, ckpt_dir, ctx)
+    guard_padding(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if merge:
         if not hasattr(model, "merge_and_unload"):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
         model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt_dir))
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
 
 
@@ -79,8 +86,7 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     """
     model, tokenizer, meta = load(ckpt_dir, device)
     cfg = resolve(meta["config"])
-    if data_dir is not None:
-        cfg.task.data_dir = data_dir
+    cfg.task.data_dir = data_dir if data_dir is not None else meta["data_dir"]  # recorded as an absolute path
     cfg.task.max_train_samples = None
     data = load_task(cfg.task)
     if split not in data.splits:

@@ -179,6 +179,15 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
     return throughput_summary(timer.result(), peak_memory_mb(device), accelerator)
 
 
+def release(accelerator: Accelerator) -> None:
+    """After a run: hand the device's cached memory back for the next run in this process. Not
+    ``end_training()``, which destroys the process group a sweep's next cell still needs. On CPU there is no
+    cache, and ``free_memory``'s full garbage collection would only cost time (the references go with the
+    accelerator)."""
+    if accelerator.device.type != "cpu":
+        accelerator.free_memory()
+
+
 def check_finite(params: list[torch.nn.Parameter], model: torch.nn.Module, step: int) -> None:
     """Raise ``DivergedError`` naming the first trained parameter that holds a NaN or an infinity (one host
     sync for all of them: the loss check alone misses an update that breaks the weights after the last loss)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import tempfile
 import unicodedata
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -80,57 +82,178 @@ def is_random_init(name: str) -> bool:
 
 
 def load_tokenizer(model_cfg, train_texts):
-    """The tokenizer for a run; random-init backbones build a char vocabulary from the training texts."""
+    """The tokenizer for a run; random-init backbones build a char vocabulary from the training texts.
+
+    A tokenizer without a pad token pads with its end-of-sequence token (as decoder releases such as
+    Llama's are used for classification); one with neither is refused.
+    """
     name = model_cfg.tokenizer or model_cfg.name_or_path
     if is_random_init(name):
         return char_tokenizer(train_texts)
     key = "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path"
     _check_reachable(name, key)
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:
         raise PeftbenchError(f"config key '{key}': cannot load tokenizer '{name}' "
                              f"(not a local directory, and the hub said: {_first_line(exc)})") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PeftbenchError(f"config key '{key}': the tokenizer of '{name}' has neither a pad nor an "
+                                 "end-of-sequence token, so batches cannot be padded")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class LoadedBase:
+    """How a base model was loaded: what a checkpoint needs to rebuild it exactly."""
+
+    source: str  # an absolute directory or a hub name; "" for a backbone built from a config
+    stored_dtype: str  # as the source stores its weights
+    loaded_dtype: str  # what the run holds them in before mixed precision: float32, or the quantisation
+    new_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # what the source lacked, as initialised
+    fingerprint: str = ""  # checkpoint.fingerprint of the loaded model, when a checkpoint needs it
+
+
+def source_name(name: str) -> str:
+    """A local directory as an absolute path (a checkpoint is used from other folders); a hub name as is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForSequenceClassification,
                save_random_base: Path | None = None, device_map: dict | None = None):
     """A model of ``auto_class`` (the task kind's: sequence or token classification) with ``len(labels)``
-    outputs, quantised per ``model.quantization``. A random-init backbone is written to ``save_random_base``
-    (float weights, before quantisation) when given: it cannot be rebuilt from a name."""
+    outputs, quantised per ``model.quantization``, padding with the tokenizer's pad token; returns
+    (model, :class:`LoadedBase`). A random-init backbone is written to ``save_random_base`` (float weights,
+    before quantisation) when given: it cannot be rebuilt from a name."""
     if not is_random_init(model_cfg.name_or_path):
         _check_reachable(model_cfg.name_or_path, "model.name_or_path")
-        return from_pretrained(model_cfg.name_or_path, model_cfg, labels, auto_class, device_map)
+        return from_pretrained(model_cfg.name_or_path, model_cfg, labels, tokenizer.pad_token_id, auto_class,
+                               device_map)
     config = _random_init_config(model_cfg.name_or_path, len(tokenizer))
     config.update({"pad_token_id": tokenizer.pad_token_id, **_label_kwargs(labels)})
     model = auto_class.from_config(config, **_attention_kwargs(model_cfg))
     if save_random_base is not None:
         model.save_pretrained(str(save_random_base))
+    base = LoadedBase("", "float32", "float32")
     if model_cfg.quantization == "none":
-        return model
+        return guard_padding(model), base
     with tempfile.TemporaryDirectory() as tmp:  # bitsandbytes quantises while loading. Written directly:
         # save_pretrained writes on global rank 0 only, and every process needs its own copy
         model.config.to_json_file(f"{tmp}/config.json")
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        model = from_pretrained(tmp, model_cfg, labels, auto_class, device_map)
+        model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map)
     model.name_or_path = model.config._name_or_path = ""  # built from a config, as unquantised: no path to record
-    return model
+    return model, LoadedBase("", "float32", quantized.loaded_dtype)
 
 
-def from_pretrained(source, model_cfg, labels: list[str], auto_class=AutoModelForSequenceClassification,
-                    device_map: dict | None = None):
-    """Load a hub name or directory with the run's labels, attention and quantisation settings."""
+def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | None,
+                    auto_class=AutoModelForSequenceClassification, device_map: dict | None = None):
+    """Load a hub name or directory with the run's labels, attention and quantisation settings; returns
+    (model, :class:`LoadedBase`).
+
+    Float weights are loaded in fp32 whatever dtype the source stores (a bf16 release included): trained
+    parameters and their optimizer state stay fp32, and mixed precision casts the frozen ones later.
+    ``pad_token_id`` (the tokenizer's) fills a config that has none and must equal one that has one.
+    """
     quant = quantization_config(model_cfg)
-    kwargs = {**_label_kwargs(labels), **_attention_kwargs(model_cfg)}
+    kwargs = {**_label_kwargs(labels), **_attention_kwargs(model_cfg), "dtype": torch.float32,
+              "output_loading_info": True}
     if quant is not None:  # float parts (embeddings, norms, head) stay fp32; ``device_map`` puts a copy on each device
-        kwargs.update(quantization_config=quant, dtype=torch.float32, device_map=device_map)
+        kwargs.update(quantization_config=quant, device_map=device_map)
     try:
-        model = auto_class.from_pretrained(str(source), **kwargs)
+        stored = AutoConfig.from_pretrained(str(source)).dtype
+        with quiet_loading():
+            model, info = auto_class.from_pretrained(str(source), **kwargs)
     except OSError as exc:
         raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{source}' "
                              f"(not a local directory, and the hub said: {_first_line(exc)})") from None
     if quant is not None:
         keep_4bit_training_layout(model)
+    _align_pad_token(model.config, pad_token_id, source)
+    state = model.state_dict()
+    new = {name: state[name].detach().to("cpu", copy=True) for name in sorted(info["missing_keys"]) if name in state}
+    base = LoadedBase(source_name(str(source)), str(stored or torch.float32).removeprefix("torch."),
+                      quantization_name(model_cfg) if quant is not None else "float32", new)
+    return guard_padding(model), base
+
+
+@contextmanager
+def quiet_loading():
+    """Silence transformers' per-load progress bar and LOAD REPORT: peftbench records what the source lacked."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _align_pad_token(config, pad_token_id: int | None, source) -> None:
+    """Sequence classification pools the last token that is not the config's pad id (decoders) and every
+    padded batch uses the tokenizer's: the two must be one id."""
+    config = config.get_text_config()
+    if pad_token_id is None:
+        raise PeftbenchError(f"{source}: the tokenizer has no pad token")
+    if config.pad_token_id is None:
+        config.pad_token_id = pad_token_id
+    elif config.pad_token_id != pad_token_id:
+        raise PeftbenchError(f"{source}/config.json: field 'pad_token_id' is {config.pad_token_id} but the "
+                             f"tokenizer pads with id {pad_token_id}; classification would read padding as text: "
+                             "make them agree")
+
+
+def guard_padding(model):
+    """Make a batch's logits independent of how it is padded.
+
+    A causal decoder gets position ids counted from the attention mask (real tokens at 0..T-1 on either
+    padding side; transformers would number the padding too, which moves every real token when padding is
+    on the left). Its sequence-classification head pools the last token that is not padding, which it can
+    only find from ``input_ids``: given embeddings instead (prompt tuning), each row's trailing padding
+    is moved to its front first, so that the last position is the last real token. An encoder that reads
+    its first token and has absolute positions (BERT) cannot be padded on the left: a left-padded batch is
+    refused in evaluation (training batches are peftbench's own, padded on the right). Returns ``model``.
+    """
+    backbone = model.base_model if model.base_model is not model else model
+    if getattr(backbone, "_peftbench_padding", False):
+        return model
+    causal = any(getattr(m, "is_causal", False) for m in backbone.modules())
+
+    def positions_from_mask(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            return None
+        if causal:
+            if kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                return args, kwargs
+        elif not module.training and bool((mask[:, 1:].int() > mask[:, :-1].int()).any()):
+            raise PeftbenchError(f"a left-padded batch: {type(model).__name__} reads its first token and has "
+                                 "absolute positions, so pad on the right (tokenizer.padding_side = 'right')")
+        return None
+
+    def last_token_last(module, args, kwargs):
+        embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+        if args or kwargs.get("input_ids") is not None or embeds is None or mask is None or mask.dim() != 2:
+            return None
+        index = torch.arange(mask.shape[1], device=mask.device)
+        trailing = mask.shape[1] - 1 - (index * mask.long()).argmax(-1)
+        order = (index[None] - trailing[:, None]) % mask.shape[1]
+        kwargs["inputs_embeds"] = embeds.gather(1, order[..., None].expand_as(embeds))
+        kwargs["attention_mask"] = mask.gather(1, order)
+        return args, kwargs
+
+    backbone.register_forward_pre_hook(positions_from_mask, with_kwargs=True)
+    if causal and type(model).__name__.endswith("ForSequenceClassification"):
+        model.register_forward_pre_hook(last_token_last, with_kwargs=True)
+    backbone._peftbench_padding = True
     return model
 
 

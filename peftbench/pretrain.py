@@ -32,7 +32,7 @@ from peftbench import checkpoint
 from peftbench import config as config_lib
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError, where
-from peftbench.loop import Hooks, LoopState, build_optimizer, fit, make_accelerator
+from peftbench.loop import Hooks, LoopState, build_optimizer, fit, make_accelerator, release
 from peftbench.methods import RunContext, get_method, set_trainable
 from peftbench.models import build_char_vocab
 from peftbench.records import PRETRAIN_RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
@@ -276,7 +276,7 @@ def _load_model(cfg: PretrainConfig, tokenizer):
         model = AutoModelForMaskedLM.from_config(model_config)
     else:
         try:
-            model = AutoModelForMaskedLM.from_pretrained(m.name_or_path)
+            model = AutoModelForMaskedLM.from_pretrained(m.name_or_path, dtype=torch.float32)  # fp32 master weights
         except OSError as exc:
             raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{m.name_or_path}' ({exc})") from None
     method_cls = get_method("lora" if m.lora_r else "full")
@@ -299,7 +299,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                 accelerator.is_main_process, {"kind": "pretrain"}):
         record = _pretrain(cfg, accelerator, out_dir, env)
     accelerator.wait_for_everyone()
-    accelerator.free_memory()
+    release(accelerator)
     return record
 
 

@@ -23,9 +23,9 @@ from peftbench import checkpoint, models
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
 from peftbench.errors import DivergedError, PeftbenchError
-from peftbench.loop import Hooks, LoopState, build_optimizer, fit, make_accelerator
+from peftbench.loop import Hooks, LoopState, build_optimizer, fit, make_accelerator, release
 from peftbench.measure import stored_bytes, synchronize, unique_parameters
-from peftbench.methods import Method, RunContext, frozen_weights_to_compute_dtype, get_method, set_trainable
+from peftbench.methods import Method, RunContext, get_method, set_trainable, settle_dtypes
 from peftbench.records import RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
 from peftbench.tasks import TaskData, load_task
 
@@ -87,8 +87,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
         write_atomic(stage / RECORD_NAME, record)
         checkpoint.publish(stage, out_dir)
     accelerator.wait_for_everyone()
-    # Not end_training(): it destroys the process group, which the next run of a sweep still needs.
-    accelerator.free_memory()  # drop the accelerator's references (a sweep runs many cells in one process)
+    release(accelerator)  # a sweep runs many cells in one process
     return RunResult(record, model, tokenizer)
 
 
@@ -114,16 +113,18 @@ def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
 
 def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_steps: int, ckpt_dir: Path):
     """Backbone (quantised per ``model.quantization``), the method applied, the rest frozen; returns
-    (model, method, parameter counts)."""
+    (model, method, parameter counts, :class:`models.LoadedBase`)."""
     set_seed(cfg.train.seed)  # before the model: init, dropout and method modules follow the seed
     method: Method = get_method(cfg.method.name)(cfg.method)
     kind, labels = data.task.spec.kind, list(data.task.spec.labels)
     save_base = cfg.train.save_checkpoint and accelerator.is_main_process and not method.saves_full_model
     quantized = cfg.model.quantization != "none"
     per_gpu = quantized and accelerator.device.type == "cuda"  # one quantised copy on each process's GPU
-    model = models.load_model(cfg.model, labels, data.tokenizer, kind.auto_class,
-                              save_random_base=ckpt_dir / checkpoint.BASE_DIR if save_base else None,
-                              device_map={"": accelerator.local_process_index} if per_gpu else None)
+    model, base = models.load_model(cfg.model, labels, data.tokenizer, kind.auto_class,
+                                    save_random_base=ckpt_dir / checkpoint.BASE_DIR if save_base else None,
+                                    device_map={"": accelerator.local_process_index} if per_gpu else None)
+    if save_base:  # the reload checks it is given this very base
+        base.fingerprint = checkpoint.fingerprint(model)
     limit = getattr(model.config, "max_position_embeddings", None)
     require(limit is None or cfg.task.max_length <= limit, "task.max_length",
             f"<= {limit} (the backbone's max_position_embeddings)", cfg.task.max_length)
@@ -132,9 +133,9 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, RunContext(total_steps, len(labels), kind.peft_task_type, kind.labels_per_token))
     params = set_trainable(model, method)
-    params.update(frozen_weights_to_compute_dtype(model, cfg.train.mixed_precision))
+    params.update(settle_dtypes(model, cfg.train.mixed_precision))
     params["base_weight_bytes"] = sum(stored_bytes(p) for p in unique_parameters(model) if id(p) in base_params)
-    return model, method, params
+    return model, method, params, base
 
 
 def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
@@ -145,7 +146,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     steps_per_epoch = math.ceil(len(data.train) / t.grad_accum_steps)
     total_steps = steps_per_epoch * t.epochs if t.max_steps <= 0 else min(t.max_steps, steps_per_epoch * t.epochs)
     ckpt_dir = work_dir / checkpoint.CHECKPOINT_DIR
-    model, method, params = setup_model(cfg, accelerator, data, total_steps, ckpt_dir)
+    model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir)
     optimizer = build_optimizer(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -184,7 +185,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
         metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("eval_samples_per_s", "score_name")})
     metrics.update(throughput)
 
-    adapter_bytes = save(cfg, accelerator, model, data, method, ckpt_dir)
+    adapter_bytes = save(cfg, accelerator, model, data, method, base, ckpt_dir)
     result = {
         "metrics": metrics,
         "params": {**params, "adapter_bytes": adapter_bytes},
@@ -195,6 +196,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "method_summary": method.summary(raw_model),
         "precision": {"mixed_precision": t.mixed_precision, "quantization": models.quantization_name(cfg.model),
+                      "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype,
                       "base_weight_bytes": params["base_weight_bytes"]},
         "backbone": {"name_or_path": cfg.model.name_or_path,
                      "random_init": models.is_random_init(cfg.model.name_or_path),
@@ -206,7 +208,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     return raw_model, data.tokenizer, result
 
 
-def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Method, ckpt_dir: Path) -> int:
+def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Method, base: models.LoadedBase,
+         ckpt_dir: Path) -> int:
     """Write the checkpoint (main process); returns the bytes of its weight files, or without a checkpoint the
     bytes of the tensors it would hold."""
     raw_model = accelerator.unwrap_model(model)
@@ -215,12 +218,15 @@ def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Me
     if not (cfg.train.save_checkpoint and accelerator.is_main_process):
         return method.trained_bytes(raw_model)
     spec = data.task.spec
+    base_meta = None if method.saves_full_model else {
+        "source": base.source or checkpoint.BASE_DIR, "fingerprint": base.fingerprint,
+        "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype, "new_weights": sorted(base.new_weights)}
+    data_dir = cfg.task.data_dir and models.source_name(cfg.task.data_dir)
     meta = {"method": cfg.method.name, "task": cfg.task.name, "kind": spec.kind.name, "labels": list(spec.labels),
             "label_names": list(spec.label_names or spec.labels), "pair": data.pair, "max_length": cfg.task.max_length,
-            "base_model": None if method.saves_full_model else
-            (checkpoint.BASE_DIR if models.is_random_init(cfg.model.name_or_path) else cfg.model.name_or_path),
-            "run_id": cfg.run_id, "config": cfg.to_dict()}
-    return checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, full_state)
+            "base": base_meta, "data_dir": data_dir, "run_id": cfg.run_id, "config": cfg.to_dict()}
+    return checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, full_state,
+                                     None if method.saves_full_model else base.new_weights)
 
 
 def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:

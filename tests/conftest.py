@@ -127,3 +127,11 @@ def trained_variants(tmp_path_factory):
     from peftbench.train import run
 
     return {v: run(variant_config(v, tmp_path_factory.mktemp(v))) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Checkpoints shaped like hub releases (tests/zoo.py): name -> local directory."""
+    from zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))

@@ -8,7 +8,7 @@ import torch
 
 from peftbench import config, models
 from peftbench.measure import train_flops
-from peftbench.methods import RunContext, frozen_weights_to_compute_dtype, get_method, set_trainable
+from peftbench.methods import RunContext, get_method, set_trainable, settle_dtypes
 from peftbench.train import run
 
 
@@ -53,17 +53,17 @@ def test_bench_runs_both_loops_on_cpu(tmp_path, capsys):
 
 def test_frozen_weights_kept_in_compute_dtype():
     tok = models.char_tokenizer(["北京欢迎你"])
-    model = models.load_model(config.ModelConfig(), ["0", "1"], tok)
+    model = models.load_model(config.ModelConfig(), ["0", "1"], tok)[0]
     method = get_method("lora")(config.load(None, ["method.name=lora"]).method)
     model = method.apply(model, RunContext(total_steps=10, num_labels=2))
     set_trainable(model, method)
-    sizes = frozen_weights_to_compute_dtype(model, "bf16")
+    sizes = settle_dtypes(model, "bf16")
     for name, p in model.named_parameters():  # layer norms stay fp32 (a few KB)
         assert p.dtype == (torch.float32 if p.requires_grad or "LayerNorm" in name else torch.bfloat16), name
     frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "LayerNorm" not in n)
     norms = sum(p.numel() for n, p in model.named_parameters() if "LayerNorm" in n)
     assert norms < frozen / 100 and sizes["frozen_weight_bytes"] == 2 * frozen + 4 * norms
-    assert frozen_weights_to_compute_dtype(model, "no")["frozen_weight_bytes"] == 2 * frozen + 4 * norms  # no casts
+    assert settle_dtypes(model, "no")["frozen_weight_bytes"] == 2 * frozen + 4 * norms  # no casts
 
 
 @pytest.mark.parametrize("method,lr", [("lora", 5e-3), ("adapter", 5e-3), ("bitfit", 1e-2), ("prefix", 5e-3)])
@@ -86,7 +86,7 @@ def test_dynamic_padding_leaves_logits_unchanged():
     texts = ["股钱债涨跌", "星影歌剧综艺的", "涨"]
     tokenizer = models.char_tokenizer(texts)
     torch.manual_seed(0)
-    model = models.load_model(config.ModelConfig(), ["0", "1", "2", "3"], tokenizer).eval()
+    model = models.load_model(config.ModelConfig(), ["0", "1", "2", "3"], tokenizer)[0].eval()
     with torch.no_grad():
         longest = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
         fixed = model(**tokenizer(texts, padding="max_length", max_length=128, return_tensors="pt")).logits

@@ -33,7 +33,7 @@ def test_trains_above_chance(trained, variant):
 def initial_model(cfg, tokenizer):
     """The model exactly as ``run`` builds it before training (same seed, same order)."""
     set_seed(cfg.train.seed)
-    model = models.load_model(cfg.model, ["0", "1", "2", "3"], tokenizer)
+    model = models.load_model(cfg.model, ["0", "1", "2", "3"], tokenizer)[0]
     method = get_method(cfg.method.name)(cfg.method)
     model = method.apply(model, RunContext(total_steps=1000, num_labels=4))
     return model, method
@@ -179,7 +179,7 @@ def test_adalora_orthogonality_regulariser_is_in_the_loss():
     losses = []
     for weight in (0.0, 0.5):
         set_seed(0)
-        model = models.load_model(model_cfg, ["0", "1"], tok)
+        model = models.load_model(model_cfg, ["0", "1"], tok)[0]
         cfg = get_method("adalora").Config(orth_reg_weight=weight)
         model = get_method("adalora")(cfg).apply(model, RunContext(total_steps=100, num_labels=2)).train()
         torch.manual_seed(0)

@@ -181,16 +181,20 @@ def set_trainable(model: nn.Module, method: Method) -> dict:
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def frozen_weights_to_compute_dtype(model: torch.nn.Module, mixed_precision: str) -> dict:
-    """Under mixed precision, keep frozen floating-point weights in the compute dtype.
+def settle_dtypes(model: torch.nn.Module, mixed_precision: str) -> dict:
+    """Trained parameters in fp32 (the optimizer's master copy, whatever dtype a module was created in);
+    under mixed precision, frozen floating-point weights in the compute dtype.
 
-    Autocast would cast them on every forward anyway; stored in bf16/fp16 they take half
+    Autocast would cast frozen weights on every forward anyway; stored in bf16/fp16 they take half
     the memory and skip those casts. Trained parameters stay fp32 (the optimizer's master
     copy), and so do frozen ones that share a module with a trained one (BitFit's layer-norm
     weight beside its trained bias: ``layer_norm`` wants one dtype), and normalisation layers
     (a few KB; on CPU ``layer_norm`` refuses fp32 activations with bf16 weights, and
     bitsandbytes layers may return fp32). Returns the bytes of the frozen and the trained weights.
     """
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     dtype = COMPUTE_DTYPES.get(mixed_precision)
     if dtype is not None:
         for module in model.modules():

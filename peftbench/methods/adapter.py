@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from peftbench.config import require
@@ -59,6 +60,11 @@ class AdaptedLinear(nn.Module):
         return self.adapter(self.base(x))
 
 
+def output_dtype(linear: nn.Linear) -> torch.dtype:
+    """The dtype a projection returns: its weight's, or fp32 for a quantised (integer) weight."""
+    return linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
+
+
 @dataclass
 class AdapterConfig(MethodConfig):
     name: str = "adapter"
@@ -92,7 +98,7 @@ class Adapter(InPlaceMethod):
         for name, linear in targets:
             dim = linear.out_features
             bottleneck = cfg.bottleneck or max(1, dim // cfg.reduction_factor)
-            adapter = BottleneckAdapter(dim, bottleneck, cfg.activation).to(linear.weight.device)
+            adapter = BottleneckAdapter(dim, bottleneck, cfg.activation).to(linear.weight.device, output_dtype(linear))
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, AdaptedLinear(linear, adapter))
         return model

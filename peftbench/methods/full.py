@@ -27,8 +27,9 @@ class Full(Method):
         model.save_pretrained(str(out_dir))
 
     def load(self, base_model, ckpt_dir: Path, ctx):
+        import torch
         import transformers
 
-        # e.g. BertForTokenClassification
+        # e.g. BertForTokenClassification; in fp32, as trained
         architecture = transformers.AutoConfig.from_pretrained(str(ckpt_dir)).architectures[0]
-        return getattr(transformers, architecture).from_pretrained(str(ckpt_dir))
+        return getattr(transformers, architecture).from_pretrained(str(ckpt_dir), dtype=torch.float32)

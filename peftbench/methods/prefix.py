@@ -138,7 +138,8 @@ class Prefix(InPlaceMethod):
         encoder = PrefixEncoder(len(targets), kv_heads, head_dim, cfg.num_virtual_tokens, config.hidden_size,
                                 cfg.reparam_hidden if cfg.reparameterize else None,
                                 getattr(config, "initializer_range", 0.02))
-        model.add_module(ENCODER_NAME, encoder.to(next(model.parameters()).device))
+        floating = next(p for p in model.parameters() if p.is_floating_point())  # the embeddings: the keys' dtype
+        model.add_module(ENCODER_NAME, encoder.to(floating.device, floating.dtype))
         for layer, module in enumerate(targets):
             base = _base_attention(module, module.config._attn_implementation)
             module.peftbench_prefix = _Link(encoder, layer, base)

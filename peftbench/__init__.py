@@ -1,6 +1,9 @@
 """peftbench: parameter-efficient fine-tuning on CLUE-style Chinese tasks, measured."""
 
+from peftbench import noise
+
 __version__ = "0.1.0"
+noise.install()
 
 
 def load(ckpt_dir, device="cpu", merge=False, base=None):

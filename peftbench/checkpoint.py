@@ -9,7 +9,8 @@
   itself in ``base/``.
 - A pretrained model directory (``<output_dir>/model/``): a standard Hugging Face
   folder plus ``peftbench_pretrain.json``, how it was made.
-- A run folder (``output_dir``): ``record.json`` and ``checkpoint/``, built in a
+- A run folder (``output_dir``): ``record.json``, ``checkpoint/`` and (with
+  ``train.report_to``) ``trackers/``, built in a
   staging folder beside it and swapped in whole (:func:`publish`), so that a
   record never sits beside another run's weights.
 - A resumable training state (``<output_dir>/checkpoint/`` of a pretraining run):
@@ -39,7 +40,8 @@ NEW_WEIGHTS_FILE = "base_new_weights.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-RUN_FILES = (RECORD_NAME, CHECKPOINT_DIR)  # all a run folder holds
+TRACKERS_DIR = "trackers"  # experiment trackers' files (TensorBoard events), with train.report_to
+RUN_FILES = (RECORD_NAME, CHECKPOINT_DIR, TRACKERS_DIR)  # all a run folder holds
 
 
 def staging_dir(out_dir: Path) -> Path:

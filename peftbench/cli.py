@@ -24,10 +24,52 @@ DEMO_BASE = {"task": {"name": "synthetic", "max_length": 64}, "model": {"name_or
              "train": {"epochs": 8, "batch_size": 32}}
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose epilog (``keys``, a function) is made only when its help is shown: listing the config
+    keys imports every method."""
+
+    def __init__(self, *args, keys=None, **kwargs):
+        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self.keys = keys
+
+    def format_help(self) -> str:
+        if self.keys is not None:
+            self.epilog = self.keys()
+        return super().format_help()
+
+
+def _key_lines(rows: list[tuple[str, str, str, str]]) -> list[str]:
+    if not rows:
+        return ["  (no keys of its own)"]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [f"  {k:<{width[0]}}  {t:<{width[1]}}  {d:<{width[2]}}  {text}" for k, t, d, text in rows]
+
+
+def _run_keys() -> str:
+    from peftbench import config
+    from peftbench.methods import get_method, method_names
+
+    lines = ["keys, as key=value or in a YAML recipe (key, type, default, meaning; docs/recipes.md):", ""]
+    lines += _key_lines(config.key_help(config.RunConfig) +
+                        [("method.name", "str", "lora", "the method: " + ", ".join(method_names()))])
+    for name in method_names():
+        lines += ["", f"method.name={name} (docs/methods/{name}.md):"]
+        lines += _key_lines([r for r in config.key_help(get_method(name).Config, "method.") if r[0] != "method.name"])
+    return "\n".join(lines)
+
+
+def _pretrain_keys() -> str:
+    from peftbench import config
+    from peftbench.pretrain import PretrainConfig
+
+    return "\n".join(["keys, as key=value or in a YAML recipe (key, type, default, meaning; docs/pretraining.md):",
+                      "", *_key_lines(config.key_help(PretrainConfig))])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peftbench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="train and evaluate one recipe (no recipe: the demo)")
+    parser = _Parser(prog="peftbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run_p = sub.add_parser("run", help="train and evaluate one recipe (no recipe: the demo)", keys=_run_keys)
     run_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
     sweep_p = sub.add_parser("sweep", help="run every cell of a sweep file (resumable, shardable)")
     sweep_p.add_argument("sweep_file")
@@ -35,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep_p.add_argument("--shard", default="0/1", help="i/N: run the i-th of N deterministic shares of the cells")
     sweep_p.add_argument("--retry-failed", action="store_true", help="rerun cells whose record says failed")
     sweep_p.add_argument("--dry-run", action="store_true", help="list the cells and their status, run nothing")
-    pre_p = sub.add_parser("pretrain", help="masked-LM pretraining (resumes an interrupted run in the same output_dir)")
+    pre_p = sub.add_parser("pretrain", help="masked-LM pretraining (resumes an interrupted run in the same output_dir)",
+                           keys=_pretrain_keys)
     pre_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
     lb_p = sub.add_parser("leaderboard", help="tables (md/csv/html) and plots from result records")
     lb_p.add_argument("results", nargs="+", help="folders searched for record.json files")
@@ -49,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     pred_p.add_argument("--format", default="jsonl", choices=["jsonl", "clue"],
                         help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
     pred_p.add_argument("--batch-size", type=int, default=128)
-    pred_p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    pred_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
-    _quiet_libraries()
     try:
         if ns.command == "tasks":
             return _list_tasks()
         if ns.command == "methods":
             return _list_methods()
+        _quiet_libraries()
         if ns.command == "sweep":
             return _sweep(ns)
         if ns.command == "pretrain":
@@ -75,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "predict":
             from peftbench.inference import predict
 
-            out = predict(ns.checkpoint, ns.split, ns.data_dir, ns.out, ns.format, ns.batch_size, ns.device)
+            device = ns.device or ("cuda" if _cuda() else "cpu")
+            out = predict(ns.checkpoint, ns.split, ns.data_dir, ns.out, ns.format, ns.batch_size, device)
             print(f"predictions: {out}")
             return 0
         return _run(ns.args)
@@ -153,10 +197,14 @@ def _run(args: list[str]) -> int:
     overrides = config.parse_overrides(args)
     if recipe is None and "name" not in overrides.get("method", {}):
         cfgs = [config.load(None, args, base=config.merge(DEMO_BASE, DEMO[name])) for name in DEMO]
-        for cfg in cfgs:
-            cfg.output_dir = cfg.output_dir or f"runs/demo/{cfg.method.name}"
+        for cfg in cfgs:  # one folder per method (inside output_dir when given)
+            cfg.output_dir = str(Path(cfg.output_dir or "runs/demo") / cfg.method.name)
     else:
         cfgs = [config.load(recipe, args)]
+        named = config.merge(config.read_recipe(recipe) if recipe else {}, overrides)
+        if "name_or_path" not in named.get("model", {}) and process_state().is_main_process:
+            print(f"backbone: {cfgs[0].model.name_or_path}, random init (no model.name_or_path given): the scores test "
+                  "the machinery, not the method")
     records = []
     for cfg in cfgs:
         result = _reported(run, cfg)

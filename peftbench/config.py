@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import types
@@ -29,19 +30,21 @@ LATER_KEYS = (  # (section, key) added after leaderboards/ records were written;
     ("model", "quantization"), ("model", "quant_4bit_type"), ("model", "quant_4bit_compute_dtype"),
     ("model", "quant_4bit_double"))
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
+            "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
 
 
 @dataclass
 class TaskConfig:
-    name: str = "synthetic"
+    name: str = "synthetic"  # a registered task (peftbench tasks)
     data_dir: str | None = None  # local CLUE/FewCLUE folder; None = the hub (or generated, for synthetic)
-    max_length: int = 128
+    max_length: int = 128  # tokens per example (pairs truncated longest-first)
     max_train_samples: int | None = None  # keep the first N training records (quick runs)
     tag_scheme: str = "bio"  # token classification: bio | bioes
     # Only for task.name=custom and custom_ner (labels: the entity types):
     text_fields: list[str] | None = None  # one field, or two for sentence pairs
-    label_field: str | None = None
-    labels: list[str] | None = None
+    label_field: str | None = None  # custom tasks: the label's field
+    labels: list[str] | None = None  # custom tasks: the label list (NER: entity types)
 
 
 @dataclass
@@ -59,25 +62,26 @@ class ModelConfig:
 class LoopConfig:
     """Optimizer and loop settings shared by fine-tuning and pretraining (each sets its own defaults)."""
 
-    max_steps: int = -1  # > 0 stops after this many optimizer steps
+    max_steps: int = -1  # > 0: exactly this many optimizer steps, over as many epochs as they take (epochs ignored)
     batch_size: int = 32  # per process, per micro-batch
-    eval_batch_size: int = 128
-    grad_accum_steps: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    mixed_precision: str = "no"
+    eval_batch_size: int = 128  # evaluation batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5  # peak learning rate (linear warm-up, then linear decay to 0)
+    weight_decay: float = 0.01  # AdamW decay on matrices (not on biases and norms)
+    warmup_ratio: float = 0.1  # share of steps spent warming up the learning rate
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    seed: int = 42  # model init, dropout and data order
+    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; frozen weights stored in that dtype)
     log_every: int = 50  # optimizer steps between loss reads (each read syncs the device)
     timing_warmup_steps: int = 5  # optimizer steps left out of throughput
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb, trackio, ...
 
 
 @dataclass
 class TrainConfig(LoopConfig):
-    epochs: int = 3
-    group_by_length: bool = True
-    save_checkpoint: bool = True
+    epochs: int = 3  # passes over the training split (when max_steps is -1)
+    group_by_length: bool = True  # length-grouped shuffled batches (less padding)
+    save_checkpoint: bool = True  # write checkpoint/ beside record.json
     compile: bool = False  # torch.compile the model (inductor)
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass (less memory)
 
@@ -104,11 +108,12 @@ class RunConfig:
 
     @property
     def run_id(self) -> str:
-        """Stable hash of everything that changes the result (not where it is written). Keys in
+        """Stable hash of everything that changes the result (not where it is written or watched). Keys in
         ``LATER_KEYS`` count only when set away from their default, so that records written before
         they existed keep their ids (and sweeps resume over them)."""
         body = self.to_dict()
         body.pop("output_dir")
+        body["train"].pop("report_to")  # where the run is watched changes no result
         for section, key in LATER_KEYS:
             defaults = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}[section]()
             if body[section][key] == getattr(defaults, key):
@@ -261,6 +266,46 @@ def load(recipe: str | Path | None = None, overrides: list[str] | None = None, b
     return resolve(tree)
 
 
+def key_help(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) of every field of dataclass ``cls``, nested sections expanded; the
+    description is the field's trailing comment in the source (what ``--help`` and the tests read)."""
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            rows += key_help(type(default), f"{prefix}{f.name}.")
+        elif hints[f.name] is not Any:  # RunConfig.method: its keys depend on the method
+            rows.append((prefix + f.name, _type_name(hints[f.name]), _shown(default), comments.get(f.name, "")))
+    return rows
+
+
+def _shown(value: Any) -> str:
+    """A default as one would write it in a recipe."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_shown, value)) + "]"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    import inspect
+    import re
+
+    found = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment replaces its base's
+        if dataclasses.is_dataclass(klass):
+            source = inspect.getsource(klass)
+            for text, name in re.findall(r"^ +# *(.+)\n +(\w+) *:", source, re.M):  # a comment line above
+                found[name] = text.strip()
+            for name, text in re.findall(r"^ +(\w+) *:[^\n=]*=[^\n#]*# *(.+)$", source, re.M):  # or at the end
+                found[name] = text.strip()
+    return found
+
+
 def require(ok: bool, key: str, rule: str, value: Any) -> None:
     """Raise the one-line error for config key ``key`` unless ``ok``: ``must be <rule>, got <value>``."""
     if not ok:
@@ -278,6 +323,11 @@ def check_loop(t: LoopConfig, section: str = "train") -> None:
     for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every"):
         require(getattr(t, key) >= 1, f"{section}.{key}", ">= 1", getattr(t, key))
     require(t.max_steps == -1 or t.max_steps >= 1, f"{section}.max_steps", "-1 (no limit) or >= 1", t.max_steps)
+    for name in t.report_to:
+        require(name in TRACKERS, f"{section}.report_to", f"a list of {', '.join(TRACKERS)}", t.report_to)
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise PeftbenchError(f"config key '{section}.report_to': {name} is not installed (pip install "
+                                 f"{TRACKERS[name]}; tensorboard and mlflow: pip install 'peftbench[trackers]')")
     require(finite(t.lr) and t.lr > 0, f"{section}.lr", "a finite number > 0", t.lr)
     require(finite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1, f"{section}.warmup_ratio", "in [0, 1)",
             t.warmup_ratio)

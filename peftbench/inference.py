@@ -53,14 +53,18 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
 
 
-def safe_name(name, ckpt_dir) -> str:
-    """A name from checkpoint metadata that becomes part of a file name: a registered task's, nothing else."""
-    from peftbench.tasks import task_names
+def submission_file(name, ckpt_dir, data_file: str) -> str:
+    """The file name a leaderboard expects for the predictions of task ``name`` (from checkpoint metadata: only
+    a registered task's name becomes part of a file name): CLUE 1.1's versioned names, FewCLUE's when the
+    data is in the FewCLUE layout, ``<task>_predict.json`` otherwise."""
+    from peftbench.tasks import LAYOUTS, task_names
+    from peftbench.tasks.clue import CLUE_SUBMISSION_FILES, FEWCLUE_SUBMISSION_FILES
 
     if not isinstance(name, str) or name not in task_names():
         raise PeftbenchError(f"{Path(ckpt_dir) / checkpoint.META_FILE}: field 'task': {name!r} is not a "
                              "registered task name")
-    return name
+    fewclue = Path(data_file).name in LAYOUTS["fewclue"].values()
+    return (FEWCLUE_SUBMISSION_FILES if fewclue else CLUE_SUBMISSION_FILES).get(name, f"{name}_predict.json")
 
 
 def check_unique_ids(ids: list[int], lines: list[int], source: str) -> None:
@@ -81,8 +85,8 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     Classification: ``{"id", "label", "label_name", "score"}``; token classification:
     ``{"id", "text", "entities": [{"start", "end", "type", "text"}]}`` (``end`` inclusive).
     ``fmt="clue"`` writes CLUE's submission format, ``{"id": ..., "label": "<label>"}`` or, for
-    NER, ``{"id": ..., "label": {TYPE: {ENTITY: [[start, end]]}}}``, to ``<task>_predict.json``
-    (inside ``out`` if it is a directory).
+    NER, ``{"id": ..., "label": {TYPE: {ENTITY: [[start, end]]}}}``, to the file name the leaderboard expects
+    (:func:`submission_file`: e.g. ``tnews11_predict.json``; inside ``out`` if it is a directory).
     """
     model, tokenizer, meta = load(ckpt_dir, device)
     cfg = resolve(meta["config"])
@@ -107,7 +111,7 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     if fmt == "clue":
         rows = [kind.submission_row(r) for r in rows]
         if as_dir:
-            out = out / f"{safe_name(meta['task'], ckpt_dir)}_predict.json"
+            out = out / submission_file(meta["task"], ckpt_dir, data.files[split])
     else:
         rows = [kind.jsonl_row(r) for r in rows]
     out.parent.mkdir(parents=True, exist_ok=True)

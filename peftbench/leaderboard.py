@@ -296,16 +296,25 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def run_summary(records: list[dict]) -> str:
     """One Markdown row per finished run (what ``peftbench run`` and ``sweep`` print at the end)."""
-    head = ["task", "method", "metric", "dev", "test", "trainable", "trainable %", "train samples/s",
-            "train tokens/s", "peak MB", "wall s"]
+    head = ["task", "method", "backbone", "seed", "metric", "dev", "test", "trainable", "trainable %",
+            "train samples/s", "train tokens/s", "peak MB", "wall s"]
     rows = []
     for r in records:
-        m, p = r["metrics"], r["params"]
+        m, p, c = r["metrics"], r["params"], r["config"]
         test = f"{m['test_score']:.4f}" if "test_score" in m else "-"
-        rows.append([r["config"]["task"]["name"], r["config"]["method"]["name"], m["score_name"], f"{m['score']:.4f}",
-                     test, f"{p['trainable']:,}", f"{p['trainable_pct']:.2f}", f"{m['train_samples_per_s']:.1f}",
-                     f"{m['train_tokens_per_s']:.0f}", f"{m['peak_memory_mb']:.0f}", f"{m['wall_s']:.1f}"])
+        rows.append([c["task"]["name"], c["method"]["name"], backbone_label(r["backbone"]), str(c["train"]["seed"]),
+                     m["score_name"], f"{m['score']:.4f}", test, f"{p['trainable']:,}", f"{p['trainable_pct']:.2f}",
+                     f"{m['train_samples_per_s']:.1f}", f"{m['train_tokens_per_s']:.0f}", f"{m['peak_memory_mb']:.0f}",
+                     f"{m['wall_s']:.1f}"])
     return markdown_table(head, rows)
+
+
+def backbone_label(backbone: dict) -> str:
+    """A record's backbone in a few words: a hub name as is, a local folder by its last two parts."""
+    name = backbone["name_or_path"]
+    if backbone["random_init"]:
+        return f"{name} (random init)"
+    return "/".join(Path(name).parts[-2:]) if name.startswith(("/", ".", "~")) else name
 
 
 def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str]], skipped: list[str]) -> str:

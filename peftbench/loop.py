@@ -12,19 +12,23 @@ calls the recipe's hooks: ``on_optimizer_step`` (a method's per-step update),
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, broadcast
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast
 from tqdm.auto import tqdm
 
 from peftbench.config import LoopConfig
 from peftbench.errors import DivergedError, PeftbenchError
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
+
+TRACKING_PROJECT = "peftbench"  # the MLflow experiment; TensorBoard events go to <trackers dir>/peftbench/
 
 
 def process_state():
@@ -35,17 +39,57 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def make_accelerator(cfg: LoopConfig, compile: bool = False) -> Accelerator:
-    """A fresh Accelerator for one run (several runs in one process may differ in precision)."""
+def make_accelerator(cfg: LoopConfig, compile: bool = False, trackers_dir: Path | None = None) -> Accelerator:
+    """A fresh Accelerator for one run (several runs in one process may differ in precision); with
+    ``cfg.report_to``, its experiment trackers write under ``trackers_dir``."""
     AcceleratorState._reset_state()
     cuda = torch.cuda.is_available()
     if cfg.mixed_precision == "fp16" and not cuda:
         raise PeftbenchError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate runs neither fp16 autocast "
                              "nor loss scaling; use bf16 or 'no'")
+    tracking = {}
+    if cfg.report_to:
+        where = ProjectConfiguration(project_dir=str(trackers_dir), logging_dir=str(trackers_dir))
+        tracking = {"log_with": list(cfg.report_to), "project_config": where}
     return Accelerator(cpu=not cuda, mixed_precision=cfg.mixed_precision,
                        gradient_accumulation_steps=cfg.grad_accum_steps,
                        dataloader_config=DataLoaderConfiguration(non_blocking=cuda),  # with pinned batches
-                       dynamo_backend="inductor" if compile else "no")
+                       dynamo_backend="inductor" if compile else "no", **tracking)
+
+
+def start_tracking(accelerator: Accelerator, run_id: str, config: dict, results_dir: Path) -> None:
+    """Open the run in every tracker of ``train.report_to``: the resolved config as hyper-parameters, the run id
+    as the run's name. MLflow keeps its runs in ``results_dir/mlflow.db`` (SQLite) unless MLFLOW_TRACKING_URI
+    names another store (any SQLAlchemy URL or server)."""
+    used = {getattr(t, "value", t) for t in accelerator.log_with}  # LoggerType members or names
+    if not used:
+        return
+    if "mlflow" in used and "MLFLOW_TRACKING_URI" not in os.environ and accelerator.is_main_process:
+        import mlflow
+
+        results_dir.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{results_dir.resolve() / 'mlflow.db'}")
+    names = {"mlflow": {"run_name": run_id}, "wandb": {"name": run_id}, "trackio": {"name": run_id}}
+    accelerator.init_trackers(TRACKING_PROJECT, config=_flat(config),
+                              init_kwargs={k: v for k, v in names.items() if k in used})
+
+
+def stop_tracking(accelerator: Accelerator) -> None:
+    """Flush and close the trackers (not ``end_training``: it also ends the process group a sweep still needs)."""
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; values trackers cannot store as numbers become text."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
@@ -76,7 +120,9 @@ class LoopState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     train_seconds: float = 0.0  # wall time in the loop, evaluation included, over every session
-    loss_curve: list = field(default_factory=list)  # [{"step", "loss"}] at every log point
+    loss_curve: list = field(default_factory=list)  # [{"step", "loss"}] at every log point and evaluation
+    lr: float = 0.0  # the learning rate of the last step
+    samples: int = 0  # training samples this process has consumed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,12 +151,33 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
     reset_peak_memory(device)
     progress = tqdm(total=state.planned_steps, initial=state.step, desc=desc,
                     disable=not accelerator.is_local_main_process)
+    log_every = min(cfg.log_every, max(1, state.planned_steps // 20))  # a short run logs too
     loss_sum, loss_count, session_steps = torch.zeros((), device=device), 0, 0
+    grad_norm = None  # the last step's, for trackers
     session_start = time.perf_counter()
+
+    def log_loss():
+        """The mean loss since the last log point, over every process: the only host sync of a step."""
+        nonlocal loss_count
+        if loss_count == 0:
+            return
+        mean = accelerator.reduce(loss_sum / loss_count, "mean").item()
+        if not math.isfinite(mean):
+            raise DivergedError(f"diverged: loss is {mean} at step {state.step}")
+        state.loss_curve.append({"step": state.step, "loss": mean})
+        progress.set_postfix(loss=f"{mean:.4f}")
+        if accelerator.log_with:
+            values = {"train/loss": mean, "train/lr": state.lr}
+            if grad_norm is not None:
+                values["train/grad_norm"] = float(grad_norm)
+            accelerator.log(values, step=state.step)
+        loss_sum.zero_()
+        loss_count = 0
 
     def paused(hook):
         nonlocal session_start
         timer.pause()
+        log_loss()
         check_finite(clip, model, state.step)  # before evaluating or saving what the last steps made
         now = time.perf_counter()
         state.train_seconds += now - session_start
@@ -123,15 +190,16 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
             model.train()
             for batch in batches(state.epoch, state.batch_in_epoch):
                 state.batch_in_epoch += 1
+                state.samples += len(batch["labels"])
                 timer.count(len(batch["labels"]), batch["num_tokens"])
                 with accelerator.accumulate(model):
-                    lr = cfg.lr * linear_schedule(state.lr_steps, state.planned_steps, cfg.warmup_ratio)
+                    state.lr = cfg.lr * linear_schedule(state.lr_steps, state.planned_steps, cfg.warmup_ratio)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = state.lr
                     loss = model(**batch["inputs"], labels=batch["labels"]).loss  # with any regulariser the model adds
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(clip, cfg.max_grad_norm)
+                        grad_norm = accelerator.clip_grad_norm_(clip, cfg.max_grad_norm)  # before clipping
                     optimizer.step()
                     if accelerator.sync_gradients:
                         hooks.on_optimizer_step(state.step + 1)
@@ -145,14 +213,8 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
                 session_steps += 1
                 timer.optimizer_step(session_steps)
                 progress.update(1)
-                if state.step % cfg.log_every == 0 or state.step >= state.planned_steps:
-                    mean = accelerator.reduce(loss_sum / loss_count, "mean").item()  # the only host sync of a step
-                    if not math.isfinite(mean):
-                        raise DivergedError(f"diverged: loss is {mean} at step {state.step}")
-                    state.loss_curve.append({"step": state.step, "loss": mean})
-                    progress.set_postfix(loss=f"{mean:.4f}")
-                    loss_sum.zero_()
-                    loss_count = 0
+                if state.step % log_every == 0 or state.step >= state.planned_steps:
+                    log_loss()
                     if max_minutes > 0:
                         elapsed = state.train_seconds + time.perf_counter() - session_start
                         fitting = int(state.step * max_minutes * 60 / elapsed)  # steps that fit the budget

@@ -13,7 +13,6 @@ from __future__ import annotations
 import tempfile
 import unicodedata
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertTokenizer
 
 from peftbench.errors import PeftbenchError
+from peftbench.noise import quiet_loading
 
 TINY = "tiny"
 RANDOM = "random:"
@@ -178,22 +178,6 @@ def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | No
     base = LoadedBase(source_name(str(source)), str(stored or torch.float32).removeprefix("torch."),
                       quantization_name(model_cfg) if quant is not None else "float32", new)
     return guard_padding(model), base
-
-
-@contextmanager
-def quiet_loading():
-    """Silence transformers' per-load progress bar and LOAD REPORT: peftbench records what the source lacked."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _align_pad_token(config, pad_token_id: int | None, source) -> None:

@@ -32,7 +32,16 @@ from peftbench import checkpoint
 from peftbench import config as config_lib
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError, where
-from peftbench.loop import Hooks, LoopState, build_optimizer, fit, make_accelerator, release
+from peftbench.loop import (
+    Hooks,
+    LoopState,
+    build_optimizer,
+    fit,
+    make_accelerator,
+    release,
+    start_tracking,
+    stop_tracking,
+)
 from peftbench.methods import RunContext, get_method, set_trainable
 from peftbench.models import build_char_vocab
 from peftbench.records import PRETRAIN_RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
@@ -43,6 +52,7 @@ from peftbench.tasks import is_evaluation_file, read_records
 class CorpusConfig:
     files: list[str] = field(default_factory=list)  # JSON lines (.json/.jsonl) or plain text (one document per line)
     # JSON: each of these fields present in a record is a document
+    # JSON lines: every listed field a record has is one document
     text_fields: list[str] = field(default_factory=lambda: ["sentence", "content", "text"])
     eval_fraction: float = 0.01  # held-out blocks for the MLM loss
     allow_eval_text: bool = False  # permit files named like a task's dev/test file
@@ -52,31 +62,32 @@ class CorpusConfig:
 class PretrainModelConfig:
     name_or_path: str | None = None  # continued pretraining from a hub name or local directory
     from_scratch: bool = False  # build from ``architecture`` with a char vocabulary made from the corpus
-    model_type: str = "bert"
+    model_type: str = "bert"  # from scratch: the architecture (a transformers model type)
     architecture: dict = field(default_factory=dict)  # config overrides, e.g. hidden_size, num_hidden_layers
-    vocab_min_freq: int = 2
+    vocab_min_freq: int = 2  # from scratch: keep characters seen at least this often
     lora_r: int = 0  # > 0: continued pretraining trains LoRA adapters, merged into the saved model
+    # modules LoRA adapts when lora_r > 0
     lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
 
 
 @dataclass
 class MaskConfig:
-    block_size: int = 128
-    probability: float = 0.15
+    block_size: int = 128  # tokens per block
+    probability: float = 0.15  # share of the (non-special) tokens, or words, masked
     whole_word: bool = False  # mask whole words (Chinese: segmented with jieba)
 
 
 @dataclass
 class PretrainTrainConfig(config_lib.LoopConfig):
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps
     max_minutes: float = 0.0  # > 0: also stop after this much training time; the LR schedule follows the budget
-    batch_size: int = 64
-    lr: float = 5e-4
-    warmup_ratio: float = 0.06
+    batch_size: int = 64  # blocks per process and micro-batch
+    lr: float = 5e-4  # peak learning rate
+    warmup_ratio: float = 0.06  # share of steps spent warming up the learning rate
     log_every: int = 20  # optimizer steps between loss reads and time-budget checks
-    eval_every: int = 200
-    save_every: int = 200
-    timing_warmup_steps: int = 3
+    eval_every: int = 200  # optimizer steps between held-out MLM losses
+    save_every: int = 200  # optimizer steps between resumable checkpoints
+    timing_warmup_steps: int = 3  # optimizer steps left out of throughput
 
 
 @dataclass
@@ -85,7 +96,7 @@ class PretrainConfig:
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
-    output_dir: str = "runs/pretrain"
+    output_dir: str = "runs/pretrain"  # model/ (the result), pretrain_record.json, checkpoint/ while running
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,6 +105,7 @@ class PretrainConfig:
     def run_id(self) -> str:
         body = self.to_dict()
         body.pop("output_dir")
+        body["train"].pop("report_to")  # where the run is watched changes no result
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -292,12 +304,16 @@ def _load_model(cfg: PretrainConfig, tokenizer):
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) masked-LM pretraining; returns the record (also written to ``output_dir``).
     A crash writes a failed record; an interrupt leaves the last resumable checkpoint."""
-    accelerator = make_accelerator(cfg.train)
     out_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg.train, trackers_dir=out_dir / checkpoint.TRACKERS_DIR)
     env = environment(accelerator.num_processes)
-    with failed_record_on_error(out_dir / PRETRAIN_RECORD_NAME, cfg.to_dict(), cfg.run_id, env,
-                                accelerator.is_main_process, {"kind": "pretrain"}):
-        record = _pretrain(cfg, accelerator, out_dir, env)
+    start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
+    try:
+        with failed_record_on_error(out_dir / PRETRAIN_RECORD_NAME, cfg.to_dict(), cfg.run_id, env,
+                                    accelerator.is_main_process, {"kind": "pretrain"}):
+            record = _pretrain(cfg, accelerator, out_dir, env)
+    finally:
+        stop_tracking(accelerator)
     accelerator.wait_for_everyone()
     release(accelerator)
     return record
@@ -357,7 +373,11 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict) -> dic
     def save(s: LoopState) -> None:
         checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, ckpt)
 
-    hooks = Hooks(on_eval=lambda s: eval_curve.append({"step": s.step, "mlm_loss": eval_loss()}), on_save=save)
+    def on_eval(s: LoopState) -> None:
+        eval_curve.append({"step": s.step, "mlm_loss": eval_loss()})
+        accelerator.log({"eval/mlm_loss": eval_curve[-1]["mlm_loss"]}, step=s.step)
+
+    hooks = Hooks(on_eval=on_eval, on_save=save)
     throughput = fit(accelerator, model, optimizer, batches, t, state, hooks,
                      [p for p in model.parameters() if p.requires_grad], eval_every=t.eval_every,
                      save_every=t.save_every, max_minutes=t.max_minutes, desc="pretrain")
@@ -369,6 +389,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict) -> dic
         "steps": state.step, "stopped_by": "time" if state.step < t.max_steps else "max_steps",
         "train_seconds": state.train_seconds, **throughput, "wall_s": time.perf_counter() - start,
     }
+    accelerator.log({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state.step)
     data = {"files": cfg.corpus.files, "documents": len(docs), "characters": sum(map(len, docs)),
             "train_blocks": len(train_idx), "eval_blocks": n_eval, "block_size": cfg.mask.block_size,
             "epochs_seen": state.step * t.batch_size * t.grad_accum_steps * accelerator.num_processes / len(train_idx)}

@@ -255,7 +255,11 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
         status = _agree(_status(cell) if main else None)
         return status if status == "success" or (status == "failed" and not retry_failed) else None
 
-    for cell in cells:
+    for number, cell in enumerate(cells, 1):
+        if main:
+            c = cell.cfg
+            print(f"cell {number}/{len(cells)}: {c.task.name} {c.method.name} seed {c.train.seed} ({cell.run_id[:8]})",
+                  flush=True)
         status = finished()
         claim = None
         if status is None:

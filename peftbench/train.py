@@ -18,12 +18,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
 
 from peftbench import checkpoint, models
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
 from peftbench.errors import DivergedError, PeftbenchError
-from peftbench.loop import Hooks, LoopState, build_optimizer, fit, make_accelerator, release
+from peftbench.loop import (
+    Hooks,
+    LoopState,
+    build_optimizer,
+    fit,
+    make_accelerator,
+    release,
+    start_tracking,
+    stop_tracking,
+)
 from peftbench.measure import stored_bytes, synchronize, unique_parameters
 from peftbench.methods import Method, RunContext, get_method, set_trainable, settle_dtypes
 from peftbench.records import RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
@@ -61,18 +71,22 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     extra = {"provenance": provenance} if provenance else {}
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg)
-    accelerator = make_accelerator(cfg.train, cfg.train.compile)
-    check_launch(cfg, accelerator)  # refuse what this launch cannot run, before any work
     out_dir = Path(cfg.output_dir)
+    stage = checkpoint.staging_dir(out_dir)
+    accelerator = make_accelerator(cfg.train, cfg.train.compile, stage / checkpoint.TRACKERS_DIR)
+    check_launch(cfg, accelerator)  # refuse what this launch cannot run, before any work
     main = accelerator.is_main_process
-    stage = checkpoint.prepare_run_dir(out_dir) if main else checkpoint.staging_dir(out_dir)
+    if main:
+        checkpoint.prepare_run_dir(out_dir)
     accelerator.wait_for_everyone()
     env = environment(accelerator.num_processes)
     start = time.perf_counter()
+    start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
     try:
         with failed_record_on_error(stage / RECORD_NAME, cfg.to_dict(), cfg.run_id, env, main, extra):
             model, tokenizer, result = _fine_tune(cfg, accelerator, stage, out_dir)
     except Exception:
+        stop_tracking(accelerator)
         if main:  # publish the failed record alone (no half-written checkpoint), or keep the old run
             shutil.rmtree(stage / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
             if (stage / RECORD_NAME).is_file():
@@ -81,6 +95,9 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
                 shutil.rmtree(stage, ignore_errors=True)
         raise
     result["metrics"]["wall_s"] = time.perf_counter() - start
+    accelerator.log({f"final/{k}": v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+                    step=result["total_steps"])
+    stop_tracking(accelerator)
     record = make_record("success", cfg.to_dict(), cfg.run_id, env, result.pop("metrics"), result.pop("params"),
                          extra={**result, **extra})
     if main:
@@ -144,7 +161,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     t = cfg.train
     data = setup_data(cfg, accelerator)
     steps_per_epoch = math.ceil(len(data.train) / t.grad_accum_steps)
-    total_steps = steps_per_epoch * t.epochs if t.max_steps <= 0 else min(t.max_steps, steps_per_epoch * t.epochs)
+    total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs  # as HF Trainer: max_steps wins
+    epochs = math.ceil(total_steps / steps_per_epoch)
     ckpt_dir = work_dir / checkpoint.CHECKPOINT_DIR
     model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir)
     optimizer = build_optimizer(model, t)
@@ -161,6 +179,13 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
         except DivergedError as exc:
             raise DivergedError(f"{exc} after step {state.step}") from None
         history.append({"epoch": state.epoch + (state.batch_in_epoch > 0), "step": state.step, **dev})
+        accelerator.log({f"dev/{k}": v for k, v in dev.items() if isinstance(v, (int, float))}, step=state.step)
+        if accelerator.is_main_process:
+            loss = state.loss_curve[-1]["loss"] if state.loss_curve else float("nan")
+            rate = state.samples * accelerator.num_processes / max(state.train_seconds, 1e-9)
+            tqdm.write(f"{cfg.task.name}/{cfg.method.name} epoch {history[-1]['epoch']}/{epochs} step {state.step}: "
+                       f"dev {dev['score_name']} {dev['score']:.4f}, loss {loss:.4f}, lr {state.lr:.2e}, "
+                       f"{rate:.0f} samples/s, {state.train_seconds:.1f} s")
         if not best or dev["score"] > best["metrics"]["score"]:
             best.update(metrics=history[-1], state={n: _local(p).detach().to("cpu", copy=True)  # each process its shard
                                                     for n, p in raw_model.named_parameters() if p.requires_grad})
@@ -184,6 +209,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
         test = evaluate(model, data.evals["test"], accelerator, task, "test")[0]
         metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("eval_samples_per_s", "score_name")})
     metrics.update(throughput)
+    metrics["stopped_by"] = "max_steps" if t.max_steps > 0 else "epochs"
 
     adapter_bytes = save(cfg, accelerator, model, data, method, base, ckpt_dir)
     result = {

@@ -135,3 +135,12 @@ def zoo(tmp_path_factory):
     from zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+def tensorboard_scalars(event_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the TensorBoard event files in ``event_dir``, read back with tensorboard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(event_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

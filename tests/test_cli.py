@@ -9,22 +9,54 @@ from peftbench.cli import main
 from peftbench.tasks.synthetic import write_files
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+USER_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "TOKENIZERS_PARALLELISM")}  # as typed
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "peftbench", *args], capture_output=True, text=True, cwd=cwd, env=ENV)
+def cli(*args, cwd=None, env=ENV):
+    return subprocess.run([sys.executable, "-m", "peftbench", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
-def test_tasks_and_methods_are_listed(capsys):
-    assert main(["tasks"]) == 0
-    out = capsys.readouterr().out
-    for name in ("tnews", "iflytek", "afqmc", "ocnli", "cmnli", "csl", "cluewsc2020", "eprstmt", "bustm", "csldcp",
-                 "custom"):
-        assert f"\n{name} " in "\n" + out
-    assert main(["methods"]) == 0
-    out = capsys.readouterr().out
-    for name in ("full", "lora", "adalora", "adapter", "prefix", "prompt", "ia3", "bitfit"):
-        assert f"\n{name} " in "\n" + out
+def messages(stderr: str, bars: tuple[str, ...] = ()) -> list[str]:
+    """What stderr says besides progress bars (tqdm redraws a line with carriage returns)."""
+    pieces = (piece.strip() for line in stderr.splitlines() for piece in line.split("\r"))
+    return [piece for piece in pieces if piece and not piece.startswith(bars)]
+
+
+PROBE = """
+import sys
+from peftbench.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:  # --help
+    pass
+heavy = [m for m in ("transformers", "peft", "bitsandbytes", "datasets", "sklearn", "accelerate") if m in sys.modules]
+if heavy:
+    sys.stderr.write(f"imported {heavy}\\n")
+"""
+
+
+@pytest.mark.parametrize("args", [["tasks"], ["methods"], ["--help"], ["run", "--help"]])
+def test_listing_commands_are_quiet_and_import_no_heavy_library(args):
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=USER_ENV)
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout, proc.stderr
+
+
+def test_help_lists_every_key_with_type_default_and_meaning():
+    from peftbench import config
+    from peftbench.methods import get_method, method_names
+    from peftbench.pretrain import PretrainConfig
+
+    run_help = cli("run", "--help").stdout
+    rows = config.key_help(config.RunConfig)
+    for name in method_names():
+        rows += [r for r in config.key_help(get_method(name).Config, "method.") if r[0] != "method.name"]
+        assert f"method.name={name} (docs/methods/{name}.md):" in run_help
+    pretrain_help = cli("pretrain", "--help").stdout
+    for text, table in ((run_help, rows), (pretrain_help, config.key_help(PretrainConfig))):
+        for key, kind, default, meaning in table:
+            assert meaning, f"{key} has no description (a comment on its dataclass field)"
+            assert any(line.split()[:1] == [key] and kind in line and meaning in line for line in text.splitlines())
+    assert "train.report_to" in run_help and "docs/recipes.md" in run_help
 
 
 @pytest.mark.parametrize("args, message", [
@@ -58,18 +90,29 @@ def test_recipe_run_on_clue_layout_files(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"task: {{name: synthetic, data_dir: {data}, max_length: 48}}\nmethod: {{name: lora}}\n"
                       f"train: {{epochs: 1, lr: 5e-3}}\noutput_dir: {tmp_path / 'out'}\n")
-    proc = cli("run", str(recipe), "train.max_steps=10")
+    proc = cli("run", str(recipe), "train.max_steps=40")  # more than the one epoch (32 steps) asked for
     assert proc.returncode == 0, proc.stderr
+    assert "backbone: tiny, random init (no model.name_or_path given)" in proc.stdout
     rec = json.loads((tmp_path / "out" / "record.json").read_text())
-    assert rec["total_steps"] == 10 and "test_accuracy" not in rec["metrics"]  # CLUE test.json is unlabeled
+    assert rec["total_steps"] == 40 and rec["metrics"]["stopped_by"] == "max_steps"  # max_steps sets the budget
+    assert [h["epoch"] for h in rec["dev_history"]] == [1, 2]
+    assert "test_accuracy" not in rec["metrics"]  # CLUE test.json is unlabeled
     assert rec["config"]["task"]["data_dir"] == str(data)
 
 
 def test_demo_end_to_end(tmp_path):
-    proc = cli("run", cwd=tmp_path)
+    """As a user runs it (warnings on): stderr holds the two progress bars and nothing else; stdout a line per
+    epoch and the closing table with the backbone."""
+    proc = cli("run", cwd=tmp_path, env=USER_ENV)
     assert proc.returncode == 0, proc.stderr
+    assert messages(proc.stderr, bars=("synthetic/full:", "synthetic/lora:")) == []
+    for method in ("full", "lora"):
+        epochs = [line for line in proc.stdout.splitlines() if line.startswith(f"synthetic/{method} epoch ")]
+        assert [line.split()[2] for line in epochs] == [f"{e}/8" for e in range(1, 9)]
+        assert all(" dev accuracy " in line and " samples/s, " in line for line in epochs)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| synthetic")]
     assert [line.split("|")[2].strip() for line in lines] == ["full", "lora"]
+    assert all(line.split("|")[3].strip() == "tiny (random init)" for line in lines)
     for method in ("full", "lora"):
         rec = json.loads((tmp_path / "runs" / "demo" / method / "record.json").read_text())
         assert rec["status"] == "success" and rec["metrics"]["accuracy"] > 0.6  # chance is 0.25

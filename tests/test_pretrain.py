@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import torchrun, write_jsonl
+from conftest import tensorboard_scalars, torchrun, write_jsonl
 
 from peftbench import checkpoint, config, pretrain
 from peftbench.errors import PeftbenchError
@@ -264,3 +264,11 @@ def test_time_budget_stops_and_fits_the_schedule(corpus, tmp_path):
     assert m["stopped_by"] == "time" and 0 < m["steps"] < 100000
     assert m["train_seconds"] < 30
     assert record["eval_curve"][-1]["step"] == m["steps"]  # evaluated at the (re-planned) end
+
+
+def test_pretraining_reports_to_tensorboard(corpus, tmp_path):
+    record = pretrain.pretrain(quick_cfg(corpus, tmp_path, "train.max_steps=8", "train.report_to=[tensorboard]"))
+    board = tensorboard_scalars(tmp_path / checkpoint.TRACKERS_DIR / "peftbench")
+    assert [step for step, _ in board["train/loss"]] == [point["step"] for point in record["loss_curve"]]
+    assert [v for _, v in board["eval/mlm_loss"]] == pytest.approx([p["mlm_loss"] for p in record["eval_curve"][1:]])
+    assert board["final/mlm_loss"] == [(8, pytest.approx(record["metrics"]["mlm_loss"]))]

@@ -124,7 +124,10 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     path.write_text(GRID.format(out=tmp_path / "results").replace("[1, 2, 3]", "[1]"))
     assert main(["sweep", str(path), "train.max_steps=4", "train.save_checkpoint=false"]) == 0
     out = capsys.readouterr().out
-    assert "2 cells in this shard, 2 to run" in out and "| synthetic | full |" in out and "| synthetic | lora |" in out
+    assert "2 cells in this shard, 2 to run" in out
+    assert "cell 1/2: synthetic full seed 1 (" in out and "cell 2/2: synthetic lora seed 1 (" in out
+    for method in ("full", "lora"):  # the closing table: backbone and seed columns
+        assert f"| synthetic | {method} | tiny (random init) | 1 |" in out
     records = sorted((tmp_path / "results").glob(f"*/{RECORD_NAME}"))
     assert len(records) == 2 and all(json.loads(p.read_text())["status"] == "success" for p in records)
     assert main(["sweep", str(path), "train.max_steps=4", "train.save_checkpoint=false", "--dry-run"]) == 0

@@ -219,3 +219,31 @@ def test_real_tnews_label_file_matches_codes():
     path = SHARED_CLUE / "fewclue" / "tnews" / "label_index2en2zh.json"
     codes = [json.loads(line)["label"] for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     assert tuple(codes) == TNEWS_CODES
+
+
+# The file names CLUE 1.1 (submission rules of 2021-09-04) and FewCLUE require, per task and data layout.
+SUBMISSION_FILES = [
+    ("afqmc", "test.json", "afqmc_predict.json"), ("tnews", "test.json", "tnews11_predict.json"),
+    ("iflytek", "test.json", "iflytek_predict.json"), ("ocnli", "test.json", "ocnli_50k_predict.json"),
+    ("cmnli", "test.json", "cmnli_predict.json"), ("csl", "test.json", "csl_predict.json"),
+    ("cluewsc2020", "test.json", "cluewsc11_predict.json"), ("cluener", "test.json", "cluener_predict.json"),
+    ("eprstmt", "test_public.json", "eprstmt_predict.json"), ("bustm", "test_public.json", "bustm_predict.json"),
+    ("csldcp", "test_public.json", "csldcp_predict.json"), ("tnews", "test_public.json", "tnewsf_predict.json"),
+    ("iflytek", "test_public.json", "iflytekf_predict.json"), ("ocnli", "test_public.json", "ocnlif_predict.json"),
+    ("csl", "test_public.json", "cslf_predict.json"), ("cluewsc2020", "test_public.json", "cluewscf_predict.json"),
+    ("synthetic", "generated", "synthetic_predict.json"),
+]
+
+
+@pytest.mark.parametrize("task, data_file, expected", SUBMISSION_FILES)
+def test_submission_file_names_follow_each_leaderboard(task, data_file, expected, tmp_path):
+    from peftbench.inference import submission_file
+
+    assert submission_file(task, tmp_path, f"/data/{task}/{data_file}") == expected
+
+
+def test_only_a_registered_task_names_a_submission_file(tmp_path):
+    from peftbench.inference import submission_file
+
+    with pytest.raises(PeftbenchError, match="field 'task': '../../evil' is not a registered task name"):
+        submission_file("../../evil", tmp_path, "test.json")

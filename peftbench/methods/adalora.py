@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import AdaLoraConfig as PeftAdaLoraConfig
-
 from peftbench.config import require
 from peftbench.errors import PeftbenchError
 from peftbench.methods import MethodConfig, PeftMethod, register_method
@@ -28,17 +26,17 @@ from peftbench.methods import MethodConfig, PeftMethod, register_method
 @dataclass
 class AdaLoraConfig(MethodConfig):
     name: str = "adalora"
-    init_r: int = 12
+    init_r: int = 12  # starting rank per module
     target_r: int = 8  # average final rank per module
-    alpha: int = 32
-    dropout: float = 0.1
+    alpha: int = 32  # scaling numerator
+    dropout: float = 0.1  # dropout on the update's input
     target_modules: list[str] | None = None  # None = PEFT's default (BERT: query, value)
     tinit_ratio: float = 0.1  # share of steps before pruning starts
     tfinal_ratio: float = 0.2  # share of steps at the final budget
     delta_t: int = 1  # steps between budget reallocations
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
+    beta1: float = 0.85  # importance smoothing (sensitivity)
+    beta2: float = 0.85  # importance smoothing (uncertainty)
+    orth_reg_weight: float = 0.5  # weight of the orthogonality regulariser
 
     def __post_init__(self):
         require(self.init_r >= 1, "method.init_r", ">= 1", self.init_r)
@@ -66,6 +64,8 @@ class AdaLora(PeftMethod):
         if ctx.total_steps and total - tinit - tfinal < 1:
             raise PeftbenchError(f"method adalora: {total} steps leave no pruning phase after tinit={tinit} and "
                                  f"tfinal={tfinal}; train longer or lower method.tinit_ratio / method.tfinal_ratio")
+        from peft import AdaLoraConfig as PeftAdaLoraConfig
+
         return PeftAdaLoraConfig(task_type=ctx.peft_task_type, init_r=cfg.init_r, target_r=cfg.target_r,
                                  lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                                  tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,

@@ -70,9 +70,11 @@ class AdapterConfig(MethodConfig):
     name: str = "adapter"
     variant: str = "houlsby"  # houlsby | pfeiffer
     bottleneck: int | None = None  # hidden units m; None = d / reduction_factor
-    reduction_factor: int = 16
-    activation: str = "gelu"
+    reduction_factor: int = 16  # d / m when bottleneck is unset
+    activation: str = "gelu"  # gelu | relu | tanh | silu
+    # regexes (end of module names) of attention output projections
     attn_modules: list[str] = field(default_factory=lambda: [r"attention\.output\.dense", r"self_attn\.o_proj"])
+    # regexes of feed-forward output projections
     ffn_modules: list[str] = field(default_factory=lambda: [r"layer\.\d+\.output\.dense", r"mlp\.down_proj"])
 
     def __post_init__(self):

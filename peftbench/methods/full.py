@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftbench.methods import Method, MethodConfig, register_method
+from peftbench.noise import quiet_loading
 
 
 @dataclass
@@ -32,4 +33,5 @@ class Full(Method):
 
         # e.g. BertForTokenClassification; in fp32, as trained
         architecture = transformers.AutoConfig.from_pretrained(str(ckpt_dir)).architectures[0]
-        return getattr(transformers, architecture).from_pretrained(str(ckpt_dir), dtype=torch.float32)
+        with quiet_loading():
+            return getattr(transformers, architecture).from_pretrained(str(ckpt_dir), dtype=torch.float32)

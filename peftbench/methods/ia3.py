@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import IA3Config as PeftIA3Config
-
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
 
@@ -30,5 +28,7 @@ class IA3(PeftMethod):
     trainable_markers = ("ia3_",)
 
     def peft_config(self, ctx):
+        from peft import IA3Config as PeftIA3Config
+
         return PeftIA3Config(task_type=ctx.peft_task_type, target_modules=self.cfg.target_modules,
                              feedforward_modules=self.cfg.feedforward_modules)

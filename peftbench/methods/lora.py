@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig as PeftLoraConfig
-
 from peftbench.config import require
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
@@ -22,12 +20,12 @@ from peftbench.methods import MethodConfig, PeftMethod, register_method
 @dataclass
 class LoraConfig(MethodConfig):
     name: str = "lora"
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
+    r: int = 8  # rank
+    alpha: int = 16  # scale numerator (update scaled by alpha / r)
+    dropout: float = 0.1  # dropout on the LoRA branch input
     target_modules: list[str] | None = None  # None = PEFT's default for the architecture (BERT: query, value)
-    use_rslora: bool = False
-    use_dora: bool = False
+    use_rslora: bool = False  # scale by alpha / sqrt(r) (rsLoRA)
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output (DoRA)
 
     def __post_init__(self):
         require(self.r >= 1, "method.r", ">= 1", self.r)
@@ -43,5 +41,7 @@ class Lora(PeftMethod):
 
     def peft_config(self, ctx):
         cfg = self.cfg
+        from peft import LoraConfig as PeftLoraConfig
+
         return PeftLoraConfig(task_type=ctx.peft_task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)

@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftbench.config import require
 from peftbench.errors import PeftbenchError
@@ -85,7 +83,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is None and getattr(module, "is_causal", False) and q_len > 1:
         # torch SDPA's is_causal aligns top-left, which would hide the prefix: build the mask explicitly.
         keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        if link.base_attention is ALL_ATTENTION_FUNCTIONS.get("sdpa"):
+        if link.base_attention is _attention_functions().get("sdpa"):
             attention_mask = keep
         else:
             attention_mask = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
@@ -98,12 +96,20 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     return link.base_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+def _attention_functions():
+    """transformers' attention registry, with the prefix attention in it (registered on first use: importing
+    transformers costs seconds that ``peftbench methods`` does not need)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+    return ALL_ATTENTION_FUNCTIONS
 
 
 def _base_attention(module, implementation: str):
     if implementation == "sdpa":
-        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return _attention_functions()["sdpa"]
     if implementation == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
     raise PeftbenchError(f"method prefix supports eager and sdpa attention, not '{implementation}' "
@@ -113,9 +119,10 @@ def _base_attention(module, implementation: str):
 @dataclass
 class PrefixConfig(MethodConfig):
     name: str = "prefix"
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = 20  # prefix length n
     reparameterize: bool = True  # MLP reparameterisation during training (folded away when saved)
-    reparam_hidden: int = 512
+    reparam_hidden: int = 512  # MLP width h
+    # regexes of the attention modules (BERT/RoBERTa, Llama/Qwen)
     attention_modules: list[str] = field(default_factory=lambda: [r"attention\.self", r"self_attn"])
 
     def __post_init__(self):

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-from peft import PromptTuningConfig
+import torch
 
 from peftbench.config import require
 from peftbench.methods import MethodConfig, PeftMethod, register_method
@@ -24,7 +23,7 @@ from peftbench.methods import MethodConfig, PeftMethod, register_method
 @dataclass
 class PromptConfig(MethodConfig):
     name: str = "prompt"
-    num_virtual_tokens: int = 20
+    num_virtual_tokens: int = 20  # soft-prompt length n
 
     def __post_init__(self):
         require(self.num_virtual_tokens >= 1, "method.num_virtual_tokens", ">= 1", self.num_virtual_tokens)
@@ -38,6 +37,8 @@ class Prompt(PeftMethod):
     virtual_token_modules = ("prompt_encoder",)
 
     def peft_config(self, ctx):
+        from peft import PromptTuningConfig
+
         return PromptTuningConfig(task_type=ctx.peft_task_type, num_virtual_tokens=self.cfg.num_virtual_tokens)
 
     def apply(self, model, ctx):
@@ -47,7 +48,7 @@ class Prompt(PeftMethod):
 
             def label_virtual_tokens(module, args, kwargs):
                 if kwargs.get("labels") is not None:
-                    kwargs["labels"] = F.pad(kwargs["labels"], (n, 0), value=-100)
+                    kwargs["labels"] = torch.nn.functional.pad(kwargs["labels"], (n, 0), value=-100)
                 return args, kwargs
 
             model.base_model.register_forward_pre_hook(label_virtual_tokens, with_kwargs=True)

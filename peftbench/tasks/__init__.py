@@ -16,13 +16,14 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from peftbench.errors import PeftbenchError, where
 from peftbench.registry import TASKS
 from peftbench.tasks.kinds import CLASSIFICATION, TaskKind
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 # File names per layout: split -> candidates, first match wins.
 LAYOUTS = {
@@ -62,6 +63,12 @@ class TaskSpec:
     entity_types: tuple[str, ...] = ()  # token classification
     tag_scheme: str = "bio"  # token classification: how spans become tags
     generate: Callable[[], dict[str, list[dict]]] | None = None  # split -> records, when no data_dir is given
+
+
+def _dataset(columns: dict):
+    from datasets import Dataset  # imported where used: `peftbench tasks` needs no datasets
+
+    return Dataset.from_dict(columns)
 
 
 @dataclass
@@ -289,7 +296,7 @@ def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, 
         if split == "train" and task_cfg.max_train_samples is not None:
             columns = {k: v[: task_cfg.max_train_samples] for k, v in columns.items()}
             lines[split] = lines[split][: task_cfg.max_train_samples]
-        splits[split] = Dataset.from_dict(columns)
+        splits[split] = _dataset(columns)
         if n_dropped:
             dropped[split] = n_dropped
         if n_overlaps:

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 from peftbench.tasks import Example, TaskSpec, label_field, register_task, text_field
 
+# Submission file names the leaderboards require: CLUE 1.1 versions the tasks whose test set changed
+# (CLUE's submission rules, 2021-09-04); FewCLUE marks its versions of CLUE tasks with an "f".
+CLUE_SUBMISSION_FILES = {"tnews": "tnews11_predict.json", "cluewsc2020": "cluewsc11_predict.json",
+                         "ocnli": "ocnli_50k_predict.json"}
+FEWCLUE_SUBMISSION_FILES = {"tnews": "tnewsf_predict.json", "iflytek": "iflytekf_predict.json",
+                            "ocnli": "ocnlif_predict.json", "csl": "cslf_predict.json",
+                            "cluewsc2020": "cluewscf_predict.json"}
+
 TNEWS_CODES = tuple(str(c) for c in range(100, 117) if c not in (105, 111))
 TNEWS_NAMES = tuple("故事 文化 娱乐 体育 财经 房产 汽车 教育 科技 军事 旅游 国际 股票 农业 电竞".split())
 

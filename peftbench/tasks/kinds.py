@@ -8,13 +8,15 @@ tests a kind's name.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from datasets import Dataset
 
 from peftbench.metrics import classification_metrics, entity_metrics
 from peftbench.tasks.spans import Span, clue_label, predicted_spans, spans_to_tags
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 class TaskKind:

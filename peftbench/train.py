@@ -199,11 +199,14 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     throughput = fit(accelerator, model, optimizer, batches, t, state, hooks, trainable,
                      desc=f"{cfg.task.name}/{cfg.method.name}")
 
-    with torch.no_grad():
-        for name, param in raw_model.named_parameters():
-            if name in best["state"]:
-                _local(param).copy_(best["state"][name])
-    metrics = evaluate(model, data.evals["dev"], accelerator, task, "dev")[0]
+    if best["metrics"] is history[-1]:  # training ended in its best state: that evaluation stands
+        metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
+    else:
+        with torch.no_grad():
+            for name, param in raw_model.named_parameters():
+                if name in best["state"]:
+                    _local(param).copy_(best["state"][name])
+        metrics = evaluate(model, data.evals["dev"], accelerator, task, "dev")[0]
     metrics["best_epoch"] = best["metrics"]["epoch"]
     if "test" in data.evals:
         test = evaluate(model, data.evals["test"], accelerator, task, "test")[0]

@@ -125,7 +125,10 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     assert main(["sweep", str(path), "train.max_steps=4", "train.save_checkpoint=false"]) == 0
     out = capsys.readouterr().out
     assert "2 cells in this shard, 2 to run" in out
-    assert "cell 1/2: synthetic full seed 1 (" in out and "cell 2/2: synthetic lora seed 1 (" in out
+    cells = sorted(line.split(" (")[0] for line in out.splitlines() if line.startswith("cell "))
+    assert [c.split(": ")[1] for c in cells] in (["synthetic full seed 1", "synthetic lora seed 1"],
+                                                 ["synthetic lora seed 1", "synthetic full seed 1"])
+    assert [c.split(":")[0] for c in cells] == ["cell 1/2", "cell 2/2"]
     for method in ("full", "lora"):  # the closing table: backbone and seed columns
         assert f"| synthetic | {method} | tiny (random init) | 1 |" in out
     records = sorted((tmp_path / "results").glob(f"*/{RECORD_NAME}"))

@@ -37,6 +37,7 @@ MODEL_DIR = "model"  # pretraining's result
 PROVENANCE_FILE = "peftbench_pretrain.json"  # in a pretrained model directory: how it was made
 LOOP_STATE_FILE = "loop_state.json"
 NEW_WEIGHTS_FILE = "base_new_weights.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -85,16 +86,21 @@ def publish(stage: Path, out_dir: Path) -> None:
 
 
 def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_dict: dict | None = None,
-                   new_weights: dict | None = None) -> int:
+                   new_weights: dict | None = None, base_name: str | None = None) -> int:
     """Write a fine-tuned checkpoint; returns the bytes of its weight files.
 
     ``state_dict`` (gathered from FSDP shards) replaces the method's own saving. ``new_weights`` are the
     base's weights its source lacked, as initialised: without them a reload would draw new random ones.
+    ``base_name`` goes into a PEFT adapter's config, where plain PEFT (AutoPeftModel) looks for the base.
     """
     if state_dict is not None:
         model.save_pretrained(str(ckpt_dir), state_dict=state_dict)
     else:
         method.save(model, ckpt_dir)
+    adapter_config = ckpt_dir / PEFT_CONFIG_FILE
+    if base_name and adapter_config.is_file():
+        write_atomic(adapter_config, {**json.loads(adapter_config.read_text(encoding="utf-8")),
+                                      "base_model_name_or_path": base_name})
     if new_weights:
         from safetensors.torch import save_file
 
@@ -208,3 +214,53 @@ def read_training_state(ckpt: Path, run_id: str) -> dict | None:
         raise PeftbenchError(f"{ckpt}: a checkpoint of a different configuration; use another output_dir "
                              "or delete the checkpoint")
     return state
+
+
+CARD_FILE = "README.md"
+AUTO_CLASSES = {"classification": "SequenceClassification", "token_classification": "TokenClassification"}
+
+
+def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict, params: dict,
+                     peft_format: bool) -> None:
+    """``README.md`` of a checkpoint written in ``ckpt_dir`` that will be used from ``final_dir``: what it is (base,
+    task, method, scores, trainable parameters) and how to load it with peftbench and, where the format allows,
+    with transformers and PEFT alone."""
+    base, auto = meta["base"], "AutoModelFor" + AUTO_CLASSES[meta["kind"]]
+    where = str(final_dir)
+    source = base and (str(final_dir / BASE_DIR) if base["source"] == BASE_DIR else base["source"])
+    hub_base = source if base and not Path(source).is_absolute() else None
+    settings = meta["config"]["method"]
+    score = metrics["score_name"]
+    rows = [("task", f"`{meta['task']}` ({len(meta['labels'])} labels)"),
+            ("method", f"`{meta['method']}` " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "name")),
+            ("base", f"`{source}`, fingerprint `{base['fingerprint'][:12]}`, stored as {base['stored_dtype']}"
+             if base else "the whole model is in this folder"),
+            ("trainable parameters",
+             f"{params['trainable']:,} of {params['total']:,} ({params['trainable_pct']:.2f} %)"),
+            (f"dev {score}", f"{metrics['score']:.4f} (best epoch {metrics['best_epoch']})")]
+    if f"test_{score}" in metrics:
+        rows.append((f"test {score}", f"{metrics[f'test_{score}']:.4f}"))
+    lines = ["---", "library_name: " + ("peft" if peft_format else "transformers"),
+             *([f"base_model: {hub_base}"] if hub_base else []), "tags:", "- peftbench", f"- {meta['method']}",
+             f"- {meta['task']}", "---", "", f"# {meta['task']} · {meta['method']}", "",
+             f"Fine-tuned with peftbench (run `{meta['run_id']}`).", "", "| | |", "|---|---|",
+             *[f"| {k} | {v} |" for k, v in rows], "", "## Load with peftbench", "", "```python", "import peftbench",
+             "", f'model, tokenizer, meta = peftbench.load("{where}")  # base= for the same base elsewhere',
+             "```", "", "## Load without peftbench", ""]
+    labels = {i: name for i, name in enumerate(meta["model_labels"])}
+    if base is None:
+        lines += ["```python", f"from transformers import {auto}, AutoTokenizer", "",
+                  f'model = {auto}.from_pretrained("{where}")', f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+                  "```"]
+    elif peft_format:  # the adapter names its base, and holds the head and any module the base's files lack
+        auto_peft = "AutoPeftModelFor" + AUTO_CLASSES[meta["kind"]]
+        lines += ["```python", f"from peft import {auto_peft}", "from transformers import AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{where}")', f"id2label = {labels!r}",
+                  f'model = {auto_peft}.from_pretrained("{where}", id2label=id2label, '
+                  "label2id={v: k for k, v in id2label.items()},", "                                  "
+                  'pad_token_id=tokenizer.pad_token_id, dtype="float32").eval()  # fp32, as trained', "```", "",
+                  "On a decoder, a method that feeds embeddings (prompt tuning) needs the last position to be a real "
+                  "token: pad on the left. `peftbench.load` handles either side (peftbench's docs/models.md)."]
+    else:
+        lines += [f"Method `{meta['method']}` adds modules that transformers does not have: load it with peftbench."]
+    (ckpt_dir / CARD_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")

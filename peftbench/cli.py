@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run | sweep | pretrain | leaderboard | predict | tasks | methods``.
+"""Command line: ``peftbench run | sweep | pretrain | leaderboard | predict | export | tasks | methods``.
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
     pred_p.add_argument("--batch-size", type=int, default=128)
     pred_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    exp_p = sub.add_parser("export", help="a checkpoint as a standalone Hugging Face model folder")
+    exp_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
+    exp_p.add_argument("--out", required=True, help="output folder (new or empty)")
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
@@ -114,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: skipped {reason}", file=sys.stderr)
             for path in paths:
                 print(f"wrote {path}")
+            return 0
+        if ns.command == "export":
+            from peftbench.export import export
+
+            print(f"model: {export(ns.checkpoint, ns.out)}")
             return 0
         if ns.command == "predict":
             from peftbench.inference import predict

@@ -12,7 +12,7 @@ from peftbench import checkpoint
 from peftbench.config import resolve
 from peftbench.data import Collator
 from peftbench.errors import PeftbenchError
-from peftbench.methods import RunContext, get_method
+from peftbench.methods import RunContext, get_method, lacked_modules
 from peftbench.models import from_pretrained, guard_padding
 from peftbench.tasks import load_task
 from peftbench.tasks.kinds import KINDS
@@ -38,12 +38,14 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
     if meta["base"] is not None:  # quantised as in training: the trained tensors were fitted to that base
         source = base if base is not None else checkpoint.base_source(ckpt_dir, meta)
         gpu = torch.device(device)
-        base_model, _ = from_pretrained(source, cfg.model, meta["labels"], tokenizer.pad_token_id, kind.auto_class,
+        base_model, _ = from_pretrained(source, cfg.model, meta["model_labels"], tokenizer.pad_token_id,
+                                        kind.auto_class,
                                         device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None)
         base_model.load_state_dict(checkpoint.read_new_weights(ckpt_dir), strict=False)
         checkpoint.check_base(ckpt_dir, meta, source, checkpoint.fingerprint(base_model))
     ctx = RunContext(total_steps=0, num_labels=len(meta["labels"]), peft_task_type=kind.peft_task_type,
-                     labels_per_token=kind.labels_per_token)
+                     labels_per_token=kind.labels_per_token,
+                     lacked_modules=lacked_modules(meta["base"]["new_weights"] if meta["base"] else ()))
     model = method.load(base_model, ckpt_dir, ctx)
     guard_padding(model.get_base_model() if hasattr(model, "get_base_model") else model)
     if merge:

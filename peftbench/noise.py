@@ -18,6 +18,8 @@ LOG_MESSAGES = [  # (logger, text in the message): why it says nothing here
 ]
 WARNINGS = [  # (category, start of the message)
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),  # peft reads an attribute transformers renamed
+    # peft reloading an AdaLoRA adapter: the rank pattern it saved names lora_E tensors, matched against modules
+    (RuntimeWarning, "The following rank_pattern keys did not match any targeted module"),
 ]
 
 

@@ -35,7 +35,7 @@ from peftbench.loop import (
     stop_tracking,
 )
 from peftbench.measure import stored_bytes, synchronize, unique_parameters
-from peftbench.methods import Method, RunContext, get_method, set_trainable, settle_dtypes
+from peftbench.methods import Method, RunContext, get_method, lacked_modules, set_trainable, settle_dtypes
 from peftbench.records import RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
 from peftbench.tasks import TaskData, load_task
 
@@ -128,12 +128,19 @@ def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
     return Data(task, tokenizer, pair, train_dl, dict(zip(evals, prepared)), sampler)
 
 
+def model_labels(spec) -> list[str]:
+    """What the model's ``config.id2label`` holds: the label names (``news_sports``), the data's codes
+    (``103``, kept in ``peftbench.json`` for submission files) when the task has no distinct names."""
+    names = list(spec.label_names or spec.labels)
+    return names if len(set(names)) == len(names) else list(spec.labels)
+
+
 def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_steps: int, ckpt_dir: Path):
     """Backbone (quantised per ``model.quantization``), the method applied, the rest frozen; returns
     (model, method, parameter counts, :class:`models.LoadedBase`)."""
     set_seed(cfg.train.seed)  # before the model: init, dropout and method modules follow the seed
     method: Method = get_method(cfg.method.name)(cfg.method)
-    kind, labels = data.task.spec.kind, list(data.task.spec.labels)
+    kind, labels = data.task.spec.kind, model_labels(data.task.spec)
     save_base = cfg.train.save_checkpoint and accelerator.is_main_process and not method.saves_full_model
     quantized = cfg.model.quantization != "none"
     per_gpu = quantized and accelerator.device.type == "cuda"  # one quantised copy on each process's GPU
@@ -148,7 +155,8 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
     base_params = {id(p) for p in model.parameters()}
     if cfg.train.gradient_checkpointing:  # non-reentrant: works when the inputs need no gradient (frozen embeddings)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = method.apply(model, RunContext(total_steps, len(labels), kind.peft_task_type, kind.labels_per_token))
+    model = method.apply(model, RunContext(total_steps, len(labels), kind.peft_task_type, kind.labels_per_token,
+                                           lacked_modules(base.new_weights)))
     params = set_trainable(model, method)
     params.update(settle_dtypes(model, cfg.train.mixed_precision))
     params["base_weight_bytes"] = sum(stored_bytes(p) for p in unique_parameters(model) if id(p) in base_params)
@@ -214,7 +222,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     metrics.update(throughput)
     metrics["stopped_by"] = "max_steps" if t.max_steps > 0 else "epochs"
 
-    adapter_bytes = save(cfg, accelerator, model, data, method, base, ckpt_dir)
+    adapter_bytes = save(cfg, accelerator, model, data, method, base, ckpt_dir, {"metrics": metrics, "params": params})
     result = {
         "metrics": metrics,
         "params": {**params, "adapter_bytes": adapter_bytes},
@@ -238,24 +246,32 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
 
 
 def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Method, base: models.LoadedBase,
-         ckpt_dir: Path) -> int:
+         ckpt_dir: Path, results: dict) -> int:
     """Write the checkpoint (main process); returns the bytes of its weight files, or without a checkpoint the
-    bytes of the tensors it would hold."""
+    bytes of the tensors it would hold. ``results`` (metrics, parameter counts) go into its model card."""
     raw_model = accelerator.unwrap_model(model)
     fsdp = accelerator.distributed_type == DistributedType.FSDP  # only full fine-tuning gets here (check_launch)
     full_state = accelerator.get_state_dict(model) if cfg.train.save_checkpoint and fsdp else None  # all gather
     if not (cfg.train.save_checkpoint and accelerator.is_main_process):
         return method.trained_bytes(raw_model)
     spec = data.task.spec
-    base_meta = None if method.saves_full_model else {
-        "source": base.source or checkpoint.BASE_DIR, "fingerprint": base.fingerprint,
-        "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype, "new_weights": sorted(base.new_weights)}
+    base_meta = None
+    final = Path(cfg.output_dir).resolve() / checkpoint.CHECKPOINT_DIR  # where the checkpoint will be
+    if not method.saves_full_model:
+        base_meta = {"source": base.source or checkpoint.BASE_DIR, "fingerprint": base.fingerprint,
+                     "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype,
+                     "new_weights": sorted(base.new_weights)}
     data_dir = cfg.task.data_dir and models.source_name(cfg.task.data_dir)
     meta = {"method": cfg.method.name, "task": cfg.task.name, "kind": spec.kind.name, "labels": list(spec.labels),
-            "label_names": list(spec.label_names or spec.labels), "pair": data.pair, "max_length": cfg.task.max_length,
-            "base": base_meta, "data_dir": data_dir, "run_id": cfg.run_id, "config": cfg.to_dict()}
-    return checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, full_state,
-                                     None if method.saves_full_model else base.new_weights)
+            "label_names": list(spec.label_names or spec.labels), "model_labels": model_labels(spec),
+            "pair": data.pair, "max_length": cfg.task.max_length, "base": base_meta, "data_dir": data_dir,
+            "run_id": cfg.run_id, "config": cfg.to_dict()}
+    size = checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, full_state,
+                                     None if method.saves_full_model else base.new_weights,
+                                     base_name=base.source or str(final / checkpoint.BASE_DIR))
+    checkpoint.write_model_card(ckpt_dir, final, meta, results["metrics"], results["params"],
+                                peft_format=hasattr(raw_model, "peft_config"))
+    return size
 
 
 def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:

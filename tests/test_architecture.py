@@ -11,6 +11,7 @@ FLOORS = {  # top-level module or sub-package -> floor (higher may import lower)
     "methods": 1, "tasks": 1, "models": 1, "data": 1, "checkpoint": 1, "leaderboard": 1,
     "loop": 2,
     "train": 3, "pretrain": 3, "inference": 3,
+    "export": 4,
     "sweep": 4,
     "cli": 5, "__init__": 5, "__main__": 6,
 }

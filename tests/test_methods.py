@@ -216,3 +216,41 @@ def test_gradient_checkpointing_trains_identically(method, tmp_path):
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
     assert results[1].record["metrics"]["accuracy"] == results[0].record["metrics"]["accuracy"]
+
+
+PLAIN = ["full", "lora", "lora-rslora", "lora-dora", "adalora", "ia3", "bitfit"]
+EXPORT_CHECK = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+out = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        out[name] = model(**tokenizer(json.loads(sys.argv[2]), padding=True, return_tensors="pt")).logits
+assert "peftbench" not in sys.modules
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_export_writes_folders_that_transformers_alone_loads(trained, tmp_path):
+    import subprocess
+    import sys
+
+    from peftbench.errors import PeftbenchError
+    from peftbench.export import export
+
+    texts = ["股钱债涨跌", "星影歌剧综艺的", "的"]
+    folders = {v: str(export(trained[v].record["checkpoint"], tmp_path / v)) for v in PLAIN}
+    proc = subprocess.run([sys.executable, "-c", EXPORT_CHECK, json.dumps(folders), json.dumps(texts),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = torch.load(tmp_path / "logits.pt")
+    for variant in PLAIN:
+        reloaded, _, _ = peftbench.load(trained[variant].record["checkpoint"])
+        with torch.no_grad():
+            expected = reloaded(**trained[variant].tokenizer(texts, padding=True, return_tensors="pt")).logits
+        torch.testing.assert_close(plain[variant], expected, atol=1e-4, rtol=0, msg=variant)
+    for variant in ("adapter", "prefix", "prompt"):
+        with pytest.raises(PeftbenchError, match=f"method '{variant}' adds modules transformers does not have"):
+            export(trained[variant].record["checkpoint"], tmp_path / variant)

@@ -106,3 +106,25 @@ def test_a_tokenizer_without_pad_token_pads_with_its_end_token(zoo, tmp_path):
     (no_pad / "tokenizer_config.json").write_text(json.dumps(settings))
     tokenizer = models.load_tokenizer(config.ModelConfig(name_or_path=str(no_pad)), [])
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+
+
+PEFT_FORMAT = ("lora", "adalora", "ia3", "prompt")  # methods saved as PEFT adapters; full saves a plain model
+
+
+def test_the_model_card_loads_with_transformers_and_peft_alone(zoo_runs):
+    """The card's snippet (no peftbench) rebuilds the model: every weight, the pooler a base lacked included,
+    label names in id2label; one text at a time, so that no padding convention enters."""
+    for (name, method), result in zoo_runs.items():
+        if method not in (*PEFT_FORMAT, "full"):
+            continue
+        card = (Path(result.record["checkpoint"]) / "README.md").read_text(encoding="utf-8")
+        assert f"# synthetic · {method}" in card and result.record["run_id"] in card
+        snippet = card.split("## Load without peftbench")[1].split("```python")[1].split("```")[0]
+        scope = {}
+        exec(snippet, scope)  # noqa: S102  (the card's own code)
+        model, tokenizer = scope["model"], scope["tokenizer"]
+        assert model.config.id2label == {0: "体育", 1: "财经", 2: "科技", 3: "娱乐"}
+        with torch.no_grad():
+            plain = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in TEXTS])
+        trained = torch.cat([logits_here(result, [t]) for t in TEXTS])
+        torch.testing.assert_close(plain, trained, atol=1e-5, rtol=0, msg=f"{name}/{method}")

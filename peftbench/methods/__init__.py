@@ -42,12 +42,20 @@ class RunContext:
     num_labels: int
     peft_task_type: str | None = "SEQ_CLS"  # peft.TaskType; None for a bare model (masked-LM pretraining)
     labels_per_token: bool = False  # token classification: labels align with the input tokens
+    lacked_modules: tuple[str, ...] = ()  # base modules the source had no weights for (a pooler), head aside
+
+
+def lacked_modules(new_weights) -> tuple[str, ...]:
+    """The modules (head aside) of the weights a base's source lacked: ``bert.pooler.dense.weight`` ->
+    ``bert.pooler.dense``."""
+    return tuple(sorted({name.rsplit(".", 1)[0] for name in new_weights if not is_head(name)}))
 
 
 class Method:
     name: ClassVar[str]
     Config: ClassVar[type]
     saves_full_model: ClassVar[bool] = False  # True: the checkpoint needs no base model to reload
+    plain_model: ClassVar[bool] = False  # True: the trained model is a plain transformers model (once merged)
     trains_base_weights: ClassVar[bool] = False  # True: cannot run on a quantised (frozen integer) base
     reads_gradients: ClassVar[bool] = False  # True: on_optimizer_step reads whole gradients (not under ZeRO/FSDP)
     virtual_token_modules: ClassVar[tuple[str, ...]] = ()  # modules run once per step, not per token (FLOP counts)
@@ -93,15 +101,24 @@ class PeftMethod(Method):
         from peft import get_peft_model
         from peft.utils.error import NoMatchingPeftModuleError
 
+        config = self.peft_config(ctx)
+        # Modules the base's source lacked are saved in the adapter, frozen as initialised: plain PEFT
+        # (AutoPeftModel) then restores them instead of drawing new random weights.
+        config.modules_to_save = [*(config.modules_to_save or []), *ctx.lacked_modules] or None
+        self.frozen_saved = ctx.lacked_modules
         try:
-            return get_peft_model(model, self.peft_config(ctx))
+            return get_peft_model(model, config)
         except NoMatchingPeftModuleError:
             targets = getattr(self.cfg, "target_modules", None)
             raise PeftbenchError(f"config key 'method.target_modules': {targets} names no module of this model") \
                 from None
 
+    frozen_saved: tuple[str, ...] = ()
+
     def is_trainable(self, name: str) -> bool:
-        return ".modules_to_save." in name or any(marker in name for marker in self.trainable_markers)
+        if ".modules_to_save." in name:
+            return not any(f"{module}.modules_to_save." in name for module in self.frozen_saved)
+        return any(marker in name for marker in self.trainable_markers)
 
     def save(self, model, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir))

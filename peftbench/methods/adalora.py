@@ -55,6 +55,7 @@ class AdaLora(PeftMethod):
     name = "adalora"
     reads_gradients = True  # the rank allocation scores every LoRA weight by its gradient
     Config = AdaLoraConfig
+    plain_model = True
     trainable_markers = ("lora_",)
 
     def peft_config(self, ctx):

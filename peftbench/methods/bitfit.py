@@ -21,6 +21,7 @@ class BitFitConfig(MethodConfig):
 class BitFit(InPlaceMethod):
     name = "bitfit"
     Config = BitFitConfig
+    plain_model = True
 
     def is_trainable(self, name: str) -> bool:
         return name.endswith(".bias") or is_head(name)

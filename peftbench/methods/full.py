@@ -18,6 +18,7 @@ class FullConfig(MethodConfig):
 class Full(Method):
     name = "full"
     Config = FullConfig
+    plain_model = True
     saves_full_model = True
     trains_base_weights = True
 

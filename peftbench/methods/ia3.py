@@ -25,6 +25,7 @@ class IA3Config(MethodConfig):
 class IA3(PeftMethod):
     name = "ia3"
     Config = IA3Config
+    plain_model = True
     trainable_markers = ("ia3_",)
 
     def peft_config(self, ctx):

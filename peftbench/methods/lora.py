@@ -37,6 +37,7 @@ class LoraConfig(MethodConfig):
 class Lora(PeftMethod):
     name = "lora"
     Config = LoraConfig
+    plain_model = True
     trainable_markers = ("lora_",)
 
     def peft_config(self, ctx):

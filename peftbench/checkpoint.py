@@ -110,11 +110,19 @@ def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_d
     return sum(f.stat().st_size for f in ckpt_dir.iterdir() if f.suffix in WEIGHT_SUFFIXES)
 
 
+META_FIELDS = ("method", "task", "kind", "labels", "label_names", "model_labels", "base", "config")
+
+
 def read_meta(ckpt_dir: Path) -> dict:
     path = ckpt_dir / META_FILE
     if not path.is_file():
         raise PeftbenchError(f"{ckpt_dir}: not a peftbench checkpoint ({META_FILE} missing)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    missing = [key for key in META_FIELDS if key not in meta]
+    if missing:
+        raise PeftbenchError(f"{path}: field '{missing[0]}' missing: a checkpoint of an earlier peftbench, which "
+                             "did not record its base's identity; train it again")
+    return meta
 
 
 def base_source(ckpt_dir: Path, meta: dict) -> str | Path | None:

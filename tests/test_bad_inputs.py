@@ -88,6 +88,14 @@ def not_a_checkpoint(tmp):
     return ["predict", str(tmp / "ck"), "--out", str(tmp / "p.jsonl")]
 
 
+def earlier_checkpoint(tmp):
+    (tmp / "ck").mkdir()
+    (tmp / "ck" / "peftbench.json").write_text('{"method": "lora", "task": "synthetic", "kind": "classification", '
+                                               '"labels": ["0"], "label_names": ["a"], "model_labels": ["a"], '
+                                               '"base_model": "bert-base-chinese", "config": {}}', encoding="utf-8")
+    return ["predict", str(tmp / "ck"), "--out", str(tmp / "p.jsonl")]
+
+
 def no_records(tmp):
     (tmp / "empty").mkdir()
     return ["leaderboard", str(tmp / "empty"), "--out", str(tmp / "lb")]
@@ -193,6 +201,8 @@ BAD = {
     "output_dir is a file": (file_output_dir, "afile is a file, not a folder"),
     # --- other commands
     "predict not a checkpoint": (not_a_checkpoint, "not a peftbench checkpoint (peftbench.json missing)"),
+    "predict an earlier checkpoint": (earlier_checkpoint, "peftbench.json: field 'base' missing: a checkpoint of an "
+                                                          "earlier peftbench"),
     "leaderboard without records": (no_records, "no record.json under"),
     "sweep unknown key": (sweep_args("grid: {{train.seed: [1]}}\nnope: 1\noutput_dir: {out}\n"),
                           "sweep.yaml: unknown sweep key 'nope'"),

@@ -225,15 +225,14 @@ def read_training_state(ckpt: Path, run_id: str) -> dict | None:
 
 
 CARD_FILE = "README.md"
-AUTO_CLASSES = {"classification": "SequenceClassification", "token_classification": "TokenClassification"}
 
 
-def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict, params: dict,
+def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict, params: dict, auto: str,
                      peft_format: bool) -> None:
     """``README.md`` of a checkpoint written in ``ckpt_dir`` that will be used from ``final_dir``: what it is (base,
     task, method, scores, trainable parameters) and how to load it with peftbench and, where the format allows,
-    with transformers and PEFT alone."""
-    base, auto = meta["base"], "AutoModelFor" + AUTO_CLASSES[meta["kind"]]
+    with transformers and PEFT alone (``auto``: the task kind's class, e.g. AutoModelForSequenceClassification)."""
+    base = meta["base"]
     where = str(final_dir)
     source = base and (str(final_dir / BASE_DIR) if base["source"] == BASE_DIR else base["source"])
     hub_base = source if base and not Path(source).is_absolute() else None
@@ -261,7 +260,7 @@ def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict,
                   f'model = {auto}.from_pretrained("{where}")', f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
                   "```"]
     elif peft_format:  # the adapter names its base, and holds the head and any module the base's files lack
-        auto_peft = "AutoPeftModelFor" + AUTO_CLASSES[meta["kind"]]
+        auto_peft = auto.replace("AutoModelFor", "AutoPeftModelFor")
         lines += ["```python", f"from peft import {auto_peft}", "from transformers import AutoTokenizer", "",
                   f'tokenizer = AutoTokenizer.from_pretrained("{where}")', f"id2label = {labels!r}",
                   f'model = {auto_peft}.from_pretrained("{where}", id2label=id2label, '

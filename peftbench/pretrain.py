@@ -44,6 +44,7 @@ from peftbench.loop import (
 )
 from peftbench.methods import RunContext, get_method, set_trainable
 from peftbench.models import build_char_vocab
+from peftbench.noise import quiet_loading
 from peftbench.records import PRETRAIN_RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
 from peftbench.tasks import is_evaluation_file, read_records
 
@@ -288,7 +289,8 @@ def _load_model(cfg: PretrainConfig, tokenizer):
         model = AutoModelForMaskedLM.from_config(model_config)
     else:
         try:
-            model = AutoModelForMaskedLM.from_pretrained(m.name_or_path, dtype=torch.float32)  # fp32 master weights
+            with quiet_loading():  # fp32 master weights, whatever the files store
+                model = AutoModelForMaskedLM.from_pretrained(m.name_or_path, dtype=torch.float32)
         except OSError as exc:
             raise PeftbenchError(f"config key 'model.name_or_path': cannot load '{m.name_or_path}' ({exc})") from None
     method_cls = get_method("lora" if m.lora_r else "full")

@@ -270,7 +270,7 @@ def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Me
                                      None if method.saves_full_model else base.new_weights,
                                      base_name=base.source or str(final / checkpoint.BASE_DIR))
     checkpoint.write_model_card(ckpt_dir, final, meta, results["metrics"], results["params"],
-                                peft_format=hasattr(raw_model, "peft_config"))
+                                spec.kind.auto_class_name, peft_format=hasattr(raw_model, "peft_config"))
     return size
 
 

@@ -136,16 +136,30 @@ def base_source(ckpt_dir: Path, meta: dict) -> str | Path | None:
 VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures")  # where and how, not what
 
 
-def fingerprint(model) -> str:
+LABEL_CONFIG_KEYS = ("id2label", "label2id")  # the task's, not the base's
+
+
+def fingerprint(model, pretrained_only: bool = False, new_weights=()) -> str:
     """A base model's identity: sha256 over its configuration and every tensor's name, dtype, shape and
-    bytes. Computed right after loading (before a method changes the model), at training and at reload."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS}
+    bytes. Computed right after loading (before a method changes the model), at training and at reload.
+    ``pretrained_only``: what the base's source provided, without the label names and ``new_weights`` (the
+    head and other modules initialised for the run): equal for every run on one pretrained base."""
+    skip = VOLATILE_CONFIG_KEYS + (LABEL_CONFIG_KEYS if pretrained_only else ())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in skip}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
+        if pretrained_only and name in new_weights:
+            continue
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def pretrained_fingerprint(meta: dict) -> str:
+    """The fingerprint of the pretrained base a checkpoint was trained on (checkpoints written before it was
+    recorded: the fingerprint of the whole base)."""
+    return meta["base"].get("pretrained_fingerprint", meta["base"]["fingerprint"])
 
 
 def check_base(ckpt_dir: Path, meta: dict, source, found: str) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run | sweep | pretrain | leaderboard | predict | export | tasks | methods``.
+"""Command line: ``peftbench run | sweep | pretrain | leaderboard | predict | export | serve | tasks | methods``.
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -93,9 +93,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
     pred_p.add_argument("--batch-size", type=int, default=128)
     pred_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    exp_p = sub.add_parser("export", help="a checkpoint as a standalone Hugging Face model folder")
+    exp_p = sub.add_parser("export", help="a checkpoint as a standalone Hugging Face or ONNX model folder")
     exp_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
     exp_p.add_argument("--out", required=True, help="output folder (new or empty)")
+    exp_p.add_argument("--format", default="hf", choices=["hf", "onnx"],
+                       help="hf: transformers weights (methods that merge or add nothing); onnx: model.onnx (every "
+                            "method), checked with onnxruntime on the task's test split")
+    exp_p.add_argument("--quantize", choices=["int8"], help="with --format onnx: also model.int8.onnx, its score "
+                                                            "reported beside the float model's")
+    exp_p.add_argument("--data-dir", help="task folder for the ONNX check (default: the one trained on)")
+    srv_p = sub.add_parser("serve", help="serve checkpoints over HTTP: one base in memory, many adapters")
+    srv_p.add_argument("checkpoints", nargs="+", metavar="[NAME=]CKPT", help="checkpoint/ directories")
+    srv_p.add_argument("--host", default="127.0.0.1")
+    srv_p.add_argument("--port", type=int, default=8000)
+    srv_p.add_argument("--token-file", help="file holding the bearer token (default: $PEFTBENCH_TOKEN)")
+    srv_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    srv_p.add_argument("--max-batch", type=int, default=64, help="texts per forward pass")
+    srv_p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    srv_p.add_argument("--max-texts", type=int, default=256, help="texts per request (more: 413)")
+    srv_p.add_argument("--max-chars", type=int, default=2000, help="characters per text (more: 413)")
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
@@ -121,7 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "export":
             from peftbench.export import export
 
-            print(f"model: {export(ns.checkpoint, ns.out)}")
+            out = export(ns.checkpoint, ns.out, ns.format, ns.quantize, ns.data_dir)
+            print(f"model: {out}")
+            if ns.format == "onnx":
+                print(_export_summary(out))
+            return 0
+        if ns.command == "serve":
+            from peftbench.serve import Limits, serve
+
+            serve(ns.checkpoints, ns.host, ns.port, ns.token_file, ns.device or ("cuda" if _cuda() else "cpu"),
+                  Limits(ns.max_texts, ns.max_chars), ns.max_batch, ns.max_wait_ms)
             return 0
         if ns.command == "predict":
             from peftbench.inference import predict
@@ -139,6 +164,21 @@ def main(argv: list[str] | None = None) -> int:
         _traceback_if_debugging()
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _export_summary(out) -> str:
+    import json
+
+    from peftbench.export import REPORT_FILE
+
+    report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    check, scores = report["check"], report["scores"]
+    line = (f"checked on {check['records']} {check['split']} records: max |logit diff| "
+            f"{check['max_abs_logit_diff']:.1e}; {scores['metric']} peftbench {scores['peftbench']:.4f}, "
+            f"onnx {scores['onnx']:.4f}")
+    if "onnx_int8" in scores:
+        line += f", onnx int8 {scores['onnx_int8']:.4f} (drop {scores['int8_drop']:+.4f})"
+    return line
 
 
 def _traceback_if_debugging() -> None:

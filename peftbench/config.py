@@ -84,6 +84,7 @@ class TrainConfig(LoopConfig):
     save_checkpoint: bool = True  # write checkpoint/ beside record.json
     compile: bool = False  # torch.compile the model (inductor)
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass (less memory)
+    measure_inference: bool = True  # after training: one-sequence latency and batch throughput, as trained and merged
 
 
 @dataclass
@@ -114,6 +115,7 @@ class RunConfig:
         body = self.to_dict()
         body.pop("output_dir")
         body["train"].pop("report_to")  # where the run is watched changes no result
+        body["train"].pop("measure_inference")  # nor does what is measured after it
         for section, key in LATER_KEYS:
             defaults = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}[section]()
             if body[section][key] == getattr(defaults, key):

@@ -79,6 +79,52 @@ def check_unique_ids(ids: list[int], lines: list[int], source: str) -> None:
         first[record_id] = line
 
 
+class SplitBatches:
+    """A split of a checkpoint's task, tokenised as in training and cut into padded batches in file order.
+    ``split=None``: the split a run reports last, test when it is labeled, else dev."""
+
+    def __init__(self, meta: dict, tokenizer, split: str | None, data_dir: str | None = None, batch_size: int = 128):
+        cfg = resolve(meta["config"])
+        cfg.task.data_dir = data_dir if data_dir is not None else meta["data_dir"]  # recorded as an absolute path
+        cfg.task.max_train_samples = None
+        self.data = load_task(cfg.task)
+        if split is None:
+            split = "test" if self.data.labeled("test") else "dev"
+        if split not in self.data.splits:
+            raise PeftbenchError(f"{self.data.source}: no '{split}' split to predict")
+        self.split, self.kind, self.ds = split, self.data.spec.kind, self.data.splits[split]
+        self.encoded = self.kind.encode(self.ds, tokenizer, self.data.spec, meta["max_length"], meta["pair"])
+        self.collator, self.batch_size = Collator(tokenizer.pad_token_id), batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.encoded), self.batch_size):
+            yield self.collator([self.encoded[i] for i in range(start, min(start + self.batch_size,
+                                                                                  len(self.encoded)))])
+
+    def labeled(self) -> bool:
+        return self.data.labeled(self.split)
+
+    def score(self, logits_per_batch: list[torch.Tensor]) -> dict:
+        """The task's metrics (with ``score``) from one logits tensor per batch, in this object's batch order."""
+        rows = [self.kind.gather(ONE_PROCESS, logits, batch) for logits, batch in zip(logits_per_batch, self)]
+        return self.kind.score(rows, self.data.spec, self.ds)[0]
+
+
+class _OneProcess:
+    """What a task kind's ``gather`` asks of an Accelerator, for one process outside a launch."""
+
+    @staticmethod
+    def gather_for_metrics(tensors):
+        return tensors
+
+    @staticmethod
+    def pad_across_processes(tensor, **_):
+        return tensor
+
+
+ONE_PROCESS = _OneProcess()
+
+
 @torch.inference_mode()
 def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | Path, fmt: str = "jsonl",
             batch_size: int = 128, device: str = "cpu") -> Path:
@@ -91,21 +137,13 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     (:func:`submission_file`: e.g. ``tnews11_predict.json``; inside ``out`` if it is a directory).
     """
     model, tokenizer, meta = load(ckpt_dir, device)
-    cfg = resolve(meta["config"])
-    cfg.task.data_dir = data_dir if data_dir is not None else meta["data_dir"]  # recorded as an absolute path
-    cfg.task.max_train_samples = None
-    data = load_task(cfg.task)
-    if split not in data.splits:
-        raise PeftbenchError(f"{data.source}: no '{split}' split to predict")
-    kind, ds = data.spec.kind, data.splits[split]
+    batches = SplitBatches(meta, tokenizer, split, data_dir, batch_size)
+    data, ds, kind = batches.data, batches.ds, batches.kind
     if fmt == "clue":
         check_unique_ids(ds["id"], data.lines[split], data.files[split])
-    encoded = kind.encode(ds, tokenizer, data.spec, meta["max_length"], meta["pair"])
     texts = dict(zip(ds["id"], ds["text_a"]))
-    collator = Collator(tokenizer.pad_token_id)
     rows = []
-    for start in range(0, len(encoded), batch_size):
-        batch = collator([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
+    for batch in batches:
         logits = model(**{k: v.to(device) for k, v in batch["inputs"].items()}).logits.cpu()
         rows += kind.prediction_rows(logits, batch, texts, meta["labels"], meta["label_names"])
     as_dir = str(out).endswith("/") or Path(out).is_dir()

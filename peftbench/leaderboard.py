@@ -57,8 +57,23 @@ class Row:
         return f"{self.method} ({self.settings})" if self.settings else self.method
 
     def mean_of(self, section: str, key: str) -> float | None:
-        values = [r[section][key] for r in self.records if r["status"] == "success" and _number(r[section].get(key))]
+        """Mean of ``record[section][key]`` over the successful records that have it; ``section`` may be a
+        dotted path (``inference.merged``)."""
+        values = []
+        for r in self.records:
+            node = r if r["status"] == "success" else {}
+            for part in section.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and _number(node.get(key)):
+                values.append(node[key])
         return statistics.fmean(values) if values else None
+
+    def serving(self, key: str, digits: int) -> str:
+        """An inference-cost figure as trained, and merged in parentheses where the method merges."""
+        trained, merged = self.mean_of("inference.as_trained", key), self.mean_of("inference.merged", key)
+        if trained is None:
+            return "—"
+        return f"{trained:.{digits}f}" + ("" if merged is None else f" ({merged:.{digits}f})")
 
 
 @dataclass
@@ -253,7 +268,8 @@ def _average(row: Row, tasks: list[str]) -> str:
 def table(group: Group) -> tuple[list[str], list[list[str]]]:
     marks = significance(group)
     head = (["method"] + [group.column(t) for t in group.tasks] + ["average", "trainable", "trainable %",
-            "peak MB", "train samples/s", "train tokens/s", "adapter size"])
+            "peak MB", "train samples/s", "train tokens/s", "adapter size", "latency ms p50 (merged)",
+            "infer samples/s (merged)"])
     rows = []
     for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
         pct = row.mean_of("params", "trainable_pct")
@@ -263,7 +279,8 @@ def table(group: Group) -> tuple[list[str], list[list[str]]]:
                        "—" if pct is None else f"{pct:.2f}", _fmt_number(row.mean_of("metrics", "peak_memory_mb")),
                        _fmt_number(row.mean_of("metrics", "train_samples_per_s")),
                        _fmt_number(row.mean_of("metrics", "train_tokens_per_s")),
-                       "—" if size is None else f"{_fmt_count(size)}B"])
+                       "—" if size is None else f"{_fmt_count(size)}B", row.serving("latency_ms_p50", 2),
+                       row.serving("samples_per_s", 0)])
     return head, rows
 
 
@@ -271,10 +288,16 @@ def _fmt_number(x: float | None) -> str:
     return "—" if x is None else f"{x:.0f}"
 
 
+def _csv_number(x: float | None) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
 NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header says F1), mean ± std over seeds "
          "(n seeds); split in the header (test = labeled test split). "
          "Average: the CLUE-style mean of the task means, where a row has every task. Trainable: parameters trained "
          "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "
+         "Latency: one sequence of median length, median of 50 calls; infer samples/s: evaluation batches in file "
+         "order; (merged): LoRA-style updates folded into the weights. "
          f"★ best mean per task; ☆ not significantly worse than ★ (Welch's t-test, p ≥ {ALPHA}, "
          f"≥ {MIN_SEEDS_FOR_TEST} seeds each).")
 
@@ -343,7 +366,9 @@ def csv_text(groups: list[Group]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["backbone", "hardware", "precision", "random_init", "method", "settings", "task", "split",
-                     "mean", "std", "n", "failed", "trainable", "peak_memory_mb", "train_samples_per_s"])
+                     "mean", "std", "n", "failed", "trainable", "peak_memory_mb", "train_samples_per_s",
+                     "latency_ms_p50", "latency_ms_p95", "infer_samples_per_s", "merged_latency_ms_p50",
+                     "merged_infer_samples_per_s"])
     for group in groups:
         for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
             for task in group.tasks:
@@ -355,7 +380,12 @@ def csv_text(groups: list[Group]) -> str:
                                  "" if cell.mean is None else f"{cell.mean:.6f}", f"{cell.std:.6f}", len(cell.scores),
                                  len(cell.failures), _fmt_number(row.mean_of("params", "trainable")),
                                  _fmt_number(row.mean_of("metrics", "peak_memory_mb")),
-                                 _fmt_number(row.mean_of("metrics", "train_samples_per_s"))])
+                                 _fmt_number(row.mean_of("metrics", "train_samples_per_s")),
+                                 *(_csv_number(row.mean_of(f"inference.{state}", key))
+                                   for state, key in (("as_trained", "latency_ms_p50"),
+                                                      ("as_trained", "latency_ms_p95"),
+                                                      ("as_trained", "samples_per_s"), ("merged", "latency_ms_p50"),
+                                                      ("merged", "samples_per_s")))])
     return out.getvalue()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -72,6 +74,42 @@ class StepTimer:
         self.pause()
         return {"timed_steps": self.steps, "timed_seconds": self.seconds, "timed_samples": self.samples,
                 "timed_tokens": self.tokens}
+
+
+@torch.inference_mode()
+def inference_cost(model, single: dict, batches: list[dict], device: torch.device, calls: int = 50,
+                   warmup: int = 10, autocast=contextlib.nullcontext) -> dict:
+    """What serving ``model`` costs: the latency of one sequence (``single``, a collated batch of one; p50 and
+    p95 over ``calls`` timed calls after ``warmup`` untimed ones) and the throughput over ``batches`` (after
+    one untimed batch), in samples and real tokens per second. Inputs are moved to ``device`` inside the
+    timed region, as a server moves them; the device is synchronised before every clock read."""
+
+    def forward(batch):
+        with autocast():
+            model(**{k: v.to(device) for k, v in batch["inputs"].items()})
+
+    for _ in range(warmup):
+        forward(single)
+    times = []
+    for _ in range(calls):
+        synchronize(device)
+        start = time.perf_counter()
+        forward(single)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    forward(batches[0])
+    synchronize(device)
+    start = time.perf_counter()
+    for batch in batches:
+        forward(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    percent = statistics.quantiles(times, n=100, method="inclusive")
+    samples = sum(len(b["id"]) for b in batches)
+    return {"latency_ms_p50": 1e3 * statistics.median(times), "latency_ms_p95": 1e3 * percent[94],
+            "latency_calls": calls, "latency_tokens": single["num_tokens"],
+            "batch_size": len(batches[0]["id"]), "samples_per_s": samples / seconds,
+            "tokens_per_s": sum(b["num_tokens"] for b in batches) / seconds}
 
 
 def _cpu_peak_rss_mb() -> float:

@@ -114,6 +114,7 @@ class LoadedBase:
     loaded_dtype: str  # what the run holds them in before mixed precision: float32, or the quantisation
     new_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # what the source lacked, as initialised
     fingerprint: str = ""  # checkpoint.fingerprint of the loaded model, when a checkpoint needs it
+    pretrained_fingerprint: str = ""  # the same without the run's new weights and label names
 
 
 def source_name(name: str) -> str:
@@ -218,7 +219,8 @@ def guard_padding(model):
             if kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
                 return args, kwargs
-        elif not module.training and bool((mask[:, 1:].int() > mask[:, :-1].int()).any()):
+        elif (not module.training and not torch.compiler.is_exporting()  # an exported graph cannot refuse
+              and bool((mask[:, 1:].int() > mask[:, :-1].int()).any())):
             raise PeftbenchError(f"a left-padded batch: {type(model).__name__} reads its first token and has "
                                  "absolute positions, so pad on the right (tokenizer.padding_side = 'right')")
         return None
@@ -229,7 +231,8 @@ def guard_padding(model):
             return None
         index = torch.arange(mask.shape[1], device=mask.device)
         trailing = mask.shape[1] - 1 - (index * mask.long()).argmax(-1)
-        order = (index[None] - trailing[:, None]) % mask.shape[1]
+        order = index[None] - trailing[:, None]  # rotate each row right by its trailing padding
+        order = torch.where(order < 0, order + mask.shape[1], order)
         kwargs["inputs_embeds"] = embeds.gather(1, order[..., None].expand_as(embeds))
         kwargs["attention_mask"] = mask.gather(1, order)
         return args, kwargs

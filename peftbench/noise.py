@@ -15,6 +15,8 @@ LOG_MESSAGES = [  # (logger, text in the message): why it says nothing here
     ("accelerate.utils.other", "Removed shared tensor"),
     # prompt tuning feeds embeddings to a decoder: models.guard_padding puts each row's padding in front
     ("transformers.modeling_layers", "will not detect padding tokens in `inputs_embeds`"),
+    # the ONNX exporter lists torchvision's detection operators, which no text model uses
+    ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
 ]
 WARNINGS = [  # (category, start of the message)
     (FutureWarning, "`is_gradient_checkpointing` is deprecated"),  # peft reads an attribute transformers renamed

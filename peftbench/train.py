@@ -9,6 +9,7 @@ asked, never named.
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import time
@@ -34,7 +35,7 @@ from peftbench.loop import (
     start_tracking,
     stop_tracking,
 )
-from peftbench.measure import stored_bytes, synchronize, unique_parameters
+from peftbench.measure import inference_cost, stored_bytes, synchronize, unique_parameters
 from peftbench.methods import Method, RunContext, get_method, lacked_modules, set_trainable, settle_dtypes
 from peftbench.records import RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
 from peftbench.tasks import TaskData, load_task
@@ -59,6 +60,8 @@ class Data:
     train: object  # prepared loaders
     evals: dict  # split -> prepared loader (dev, and test when labeled)
     sampler: object  # the training batch sampler (its epoch seeds the shuffle)
+    encoded: dict  # split -> tokenised examples
+    collator: Collator
 
 
 def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
@@ -125,7 +128,7 @@ def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
              for split in ("dev", "test") if split == "dev" or task.labeled("test")}
     sampler = train_dl.batch_sampler  # prepare() wraps it in a per-process shard
     train_dl, *prepared = accelerator.prepare(train_dl, *evals.values())
-    return Data(task, tokenizer, pair, train_dl, dict(zip(evals, prepared)), sampler)
+    return Data(task, tokenizer, pair, train_dl, dict(zip(evals, prepared)), sampler, encoded, collator)
 
 
 def model_labels(spec) -> list[str]:
@@ -149,6 +152,8 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
                                     device_map={"": accelerator.local_process_index} if per_gpu else None)
     if save_base:  # the reload checks it is given this very base
         base.fingerprint = checkpoint.fingerprint(model)
+        base.pretrained_fingerprint = checkpoint.fingerprint(model, pretrained_only=True,
+                                                             new_weights=base.new_weights)
     limit = getattr(model.config, "max_position_embeddings", None)
     require(limit is None or cfg.task.max_length <= limit, "task.max_length",
             f"<= {limit} (the backbone's max_position_embeddings)", cfg.task.max_length)
@@ -223,6 +228,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     metrics["stopped_by"] = "max_steps" if t.max_steps > 0 else "epochs"
 
     adapter_bytes = save(cfg, accelerator, model, data, method, base, ckpt_dir, {"metrics": metrics, "params": params})
+    inference = measure_inference(raw_model, data, cfg, accelerator) if t.measure_inference else None
     result = {
         "metrics": metrics,
         "params": {**params, "adapter_bytes": adapter_bytes},
@@ -232,6 +238,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
                  **({"overlapping_entities": task.overlapping_entities} if task.spec.kind.labels_per_token else {}),
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "method_summary": method.summary(raw_model),
+        **({"inference": inference} if inference else {}),
         "precision": {"mixed_precision": t.mixed_precision, "quantization": models.quantization_name(cfg.model),
                       "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype,
                       "base_weight_bytes": params["base_weight_bytes"]},
@@ -259,6 +266,7 @@ def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Me
     final = Path(cfg.output_dir).resolve() / checkpoint.CHECKPOINT_DIR  # where the checkpoint will be
     if not method.saves_full_model:
         base_meta = {"source": base.source or checkpoint.BASE_DIR, "fingerprint": base.fingerprint,
+                     "pretrained_fingerprint": base.pretrained_fingerprint,
                      "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype,
                      "new_weights": sorted(base.new_weights)}
     data_dir = cfg.task.data_dir and models.source_name(cfg.task.data_dir)
@@ -272,6 +280,36 @@ def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Me
     checkpoint.write_model_card(ckpt_dir, final, meta, results["metrics"], results["params"],
                                 spec.kind.auto_class_name, peft_format=hasattr(raw_model, "peft_config"))
     return size
+
+
+INFERENCE_BATCHES = 8  # throughput is timed over this many evaluation batches (or the whole split)
+
+
+def measure_inference(model, data: Data, cfg: RunConfig, accelerator: Accelerator) -> dict | None:
+    """Serving cost, measured on the main process (:func:`measure.inference_cost`): the model as trained and,
+    for a method that merges into the base weights (float base), merged, on a copy. The split evaluated last,
+    in file order (traffic is not sorted by length); the single sequence is its median-length example.
+    Sharded models (FSDP, DeepSpeed) run only together: they are not measured (None)."""
+    if not accelerator.is_main_process or accelerator.distributed_type in (DistributedType.FSDP,
+                                                                           DistributedType.DEEPSPEED):
+        return None
+    split = "test" if "test" in data.evals else "dev"
+    examples = data.encoded[split]
+    bs = cfg.train.eval_batch_size
+    batches = [data.collator([examples[i] for i in range(start, min(start + bs, len(examples)))])
+               for start in range(0, min(len(examples), INFERENCE_BATCHES * bs), bs)]
+    lengths = list(examples["length"])
+    single = data.collator([examples[sorted(range(len(lengths)), key=lengths.__getitem__)[len(lengths) // 2]]])
+    was_training = model.training
+    model.eval()
+    cost = {"split": split, "as_trained": inference_cost(model, single, batches, accelerator.device,
+                                                          autocast=accelerator.autocast)}
+    if hasattr(model, "merge_and_unload") and cfg.model.quantization == "none":
+        merged = copy.deepcopy(model).merge_and_unload()
+        cost["merged"] = inference_cost(merged, single, batches, accelerator.device, autocast=accelerator.autocast)
+        del merged
+    model.train(was_training)
+    return cost
 
 
 def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
@@ -299,11 +337,6 @@ def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
             raise PeftbenchError(f"DeepSpeed config has gradient_accumulation_steps={accum} but train.grad_accum_steps="
                                  f"{cfg.train.grad_accum_steps}: set them equal (DeepSpeed's value would win)")
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size  # the model is prepared alone
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's data on this process: its shard under FSDP2 (a DTensor), else the parameter itself."""
-    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ def fewclue_dir(root: Path, train, dev, test=None, newline: str = "\n") -> Path:
 @pytest.fixture
 def quick_overrides(tmp_path):
     """Overrides for a small, fast run of the tiny backbone on the synthetic task."""
-    return ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", f"output_dir={tmp_path / 'run'}"]
+    return ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.measure_inference=false",
+            f"output_dir={tmp_path / 'run'}"]
 
 
 RELOAD_SERVER = """
@@ -127,6 +128,27 @@ def trained_variants(tmp_path_factory):
     from peftbench.train import run
 
     return {v: run(variant_config(v, tmp_path_factory.mktemp(v))) for v in VARIANTS}
+
+
+# Every method on the synthetic NER task (test_ner; a LoRA run is served by test_serve).
+NER_SETTINGS = {"full": ["train.lr=1e-3"], "lora": ["train.lr=1e-2"], "adalora": ["train.lr=3e-2", "train.epochs=8"],
+                "adapter": ["train.lr=1e-2", "method.bottleneck=64"], "prefix": ["train.lr=3e-3"],
+                "prompt": ["train.lr=5e-2"], "ia3": ["train.lr=3e-2"], "bitfit": ["train.lr=5e-2", "train.epochs=10"]}
+NER_ARGS = ["task.name=synthetic_ner", "task.max_length=40", "train.epochs=6"]
+
+
+@pytest.fixture(scope="session")
+def ner_runs(tmp_path_factory):
+    from peftbench import config
+    from peftbench.train import run
+
+    root = tmp_path_factory.mktemp("ner")
+    out = {}
+    for method, settings in NER_SETTINGS.items():
+        cfg = config.load(None, [*NER_ARGS, f"method.name={method}", *settings, "train.batch_size=16",
+                                 "train.measure_inference=false", f"output_dir={root / method}"])
+        out[method] = run(cfg)
+    return out
 
 
 @pytest.fixture(scope="session")

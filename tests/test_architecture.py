@@ -12,6 +12,7 @@ FLOORS = {  # top-level module or sub-package -> floor (higher may import lower)
     "loop": 2,
     "train": 3, "pretrain": 3, "inference": 3,
     "export": 4,
+    "serve": 4,
     "sweep": 4,
     "cli": 5, "__init__": 5, "__main__": 6,
 }

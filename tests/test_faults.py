@@ -35,7 +35,9 @@ def test_a_killed_rerun_leaves_the_old_record_and_checkpoint_together(tmp_path, 
     first = run(config.load(None, [*QUICK, "train.max_steps=2", "train.seed=1", f"output_dir={out}"])).record
     before = digest(out)
     proc = subprocess.Popen([sys.executable, "-m", "peftbench", "run", *QUICK, "train.epochs=200", "train.seed=2",
-                             f"output_dir={out}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             f"output_dir={out}"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's background
+    # job ignores SIGINT, and so would the run it starts: Ctrl-C reaches a run in the foreground
     stage = checkpoint.staging_dir(out)
     deadline = time.time() + 120
     while not (stage / "checkpoint" / "base" / "model.safetensors").is_file():  # the new run has written weights

@@ -22,10 +22,20 @@ def record(root, backbone, method, task, seed, acc, status="success", env=ENV, e
                       params if status == "success" else {}, error=error,
                       extra={"backbone": {"name_or_path": backbone, "random_init": backbone == "tiny"},
                              "settings": cfg.changed_settings(),
-                             "provenance": {"command": "peftbench sweep s.yaml"}})
+                             "provenance": {"command": "peftbench sweep s.yaml"}, **serving_cost(method, seed)})
     rec["finished_at"] = f"2026-01-0{seed}T00:00:00+00:00"
     write_atomic(root / f"{backbone}-{method}-{task}-{seed}-{env['device_name']}-{len(extra)}" / "record.json", rec)
     return rec
+
+
+def serving_cost(method, seed):
+    """The record's inference cost: LoRA merges, full has nothing to merge, prefix's record predates it."""
+    if method == "prefix":
+        return {}
+    cost = {"split": "test", "as_trained": {"latency_ms_p50": 2.0 * seed, "samples_per_s": 100.0 * seed}}
+    if method == "lora":
+        cost["merged"] = {"latency_ms_p50": 1.0 * seed, "samples_per_s": 150.0 * seed}
+    return {"inference": cost}
 
 
 @pytest.fixture
@@ -63,6 +73,10 @@ def test_groups_rows_and_aggregation(results):
     assert by_method["adapter"][tnews] == "OOM" and by_method["adapter"][head.index("afqmc (test)")] == "failed"
     assert by_method["adapter"][head.index("average")] == "—"
     assert by_method["lora"][head.index("trainable")] == "10.00K"
+    latency, speed = head.index("latency ms p50 (merged)"), head.index("infer samples/s (merged)")
+    assert by_method["lora"][latency] == "4.00 (2.00)" and by_method["lora"][speed] == "200 (300)"  # seeds 1-3
+    assert by_method["full"][latency] == "4.00" and by_method["prefix"][latency] == "—"
+    assert by_method["adapter"][latency] == "—"  # failed runs measure nothing
 
 
 def test_significance_marks(results):

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification
 import peftbench
 from peftbench import config, models
 from peftbench.methods import RunContext, get_method, method_names
+from peftbench.tasks import load_task
 from peftbench.train import run
 
 
@@ -254,3 +255,59 @@ def test_export_writes_folders_that_transformers_alone_loads(trained, tmp_path):
     for variant in ("adapter", "prefix", "prompt"):
         with pytest.raises(PeftbenchError, match=f"method '{variant}' adds modules transformers does not have"):
             export(trained[variant].record["checkpoint"], tmp_path / variant)
+
+
+ONNX = ["full", "lora", "adalora", "adapter", "prefix", "prompt", "ia3", "bitfit"]  # one variant per method
+
+
+def test_onnx_export_of_every_method_runs_in_onnxruntime_as_peftbench_load(trained, tmp_path, monkeypatch):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from peftbench.export import REPORT_FILE, export
+
+    assert {v.split("-")[0] for v in ONNX} == set(method_names())
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # onnxruntime's tools write temporary files: never where the user stands
+    texts = ["股", "星影歌剧综艺的股钱债涨跌星影歌剧", "的的"]  # other batch sizes and lengths than the traced ones
+    for variant in ONNX:
+        ckpt = trained[variant].record["checkpoint"]
+        out = export(ckpt, tmp_path / variant, "onnx", quantize="int8" if variant == "lora" else None)
+        report = json.loads((out / REPORT_FILE).read_text())
+        check, scores = report["check"], report["scores"]
+        assert check["split"] == "test" and check["records"] == 300 and check["max_abs_logit_diff"] <= 1e-4
+        assert scores["onnx"] == pytest.approx(scores["peftbench"], abs=1 / 300), variant  # a near tie may flip
+        assert scores["peftbench"] == pytest.approx(trained[variant].record["metrics"]["test_accuracy"], abs=1e-9)
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        reloaded, tokenizer, _ = peftbench.load(ckpt)
+        for batch in (texts[:1], texts):
+            inputs = tokenizer(batch, padding=True, return_tensors="np")
+            got = session.run(None, {name: inputs[name] for name in report["inputs"]})[0]
+            with torch.no_grad():
+                expected = reloaded(**tokenizer(batch, padding=True, return_tensors="pt")).logits
+            torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=0, msg=variant)
+    int8 = json.loads((tmp_path / "lora" / REPORT_FILE).read_text())["scores"]
+    assert (tmp_path / "lora" / "model.int8.onnx").stat().st_size < (tmp_path / "lora" / "model.onnx").stat().st_size
+    assert int8["int8_drop"] == pytest.approx(int8["peftbench"] - int8["onnx_int8"])
+    assert int8["onnx_int8"] > CHANCE + 0.2, int8
+    assert list(work.iterdir()) == []
+
+
+MERGES = {"lora", "lora-rslora", "lora-dora", "adalora", "ia3"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_records_hold_the_inference_cost(trained, variant):
+    record = trained[variant].record
+    cost = record["inference"]
+    assert cost["split"] == "test"
+    assert set(cost) == {"split", "as_trained"} | ({"merged"} if variant in MERGES else set())
+    test_texts = list(load_task(config.resolve(record["config"]).task).splits["test"]["text_a"])
+    test_lengths = [len(ids) for ids in trained[variant].tokenizer(test_texts, truncation=True, max_length=48)[
+        "input_ids"]]
+    for measured in (cost[k] for k in cost if k != "split"):
+        assert measured["latency_calls"] >= 50 and 0 < measured["latency_ms_p50"] <= measured["latency_ms_p95"]
+        assert measured["latency_tokens"] == sorted(test_lengths)[len(test_lengths) // 2]
+        assert measured["batch_size"] == 128 and measured["samples_per_s"] > 0
+        # real tokens only: the ratio is the split's mean length, not the padded width
+        assert measured["tokens_per_s"] / measured["samples_per_s"] == pytest.approx(
+            sum(test_lengths) / len(test_lengths))

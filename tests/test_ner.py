@@ -6,7 +6,15 @@ import unicodedata
 from types import SimpleNamespace
 
 import pytest
-from conftest import SHARED_CLUE, logits_in_new_process, needs_shared_clue, torchrun, write_jsonl
+from conftest import (
+    NER_ARGS,
+    NER_SETTINGS,
+    SHARED_CLUE,
+    logits_in_new_process,
+    needs_shared_clue,
+    torchrun,
+    write_jsonl,
+)
 
 from peftbench import config
 from peftbench.errors import PeftbenchError
@@ -197,23 +205,6 @@ def test_custom_ner_span_format_and_config_errors(tmp_path):
 
 # Per-method settings for the random-init tiny backbone. Its frozen random layers give PEFT methods
 # little to work with on NER: some need up to 10 epochs, and adapters a wider bottleneck than d/16 = 8.
-NER_SETTINGS = {"full": ["train.lr=1e-3"], "lora": ["train.lr=1e-2"], "adalora": ["train.lr=3e-2", "train.epochs=8"],
-                "adapter": ["train.lr=1e-2", "method.bottleneck=64"], "prefix": ["train.lr=3e-3"],
-                "prompt": ["train.lr=5e-2"], "ia3": ["train.lr=3e-2"], "bitfit": ["train.lr=5e-2", "train.epochs=10"]}
-NER_ARGS = ["task.name=synthetic_ner", "task.max_length=40", "train.epochs=6"]
-
-
-@pytest.fixture(scope="module")
-def ner_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ner")
-    out = {}
-    for method, settings in NER_SETTINGS.items():
-        cfg = config.load(None, [*NER_ARGS, f"method.name={method}", *settings, "train.batch_size=16",
-                                 f"output_dir={root / method}"])
-        out[method] = run(cfg)
-    return out
-
-
 @pytest.mark.parametrize("method", list(NER_SETTINGS))
 def test_every_method_learns_ner(ner_runs, method):
     m = ner_runs[method].record["metrics"]

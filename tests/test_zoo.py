@@ -16,7 +16,8 @@ from peftbench.methods import method_names
 from peftbench.tasks.synthetic import generate_splits
 from peftbench.train import run
 
-ZOO_ARGS = ["train.max_steps=2", "train.lr=1e-3", "task.max_length=48", "task.max_train_samples=64"]
+ZOO_ARGS = ["train.max_steps=2", "train.lr=1e-3", "task.max_length=48", "task.max_train_samples=64",
+            "train.measure_inference=false"]
 TEXTS = ["股钱债涨跌", "星影歌剧综艺的", "的"]  # three lengths: every batch is padded
 
 
@@ -128,3 +129,19 @@ def test_the_model_card_loads_with_transformers_and_peft_alone(zoo_runs):
             plain = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in TEXTS])
         trained = torch.cat([logits_here(result, [t]) for t in TEXTS])
         torch.testing.assert_close(plain, trained, atol=1e-5, rtol=0, msg=f"{name}/{method}")
+
+
+def test_a_decoder_exports_to_onnx_with_its_padding_rules(zoo_runs, tmp_path):
+    """Qwen2 with prompt tuning: positions from the mask and each row's padding moved in front, in the graph."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from peftbench.export import REPORT_FILE, export
+
+    result = zoo_runs["qwen2-bf16", "prompt"]
+    out = export(result.record["checkpoint"], tmp_path / "onnx", "onnx")
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["inputs"] == ["input_ids", "attention_mask"] and report["check"]["max_abs_logit_diff"] <= 1e-4
+    assert report["scores"]["onnx"] == pytest.approx(result.record["metrics"]["test_accuracy"], abs=1 / 300)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = result.tokenizer(TEXTS, padding=True, return_tensors="np")
+    got = session.run(None, {name: inputs[name] for name in report["inputs"]})[0]
+    torch.testing.assert_close(torch.from_numpy(got), logits_here(result, TEXTS), atol=1e-4, rtol=0)

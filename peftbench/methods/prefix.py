@@ -55,12 +55,30 @@ class PrefixEncoder(nn.Module):
         else:
             self.prefix = nn.Parameter(torch.randn(self.shape) * init_std)
 
+        self.current: torch.Tensor | None = None  # the MLP's output for the model's latest forward pass
+
     def forward(self) -> torch.Tensor:
+        """The prefixes the attention layers read: in a forward pass with the MLP, its output for that pass."""
+        if hasattr(self, "prefix"):
+            return self.prefix
+        return self.current if self.current is not None else self.fold()
+
+    def fold(self) -> torch.Tensor:
+        """The prefixes computed now (through the MLP when there is one)."""
         if hasattr(self, "prefix"):
             return self.prefix
         layers, two, kv_heads, tokens, head_dim = self.shape
         out = self.mlp(self.embedding).view(tokens, layers, two, kv_heads, head_dim)
         return out.permute(1, 2, 3, 0, 4)
+
+    def hold(self, model: nn.Module) -> None:
+        """Run the MLP once per forward pass of ``model``, not once per layer: every layer, and a checkpointed
+        layer recomputed in the backward pass, reads that pass's output."""
+        def begin(module, args):
+            self.current = None
+            self.current = self.fold()
+
+        model.register_forward_pre_hook(begin)
 
 
 @dataclasses.dataclass
@@ -147,6 +165,8 @@ class Prefix(InPlaceMethod):
                                 getattr(config, "initializer_range", 0.02))
         floating = next(p for p in model.parameters() if p.is_floating_point())  # the embeddings: the keys' dtype
         model.add_module(ENCODER_NAME, encoder.to(floating.device, floating.dtype))
+        if cfg.reparameterize:
+            encoder.hold(model)
         for layer, module in enumerate(targets):
             base = _base_attention(module, module.config._attn_implementation)
             module.peftbench_prefix = _Link(encoder, layer, base)
@@ -161,7 +181,7 @@ class Prefix(InPlaceMethod):
         """The folded prefixes (no MLP) and the head."""
         tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and is_head(n)}
         with torch.no_grad():
-            tensors[f"{ENCODER_NAME}.prefix"] = getattr(model, ENCODER_NAME)().detach()
+            tensors[f"{ENCODER_NAME}.prefix"] = getattr(model, ENCODER_NAME).fold().detach()
         return tensors
 
     def load(self, base_model, ckpt_dir, ctx):

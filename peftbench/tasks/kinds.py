@@ -36,6 +36,20 @@ class TaskKind:
         """Tokenise a split: model inputs, ``labels``, ``id`` and ``length``."""
         raise NotImplementedError
 
+    def tokenize(self, tokenizer, texts_a: list[str], texts_b: list[str] | None, max_length: int) -> dict:
+        """Model inputs and ``length`` (and what maps predictions back to the text) for a batch of texts."""
+        raise NotImplementedError
+
+    def encode_texts(self, tokenizer, texts_a: list[str], texts_b: list[str] | None, max_length: int) -> list[dict]:
+        """Examples for texts that come without a data file (a server's requests), tokenised as ``encode``
+        does, with ``id`` = position and no labels (-100)."""
+        enc = self.tokenize(tokenizer, texts_a, texts_b, max_length)
+        examples = [{key: enc[key][i] for key in enc} for i in range(len(texts_a))]
+        for i, ex in enumerate(examples):
+            ex["id"] = i
+            ex["labels"] = [-100] * len(ex["input_ids"]) if self.labels_per_token else -100
+        return examples
+
     def gather(self, accelerator, logits: torch.Tensor, batch: dict) -> tuple:
         """What one evaluation batch contributes, gathered over processes (each sample once)."""
         raise NotImplementedError
@@ -66,11 +80,14 @@ class Classification(TaskKind):
     peft_task_type = "SEQ_CLS"
     labels_per_token = False
 
+    def tokenize(self, tokenizer, texts_a, texts_b, max_length):
+        enc = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length)
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
+
     def encode(self, ds, tokenizer, spec, max_length, pair):
         def tokenize(batch):
-            enc = tokenizer(batch["text_a"], batch["text_b"] if pair else None, truncation=True, max_length=max_length)
-            enc["length"] = [len(ids) for ids in enc["input_ids"]]
-            return enc
+            return self.tokenize(tokenizer, batch["text_a"], batch["text_b"] if pair else None, max_length)
 
         ds = ds.map(tokenize, batched=True, remove_columns=["text_a", "text_b"])
         return ds.rename_column("label", "labels")
@@ -109,20 +126,26 @@ class TokenClassification(TaskKind):
         tag_id = {tag: i for i, tag in enumerate(spec.labels)}
 
         def tokenize(batch):
-            enc = tokenizer([list(text) for text in batch["text_a"]], is_split_into_words=True, truncation=True,
-                            max_length=max_length)
-            enc["labels"], enc["char_index"] = [], []
-            for i, (text, entities) in enumerate(zip(batch["text_a"], batch["entities"])):
-                spans = [Span(e["start"], e["end"], e["type"]) for e in entities]
-                char_tags = spans_to_tags(len(text), spans, spec.tag_scheme)
-                word_ids = enc.word_ids(i)
-                first = [w is not None and (j == 0 or word_ids[j - 1] != w) for j, w in enumerate(word_ids)]
-                enc["char_index"].append([w if f else -1 for w, f in zip(word_ids, first)])
-                enc["labels"].append([tag_id[char_tags[w]] if f else -100 for w, f in zip(word_ids, first)])
-            enc["length"] = [len(ids) for ids in enc["input_ids"]]
+            enc = self.tokenize(tokenizer, batch["text_a"], None, max_length)
+            enc["labels"] = []
+            for text, entities, index in zip(batch["text_a"], batch["entities"], enc["char_index"]):
+                char_tags = spans_to_tags(len(text), [Span(e["start"], e["end"], e["type"]) for e in entities],
+                                          spec.tag_scheme)
+                enc["labels"].append([tag_id[char_tags[c]] if c >= 0 else -100 for c in index])
             return enc
 
         return ds.map(tokenize, batched=True, remove_columns=["text_a", "text_b", "label", "entities"])
+
+    def tokenize(self, tokenizer, texts_a, texts_b, max_length):
+        enc = tokenizer([list(text) for text in texts_a], is_split_into_words=True, truncation=True,
+                        max_length=max_length)
+        enc["char_index"] = []
+        for i in range(len(texts_a)):
+            word_ids = enc.word_ids(i)
+            first = [w is not None and (j == 0 or word_ids[j - 1] != w) for j, w in enumerate(word_ids)]
+            enc["char_index"].append([w if f else -1 for w, f in zip(word_ids, first)])
+        enc["length"] = [len(ids) for ids in enc["input_ids"]]
+        return enc
 
     @staticmethod
     def _token_predictions(logits, labels):

@@ -1,0 +1,326 @@
+"""``peftbench serve``: trained checkpoints over HTTP, with one base in memory for the LoRA adapters on it.
+
+LoRA adapters trained on one pretrained base (their fingerprints agree) for one task kind
+and label count live in one PEFT model: the first loads the base, the others are added with
+``load_adapter`` and chosen per request (a batch that mixes them runs once, with PEFT's
+``adapter_names``). Other methods change the base in place (or replace it) and are loaded
+side by side, as is a LoRA adapter of another base. Requests are batched dynamically: the
+batcher waits up to ``max_wait_ms`` for ``max_batch`` texts, and one worker thread runs the
+forward passes, so the models are used by one thread at a time.
+
+Endpoints: ``POST /v1/classify``, ``GET /v1/adapters``, ``GET /metrics`` (Prometheus text)
+and ``GET /healthz`` (no token). ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer
+<token>``. Predictions are the rows ``peftbench predict`` writes (docs/serving.md).
+"""
+
+import asyncio
+import hmac
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftbench import checkpoint
+from peftbench.data import Collator
+from peftbench.errors import PeftbenchError
+from peftbench.inference import load
+from peftbench.tasks.kinds import KINDS, TaskKind
+
+SHARED_METHODS = ("lora",)  # PEFT adapters that load onto one base and switch per request
+
+
+@dataclass
+class Adapter:
+    name: str
+    meta: dict
+    kind: TaskKind
+    model: torch.nn.Module  # shared by the LoRA adapters of one group
+    tokenizer: object
+    peft_name: str | None = None  # its name inside a shared PEFT model
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with one key run in one forward pass: one model, and one adapter unless PEFT can mix it
+        (``adapter_names`` does not take DoRA)."""
+        mixable = self.peft_name is not None and not self.model.peft_config[self.peft_name].use_dora
+        return (id(self.model), None if mixable else self.peft_name)
+
+    def describe(self) -> dict:
+        m = self.meta
+        return {"name": self.name, "task": m["task"], "method": m["method"], "kind": m["kind"],
+                "labels": m["labels"], "label_names": m["label_names"], "text_pairs": m["pair"],
+                "shares_base": self.peft_name is not None, "run_id": m["run_id"],
+                "base": checkpoint.pretrained_fingerprint(m)[:12] if m["base"] else None}
+
+
+def load_adapters(checkpoints: dict[str, str | Path], device: str = "cpu") -> dict[str, Adapter]:
+    """Load every checkpoint (name -> directory). A LoRA adapter joins the model of an earlier one when both
+    were trained on one pretrained base (checked by fingerprint) for the same kind and number of labels;
+    every other checkpoint gets a model of its own."""
+    from transformers import AutoTokenizer
+
+    adapters, hosts = {}, {}
+    for name, ckpt in checkpoints.items():
+        meta = checkpoint.read_meta(Path(ckpt))
+        kind = KINDS[meta["kind"]]
+        shared = meta["method"] in SHARED_METHODS
+        group = (checkpoint.pretrained_fingerprint(meta), meta["kind"], len(meta["labels"])) if shared else None
+        if group in hosts:
+            host = hosts[group]
+            host.model.load_adapter(str(ckpt), adapter_name=name)
+            adapters[name] = Adapter(name, meta, kind, host.model, AutoTokenizer.from_pretrained(str(ckpt)), name)
+            continue
+        model, tokenizer, meta = load(ckpt, device)
+        adapters[name] = Adapter(name, meta, kind, model, tokenizer, "default" if shared else None)
+        if shared:
+            hosts[group] = adapters[name]
+    return adapters
+
+
+def describe_memory(adapters: dict[str, Adapter]) -> str:
+    """One line: how many models are in memory for how many adapters."""
+    models = {id(a.model): a for a in adapters.values()}
+    shared = sum(1 for a in adapters.values() if a.peft_name is not None)
+    return (f"{len(adapters)} adapters in {len(models)} models ({shared} LoRA adapters on "
+            f"{sum(1 for a in models.values() if a.peft_name is not None)} shared bases)")
+
+
+@dataclass
+class Job:
+    adapter: Adapter
+    texts: list[str]
+    pairs: list[str] | None
+    done: asyncio.Future = field(default=None)
+
+
+class Batcher:
+    """Gathers requests for up to ``max_wait_ms`` or ``max_batch`` texts, then predicts them together, one
+    forward pass per model (in a worker thread, one at a time)."""
+
+    def __init__(self, device: str, max_batch: int = 64, max_wait_ms: float = 5.0, on_forward=None):
+        self.device, self.max_batch, self.max_wait = torch.device(device), max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.on_forward = on_forward or (lambda texts, adapters: None)  # after each forward pass
+
+    async def predict(self, adapter: Adapter, texts: list[str], pairs: list[str] | None) -> list[dict]:
+        job = Job(adapter, texts, pairs, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.done
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            size, deadline = len(jobs[0].texts), loop.time() + self.max_wait
+            while size < self.max_batch and (left := deadline - loop.time()) > 0:
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError:
+                    break
+                size += len(jobs[-1].texts)
+            groups: dict[tuple, list[Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.adapter.batch_key, []).append(job)
+            for group in groups.values():
+                try:
+                    rows = await asyncio.to_thread(self._forward, group)
+                except Exception as exc:  # reported to each waiting request
+                    rows = [exc] * len(group)
+                for job, result in zip(group, rows):
+                    if not job.done.done():
+                        (job.done.set_exception if isinstance(result, Exception) else job.done.set_result)(result)
+
+    @torch.inference_mode()
+    def _forward(self, jobs: list[Job]) -> list[list[dict]]:
+        """Prediction rows for each job; the jobs share a batch key (:attr:`Adapter.batch_key`)."""
+        examples, spans = [], []
+        for job in jobs:
+            a = job.adapter
+            encoded = a.kind.encode_texts(a.tokenizer, job.texts, job.pairs, a.meta["max_length"])
+            spans.append((len(examples), len(examples) + len(encoded)))
+            examples += encoded
+        for i, ex in enumerate(examples):
+            ex["id"] = i
+        batch = Collator(jobs[0].adapter.tokenizer.pad_token_id)(examples)
+        model = jobs[0].adapter.model
+        names = [job.adapter.peft_name for job, (s, e) in zip(jobs, spans) for _ in range(e - s)]
+        logits = []
+        for start in range(0, len(examples), self.max_batch):
+            inputs = {k: v[start:start + self.max_batch].to(self.device) for k, v in batch["inputs"].items()}
+            rows = names[start:start + self.max_batch]
+            if len(set(names)) > 1:  # LoRA adapters of one base, mixed in a batch
+                logits.append(model(**inputs, adapter_names=rows).logits)
+            else:
+                if names[0] is not None:
+                    model.set_adapter(names[0])
+                logits.append(model(**inputs).logits)
+            self.on_forward(len(rows), len(set(rows)))
+        logits = torch.cat(logits).float().cpu()
+        results = []
+        for job, (s, e) in zip(jobs, spans):
+            a = job.adapter
+            part = {k: batch[k][s:e] for k in ("id", "labels", "char_index") if k in batch}
+            rows = a.kind.prediction_rows(logits[s:e], part, dict(zip(range(s, e), job.texts)), a.meta["labels"],
+                                          a.meta["label_names"])
+            results.append([_public(a.kind.jsonl_row(r)) for r in rows])
+        return results
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "id"}
+
+
+@dataclass
+class Limits:
+    max_texts: int = 256  # texts per request
+    max_chars: int = 2000  # characters per text
+
+
+def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", limits: Limits = Limits(),
+               max_batch: int = 64, max_wait_ms: float = 5.0):
+    """The FastAPI application serving ``adapters`` (needs ``peftbench[serve]``)."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Histogram,
+        disable_created_metrics,
+        generate_latest,
+    )
+    from pydantic import BaseModel
+
+    if not token:
+        raise PeftbenchError("no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)")
+    disable_created_metrics()  # creation-time gauges per label set: noise for a scraper
+    registry = CollectorRegistry()
+    requests = Counter("peftbench_requests", "Requests to /v1/classify", ["adapter", "status"], registry=registry)
+    latency = Histogram("peftbench_request_seconds", "Time to answer /v1/classify", ["adapter"], registry=registry,
+                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    texts_total = Counter("peftbench_texts", "Texts classified", ["adapter"], registry=registry)
+    batch_texts = Histogram("peftbench_batch_texts", "Texts per forward pass", registry=registry,
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    mixed = Counter("peftbench_mixed_batches", "Forward passes that ran several LoRA adapters", registry=registry)
+
+    def on_forward(texts: int, adapters_in_batch: int) -> None:
+        batch_texts.observe(texts)
+        if adapters_in_batch > 1:
+            mixed.inc()
+
+    batcher = Batcher(device, max_batch, max_wait_ms, on_forward)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(title="peftbench", lifespan=lifespan)
+
+    def authorized(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    class Classify(BaseModel):
+        adapter: str
+        texts: list[str]
+        text_pairs: list[str] | None = None
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "adapters": len(adapters)}
+
+    @app.get("/v1/adapters", dependencies=[Depends(authorized)])
+    def list_adapters():
+        return {"adapters": [a.describe() for a in adapters.values()]}
+
+    @app.get("/metrics", dependencies=[Depends(authorized)])
+    def metrics():
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/classify", dependencies=[Depends(authorized)])
+    async def classify(body: Classify):
+        start = time.perf_counter()
+        adapter = adapters.get(body.adapter)
+        if adapter is None:
+            requests.labels("(unknown)", "404").inc()
+            raise HTTPException(404, f"no adapter '{body.adapter}' (GET /v1/adapters lists them)")
+        status = "200"
+        try:
+            problem = _check(body.texts, body.text_pairs, adapter, limits)
+            if problem:
+                status = str(problem[0])
+                raise HTTPException(*problem)
+            rows = await batcher.predict(adapter, body.texts, body.text_pairs if adapter.meta["pair"] else None)
+        except HTTPException:
+            raise
+        except Exception as exc:
+            status = "500"
+            return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
+        finally:
+            requests.labels(adapter.name, status).inc()
+            latency.labels(adapter.name).observe(time.perf_counter() - start)
+        texts_total.labels(adapter.name).inc(len(body.texts))
+        return {"adapter": adapter.name, "predictions": rows}
+
+    return app
+
+
+def _check(texts: list[str], pairs: list[str] | None, adapter: Adapter, limits: Limits) -> tuple | None:
+    """(status, message) for a request the server will not run, else None."""
+    if not texts:
+        return 422, "texts: at least one text"
+    if len(texts) > limits.max_texts:
+        return 413, f"texts: {len(texts)} texts, at most {limits.max_texts} per request"
+    for field_name, values in (("texts", texts), ("text_pairs", pairs or [])):
+        for i, text in enumerate(values):
+            if len(text) > limits.max_chars:
+                return 413, f"{field_name}[{i}]: {len(text)} characters, at most {limits.max_chars}"
+    if adapter.meta["pair"] and (pairs is None or len(pairs) != len(texts)):
+        return 422, f"text_pairs: adapter '{adapter.name}' classifies text pairs: one text_pair per text"
+    if not adapter.meta["pair"] and pairs is not None:
+        return 422, f"text_pairs: adapter '{adapter.name}' classifies single texts"
+    return None
+
+
+def parse_checkpoints(specs: list[str]) -> dict[str, str]:
+    """``[NAME=]CKPT`` arguments as name -> directory (a bare path is named after its run folder)."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, Path(spec).resolve().parent.name if Path(spec).name == "checkpoint" else Path(spec).name
+        if name in out:
+            raise PeftbenchError(f"adapter name '{name}' given twice: name them, NAME=CKPT")
+        out[name] = path
+    return out
+
+
+def read_token(token_file: str | None) -> str:
+    if token_file:
+        try:
+            return Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise PeftbenchError(f"--token-file {token_file}: {exc.strerror}") from None
+    return os.environ.get("PEFTBENCH_TOKEN", "").strip()
+
+
+def serve(specs: list[str], host: str, port: int, token_file: str | None, device: str, limits: Limits,
+          max_batch: int, max_wait_ms: float) -> None:
+    """Load the checkpoints and serve them until SIGINT/SIGTERM (uvicorn finishes requests in flight)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise PeftbenchError("peftbench serve needs FastAPI and uvicorn: pip install 'peftbench[serve]'") from None
+    token = read_token(token_file)
+    if not token:
+        raise PeftbenchError("no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)")
+    adapters = load_adapters(parse_checkpoints(specs), device)
+    print(f"peftbench serve: {describe_memory(adapters)}", flush=True)
+    app = create_app(adapters, token, device, limits, max_batch, max_wait_ms)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

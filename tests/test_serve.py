@@ -1,0 +1,186 @@
+"""``peftbench serve``: a real server on a free loopback port, talked to over HTTP."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from pathlib import Path  # noqa: E402
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from peftbench.checkpoint import read_meta  # noqa: E402
+from peftbench.inference import SplitBatches, predict  # noqa: E402
+
+TOKEN = "s3cret-token"
+SERVED = {"lora": "lora", "rslora": "lora-rslora", "dora": "lora-dora", "adapter": "adapter", "full": "full"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_variants, ner_runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    (root / "token").write_text(TOKEN + "\n")
+    ckpts = {name: trained_variants[v].record["checkpoint"] for name, v in SERVED.items()}
+    ckpts["ner"] = ner_runs["lora"].record["checkpoint"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", *(f"{n}={c}" for n, c in ckpts.items()),
+                             "--port", str(port), "--token-file", str(root / "token"), "--max-wait-ms", "100",
+                             "--max-texts", "8", "--max-chars", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read())
+            time.sleep(0.1)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    yield proc, client, ckpts
+    client.close()
+    if proc.poll() is None:
+        proc.kill()
+
+
+def classify(client, adapter, texts, **extra):
+    return client.post("/v1/classify", json={"adapter": adapter, "texts": texts, **extra})
+
+
+def test_predictions_equal_peftbench_predict(server, tmp_path):
+    _, client, ckpts = server
+    for name, ckpt in ckpts.items():
+        rows = [json.loads(line) for line in predict(ckpt, "dev", None, tmp_path / f"{name}.jsonl").open()][:20]
+        texts = list(SplitBatches(read_meta(Path(ckpt)), AutoTokenizer.from_pretrained(ckpt), "dev").ds["text_a"])[:20]
+        got = []
+        for start in range(0, len(texts), 8):
+            response = classify(client, name, texts[start:start + 8])
+            assert response.status_code == 200, response.text
+            assert response.json()["adapter"] == name
+            got += response.json()["predictions"]
+        for want, have in zip(rows, got, strict=True):
+            if name == "ner":
+                assert have == {"text": want["text"], "entities": want["entities"]}
+            else:
+                assert (have["label"], have["label_name"]) == (want["label"], want["label_name"]), name
+                assert abs(have["score"] - want["score"]) <= 1e-5, name
+
+
+def test_lora_adapters_share_one_base_and_mix_in_a_batch(server):
+    _, client, _ = server
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert set(listed) == {*SERVED, "ner"}
+    assert [n for n, a in listed.items() if a["shares_base"]] == ["lora", "rslora", "dora", "ner"]
+    assert len({a["base"] for n, a in listed.items() if n in SERVED and n != "full"}) == 1
+    assert listed["full"]["base"] is None  # a whole fine-tuned model
+    alone = {name: classify(client, name, ["股钱债涨跌"]).json()["predictions"] for name in ("lora", "rslora", "dora")}
+    barrier, results = threading.Barrier(12), []
+
+    def request(i):
+        name = ("lora", "rslora", "dora")[i % 3]
+        barrier.wait()
+        results.append((name, classify(client, name, ["股钱债涨跌"])))
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 12
+    for name, response in results:  # bounded concurrent clients, each answered by its own adapter
+        assert response.status_code == 200 and response.json()["predictions"] == alone[name]
+    metrics = client.get("/metrics").text
+    mixed = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("peftbench_mixed_batches_total")))
+    assert mixed >= 1, metrics  # lora and rslora ran in one forward pass (DoRA cannot be mixed: alone)
+    assert 'peftbench_request_seconds_count{adapter="dora"}' in metrics
+
+
+def test_auth_and_errors(server):
+    proc, client, _ = server
+    url = str(client.base_url)
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"  # no token needed
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        assert httpx.post(url + "/v1/classify", json={"adapter": "lora", "texts": ["x"]}, headers=headers
+                          ).status_code == 401
+        assert httpx.get(url + "/v1/adapters", headers=headers).status_code == 401
+    assert classify(client, "nope", ["x"]).status_code == 404
+    bad = client.post("/v1/classify", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 422 and "detail" in bad.json()
+    assert client.post("/v1/classify", json={"adapter": "lora"}).status_code == 422
+    assert classify(client, "lora", []).status_code == 422
+    assert classify(client, "lora", ["x"], text_pairs=["y"]).status_code == 422  # a single-text task
+    too_many = classify(client, "lora", ["x"] * 9)
+    assert too_many.status_code == 413 and "at most 8" in too_many.json()["detail"]
+    assert classify(client, "lora", ["长" * 51]).status_code == 413
+    assert proc.poll() is None
+
+
+def test_sigterm_finishes_requests_in_flight(server):
+    proc, client, _ = server
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(classify(client, "adapter", ["股钱债涨跌"])))
+    thread.start()
+    time.sleep(0.03)  # the request waits in the batcher (--max-wait-ms 100)
+    proc.send_signal(signal.SIGTERM)
+    thread.join()
+    assert proc.wait(timeout=30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
+    assert answer[0].status_code == 200
+    out = proc.stdout.read()
+    assert "Waiting for application shutdown" in out and "Finished server process" in out, out
+    assert "6 adapters in 4 models (4 LoRA adapters on 2 shared bases)" in out, out
+
+
+def test_serve_refuses_to_start_without_a_token(trained_variants):
+    env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", trained_variants["lora"].record["checkpoint"]],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "no token: set PEFTBENCH_TOKEN or pass --token-file" in proc.stderr
+
+
+def test_load_benchmark_runs_and_prints_its_table(trained_variants):
+    specs = [f"{v}={trained_variants[v].record['checkpoint']}" for v in ("lora", "lora-rslora")]
+    proc = subprocess.run([sys.executable, "benchmarks/serve_load.py", *specs, "-n", "12", "-c", "4"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "req/s" not in line]
+    assert [r.split(" | ")[:2] for r in rows] == [["| one adapter", "none"], ["| 2 adapters mixed", "none"],
+                                                  ["| one adapter", "dynamic (≤64 texts, 5 ms)"],
+                                                  ["| 2 adapters mixed", "dynamic (≤64 texts, 5 ms)"]]
+    assert all(float(r.split(" | ")[2]) > 0 for r in rows)
+
+
+def test_request_texts_are_encoded_as_data_files_are():
+    """A server tokenises requests (pairs, NER characters) exactly as training and ``predict`` tokenise files."""
+    from datasets import Dataset
+
+    from peftbench.models import char_tokenizer
+    from peftbench.tasks.kinds import CLASSIFICATION, TOKEN_CLASSIFICATION
+
+    a, b = ["今天天气很好", "股"], ["明天下雨", "钱债涨跌星影歌剧综艺"]
+    tok = char_tokenizer(a + b)
+    ds = Dataset.from_dict({"text_a": a, "text_b": b, "label": [0, 1], "id": [0, 1],
+                            "entities": [[], []]})
+    for kind, pair in ((CLASSIFICATION, True), (CLASSIFICATION, False), (TOKEN_CLASSIFICATION, False)):
+        spec = type("Spec", (), {"labels": ["O"], "tag_scheme": "bio"})
+        files = kind.encode(ds, tok, spec, 12, pair)
+        requests = kind.encode_texts(tok, a, b if pair else None, 12)
+        for row, request in zip(files, requests, strict=True):
+            for key in ("input_ids", "attention_mask", "token_type_ids", "length", "char_index"):
+                assert row.get(key) == request.get(key), (kind.name, pair, key)

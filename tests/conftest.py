@@ -3,11 +3,26 @@ import os
 import sys
 from pathlib import Path
 
-import datasets
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one torch thread per test worker (and the processes it starts):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # two workers on two cores, not four threads fighting
+
+import datasets  # noqa: E402
+import pytest  # noqa: E402
 
 datasets.disable_progress_bars()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_MODELS = {"trained_variants": "variants", "ner_runs": "ner", "zoo": "zoo", "int8_runs": "int8"}  # -> group
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Tests that share a fixture of trained models run in one worker (``--dist loadgroup``): the models are
+    trained once."""
+    for item in items:
+        group = next((g for name, g in SHARED_MODELS.items() if name in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 SHARED_CLUE = Path(__file__).resolve().parents[2] / "shared" / "clue"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark scripts are importable

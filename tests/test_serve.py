@@ -8,18 +8,17 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import httpx
 import pytest
+from conftest import NER_ARGS, NER_SETTINGS
+from transformers import AutoTokenizer
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-
-from pathlib import Path  # noqa: E402
-
-from transformers import AutoTokenizer  # noqa: E402
-
-from peftbench.checkpoint import read_meta  # noqa: E402
-from peftbench.inference import SplitBatches, predict  # noqa: E402
+from peftbench import config
+from peftbench.checkpoint import read_meta
+from peftbench.inference import SplitBatches, predict
+from peftbench.train import run
 
 TOKEN = "s3cret-token"
 SERVED = {"lora": "lora", "rslora": "lora-rslora", "dora": "lora-dora", "adapter": "adapter", "full": "full"}
@@ -32,11 +31,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(trained_variants, ner_runs, tmp_path_factory):
+def server(trained_variants, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     (root / "token").write_text(TOKEN + "\n")
     ckpts = {name: trained_variants[v].record["checkpoint"] for name, v in SERVED.items()}
-    ckpts["ner"] = ner_runs["lora"].record["checkpoint"]
+    ner = config.load(None, [*NER_ARGS, "method.name=lora", *NER_SETTINGS["lora"], "train.max_steps=40",
+                             "train.measure_inference=false", f"output_dir={root / 'ner'}"])
+    ckpts["ner"] = run(ner).record["checkpoint"]  # a few steps: entities or not, predict and serve agree
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
     proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", *(f"{n}={c}" for n, c in ckpts.items()),

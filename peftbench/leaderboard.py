@@ -88,6 +88,7 @@ class Group:
     metric: dict[str, str] = field(default_factory=dict)  # task -> the score's name (accuracy, entity_f1)
     reproduce: set[str] = field(default_factory=set)
     pretrained: dict | None = None  # backbone.pretrained_by_peftbench of its records
+    baselines: dict[str, dict] = field(default_factory=dict)  # task -> {"chance", "majority"} on its split
 
     @property
     def backbone_note(self) -> str | None:
@@ -202,6 +203,9 @@ def build(records: list[dict]) -> list[Group]:
                   if r["config"]["task"]["name"] == task and r["status"] == "success"]
             group.split[task] = "test" if ok and all("test_score" in r["metrics"] for r in ok) else "dev"
             group.metric[task] = ok[0]["metrics"]["score_name"] if ok else "accuracy"
+            found = [r["baselines"][group.split[task]] for r in ok if group.split[task] in r.get("baselines", {})]
+            if found:
+                group.baselines[task] = found[0]
         for row in group.rows.values():
             for r in row.records:
                 task = r["config"]["task"]["name"]
@@ -281,7 +285,22 @@ def table(group: Group) -> tuple[list[str], list[list[str]]]:
                        _fmt_number(row.mean_of("metrics", "train_tokens_per_s")),
                        "—" if size is None else f"{_fmt_count(size)}B", row.serving("latency_ms_p50", 2),
                        row.serving("samples_per_s", 0)])
-    return head, rows
+    return head, rows + baseline_rows(group, len(head))
+
+
+BASELINES = {"chance": "chance (uniform guess)", "majority": "majority class"}
+
+
+def baseline_rows(group: Group, width: int) -> list[list[str]]:
+    """Unranked rows: the score of guessing on each task's evaluated split, from its records."""
+    if not group.baselines:
+        return []
+    rows = []
+    for key, label in BASELINES.items():
+        cells = [group.baselines.get(t, {}).get(key) for t in group.tasks]
+        rows.append([label] + ["—" if c is None else f"{100 * c:.1f}" for c in cells]
+                    + ["—"] * (width - 1 - len(group.tasks)))
+    return rows
 
 
 def _fmt_number(x: float | None) -> str:
@@ -299,7 +318,8 @@ NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header 
          "Latency: one sequence of median length, median of 50 calls; infer samples/s: evaluation batches in file "
          "order; (merged): LoRA-style updates folded into the weights. "
          f"★ best mean per task; ☆ not significantly worse than ★ (Welch's t-test, p ≥ {ALPHA}, "
-         f"≥ {MIN_SEEDS_FOR_TEST} seeds each).")
+         f"≥ {MIN_SEEDS_FOR_TEST} seeds each). Chance and majority-class rows: the score of guessing on the "
+         "evaluated split (uniformly random labels; always the most frequent label; for NER, no entity), unranked.")
 
 
 def md(text: str) -> str:

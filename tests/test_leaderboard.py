@@ -22,10 +22,15 @@ def record(root, backbone, method, task, seed, acc, status="success", env=ENV, e
                       params if status == "success" else {}, error=error,
                       extra={"backbone": {"name_or_path": backbone, "random_init": backbone == "tiny"},
                              "settings": cfg.changed_settings(),
-                             "provenance": {"command": "peftbench sweep s.yaml"}, **serving_cost(method, seed)})
+                             "provenance": {"command": "peftbench sweep s.yaml"}, **serving_cost(method, seed),
+                             "baselines": {"test": BASELINES[task], "dev": {"chance": 0.5, "majority": 0.5}}})
     rec["finished_at"] = f"2026-01-0{seed}T00:00:00+00:00"
     write_atomic(root / f"{backbone}-{method}-{task}-{seed}-{env['device_name']}-{len(extra)}" / "record.json", rec)
     return rec
+
+
+BASELINES = {"tnews": {"chance": 1 / 15, "majority": 0.1234}, "afqmc": {"chance": 0.5, "majority": 0.69},
+             "cluener": {"chance": None, "majority": 0.0}}
 
 
 def serving_cost(method, seed):
@@ -77,6 +82,10 @@ def test_groups_rows_and_aggregation(results):
     assert by_method["lora"][latency] == "4.00 (2.00)" and by_method["lora"][speed] == "200 (300)"  # seeds 1-3
     assert by_method["full"][latency] == "4.00" and by_method["prefix"][latency] == "—"
     assert by_method["adapter"][latency] == "—"  # failed runs measure nothing
+    chance, majority = rows[-2], rows[-1]  # after the methods, unranked, on the evaluated split (test)
+    assert chance[:3] == ["chance (uniform guess)", "50.0", "6.7"] and set(chance[3:]) == {"—"}
+    assert majority[:3] == ["majority class", "69.0", "12.3"] and set(majority[3:]) == {"—"}
+    assert not any(mark in cell for row in rows[-2:] for cell in row for mark in "★☆")
 
 
 def test_significance_marks(results):
@@ -129,6 +138,8 @@ def test_ner_scores_are_entity_f1_and_count_in_the_average(tmp_path):
     head, rows = leaderboard.table(group)
     assert "cluener (test, F1)" in head and "tnews (test)" in head
     assert rows[0][head.index("average")] == "60.0"
+    chance, majority = rows[-2:]  # NER: no chance figure; the majority tag (O) finds no entity
+    assert chance[head.index("cluener (test, F1)")] == "—" and majority[head.index("cluener (test, F1)")] == "0.0"
 
 
 def test_quantised_runs_are_their_own_rows(tmp_path):

@@ -311,3 +311,13 @@ def test_records_hold_the_inference_cost(trained, variant):
         # real tokens only: the ratio is the split's mean length, not the padded width
         assert measured["tokens_per_s"] / measured["samples_per_s"] == pytest.approx(
             sum(test_lengths) / len(test_lengths))
+
+
+def test_records_hold_the_scores_of_guessing(trained):
+    record = trained["lora"].record
+    splits = load_task(config.resolve(record["config"]).task).splits
+    for split in ("dev", "test"):
+        labels = list(splits[split]["label"])
+        majority = max(labels.count(k) for k in range(4)) / len(labels)
+        assert record["baselines"][split] == {"chance": CHANCE, "majority": majority}
+        assert majority < record["metrics"]["test_accuracy"]  # the trained model beats both

@@ -212,6 +212,7 @@ def test_every_method_learns_ner(ner_runs, method):
     assert m["test_entity_f1"] > 0.2, m  # predicting no entity scores 0
     assert set(m["per_type_f1"]) == {"name", "address", "company"}
     assert m["n_eval"] == 200 and m["n_gold_entities"] > 200
+    assert ner_runs[method].record["baselines"]["test"] == {"chance": None, "majority": 0.0}  # all O: no entity
 
 
 def test_ner_checkpoint_reloads_and_predicts_clue_format(ner_runs, tmp_path):

@@ -62,6 +62,11 @@ class TaskKind:
         """One output row per record of a predicted batch."""
         raise NotImplementedError
 
+    def baselines(self, ds: Dataset, spec) -> dict:
+        """The headline score of guessing on this split: ``chance`` (uniformly random labels, expected) and
+        ``majority`` (always the most frequent label); None where it has no meaning."""
+        raise NotImplementedError
+
     def submission_row(self, row: dict) -> dict:
         """A row in CLUE's submission format: ``{"id", "label"}``."""
         return {"id": row["id"], "label": row["label"]}
@@ -108,6 +113,11 @@ class Classification(TaskKind):
             rows.append({"id": record_id, "label": labels[k], "label_name": label_names[k],
                          "score": round(float(p[k]), 6)})
         return rows
+
+
+    def baselines(self, ds, spec):
+        labels = list(ds["label"])
+        return {"chance": 1 / len(spec.labels), "majority": max(labels.count(k) for k in set(labels)) / len(labels)}
 
 
 class TokenClassification(TaskKind):
@@ -185,6 +195,9 @@ class TokenClassification(TaskKind):
             rows.append({"id": record_id, "text": text, "spans": spans, "entities": [
                 {"start": s.start, "end": s.end, "type": s.type, "text": text[s.start : s.end + 1]} for s in spans]})
         return rows
+
+    def baselines(self, ds, spec):
+        return {"chance": None, "majority": 0.0}  # the majority tag is O everywhere: no entity, F1 0
 
     def submission_row(self, row):
         return {"id": row["id"], "label": clue_label(row["spans"], row["text"])}

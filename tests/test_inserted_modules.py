@@ -116,3 +116,24 @@ def test_prefix_folding_keeps_outputs():
     folded.load_state_dict(state, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(folded(**BATCH).logits, model(**BATCH).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_in_training_the_adapter_reads_the_dropped_out_projection():
+    """Houlsby's order (and AdapterHub's): dense -> dropout -> adapter -> LayerNorm(+input), dropout applied once."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     num_labels=3, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.0)
+    model = with_method(BertForSequenceClassification(cfg), "adapter", variant="houlsby", bottleneck=4).train()
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            block = model.get_submodule(name.rpartition(".")[0])
+            assert isinstance(block.dropout, torch.nn.Identity) and isinstance(module.dropout, torch.nn.Dropout)
+            module.base.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, [out]))
+            module.adapter.register_forward_hook(lambda m, a, out, name=name: seen[name].append(a[0]))
+    model(**BATCH)
+    assert len(seen) == 4
+    for projected, adapter_input in seen.values():
+        dropped = adapter_input == 0
+        assert 0.3 < dropped.float().mean() < 0.7 and not (projected == 0).any()
+        torch.testing.assert_close(adapter_input[~dropped], 2 * projected[~dropped])  # kept values scaled by 1/(1-p)

@@ -1,7 +1,8 @@
 """Bottleneck adapters: Houlsby et al. 2019 (arXiv:1902.00751) and Pfeiffer et al. 2021 (arXiv:2005.00247).
 
-An adapter is a small residual MLP applied to a sub-layer's output projection,
-before the sub-layer's own residual connection and layer norm:
+An adapter is a small residual MLP applied to a sub-layer's output projection
+(after the sub-layer's dropout, as in Houlsby et al.'s code and AdapterHub: dense →
+dropout → adapter → LayerNorm(+input)), before its residual connection and layer norm:
 
     adapter(h) = h + W_up f(W_down h + b_down) + b_up,   W_down: m x d, W_up: d x m
 
@@ -49,15 +50,26 @@ class BottleneckAdapter(nn.Module):
 
 
 class AdaptedLinear(nn.Module):
-    """A (frozen) projection followed by an adapter on its output."""
+    """A (frozen) projection, the sub-layer's dropout when it has one, then an adapter on the output."""
 
-    def __init__(self, base: nn.Module, adapter: BottleneckAdapter):
+    def __init__(self, base: nn.Module, adapter: BottleneckAdapter, dropout: nn.Module | None = None):
         super().__init__()
         self.base = base
+        self.dropout = dropout or nn.Identity()
         self.adapter = adapter
 
     def forward(self, x):
-        return self.adapter(self.base(x))
+        return self.adapter(self.dropout(self.base(x)))
+
+
+def take_dropout(parent: nn.Module) -> nn.Module | None:
+    """A BERT-style output block (``dense`` → ``dropout`` → ``LayerNorm(h + input)``) hands its dropout to the
+    adapter, which runs after it, as in Houlsby et al.'s code and AdapterHub; the block keeps an identity."""
+    names = {name for name, _ in parent.named_children()}
+    if names != {"dense", "dropout", "LayerNorm"} or not isinstance(parent.dropout, nn.Dropout):
+        return None
+    dropout, parent.dropout = parent.dropout, nn.Identity()
+    return dropout
 
 
 def output_dtype(linear: nn.Linear) -> torch.dtype:
@@ -102,7 +114,8 @@ class Adapter(InPlaceMethod):
             bottleneck = cfg.bottleneck or max(1, dim // cfg.reduction_factor)
             adapter = BottleneckAdapter(dim, bottleneck, cfg.activation).to(linear.weight.device, output_dtype(linear))
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, AdaptedLinear(linear, adapter))
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, AdaptedLinear(linear, adapter, take_dropout(parent)))
         return model
 
     def is_trainable(self, name: str) -> bool:

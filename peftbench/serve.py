@@ -18,7 +18,7 @@ import hmac
 import os
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from peftbench.inference import load
 from peftbench.tasks.kinds import KINDS, TaskKind
 
 SHARED_METHODS = ("lora",)  # PEFT adapters that load onto one base and switch per request
+NO_TOKEN = "no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)"
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Job:
     adapter: Adapter
     texts: list[str]
     pairs: list[str] | None
-    done: asyncio.Future = field(default=None)
+    done: asyncio.Future  # set to the job's prediction rows
 
 
 class Batcher:
@@ -195,7 +196,7 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
     from pydantic import BaseModel
 
     if not token:
-        raise PeftbenchError("no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)")
+        raise PeftbenchError(NO_TOKEN)
     disable_created_metrics()  # creation-time gauges per label set: noise for a scraper
     registry = CollectorRegistry()
     requests = Counter("peftbench_requests", "Requests to /v1/classify", ["adapter", "status"], registry=registry)
@@ -319,7 +320,7 @@ def serve(specs: list[str], host: str, port: int, token_file: str | None, device
         raise PeftbenchError("peftbench serve needs FastAPI and uvicorn: pip install 'peftbench[serve]'") from None
     token = read_token(token_file)
     if not token:
-        raise PeftbenchError("no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)")
+        raise PeftbenchError(NO_TOKEN)
     adapters = load_adapters(parse_checkpoints(specs), device)
     print(f"peftbench serve: {describe_memory(adapters)}", flush=True)
     app = create_app(adapters, token, device, limits, max_batch, max_wait_ms)

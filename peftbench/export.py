@@ -16,6 +16,7 @@ reports its score beside the float model's. The figures go to ``export.json``.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import warnings
 from importlib.metadata import version
@@ -108,8 +109,8 @@ def _write_onnx(ckpt_dir: Path, meta: dict, stage: Path, quantize: str | None, d
                              "train on a float base, then use --quantize int8")
     model, tokenizer, _ = load(ckpt_dir)
     reference = model
-    if hasattr(model, "merge_and_unload"):  # LoRA-family and IA3: one weight per layer, as after training
-        model = load(ckpt_dir, merge=True)[0]
+    if hasattr(model, "merge_and_unload"):  # LoRA family, AdaLoRA, IA3: one weight per layer (a merged copy)
+        model = copy.deepcopy(reference).merge_and_unload()
     example = tokenizer(EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     names = [n for n in tokenizer.model_input_names if n in example]
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")

@@ -136,7 +136,7 @@ BAD = {
     "adalora dropout 1": (run_args("method.name=adalora", "method.dropout=1"), "'method.dropout' must be in [0, 1)"),
     "adapter bottleneck 0": (run_args("method.name=adapter", "method.bottleneck=0"), "'method.bottleneck'"),
     "adapter reduction 0": (run_args("method.name=adapter", "method.reduction_factor=0"), "'method.reduction_factor'"),
-    "adapter variant": (run_args("method.name=adapter", "method.variant=foo"), "'method.variant' must be houlsby"),
+    "adapter variant": (run_args("method.name=adapter", "method.variant=foo"), "'method.variant' must be one of"),
     "adapter targets nothing": (run_args("method.name=adapter", "method.ffn_modules=[nothing]"),
                                 "set config key 'method.ffn_modules'"),
     "prefix tokens 0": (run_args("method.name=prefix", "method.num_virtual_tokens=0"), "'method.num_virtual_tokens'"),

@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
 
 from peftbench.methods import RunContext, get_method
-from peftbench.methods.adapter import AdaptedLinear
+from peftbench.methods.adapter import AdaptedLinear, PfeifferOutput
 from peftbench.methods.prefix import ENCODER_NAME
 
 CTX = RunContext(total_steps=10, num_labels=3)
@@ -43,12 +43,13 @@ BATCH = {"input_ids": torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 6, 8, 13, 3]]),
          "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])}
 
 
-@pytest.mark.parametrize("build", [bert, qwen])
-@pytest.mark.parametrize("variant, per_layer", [("houlsby", 2), ("pfeiffer", 1)])
+@pytest.mark.parametrize("build, variant, per_layer", [(bert, "houlsby", 2), (qwen, "houlsby", 2), (bert, "ffn", 1),
+                                                       (qwen, "ffn", 1), (bert, "pfeiffer", 1)])
 def test_adapters_at_init_leave_outputs_unchanged(build, variant, per_layer):
     base = build()
     adapted = with_method(base, "adapter", variant=variant, bottleneck=4)
-    assert sum(isinstance(m, AdaptedLinear) for m in adapted.modules()) == per_layer * 3
+    kind = PfeifferOutput if variant == "pfeiffer" else AdaptedLinear
+    assert sum(isinstance(m, kind) for m in adapted.modules()) == per_layer * 3
     for h0, h1 in zip(hidden(base, **BATCH), hidden(adapted, **BATCH)):
         assert torch.equal(h0, h1)
 

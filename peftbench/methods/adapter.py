@@ -1,17 +1,17 @@
 """Bottleneck adapters: Houlsby et al. 2019 (arXiv:1902.00751) and Pfeiffer et al. 2021 (arXiv:2005.00247).
 
-An adapter is a small residual MLP applied to a sub-layer's output projection
-(after the sub-layer's dropout, as in Houlsby et al.'s code and AdapterHub: dense →
-dropout → adapter → LayerNorm(+input)), before its residual connection and layer norm:
+An adapter is a small MLP, A(h) = W_up f(W_down h + b_down) + b_up (W_down: m x d, W_up: d x m,
+m = ``bottleneck`` or d / ``reduction_factor``). W_up and b_up start at zero, so at init the adapted model
+computes exactly what the base model does. Placement, with h the sub-layer's output after its dropout
+and x the block's input (as AdapterHub computes them, checked against its tensors):
 
-    adapter(h) = h + W_up f(W_down h + b_down) + b_up,   W_down: m x d, W_up: d x m
-
-with m = ``bottleneck`` (or d / ``reduction_factor``). W_up and b_up start at zero,
-so at init the adapted model computes exactly what the base model does.
-
-- ``houlsby``: after the attention output projection and after the feed-forward
-  output projection of every layer (2 adapters per layer).
-- ``pfeiffer``: after the feed-forward output projection only (1 per layer).
+- ``houlsby``: LN(h + A(h) + x) after the attention and after the feed-forward block of every layer
+  (2 adapters per layer; Houlsby et al.'s code: dense, dropout, adapter, LayerNorm).
+- ``pfeiffer``: LN(h + x + A(LN(h + x))) after the feed-forward block only (1 per layer): the adapter
+  reads the output of the block's Add & Norm, whose LayerNorm is applied again after it. Needs a
+  post-LN output block (BERT-style ``dense``, ``dropout``, ``LayerNorm``).
+- ``ffn``: LN(h + A(h) + x) after the feed-forward block only (1 per layer): Houlsby's placement with
+  Pfeiffer's count, which also runs on pre-LN decoders (Llama/Qwen: h + A(h) + x).
 
 Projections are found by name (regular expressions matched at the end of the
 module name), with defaults for BERT/RoBERTa encoders and Llama/Qwen decoders.
@@ -30,6 +30,7 @@ from peftbench.errors import PeftbenchError
 from peftbench.methods import InPlaceMethod, MethodConfig, find_modules, is_head, register_method
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+VARIANTS = ("houlsby", "pfeiffer", "ffn")
 
 
 class BottleneckAdapter(nn.Module):
@@ -45,8 +46,11 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    def delta(self, h):
+        return self.up(self.act(self.down(h)))
+
     def forward(self, h):
-        return h + self.up(self.act(self.down(h)))
+        return h + self.delta(h)
 
 
 class AdaptedLinear(nn.Module):
@@ -62,11 +66,31 @@ class AdaptedLinear(nn.Module):
         return self.adapter(self.dropout(self.base(x)))
 
 
+class PfeifferOutput(nn.Module):
+    """A BERT-style output block (``dense`` → ``dropout`` → ``LayerNorm(h + x)``) with Pfeiffer's adapter:
+    LN(h + x + A(LN(h + x))), the block's own LayerNorm applied before and after the adapter (AdapterHub's
+    ``SeqBnConfig``: original_ln_before, original_ln_after, residual_before_ln). Keeps the block's names."""
+
+    def __init__(self, block: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.dense, self.dropout, self.LayerNorm = block.dense, block.dropout, block.LayerNorm
+        self.adapter = adapter
+
+    def forward(self, hidden_states, input_tensor):
+        h = self.dropout(self.dense(hidden_states))
+        return self.LayerNorm(h + input_tensor + self.adapter.delta(self.LayerNorm(h + input_tensor)))
+
+
+def is_post_ln_block(parent: nn.Module) -> bool:
+    """Whether ``parent`` is a BERT-style output block: ``dense`` → ``dropout`` → ``LayerNorm(h + input)``."""
+    return ({name for name, _ in parent.named_children()} == {"dense", "dropout", "LayerNorm"}
+            and isinstance(parent.dropout, nn.Dropout))
+
+
 def take_dropout(parent: nn.Module) -> nn.Module | None:
-    """A BERT-style output block (``dense`` → ``dropout`` → ``LayerNorm(h + input)``) hands its dropout to the
-    adapter, which runs after it, as in Houlsby et al.'s code and AdapterHub; the block keeps an identity."""
-    names = {name for name, _ in parent.named_children()}
-    if names != {"dense", "dropout", "LayerNorm"} or not isinstance(parent.dropout, nn.Dropout):
+    """A BERT-style output block hands its dropout to the adapter, which runs after it, as in Houlsby et al.'s
+    code and AdapterHub; the block keeps an identity."""
+    if not is_post_ln_block(parent):
         return None
     dropout, parent.dropout = parent.dropout, nn.Identity()
     return dropout
@@ -80,7 +104,7 @@ def output_dtype(linear: nn.Linear) -> torch.dtype:
 @dataclass
 class AdapterConfig(MethodConfig):
     name: str = "adapter"
-    variant: str = "houlsby"  # houlsby | pfeiffer
+    variant: str = "houlsby"  # houlsby | pfeiffer | ffn (docs/methods/adapter.md)
     bottleneck: int | None = None  # hidden units m; None = d / reduction_factor
     reduction_factor: int = 16  # d / m when bottleneck is unset
     activation: str = "gelu"  # gelu | relu | tanh | silu
@@ -90,8 +114,9 @@ class AdapterConfig(MethodConfig):
     ffn_modules: list[str] = field(default_factory=lambda: [r"layer\.\d+\.output\.dense", r"mlp\.down_proj"])
 
     def __post_init__(self):
-        if self.variant not in ("houlsby", "pfeiffer"):
-            raise PeftbenchError(f"config key 'method.variant' must be houlsby or pfeiffer, got {self.variant!r}")
+        if self.variant not in VARIANTS:
+            raise PeftbenchError(f"config key 'method.variant' must be one of {', '.join(VARIANTS)}, "
+                                 f"got {self.variant!r}")
         if self.activation not in ACTIVATIONS:
             raise PeftbenchError(f"config key 'method.activation' must be one of {sorted(ACTIVATIONS)}")
         require(self.bottleneck is None or self.bottleneck >= 1, "method.bottleneck", "null or >= 1", self.bottleneck)
@@ -101,6 +126,7 @@ class AdapterConfig(MethodConfig):
 @register_method
 class Adapter(InPlaceMethod):
     name = "adapter"
+    lr_range = (1e-4, 1e-2)  # a learning-rate search's default (log-spaced) range
     Config = AdapterConfig
 
     def apply(self, model, ctx):
@@ -115,7 +141,15 @@ class Adapter(InPlaceMethod):
             adapter = BottleneckAdapter(dim, bottleneck, cfg.activation).to(linear.weight.device, output_dtype(linear))
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, AdaptedLinear(linear, adapter, take_dropout(parent)))
+            if cfg.variant == "pfeiffer":
+                if not is_post_ln_block(parent) or child != "dense":
+                    raise PeftbenchError(f"method.variant=pfeiffer needs a post-LN output block (dense, dropout, "
+                                         f"LayerNorm), and '{parent_name}' is not one (a pre-LN decoder?): use "
+                                         "variant=ffn (one adapter per layer) or houlsby")
+                grand_name, _, block = parent_name.rpartition(".")
+                setattr(model.get_submodule(grand_name), block, PfeifferOutput(parent, adapter))
+            else:
+                setattr(parent, child, AdaptedLinear(linear, adapter, take_dropout(parent)))
         return model
 
     def is_trainable(self, name: str) -> bool:

@@ -293,25 +293,43 @@ def _sweep(ns) -> int:
     from peftbench.loop import process_state
 
     spec = sweep.read_sweep(ns.sweep_file)
-    cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
-    todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
-    if process_state().is_main_process:
-        print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
-    if ns.dry_run:
-        for c in cells:
-            task, method, seed = c.cfg.task.name, c.cfg.method.name, c.cfg.train.seed
-            print(f"{c.run_id}  {task:<12} {method:<8} seed {seed:<4} {c.status or 'to do'}")
-        return 0
+    main = process_state().is_main_process
     shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []
-    command = " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides, *shard])
-    outcome = sweep.run_sweep(cells, ns.retry_failed, provenance={"sweep_file": ns.sweep_file, "command": command})
-    if process_state().is_main_process:
+    provenance = {"sweep_file": ns.sweep_file,
+                  "command": " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides, *shard])}
+    left_open = []
+    if "search" in spec or "final" in spec:
+        from peftbench import search
+
+        spec = search.read_sweep(ns.sweep_file)
+        studies = search.studies(spec, ns.overrides, sweep.parse_shard(ns.shard))
+        if main:
+            print(f"{len(studies)} studies in this shard ({spec['search'].trials} learning rates each), "
+                  f"results in {spec['output_dir']}")
+        if ns.dry_run:
+            print("\n".join(search.describe(studies, spec["search"])))
+            return 0
+        outcome, left_open = search.run_search(studies, spec["search"], ns.retry_failed, provenance=provenance)
+    else:
+        cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
+        todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
+        if main:
+            print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
+        if ns.dry_run:
+            for c in cells:
+                task, method, seed = c.cfg.task.name, c.cfg.method.name, c.cfg.train.seed
+                print(f"{c.run_id}  {task:<12} {method:<8} seed {seed:<4} {c.status or 'to do'}")
+            return 0
+        outcome = sweep.run_sweep(cells, ns.retry_failed, provenance=provenance)
+    if main:
         print(run_summary([r for r in outcome.records if r["status"] == "success"]))
         for r in outcome.records:
             if r["status"] == "failed":
                 print(f"failed: {r['run_id']} {r['error']}")
+        for line in left_open:
+            print(f"open: {line}")
         print(outcome.summary())
-    return 1 if outcome.failed else 0
+    return 1 if outcome.failed or left_open else 0
 
 
 def _list_tasks() -> int:

@@ -28,7 +28,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
 LATER_KEYS = (  # (section, key) added after leaderboards/ records were written; append every new task/model/train key
     ("model", "quantization"), ("model", "quant_4bit_type"), ("model", "quant_4bit_compute_dtype"),
-    ("model", "quant_4bit_double"))
+    ("model", "quant_4bit_double"), ("train", "evaluate_test"))
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
             "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
@@ -85,6 +85,7 @@ class TrainConfig(LoopConfig):
     compile: bool = False  # torch.compile the model (inductor)
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass (less memory)
     measure_inference: bool = True  # after training: one-sequence latency and batch throughput, as trained and merged
+    evaluate_test: bool = True  # score the labeled test split too (a learning-rate search scores dev only)
 
 
 @dataclass

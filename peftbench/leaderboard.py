@@ -29,6 +29,11 @@ from peftbench.records import RECORD_NAME, read_record
 
 ALPHA = 0.05
 MIN_SEEDS_FOR_TEST = 3
+PRECISION_WORDS = {"no": "fp32", "fp16": "fp16 mixed", "bf16": "bf16 mixed"}  # train.mixed_precision
+QUANTIZATION_WORDS = {"8bit": "8-bit base", "4bit": "4-bit base"}  # model.quantization
+# PEFT-Bench's PSCP (Belanec et al. 2025, arXiv:2511.21285): score x (1 + M/C)^-beta per cost, with its constants
+PSCP_C = {"params": 5e8, "tflops": 10.0, "memory_gb": 94.0}
+PSCP_BETA = {"params": 1.0, "tflops": 1.0, "memory_gb": 1.0}
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Row:
     settings: str
     cells: dict[str, Scores] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
+    chosen_lr: dict[str, float] = field(default_factory=dict)  # task -> learning rate a search chose (tuned rows)
 
     @property
     def label(self) -> str:
@@ -89,6 +95,57 @@ class Group:
     reproduce: set[str] = field(default_factory=set)
     pretrained: dict | None = None  # backbone.pretrained_by_peftbench of its records
     baselines: dict[str, dict] = field(default_factory=dict)  # task -> {"chance", "majority"} on its split
+    search: list[dict] = field(default_factory=list)  # records of learning-rate search trials (dev only)
+
+    @property
+    def display_name(self) -> str:
+        """The backbone in words: a hub name as is; a model made by ``peftbench pretrain`` by its run's folder
+        name and run; another local folder by its last two parts."""
+        path = Path(self.backbone)
+        if self.pretrained:
+            name = path.parent.name if path.name == "model" else path.name
+            return f"{name} (pretrained by peftbench, run {self.pretrained['run_id'][:8]})"
+        return "/".join(path.parts[-2:]) if self.backbone.startswith(("/", ".", "~")) else self.backbone
+
+    @property
+    def records(self) -> list[dict]:
+        return [r for row in self.rows.values() for r in row.records]
+
+    @property
+    def budget(self) -> str:
+        """The training budget of the table's runs: steps or epochs, batch, max length, search, seeds."""
+        records = self.records
+
+        def values(get) -> str:
+            return "/".join(str(v) for v in sorted({get(r) for r in records}, key=str))
+
+        train = lambda r: r["config"]["train"]  # noqa: E731
+        lengths: dict[str, set] = {}
+        for r in records:
+            lengths.setdefault(r["config"]["task"]["name"], set()).add(r["config"]["task"]["max_length"])
+        distinct = set().union(*lengths.values())
+        length = (str(distinct.pop()) if len(distinct) == 1 else
+                  ", ".join(f"{t} {'/'.join(map(str, sorted(v)))}" for t, v in sorted(lengths.items())))
+        steps = values(lambda r: f"{train(r)['max_steps']} steps" if train(r)["max_steps"] > 0
+                       else f"{train(r)['epochs']} epochs")
+        batch = values(lambda r: train(r)["batch_size"] * train(r)["grad_accum_steps"]
+                       * r["env"].get("num_processes", 1))
+        parts = [steps, f"batch {batch}", f"max length {length}"]
+        budgets = [r["provenance"]["budget"] for r in records if r.get("provenance", {}).get("phase") == "final"]
+        if budgets:
+            trials = "/".join(sorted({str(b["trials"]) for b in budgets}))
+            seeds = "/".join(sorted({", ".join(map(str, b["seeds"])) for b in budgets}))
+            parts.append(f"learning rate searched: {trials} trials per method ({budgets[0]['sampler']}, mean dev "
+                         f"score of seed{'s' if ',' in seeds else ''} {seeds})")
+        parts.append(f"seeds {values(lambda r: train(r)['seed']).replace('/', ', ')}")
+        return " · ".join(parts)
+
+    @property
+    def memory_note(self) -> str | None:
+        if any(r["metrics"].get("memory_kind") == "cpu_peak_rss" for r in self.records):
+            return ("Peak MB here is the peak resident memory of the CPU process, Python and its libraries "
+                    "included (not only tensors): compare rows within this table, not with GPU figures.")
+        return None
 
     @property
     def backbone_note(self) -> str | None:
@@ -108,7 +165,7 @@ class Group:
     @property
     def title(self) -> str:
         init = " (random init: not a ranking)" if self.random_init else ""
-        return f"{self.backbone}{init} · {self.hardware} · precision {self.precision}"
+        return f"{self.display_name}{init} · {self.hardware} · {PRECISION_WORDS.get(self.precision, self.precision)}"
 
     @property
     def slug(self) -> str:
@@ -165,17 +222,21 @@ def _hardware(env: dict) -> str:
 
 
 def _settings(record: dict) -> tuple[tuple, str]:
-    """The row identity (all but task and seed) and its short label (the settings the run recorded as away
-    from their defaults, and the learning rate)."""
+    """The row identity (all but task and seed, and the learning rate where a search chose it) and its short
+    label (the settings the run recorded as away from their defaults, and the learning rate)."""
     config = record["config"]
+    tuned = record.get("provenance", {}).get("phase") == "final"
     method = dict(config["method"])
     name = method.pop("name")
-    train = {k: v for k, v in config["train"].items() if k != "seed"}
+    train = {k: v for k, v in config["train"].items() if k != "seed" and not (tuned and k == "lr")}
     identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
-                json.dumps({k: v for k, v in config["model"].items()}, sort_keys=True))
+                json.dumps({k: v for k, v in config["model"].items()}, sort_keys=True), tuned)
     settings = record.get("settings") or {"method": method, "model": {}}  # older records: every method key
-    changed = {**settings["method"], **settings["model"]}
-    label = ", ".join([f"{k}={v}" for k, v in sorted(changed.items())] + [f"lr={train['lr']:g}"])
+    model = dict(settings["model"])
+    words = [QUANTIZATION_WORDS[model.pop("quantization")]] if model.get("quantization") in QUANTIZATION_WORDS else []
+    changed = {**settings["method"], **model}
+    lr = "lr tuned" if tuned else f"lr={train['lr']:g}"
+    label = ", ".join(words + [f"{k}={v}" for k, v in sorted(changed.items())] + [lr])
     return identity, label
 
 
@@ -188,10 +249,15 @@ def build(records: list[dict]) -> list[Group]:
         random_init = r.get("backbone", {}).get("random_init", backbone == "tiny")
         group = groups.setdefault(key, Group(*key, random_init=random_init))
         group.pretrained = group.pretrained or r.get("backbone", {}).get("pretrained_by_peftbench")
+        if r.get("provenance", {}).get("phase") == "search":
+            group.search.append(r)
+            continue
         identity, label = _settings(r)
         row = group.rows.setdefault(identity, Row(cfg["method"]["name"], label))
         row.records.append(r)
         task = cfg["task"]["name"]
+        if r.get("provenance", {}).get("phase") == "final":
+            row.chosen_lr[task] = cfg["train"]["lr"]
         if task not in group.tasks:
             group.tasks.append(task)
         if r.get("provenance", {}).get("command"):
@@ -214,7 +280,7 @@ def build(records: list[dict]) -> list[Group]:
                     cell.scores.append(r["metrics"]["test_score" if group.split[task] == "test" else "score"])
                 else:
                     cell.failures.append("OOM" if "out of memory" in r.get("error", "").lower() else "failed")
-    return [groups[k] for k in sorted(groups)]
+    return [groups[k] for k in sorted(groups) if groups[k].rows]  # a search still running has no rows yet
 
 
 def significance(group: Group) -> dict[tuple[str, str], str]:
@@ -269,9 +335,23 @@ def _average(row: Row, tasks: list[str]) -> str:
     return "—" if any(m is None for m in means) else f"{100 * statistics.fmean(means):.1f}"
 
 
+def pscp(row: Row, tasks: list[str]) -> float | None:
+    """PEFT-Bench's PSCP of a row: its average score (%) times a soft penalty per cost, (1 + M/C)^-beta, for
+    trainable parameters, extra inference TFLOPs per sample over the plain backbone, and peak training
+    memory (GiB); None when the row lacks a task or a cost."""
+    means = [row.cells[t].mean if t in row.cells else None for t in tasks]
+    served, base = row.mean_of("inference", "flops_per_sample"), row.mean_of("inference", "base_flops_per_sample")
+    costs = {"params": row.mean_of("params", "trainable"), "memory_gb": row.mean_of("metrics", "peak_memory_mb"),
+             "tflops": None if served is None or base is None else max(served - base, 0.0) / 1e12}
+    if any(m is None for m in means) or any(c is None for c in costs.values()):
+        return None
+    costs["memory_gb"] /= 1024
+    return 100 * statistics.fmean(means) * math.prod((1 + costs[k] / PSCP_C[k]) ** -PSCP_BETA[k] for k in costs)
+
+
 def table(group: Group) -> tuple[list[str], list[list[str]]]:
     marks = significance(group)
-    head = (["method"] + [group.column(t) for t in group.tasks] + ["average", "trainable", "trainable %",
+    head = (["method"] + [group.column(t) for t in group.tasks] + ["average", "PSCP", "trainable", "trainable %",
             "peak MB", "train samples/s", "train tokens/s", "adapter size", "latency ms p50 (merged)",
             "infer samples/s (merged)"])
     rows = []
@@ -279,7 +359,8 @@ def table(group: Group) -> tuple[list[str], list[list[str]]]:
         pct = row.mean_of("params", "trainable_pct")
         size = row.mean_of("params", "adapter_bytes")
         rows.append([row.label] + [_fmt_cell(row.cells.get(t), marks.get((row.label, t), "")) for t in group.tasks]
-                    + [_average(row, group.tasks), _fmt_count(row.mean_of("params", "trainable")),
+                    + [_average(row, group.tasks), _fmt_score(pscp(row, group.tasks)),
+                       _fmt_count(row.mean_of("params", "trainable")),
                        "—" if pct is None else f"{pct:.2f}", _fmt_number(row.mean_of("metrics", "peak_memory_mb")),
                        _fmt_number(row.mean_of("metrics", "train_samples_per_s")),
                        _fmt_number(row.mean_of("metrics", "train_tokens_per_s")),
@@ -303,6 +384,20 @@ def baseline_rows(group: Group, width: int) -> list[list[str]]:
     return rows
 
 
+def lr_table(group: Group) -> tuple[list[str], list[list[str]]] | None:
+    """The learning rate the search chose per tuned row and task (None: no tuned rows)."""
+    tuned = [row for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)) if row.chosen_lr]
+    if not tuned:
+        return None
+    return (["method"] + list(group.tasks),
+            [[row.label] + [f"{row.chosen_lr[t]:.3g}" if t in row.chosen_lr else "—" for t in group.tasks]
+             for row in tuned])
+
+
+def _fmt_score(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
 def _fmt_number(x: float | None) -> str:
     return "—" if x is None else f"{x:.0f}"
 
@@ -313,7 +408,9 @@ def _csv_number(x: float | None) -> str:
 
 NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header says F1), mean ± std over seeds "
          "(n seeds); split in the header (test = labeled test split). "
-         "Average: the CLUE-style mean of the task means, where a row has every task. Trainable: parameters trained "
+         "Average: the CLUE-style mean of the task means, where a row has every task. PSCP: the average with "
+         "PEFT-Bench's soft penalties for trainable parameters, extra inference FLOPs and training memory "
+         "(docs/leaderboards.md). Trainable: parameters trained "
          "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "
          "Latency: one sequence of median length, median of 50 calls; infer samples/s: evaluation batches in file "
          "order; (merged): LoRA-style updates folded into the weights. "
@@ -339,14 +436,15 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def run_summary(records: list[dict]) -> str:
     """One Markdown row per finished run (what ``peftbench run`` and ``sweep`` print at the end)."""
-    head = ["task", "method", "backbone", "seed", "metric", "dev", "test", "trainable", "trainable %",
+    head = ["task", "method", "backbone", "seed", "lr", "metric", "dev", "test", "trainable", "trainable %",
             "train samples/s", "train tokens/s", "peak MB", "wall s"]
     rows = []
     for r in records:
         m, p, c = r["metrics"], r["params"], r["config"]
         test = f"{m['test_score']:.4f}" if "test_score" in m else "-"
         rows.append([c["task"]["name"], c["method"]["name"], backbone_label(r["backbone"]), str(c["train"]["seed"]),
-                     m["score_name"], f"{m['score']:.4f}", test, f"{p['trainable']:,}", f"{p['trainable_pct']:.2f}",
+                     f"{c['train']['lr']:g}", m["score_name"], f"{m['score']:.4f}", test, f"{p['trainable']:,}",
+                     f"{p['trainable_pct']:.2f}",
                      f"{m['train_samples_per_s']:.1f}", f"{m['train_tokens_per_s']:.0f}", f"{m['peak_memory_mb']:.0f}",
                      f"{m['wall_s']:.1f}"])
     return markdown_table(head, rows)
@@ -366,13 +464,17 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
     lines = ["# Leaderboard", "", f"{len(records)} records, newest {md(newest)}.{note} {NOTES}", ""]
     for group in groups:
         head, rows = table(group)
-        lines += [f"## {md(group.title)}", ""]
+        lines += [f"## {md(group.title)}", "", f"Budget: {md(group.budget)}.", ""]
         if group.random_init:
             lines += ["Random-init backbone: these numbers test the machinery; they do not rank the methods.", ""]
-        if group.backbone_note:
-            lines += [md(group.backbone_note), ""]
+        for note in (group.backbone_note, group.memory_note):
+            if note:
+                lines += [md(note), ""]
         lines.append(markdown_table(head, rows))
         lines.append("")
+        chosen = lr_table(group)
+        if chosen:
+            lines += ["Learning rate chosen on dev by the search:", "", markdown_table(*chosen), ""]
         for command in sorted(group.reproduce):
             command = command.replace("`", "")
             lines.append(f"Reproduce: `{command}`, then `peftbench leaderboard RESULTS_DIR --out DIR`.")
@@ -428,13 +530,14 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes]) 
              f"{html.escape(NOTES)} Click a header to sort.</p>"]
     for group in groups:
         head, rows = table(group)
-        parts.append(f"<h2>{html.escape(group.title)}</h2>")
-        if group.backbone_note:
-            parts.append(f"<p>{html.escape(group.backbone_note)}</p>")
-        header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        parts.append(f"<table><thead><tr>{header}</tr></thead><tbody>")
-        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-        parts.append("</tbody></table>")
+        parts.append(f"<h2>{html.escape(group.title)}</h2><p>Budget: {html.escape(group.budget)}.</p>")
+        for note in (group.backbone_note, group.memory_note):
+            if note:
+                parts.append(f"<p>{html.escape(note)}</p>")
+        parts.append(html_table(head, rows))
+        chosen = lr_table(group)
+        if chosen:
+            parts += ["<p>Learning rate chosen on dev by the search:</p>", html_table(*chosen)]
         for command in sorted(group.reproduce):
             parts.append(f"<p>Reproduce: <code>{html.escape(command)}</code></p>")
         for name, data in sorted(pngs.items()):
@@ -442,6 +545,12 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes]) 
                 parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
     parts.append(f"<script>{SORT_SCRIPT}</script></body></html>\n")
     return "\n".join(parts)
+
+
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -499,6 +608,9 @@ def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
         fig.tight_layout(rect=(0, 0.12, 1, 1))
         save(fig, f"{group.slug}-accuracy-vs-{'params' if log else 'memory'}")
 
+    if group.search:
+        save(sensitivity_figure(group, plt), f"{group.slug}-lr-sensitivity")
+
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.6))
     speeds = [row.mean_of("metrics", "train_samples_per_s") or 0 for row in rows]
     ax.bar(range(len(rows)), speeds)
@@ -507,6 +619,38 @@ def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
     fig.tight_layout()
     save(fig, f"{group.slug}-throughput")
     return pngs
+
+
+def sensitivity_figure(group: Group, plt):
+    """Per task: mean dev score of each search trial against its learning rate, one line per study (a method
+    with its settings), the chosen learning rate starred."""
+    label = {r["provenance"]["study"]: row.label for row in group.rows.values() for r in row.records
+             if r.get("provenance", {}).get("study")}
+    chosen = {(r["provenance"]["study"], r["config"]["task"]["name"]): r["config"]["train"]["lr"]
+              for row in group.rows.values() for r in row.records if r.get("provenance", {}).get("phase") == "final"}
+    tasks = sorted({r["config"]["task"]["name"] for r in group.search})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        trials: dict[str, dict[float, list[float]]] = {}
+        for r in group.search:
+            if r["config"]["task"]["name"] == task and r["status"] == "success":
+                study = r["provenance"]["study"]
+                trials.setdefault(study, {}).setdefault(r["config"]["train"]["lr"], []).append(r["metrics"]["score"])
+        for study in sorted(trials, key=lambda s: label.get(s, s)):
+            lrs = sorted(trials[study])
+            means = [100 * statistics.fmean(trials[study][lr]) for lr in lrs]
+            line, = ax.plot(lrs, means, "o-", label=tex(label.get(study, study)))
+            if (study, task) in chosen and chosen[study, task] in trials[study]:
+                lr = chosen[study, task]
+                ax.plot([lr], [100 * statistics.fmean(trials[study][lr])], "*", ms=14, color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_title(tex(f"{task} (dev; ★ chosen)"))
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("dev score (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(max(len(labels), 1), 4), fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
 
 
 def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> tuple[list[Path], list[str]]:

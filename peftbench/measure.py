@@ -168,6 +168,28 @@ def train_flops(shape: dict, lengths: list[int]) -> float:
     return dense + attention
 
 
+def forward_flops(model: torch.nn.Module, batch: dict) -> int:
+    """FLOPs of one forward pass on ``batch`` (matmuls and attention), counted by torch's ``FlopCounterMode``,
+    which counts CPU attention too here (its fused CPU kernel has no formula of its own)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        model(**batch)
+    return counter.get_total_flops()
+
+
+def base_forward_flops(model_class, config, input_ids: torch.Tensor) -> int:
+    """FLOPs of the plain architecture (``model_class`` from ``config``, no method) on one unpadded
+    sequence, built and run on the meta device: shapes only, no memory, no weights."""
+    with torch.device("meta"):
+        base = model_class.from_config(config)
+    return forward_flops(base.eval(), {"input_ids": input_ids.to("meta")})
+
+
 def peak_matmul_flops(dtype: torch.dtype = torch.float32) -> float:
     """Measured dense matmul FLOP/s of this machine's device in ``dtype`` (the MFU denominator)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -46,6 +46,7 @@ VARIANTS = "variants"
 class Cell:
     cfg: RunConfig
     status: str | None  # the existing record's status, None if there is none
+    provenance: dict | None = None  # what the record says about this cell beyond the sweep (a search's trial)
 
     @property
     def run_id(self) -> str:
@@ -62,9 +63,10 @@ def _nested(key: str, value) -> dict:
 def read_sweep(path: str | Path) -> dict:
     path = Path(path)
     spec = config.read_recipe(path)
-    unknown = set(spec) - {"recipe", "grid", "output_dir"}
+    unknown = set(spec) - {"recipe", "grid", "output_dir", "search", "final"}
     if unknown:
-        raise PeftbenchError(f"{path}: unknown sweep key '{sorted(unknown)[0]}' (known: grid, output_dir, recipe)")
+        raise PeftbenchError(f"{path}: unknown sweep key '{sorted(unknown)[0]}' "
+                             "(known: final, grid, output_dir, recipe, search)")
     if not isinstance(spec.get("grid"), dict) or not spec["grid"]:
         raise PeftbenchError(f"{path}: field 'grid' must map keys to lists of values")
     for key, values in spec["grid"].items():
@@ -79,7 +81,7 @@ def read_sweep(path: str | Path) -> dict:
         raise PeftbenchError(f"{path}: field 'recipe' must be a mapping or a recipe file path")
     spec["recipe"] = recipe
     spec["output_dir"] = spec.get("output_dir") or f"results/{path.stem}"
-    return spec
+    return spec  # a 'search' / 'final' section is read by peftbench.search
 
 
 def expand(spec: dict, overrides: list[str] | None = None) -> list[RunConfig]:
@@ -115,14 +117,13 @@ def parse_shard(text: str) -> tuple[int, int]:
 def plan(cfgs: list[RunConfig], shard: tuple[int, int] = (0, 1)) -> list[Cell]:
     """This shard's cells (sorted by run id), each with the status of its existing record."""
     i, n = shard
-    cells = []
-    for k, cfg in enumerate(sorted(cfgs, key=lambda c: c.run_id)):
-        if k % n != i:
-            continue
-        record_path = Path(cfg.output_dir) / RECORD_NAME
-        status = read_record(record_path)["status"] if record_path.is_file() else None
-        cells.append(Cell(cfg, status))
-    return cells
+    return [Cell(cfg, record_status(cfg)) for k, cfg in enumerate(sorted(cfgs, key=lambda c: c.run_id)) if k % n == i]
+
+
+def record_status(cfg: RunConfig) -> str | None:
+    """The status of the record in ``cfg.output_dir`` (None: no record yet)."""
+    path = Path(cfg.output_dir) / RECORD_NAME
+    return read_record(path)["status"] if path.is_file() else None
 
 
 CLAIMS_DIR = ".claims"  # in the sweep's output_dir: one file per cell being run
@@ -218,15 +219,18 @@ class SweepOutcome:
     done_before: int = 0
     claimed_elsewhere: int = 0
     failed: int = 0
+    failed_trials: int = 0  # search runs that failed: a tried learning rate, not an error of the sweep
 
     def summary(self) -> str:
+        trials = f", failed search trials {self.failed_trials}" if self.failed_trials else ""
         return (f"sweep: {self.cells} cells, ran {self.ran}, done before {self.done_before}, "
-                f"claimed elsewhere {self.claimed_elsewhere}, failed {self.failed}")
+                f"claimed elsewhere {self.claimed_elsewhere}, failed {self.failed}{trials}")
 
-
-def _status(cell: Cell) -> str | None:
-    path = Path(cell.cfg.output_dir) / RECORD_NAME
-    return read_record(path)["status"] if path.is_file() else None
+    def add(self, other: SweepOutcome) -> None:
+        """Count ``other``'s cells and records into this outcome."""
+        self.records += other.records
+        for key in ("cells", "ran", "done_before", "claimed_elsewhere", "failed", "failed_trials"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
 def _agree(value):
@@ -243,16 +247,14 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
     Each cell is claimed before it runs (:class:`Claim`), so any number of workers may drain one sweep
     folder; ``provenance`` (the sweep file and command) goes into every record.
     """
-    from functools import partial
-
     from peftbench.train import run
 
-    runner = runner or partial(run, provenance=provenance)
+    runner = runner or (lambda cfg, cell_provenance: run(cfg, provenance={**(provenance or {}), **cell_provenance}))
     main = process_state().is_main_process
     outcome = SweepOutcome(records=[], cells=len(cells))
 
     def finished() -> str | None:  # read now: another worker may have finished the cell since planning
-        status = _agree(_status(cell) if main else None)
+        status = _agree(record_status(cell.cfg) if main else None)
         return status if status == "success" or (status == "failed" and not retry_failed) else None
 
     for number, cell in enumerate(cells, 1):
@@ -275,7 +277,7 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
             else:
                 outcome.ran += 1
                 try:
-                    record = runner(cell.cfg).record
+                    record = runner(cell.cfg, cell.provenance or {}).record
                 except Exception as exc:  # the run wrote its failed record; the sweep goes on
                     print(f"cell {cell.run_id} failed: {error_text(exc)}", file=sys.stderr)
                     path = Path(cell.cfg.output_dir) / RECORD_NAME

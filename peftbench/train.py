@@ -35,7 +35,14 @@ from peftbench.loop import (
     start_tracking,
     stop_tracking,
 )
-from peftbench.measure import inference_cost, stored_bytes, synchronize, unique_parameters
+from peftbench.measure import (
+    base_forward_flops,
+    forward_flops,
+    inference_cost,
+    stored_bytes,
+    synchronize,
+    unique_parameters,
+)
 from peftbench.methods import Method, RunContext, get_method, lacked_modules, set_trainable, settle_dtypes
 from peftbench.records import RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
 from peftbench.tasks import TaskData, load_task
@@ -125,7 +132,7 @@ def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)
     train_dl = train_loader(encoded["train"], collator, t.batch_size, t.seed, t.group_by_length, pin_memory=cuda)
     evals = {split: eval_loader(encoded[split], collator, t.eval_batch_size, pin_memory=cuda)
-             for split in ("dev", "test") if split == "dev" or task.labeled("test")}
+             for split in ("dev", "test") if split == "dev" or (t.evaluate_test and task.labeled("test"))}
     sampler = train_dl.batch_sampler  # prepare() wraps it in a per-process shard
     train_dl, *prepared = accelerator.prepare(train_dl, *evals.values())
     return Data(task, tokenizer, pair, train_dl, dict(zip(evals, prepared)), sampler, encoded, collator)
@@ -305,10 +312,19 @@ def measure_inference(model, data: Data, cfg: RunConfig, accelerator: Accelerato
     model.eval()
     cost = {"split": split, "as_trained": inference_cost(model, single, batches, accelerator.device,
                                                           autocast=accelerator.autocast)}
+    merged = None
     if hasattr(model, "merge_and_unload") and cfg.model.quantization == "none":
         merged = copy.deepcopy(model).merge_and_unload()
         cost["merged"] = inference_cost(merged, single, batches, accelerator.device, autocast=accelerator.autocast)
-        del merged
+    served = model if merged is None else merged  # what a deployment runs: merged where it can be
+    inputs = {k: v.to(accelerator.device) for k, v in single["inputs"].items()}
+    with accelerator.autocast():
+        cost["flops_per_sample"] = forward_flops(served, inputs)
+    base_model = served.get_base_model() if hasattr(served, "get_base_model") else served
+    cost["base_flops_per_sample"] = base_forward_flops(data.task.spec.kind.auto_class, base_model.config,
+                                                       inputs["input_ids"])
+    cost["flops_length"] = int(inputs["input_ids"].shape[1])
+    del merged, served
     model.train(was_training)
     return cost
 

@@ -14,7 +14,8 @@ FLOORS = {  # top-level module or sub-package -> floor (higher may import lower)
     "export": 4,
     "serve": 4,
     "sweep": 4,
-    "cli": 5, "__init__": 5, "__main__": 6,
+    "search": 5,
+    "cli": 6, "__init__": 6, "__main__": 7,
 }
 
 

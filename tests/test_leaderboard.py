@@ -37,7 +37,8 @@ def serving_cost(method, seed):
     """The record's inference cost: LoRA merges, full has nothing to merge, prefix's record predates it."""
     if method == "prefix":
         return {}
-    cost = {"split": "test", "as_trained": {"latency_ms_p50": 2.0 * seed, "samples_per_s": 100.0 * seed}}
+    cost = {"split": "test", "as_trained": {"latency_ms_p50": 2.0 * seed, "samples_per_s": 100.0 * seed},
+            "flops_per_sample": 1.5e12 if method == "lora" else 1e12, "base_flops_per_sample": 1e12}
     if method == "lora":
         cost["merged"] = {"latency_ms_p50": 1.0 * seed, "samples_per_s": 150.0 * seed}
     return {"inference": cost}
@@ -148,5 +149,42 @@ def test_quantised_runs_are_their_own_rows(tmp_path):
         record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.50, extra=("model.quantization=8bit",))
     (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
     labels = sorted(row.label for row in group.rows.values())
-    assert labels == ["lora (lr=2e-05)", "lora (quantization=8bit, lr=2e-05)"]
+    assert labels == ["lora (8-bit base, lr=2e-05)", "lora (lr=2e-05)"]  # the base's precision in words
     assert all(len(row.cells["tnews"].scores) == 3 for row in group.rows.values())
+
+
+def test_pscp_is_the_average_with_peft_bench_penalties(tmp_path):
+    for seed in (1, 2, 3):
+        for task, acc in (("tnews", 0.5), ("afqmc", 0.7)):
+            wobble = 0.01 * (seed - 2)  # mean over the seeds: acc
+            record(tmp_path, "bert-base-chinese", "lora", task, seed, acc + wobble)
+            record(tmp_path, "bert-base-chinese", "full", task, seed, acc + 0.1 + wobble)
+            record(tmp_path, "bert-base-chinese", "prefix", task, seed, acc + wobble)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    head, rows = leaderboard.table(group)
+    pscp = {row[0].split(" ")[0]: row[head.index("PSCP")] for row in rows}
+    # PSCP = P x (1 + params/5e8)^-1 x (1 + extra TFLOPs/10)^-1 x (1 + peak GiB/94)^-1 (PEFT-Bench's constants)
+    lora = 60.0 / (1 + 1e4 / 5e8) / (1 + 0.5 / 10) / (1 + 400 / 1024 / 94)
+    full = 70.0 / (1 + 1e6 / 5e8) / (1 + 0 / 10) / (1 + 1000 / 1024 / 94)
+    assert pscp["lora"] == f"{lora:.1f}" and pscp["full"] == f"{full:.1f}"
+    assert pscp["prefix"] == "—"  # its records carry no inference cost: no PSCP rather than a guess
+
+
+def test_section_header_names_budget_precision_backbone_and_cpu_memory(tmp_path):
+    pretrained = {"run_id": "abcdef1234567890", "corpus": ["unlabeled.json"], "steps": 4000, "mlm_loss": 4.2,
+                  "device": "cpu"}
+    for seed in (1, 2):
+        for task in ("tnews", "afqmc"):
+            rec = record(tmp_path, "runs/pretrain/zh-mini/model", "lora", task, seed, 0.6,
+                         env={"device_name": "cpu", "num_processes": 1},
+                         extra=("train.mixed_precision=bf16", "train.epochs=10", "train.batch_size=16",
+                                f"task.max_length={64 if task == 'tnews' else 128}"))
+            rec["backbone"]["pretrained_by_peftbench"] = pretrained
+            rec["metrics"]["memory_kind"] = "cpu_peak_rss"
+            write_atomic(next(tmp_path.rglob(f"*lora-{task}-{seed}-*")) / "record.json", rec)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    assert group.title == "zh-mini (pretrained by peftbench, run abcdef12) · cpu ×1 · bf16 mixed"
+    assert group.budget == "10 epochs · batch 16 · max length afqmc 128, tnews 64 · seeds 1, 2"
+    assert "peak resident memory of the CPU process" in group.memory_note
+    text = leaderboard.markdown([group], group.records, {}, [])
+    assert f"Budget: {group.budget}." in text and group.memory_note in text and "runs/pretrain" not in text

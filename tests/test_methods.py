@@ -300,17 +300,30 @@ def test_records_hold_the_inference_cost(trained, variant):
     record = trained[variant].record
     cost = record["inference"]
     assert cost["split"] == "test"
-    assert set(cost) == {"split", "as_trained"} | ({"merged"} if variant in MERGES else set())
+    assert set(cost) == ({"split", "as_trained", "flops_per_sample", "base_flops_per_sample", "flops_length"}
+                         | ({"merged"} if variant in MERGES else set()))
     test_texts = list(load_task(config.resolve(record["config"]).task).splits["test"]["text_a"])
     test_lengths = [len(ids) for ids in trained[variant].tokenizer(test_texts, truncation=True, max_length=48)[
         "input_ids"]]
-    for measured in (cost[k] for k in cost if k != "split"):
+    for measured in (cost[k] for k in ("as_trained", "merged") if k in cost):
         assert measured["latency_calls"] >= 50 and 0 < measured["latency_ms_p50"] <= measured["latency_ms_p95"]
         assert measured["latency_tokens"] == sorted(test_lengths)[len(test_lengths) // 2]
         assert measured["batch_size"] == 128 and measured["samples_per_s"] > 0
         # real tokens only: the ratio is the split's mean length, not the padded width
         assert measured["tokens_per_s"] / measured["samples_per_s"] == pytest.approx(
             sum(test_lengths) / len(test_lengths))
+    # FLOPs of one median-length sequence as served (merged where it merges) and of the plain architecture
+    assert cost["flops_length"] == sorted(test_lengths)[len(test_lengths) // 2]
+    served, base = cost["flops_per_sample"], cost["base_flops_per_sample"]
+    hidden = trained[variant].model.config.hidden_size
+    layers = trained[variant].model.config.num_hidden_layers
+    if variant in MERGES or variant in ("full", "bitfit"):
+        assert served == base > 0  # nothing added at inference
+    elif variant.startswith("adapter"):  # two matmuls d x m per adapter and token
+        adapters = layers * (1 if variant == "adapter-pfeiffer" else 2)
+        assert served - base == adapters * 4 * cost["flops_length"] * hidden * (hidden // 16)
+    else:  # virtual tokens: prompt tokens run through every layer; prefixes lengthen every attention
+        assert served > base
 
 
 def test_records_hold_the_scores_of_guessing(trained):

@@ -31,7 +31,7 @@ def spec(tmp_path):
 def fake_runner(calls, fail_on=(), interrupt_at=None):
     """Stands in for train.run: writes a record like it (success or failed)."""
 
-    def runner(cfg):
+    def runner(cfg, provenance=None):
         calls.append(cfg.run_id)
         if interrupt_at is not None and len(calls) == interrupt_at:
             raise KeyboardInterrupt

@@ -59,6 +59,7 @@ class Method:
     trains_base_weights: ClassVar[bool] = False  # True: cannot run on a quantised (frozen integer) base
     reads_gradients: ClassVar[bool] = False  # True: on_optimizer_step reads whole gradients (not under ZeRO/FSDP)
     virtual_token_modules: ClassVar[tuple[str, ...]] = ()  # modules run once per step, not per token (FLOP counts)
+    lr_range: ClassVar[tuple[float, float]]  # (low, high): the default range of a learning-rate search (docs/methods)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -53,6 +53,7 @@ class AdaLoraConfig(MethodConfig):
 @register_method
 class AdaLora(PeftMethod):
     name = "adalora"
+    lr_range = (1e-4, 3e-2)  # a learning-rate search's default (log-spaced) range
     reads_gradients = True  # the rank allocation scores every LoRA weight by its gradient
     Config = AdaLoraConfig
     plain_model = True

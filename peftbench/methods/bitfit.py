@@ -20,6 +20,7 @@ class BitFitConfig(MethodConfig):
 @register_method
 class BitFit(InPlaceMethod):
     name = "bitfit"
+    lr_range = (1e-4, 3e-2)  # a learning-rate search's default (log-spaced) range
     Config = BitFitConfig
     plain_model = True
 

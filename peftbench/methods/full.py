@@ -17,6 +17,7 @@ class FullConfig(MethodConfig):
 @register_method
 class Full(Method):
     name = "full"
+    lr_range = (1e-5, 1e-3)  # a learning-rate search's default (log-spaced) range
     Config = FullConfig
     plain_model = True
     saves_full_model = True

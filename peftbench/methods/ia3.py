@@ -24,6 +24,7 @@ class IA3Config(MethodConfig):
 @register_method
 class IA3(PeftMethod):
     name = "ia3"
+    lr_range = (1e-3, 1e-1)  # a learning-rate search's default (log-spaced) range
     Config = IA3Config
     plain_model = True
     trainable_markers = ("ia3_",)

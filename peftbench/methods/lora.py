@@ -36,6 +36,7 @@ class LoraConfig(MethodConfig):
 @register_method
 class Lora(PeftMethod):
     name = "lora"
+    lr_range = (1e-4, 3e-2)  # a learning-rate search's default (log-spaced) range
     Config = LoraConfig
     plain_model = True
     trainable_markers = ("lora_",)

@@ -151,6 +151,7 @@ class PrefixConfig(MethodConfig):
 @register_method
 class Prefix(InPlaceMethod):
     name = "prefix"
+    lr_range = (1e-3, 1e-1)  # a learning-rate search's default (log-spaced) range
     Config = PrefixConfig
     virtual_token_modules = (ENCODER_NAME,)
 

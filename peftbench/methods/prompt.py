@@ -32,6 +32,7 @@ class PromptConfig(MethodConfig):
 @register_method
 class Prompt(PeftMethod):
     name = "prompt"
+    lr_range = (1e-3, 3e-1)  # a learning-rate search's default (log-spaced) range
     Config = PromptConfig
     trainable_markers = ("prompt_encoder.",)
     virtual_token_modules = ("prompt_encoder",)

@@ -1,0 +1,318 @@
+"""Learning-rate search with the same budget for every method: a sweep's ``search`` and ``final`` sections.
+
+    search:
+      trials: 4                       # learning rates tried per (task, method): the same for every method
+      lr: {full: [1e-5, 1e-3]}        # log range per method; others: the method's default (docs/methods/<name>.md)
+      seeds: [1]                      # seeds per trial; a trial's value is its mean dev score
+      sampler: grid                   # grid: log-spaced points, deterministic | tpe: Optuna's TPE
+      storage: null                   # SQLAlchemy URL; default sqlite:///<output_dir>/search.db
+    final:
+      seeds: [1, 2, 3]                # fresh runs at the learning rate with the best mean dev score
+
+A *study* is a grid cell without its learning rate and seed: one (task, method, settings). Each is an Optuna
+study in ``storage`` with exactly ``trials`` trials. A trial's runs are ordinary sweep cells (records under
+``output_dir/search/``, dev only: no test score, no checkpoint); once every trial of a study has finished,
+the final runs at the chosen learning rate go to ``output_dir/final/``. Each record's ``provenance`` says its
+phase, study, trial and budget. Optuna holds what is shared between workers (the learning rate each trial
+drew, which trials are done); the records hold the results, and the tables read only the records.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftbench import sweep
+from peftbench.config import RunConfig, _yaml_float
+from peftbench.errors import PeftbenchError
+from peftbench.loop import process_state
+from peftbench.methods import get_method
+from peftbench.records import RECORD_NAME, read_record
+from peftbench.sweep import CLAIMS_DIR, VARIANTS, Cell, Claim, SweepOutcome, _agree, expand, record_status, run_sweep
+
+SAMPLERS = ("grid", "tpe")
+SEARCH_DIR, FINAL_DIR = "search", "final"  # in the sweep's output_dir
+LOCK_WAIT_S = 0.2  # between tries for a study's lock
+
+
+@dataclass
+class SearchSpec:
+    trials: int
+    seeds: list[int]
+    lr: dict[str, list[float]]  # method -> [low, high], where the sweep sets it
+    sampler: str
+    storage: str
+    final_seeds: list[int]  # empty: search only
+
+    def lr_range(self, method: str) -> tuple[float, float]:
+        low, high = self.lr.get(method) or get_method(method).lr_range
+        return float(low), float(high)
+
+    def budget(self, method: str) -> dict:
+        """What a record says about the tuning that produced it."""
+        return {"trials": self.trials, "seeds": self.seeds, "final_seeds": self.final_seeds, "sampler": self.sampler,
+                "lr_range": list(self.lr_range(method))}
+
+
+def _seeds(value, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                         for s in value) or len(set(value)) != len(value):
+        raise PeftbenchError(f"{where} must be a list of distinct integers, got {value!r}")
+    return value
+
+
+def read_sweep(path: str | Path) -> dict:
+    """A sweep file (:func:`peftbench.sweep.read_sweep`) with its ``search`` section as a :class:`SearchSpec`."""
+    spec = sweep.read_sweep(path)
+    spec["search"] = read_search(spec, Path(path))
+    return spec
+
+
+def read_search(spec: dict, path: Path) -> SearchSpec:
+    """The ``search`` and ``final`` sections of sweep file ``path``, checked."""
+    search, final = spec.get("search"), spec.get("final")
+    if not isinstance(search, dict):
+        raise PeftbenchError(f"{path}: field 'search' must be a mapping (a 'final' section needs a search)")
+    unknown = set(search) - {"trials", "lr", "seeds", "sampler", "storage"}
+    if unknown:
+        raise PeftbenchError(f"{path}: unknown key 'search.{sorted(unknown)[0]}' (known: lr, sampler, seeds, storage, "
+                             "trials)")
+    trials = search.get("trials")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise PeftbenchError(f"{path}: field 'search.trials' must be an integer >= 1, got {trials!r}")
+    lr = search.get("lr") or {}
+    if not isinstance(lr, dict):
+        raise PeftbenchError(f"{path}: field 'search.lr' must map method names to [low, high]")
+    for method, bounds in lr.items():
+        get_method(method)  # a known method
+        if isinstance(bounds, list):
+            bounds = lr[method] = [_yaml_float(b, float) for b in bounds]
+        if (not isinstance(bounds, list) or len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds)
+                or not 0 < bounds[0] <= bounds[1]):
+            raise PeftbenchError(f"{path}: field 'search.lr.{method}' must be [low, high] with 0 < low <= high, "
+                                 f"got {bounds!r}")
+    sampler = search.get("sampler", "grid")
+    if sampler not in SAMPLERS:
+        raise PeftbenchError(f"{path}: field 'search.sampler' must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if final is not None and (not isinstance(final, dict) or set(final) != {"seeds"}):
+        raise PeftbenchError(f"{path}: field 'final' must hold exactly 'seeds'")
+    for key in ("train.lr", "train.seed"):
+        if key in spec["grid"]:
+            raise PeftbenchError(f"{path}: field 'grid.{key}' cannot be set with a search (the search sets it)")
+    if any("lr" in (v.get("train") or {}) for v in spec["grid"].get(VARIANTS, [])):
+        raise PeftbenchError(f"{path}: field 'grid.{VARIANTS}' cannot set train.lr with a search (the search sets it)")
+    storage = search.get("storage") or f"sqlite:///{Path(spec['output_dir']).resolve() / 'search.db'}"
+    return SearchSpec(trials, _seeds(search.get("seeds", [42]), f"{path}: field 'search.seeds'"), lr, sampler,
+                      storage, _seeds(final["seeds"], f"{path}: field 'final.seeds'") if final else [])
+
+
+def grid_lrs(low: float, high: float, n: int) -> list[float]:
+    """``n`` log-spaced learning rates from ``low`` to ``high``, to 3 significant digits (one: the geometric mean)."""
+    if n == 1:
+        return [float(f"{(low * high) ** 0.5:.3g}")]
+    return [min(max(float(f"{low * (high / low) ** (k / (n - 1)):.3g}"), low), high) for k in range(n)]
+
+
+@dataclass
+class Study:
+    """One (task, method, settings): the grid cell without learning rate and seed."""
+
+    cfg: RunConfig
+    output_dir: Path  # the sweep's
+
+    @property
+    def name(self) -> str:
+        probe = copy.deepcopy(self.cfg)
+        probe.train.lr, probe.train.seed = 0.0, 0
+        return f"{self.cfg.task.name}-{self.cfg.method.name}-{probe.run_id[:8]}"
+
+    def cell_cfg(self, phase: str, lr: float, seed: int) -> RunConfig:
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.lr, cfg.train.seed = lr, seed
+        if phase == SEARCH_DIR:  # dev decides: no test score, nothing to keep
+            cfg.train.evaluate_test = cfg.train.save_checkpoint = cfg.train.measure_inference = False
+        cfg.output_dir = str(self.output_dir / phase / cfg.run_id)
+        return cfg
+
+
+def studies(spec: dict, overrides: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> list[Study]:
+    """This shard's studies (every N-th, sorted by name)."""
+    found = sorted((Study(cfg, Path(spec["output_dir"])) for cfg in expand(spec, overrides)), key=lambda s: s.name)
+    i, n = shard
+    return [s for k, s in enumerate(found) if k % n == i]
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise PeftbenchError("a sweep with a 'search' section needs Optuna: pip install 'peftbench[tuning]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines
+    return optuna
+
+
+def _grid_sampler_class():
+    optuna = _optuna()
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, asked and told by hand: the budget is counted here, so it need not stop an
+        ``optimize`` loop (there is none) when the grid is used up."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler
+
+
+def open_study(study: Study, search: SearchSpec):
+    optuna = _optuna()
+    if search.storage.startswith("sqlite:///"):
+        Path(search.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    low, high = search.lr_range(study.cfg.method.name)
+    if search.sampler == "grid":
+        sampler = _grid_sampler_class()({"lr": grid_lrs(low, high, search.trials)}, seed=0)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=max(1, search.trials // 2))
+    with held(study.output_dir / CLAIMS_DIR / "search-storage.json"):  # one worker creates the tables
+        return optuna.create_study(storage=search.storage, study_name=study.name, direction="maximize",
+                                   sampler=sampler, load_if_exists=True)
+
+
+@contextmanager
+def held(path: Path):
+    """Hold the claim ``path`` alone (workers share the results folder), waiting while another worker has it."""
+    while (claim := Claim.take(path)) is None:
+        time.sleep(LOCK_WAIT_S)
+    try:
+        yield
+    finally:
+        claim.release()
+
+
+def study_lock(study: Study):
+    """Hold ``study`` alone while looking at and adding to its trials."""
+    return held(study.output_dir / CLAIMS_DIR / f"study-{study.name}.json")
+
+
+def _trial_records(study: Study, search: SearchSpec, lr: float) -> list[dict] | None:
+    """The records of a trial's runs, or None while any is missing."""
+    paths = [Path(study.cell_cfg(SEARCH_DIR, lr, seed).output_dir) / RECORD_NAME for seed in search.seeds]
+    return [read_record(p) for p in paths] if all(p.is_file() for p in paths) else None
+
+
+def settle(optuna_study, study: Study, search: SearchSpec) -> None:
+    """Tell Optuna the value (mean dev score) of every running trial whose runs all have records; a trial
+    with a failed run fails (a learning rate that diverges has been tried: it counts in the budget)."""
+    from optuna.trial import TrialState
+
+    for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "lr" not in trial.params:  # not drawn yet (next_trial draws it)
+            continue
+        records = _trial_records(study, search, trial.params["lr"])
+        if records is None:
+            continue
+        if all(r["status"] == "success" for r in records):
+            optuna_study.tell(trial.number, statistics.fmean(r["metrics"]["score"] for r in records),
+                              skip_if_finished=True)
+        else:
+            optuna_study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def next_trial(optuna_study, study: Study, search: SearchSpec, attempted: set[int]) -> tuple[int, float] | None:
+    """(trial number, learning rate) to work on: a running trial not yet attempted by this worker (another
+    worker's, or a killed one's), else a new trial while the study has fewer than ``trials``; None when done."""
+    from optuna.trial import TrialState
+
+    with study_lock(study):
+        settle(optuna_study, study, search)
+        trials = optuna_study.get_trials(deepcopy=False)
+        low_high = search.lr_range(study.cfg.method.name)
+        for trial in trials:
+            if trial.state == TrialState.RUNNING and trial.number not in attempted:
+                if "lr" in trial.params:
+                    return trial.number, trial.params["lr"]
+                # a worker died between asking for the trial and drawing its learning rate: draw it now
+                return trial.number, _optuna().Trial(optuna_study, trial._trial_id).suggest_float("lr", *low_high,
+                                                                                                 log=True)
+        if len(trials) >= search.trials:
+            return None
+        trial = optuna_study.ask()
+        return trial.number, trial.suggest_float("lr", *low_high, log=True)
+
+
+def choice(optuna_study, search: SearchSpec) -> dict | None:
+    """The chosen trial once every trial has finished: ``{"trial", "lr", "dev_score"}`` (``trial`` None when
+    every trial failed); None while trials are missing or running."""
+    from optuna.trial import TrialState
+
+    trials = optuna_study.get_trials(deepcopy=False)
+    if len(trials) < search.trials or any(not t.state.is_finished() for t in trials):
+        return None
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not done:
+        return {"trial": None, "lr": None, "dev_score": None}
+    best = max(done, key=lambda t: (t.value, -t.params["lr"]))  # a tie goes to the smaller learning rate
+    return {"trial": best.number, "lr": best.params["lr"], "dev_score": best.value}
+
+
+def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
+               provenance: dict | None = None) -> tuple[SweepOutcome, list[str]]:
+    """Every study's trials, then its final runs; returns the outcome and one line per study left open
+    (trials still running elsewhere, or every trial failed)."""
+    main = process_state().is_main_process
+    outcome, open_ = SweepOutcome(records=[]), []
+    for study in studies_:
+        method = study.cfg.method.name
+        optuna_study = open_study(study, search) if main else None
+        attempted: set[int] = set()
+        while (trial := _agree(next_trial(optuna_study, study, search, attempted) if main else None)) is not None:
+            number, lr = trial
+            attempted.add(number)
+            if main:
+                print(f"{study.name}: trial {number + 1}/{search.trials}, lr {lr:.3g}", flush=True)
+            cells = [Cell(cfg, record_status(cfg), {"phase": SEARCH_DIR, "study": study.name, "trial": number,
+                                                    "budget": search.budget(method)})
+                     for cfg in (study.cell_cfg(SEARCH_DIR, lr, seed) for seed in search.seeds)]
+            tried = run_sweep(cells, retry_failed, runner, provenance)
+            tried.failed_trials, tried.failed = tried.failed, 0
+            outcome.add(tried)
+        if main:
+            with study_lock(study):
+                settle(optuna_study, study, search)
+        chosen = _agree(choice(optuna_study, search) if main else None)
+        if not search.final_seeds:
+            continue
+        if chosen is None or chosen["trial"] is None:
+            open_.append(f"{study.name}: " + ("trials still running elsewhere; rerun to finish" if chosen is None
+                                              else f"all {search.trials} trials failed: no final runs"))
+            continue
+        if main:
+            print(f"{study.name}: lr {chosen['lr']:.3g} chosen (trial {chosen['trial'] + 1}, mean dev "
+                  f"{chosen['dev_score']:.4f}); final seeds {search.final_seeds}", flush=True)
+        final = {"phase": FINAL_DIR, "study": study.name, "trial": chosen["trial"], "chosen_lr": chosen["lr"],
+                 "search_dev_score": chosen["dev_score"], "budget": search.budget(method)}
+        cells = [Cell(cfg, record_status(cfg), final)
+                 for cfg in (study.cell_cfg(FINAL_DIR, chosen["lr"], seed) for seed in search.final_seeds)]
+        outcome.add(run_sweep(cells, retry_failed, runner, provenance))
+    return outcome, open_
+
+
+def describe(studies_: list[Study], search: SearchSpec) -> list[str]:
+    """One line per study: its trials so far and the chosen learning rate (``--dry-run``)."""
+    lines = []
+    db = search.storage.removeprefix("sqlite:///")
+    if db != search.storage and not Path(db).is_file():
+        return [f"{study.name}: 0/{search.trials} trials" for study in studies_]
+    for study in studies_:
+        optuna_study = open_study(study, search)
+        trials = optuna_study.get_trials(deepcopy=False)
+        tried = ", ".join(f"{t.params['lr']:.3g}" + (f"={t.value:.4f}" if t.value is not None else f" {t.state.name}")
+                          for t in trials if "lr" in t.params)
+        chosen = choice(optuna_study, search)
+        pick = "" if not chosen or chosen["lr"] is None else f"; chosen lr {chosen['lr']:.3g}"
+        lines.append(f"{study.name}: {len(trials)}/{search.trials} trials [{tried}]{pick}")
+    return lines

@@ -1,0 +1,244 @@
+import json
+import math
+import multiprocessing
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+
+from peftbench import leaderboard, search
+from peftbench.cli import main
+from peftbench.errors import PeftbenchError
+from peftbench.records import RECORD_NAME, make_record, read_record, write_atomic
+
+SWEEP = """\
+recipe: {{model: {{name_or_path: tiny}}, task: {{max_length: 48}}, train: {{epochs: 1}}}}
+grid:
+  task.name: [synthetic]
+  method.name: [full, lora]
+search:
+  trials: {trials}
+  lr: {{full: [1e-5, 1e-3], lora: [1e-4, 3e-2]}}
+  seeds: [1, 2]
+  sampler: {sampler}
+final:
+  seeds: [1, 2, 3]
+output_dir: {out}
+"""
+BEST = {"full": 1e-4, "lora": 3e-3}  # where the fake dev score peaks
+
+
+def spec_at(tmp_path, trials=4, sampler="grid", **replace):
+    text = SWEEP.format(trials=trials, sampler=sampler, out=tmp_path / "results")
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return search.read_sweep(path)
+
+
+def dev_score(method: str, lr: float, seed: int) -> float:
+    return 0.9 - 0.1 * abs(math.log10(lr) - math.log10(BEST[method])) + 0.001 * seed
+
+
+def fake_runner(log: Path, interrupt_at=None, fail_above=None, pause=0.0):
+    """Stands in for train.run: a record whose dev score depends on the learning rate; every call is appended
+    to ``log`` (one line per run id), so that runs can be counted across processes."""
+
+    def runner(cfg, provenance=None):
+        with log.open("a") as fh:
+            fh.write(cfg.run_id + "\n")
+        calls = len(log.read_text().split())
+        if interrupt_at is not None and calls == interrupt_at:
+            raise KeyboardInterrupt
+        time.sleep(pause)
+        path = f"{cfg.output_dir}/{RECORD_NAME}"
+        extra = {"provenance": provenance}
+        if fail_above is not None and cfg.train.lr > fail_above:
+            write_atomic(path, make_record("failed", cfg.to_dict(), cfg.run_id, {}, error="DivergedError: nan",
+                                           extra=extra))
+            raise RuntimeError("diverged")
+        metrics = dict.fromkeys(["n_eval", "train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s",
+                                 "peak_memory_mb", "wall_s"], 1.0)
+        metrics.update(score=dev_score(cfg.method.name, cfg.train.lr, cfg.train.seed), score_name="accuracy")
+        if cfg.train.evaluate_test:
+            metrics["test_score"] = metrics["score"] - 0.05
+        record = make_record("success", cfg.to_dict(), cfg.run_id, {}, metrics,
+                             {"trainable": 1, "total": 2, "adapter_bytes": 4}, extra=extra)
+        write_atomic(path, record)
+        return SimpleNamespace(record=record)
+
+    return runner
+
+
+def records_of(out: Path, phase: str) -> list[dict]:
+    return [read_record(p) for p in sorted((out / phase).glob(f"*/{RECORD_NAME}"))]
+
+
+def test_grid_learning_rates_are_log_spaced_inside_the_range():
+    assert search.grid_lrs(1e-4, 3e-2, 4) == [1e-4, 6.69e-4, 4.48e-3, 3e-2]
+    assert search.grid_lrs(1e-5, 1e-3, 3) == [1e-5, 1e-4, 1e-3]
+    assert search.grid_lrs(1e-4, 1e-2, 1) == [1e-3]
+    lrs = search.grid_lrs(1.2345e-4, 9.8765e-2, 5)
+    assert lrs[0] >= 1.2345e-4 and lrs[-1] <= 9.8765e-2 and lrs == sorted(lrs)
+
+
+def test_every_method_gets_the_same_budget_and_its_best_dev_lr_goes_to_the_final_seeds(tmp_path):
+    spec = spec_at(tmp_path)
+    out = Path(spec["output_dir"])
+    studies = search.studies(spec)
+    assert [s.cfg.method.name for s in studies] == ["full", "lora"]
+    outcome, left_open = search.run_search(studies, spec["search"], runner=fake_runner(tmp_path / "calls"))
+    assert left_open == [] and outcome.failed == 0
+    found = records_of(out, "search")
+    assert len(found) == 2 * 4 * 2  # methods x trials x seeds
+    for method, (low, high) in {"full": (1e-5, 1e-3), "lora": (1e-4, 3e-2)}.items():
+        mine = [r for r in found if r["config"]["method"]["name"] == method]
+        assert sorted({r["config"]["train"]["lr"] for r in mine}) == search.grid_lrs(low, high, 4)
+        assert Counter(r["config"]["train"]["seed"] for r in mine) == {1: 4, 2: 4}
+        assert all(not r["config"]["train"]["evaluate_test"] and "test_score" not in r["metrics"]
+                   and not r["config"]["train"]["save_checkpoint"] for r in mine)  # dev decides, test unseen
+        assert {r["provenance"]["trial"] for r in mine} == {0, 1, 2, 3}
+        assert all(r["provenance"]["phase"] == "search" and r["provenance"]["budget"]["trials"] == 4
+                   and r["provenance"]["budget"]["lr_range"] == [low, high] for r in mine)
+        best = max(search.grid_lrs(low, high, 4), key=lambda lr: dev_score(method, lr, 1))
+        final = [r for r in records_of(out, "final") if r["config"]["method"]["name"] == method]
+        assert sorted(r["config"]["train"]["seed"] for r in final) == [1, 2, 3]
+        assert all(r["config"]["train"]["lr"] == best == r["provenance"]["chosen_lr"] for r in final)
+        assert all(r["provenance"]["phase"] == "final" and "test_score" in r["metrics"] for r in final)
+        mean_dev = sum(dev_score(method, best, s) for s in (1, 2)) / 2
+        assert final[0]["provenance"]["search_dev_score"] == pytest.approx(mean_dev)
+    # a second pass finds everything done
+    again = tmp_path / "again"
+    outcome, _ = search.run_search(search.studies(spec), spec["search"], runner=fake_runner(again))
+    assert not again.exists() and outcome.ran == 0 and outcome.done_before == 2 * 3  # trials finished: final only
+
+
+def test_a_killed_search_resumes_and_runs_every_cell_once(tmp_path):
+    spec = spec_at(tmp_path)
+    log = tmp_path / "calls"
+    with pytest.raises(KeyboardInterrupt):  # killed in the middle of a trial
+        search.run_search(search.studies(spec), spec["search"], runner=fake_runner(log, interrupt_at=5))
+    search.run_search(search.studies(spec), spec["search"], runner=fake_runner(log))
+    calls = Counter(log.read_text().split())
+    interrupted = [run_id for run_id, n in calls.items() if n == 2]
+    assert len(interrupted) == 1 and max(calls.values()) == 2  # only the killed run ran again
+    assert len(calls) == 2 * (4 * 2 + 3)
+    for study in search.studies(spec):
+        trials = search.open_study(study, spec["search"]).get_trials()
+        assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def _worker(spec_path: str, log: str) -> None:
+    spec = search.read_sweep(spec_path)
+    search.run_search(search.studies(spec), spec["search"], runner=fake_runner(Path(log), pause=0.05))
+
+
+def test_two_workers_drain_one_search_each_cell_once(tmp_path):
+    spec = spec_at(tmp_path)
+    log = tmp_path / "calls"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_worker, args=(str(tmp_path / "sweep.yaml"), str(log))) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    calls = Counter(log.read_text().split())
+    assert len(calls) == 2 * (4 * 2 + 3) and set(calls.values()) == {1}
+    for study in search.studies(spec):
+        assert len(search.open_study(study, spec["search"]).get_trials()) == 4
+    assert len(records_of(Path(spec["output_dir"]), "final")) == 6
+
+
+def test_tpe_sampler_keeps_the_budget_and_the_range(tmp_path):
+    spec = spec_at(tmp_path, trials=3, sampler="tpe")
+    search.run_search(search.studies(spec), spec["search"], runner=fake_runner(tmp_path / "calls"))
+    found = records_of(Path(spec["output_dir"]), "search")
+    assert len(found) == 2 * 3 * 2
+    for method, (low, high) in {"full": (1e-5, 1e-3), "lora": (1e-4, 3e-2)}.items():
+        lrs = {r["config"]["train"]["lr"] for r in found if r["config"]["method"]["name"] == method}
+        assert len(lrs) == 3 and all(low <= lr <= high for lr in lrs)
+
+
+def test_a_diverged_trial_counts_in_the_budget_and_all_failed_leaves_the_study_open(tmp_path, capsys):
+    spec = spec_at(tmp_path)
+    outcome, left_open = search.run_search(search.studies(spec), spec["search"],
+                                           runner=fake_runner(tmp_path / "calls", fail_above=2e-4))
+    # full: 1e-5 and 4.64e-5 succeed, 2.15e-4 and 1e-3 fail; lora: only 1e-4 succeeds. Two seeds per trial.
+    assert outcome.failed == 0 and outcome.failed_trials == 2 * (2 + 3)
+    final = records_of(Path(spec["output_dir"]), "final")
+    assert {(r["config"]["method"]["name"], r["config"]["train"]["lr"]) for r in final} == {("full", 4.64e-5),
+                                                                                            ("lora", 1e-4)}
+    assert left_open == []
+    (tmp_path / "all").mkdir()
+    spec = spec_at(tmp_path / "all", trials=2)
+    outcome, left_open = search.run_search(search.studies(spec), spec["search"],
+                                           runner=fake_runner(tmp_path / "calls2", fail_above=1e-9))
+    assert len(left_open) == 2 and all("all 2 trials failed: no final runs" in line for line in left_open)
+    assert not (Path(spec["output_dir"]) / "final").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("trials: 4", "trials: 0"), "'search.trials' must be an integer >= 1"),
+    (("sampler: grid", "sampler: random"), "'search.sampler' must be one of grid, tpe"),
+    (("lora: [1e-4, 3e-2]", "lora: [3e-2, 1e-4]"), "'search.lr.lora' must be [low, high]"),
+    (("lora: [1e-4, 3e-2]", "lorax: [1e-4, 3e-2]"), "lorax"),
+    (("seeds: [1, 2]\n", "seeds: [1, 1]\n"), "'search.seeds' must be a list of distinct integers"),
+    (("  sampler: grid\n", "  sampler: grid\n  budget: 3\n"), "unknown key 'search.budget'"),
+    (("method.name: [full, lora]", "method.name: [full, lora]\n  train.lr: [1e-3]"), "'grid.train.lr' cannot be set"),
+    (("final:\n  seeds: [1, 2, 3]", "final:\n  seeds: [1, 2, 3]\n  trials: 2"), "'final' must hold exactly 'seeds'"),
+])
+def test_bad_search_sections_name_the_field(tmp_path, edit, message):
+    with pytest.raises(PeftbenchError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
+        spec_at(tmp_path, **{edit[0]: edit[1]})
+    assert str(tmp_path / "sweep.yaml") in str(err.value) or message == "lorax"
+
+
+def test_search_command_end_to_end_and_its_leaderboard(tmp_path, capsys):
+    """Real training on the tiny backbone: a 2-trial search for LoRA, then 2 final seeds; the table shows the
+    tuned row, the chosen learning rate, the budget and the sensitivity figure, and no search run."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.format(trials=2, sampler="grid", out=tmp_path / "results")
+                    .replace("[full, lora]", "[lora]").replace("seeds: [1, 2]\n", "seeds: [1]\n")
+                    .replace("seeds: [1, 2, 3]", "seeds: [1, 2]"))
+    args = ["sweep", str(path), "train.max_steps=6", "task.max_train_samples=64", "train.measure_inference=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 studies in this shard (2 learning rates each)" in out
+    assert "trial 1/2, lr 0.0001" in out or "trial 1/2, lr 0.03" in out
+    assert "chosen (trial" in out
+    results = tmp_path / "results"
+    assert len(records_of(results, "search")) == 2 and len(records_of(results, "final")) == 2
+    assert (results / "search.db").is_file()
+    assert main([*args, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "2/2 trials [" in dry and "chosen lr" in dry
+    files, skipped = leaderboard.write([results], tmp_path / "board")
+    assert skipped == []
+    text = (tmp_path / "board" / "leaderboard.md").read_text()
+    assert "lora (lr tuned)" in text and "lr=" not in text.split("Learning rate chosen")[0].split("| method")[1]
+    assert "learning rate searched: 2 trials per method (grid, mean dev score of seed 1)" in text
+    assert "seeds 1, 2." in text
+    chosen = read_record(next((results / "final").glob(f"*/{RECORD_NAME}")))["config"]["train"]["lr"]
+    assert f"| lora (lr tuned) | {chosen:.3g} |" in text
+    assert (tmp_path / "board" / "tiny-cpu-1-no-lr-sensitivity.png").is_file() or any(
+        p.name.endswith("lr-sensitivity.png") for p in (tmp_path / "board").iterdir())
+    groups = leaderboard.build(leaderboard.collect([results])[0])
+    assert len(groups) == 1 and [len(r.records) for r in groups[0].rows.values()] == [2]  # final runs only
+    assert len(groups[0].search) == 2
+    csv_rows = (tmp_path / "board" / "leaderboard.csv").read_text().splitlines()
+    assert len(csv_rows) == 2 and json.dumps  # header + the tuned row's one task
+
+
+def test_every_method_documents_its_default_learning_rate_range():
+    from peftbench.methods import get_method, method_names
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "methods"
+    for name in method_names():
+        low, high = get_method(name).lr_range
+        assert 0 < low < high
+        assert f"default range {low:g} to {high:g}" in (docs / f"{name}.md").read_text()

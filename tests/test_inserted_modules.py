@@ -138,3 +138,32 @@ def test_in_training_the_adapter_reads_the_dropped_out_projection():
         dropped = adapter_input == 0
         assert 0.3 < dropped.float().mean() < 0.7 and not (projected == 0).any()
         torch.testing.assert_close(adapter_input[~dropped], 2 * projected[~dropped])  # kept values scaled by 1/(1-p)
+
+
+@pytest.mark.parametrize("build", [bert, qwen])
+def test_prefix_from_tokens_starts_at_those_tokens_keys_and_values(build):
+    """init=tokens (Li & Liang): each layer's prefixes are the keys and values the frozen backbone computes
+    for the drawn vocabulary tokens; with the MLP, its input embedding is their word embeddings."""
+    base = build()
+    method = get_method("prefix")(get_method("prefix").Config(num_virtual_tokens=5, reparameterize=False,
+                                                               init="tokens"))
+    model = method.apply(copy.deepcopy(base), CTX)
+    ids = torch.tensor([method.init_token_ids])
+    assert len(method.summary(model)["prefix_init_token_ids"]) == 5
+    prefix = getattr(model, ENCODER_NAME).prefix  # (layers, 2, kv_heads, tokens, head_dim)
+    heads = prefix.shape[2]
+    attentions = [m for name, m in base.named_modules() if name.endswith(("attention.self", "self_attn"))]
+    with torch.no_grad():
+        hidden_in = base(input_ids=ids, output_hidden_states=True).hidden_states  # each layer's input
+        for layer, attention in enumerate(attentions):
+            bert_like = hasattr(attention, "key")
+            x = hidden_in[layer] if bert_like else base.model.layers[layer].input_layernorm(hidden_in[layer])
+            heads_of = lambda t: t.view(1, 5, heads, -1).transpose(1, 2)[0]  # noqa: E731
+            if bert_like:  # Qwen2's keys are rotated (RoPE) after the projection: values suffice there
+                torch.testing.assert_close(prefix[layer, 0], heads_of(attention.key(x)), atol=1e-5, rtol=1e-5)
+            value = attention.value(x) if bert_like else attention.v_proj(x)
+            torch.testing.assert_close(prefix[layer, 1], heads_of(value), atol=1e-5, rtol=1e-5)
+    mlp = get_method("prefix")(get_method("prefix").Config(num_virtual_tokens=5, init="tokens"))
+    reparam = mlp.apply(copy.deepcopy(base), CTX)
+    torch.testing.assert_close(getattr(reparam, ENCODER_NAME).embedding,
+                               base.get_input_embeddings()(torch.tensor(mlp.init_token_ids)))

@@ -10,6 +10,11 @@ The backbone is frozen; only the prefixes (and the head) train. With
 embedding (Li & Liang's stabilisation): P = MLP(E), E: n x d; the MLP is used in
 training only: the saved adapter holds the folded prefixes P themselves.
 
+``init``: ``random`` (normal, the backbone's initializer_range) or ``tokens``, Li & Liang's
+initialisation from real words: n token ids drawn from the vocabulary (with the run's seed) are run
+through the frozen backbone, and each layer's prefixes start as those tokens' own keys and values
+(with the MLP: E starts as their word embeddings).
+
 PEFT's prefix tuning passes prefixes as ``past_key_values``, which encoders
 ignore and current transformers renamed; here the attention computation itself
 is extended. The chosen attention modules dispatch to a registered attention
@@ -56,6 +61,7 @@ class PrefixEncoder(nn.Module):
             self.prefix = nn.Parameter(torch.randn(self.shape) * init_std)
 
         self.current: torch.Tensor | None = None  # the MLP's output for the model's latest forward pass
+        self.captured: dict[int, torch.Tensor] | None = None  # layer -> (2, kv_heads, tokens, head_dim), init=tokens
 
     def forward(self) -> torch.Tensor:
         """The prefixes the attention layers read: in a forward pass with the MLP, its output for that pass."""
@@ -93,6 +99,9 @@ class _Link:
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     """Prepend this layer's prefixes to keys/values, extend the mask, run the wrapped attention."""
     link: _Link = module.peftbench_prefix
+    if link.encoder.captured is not None:  # reading the backbone's own keys and values (init=tokens)
+        link.encoder.captured[link.layer] = torch.stack([key[0], value[0]])
+        return link.base_attention(module, query, key, value, attention_mask, **kwargs)
     prefix_k, prefix_v = link.encoder()[link.layer]  # (kv_heads, tokens, head_dim) each
     batch, tokens = key.shape[0], prefix_k.shape[1]
     key = torch.cat([prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
@@ -140,12 +149,38 @@ class PrefixConfig(MethodConfig):
     num_virtual_tokens: int = 20  # prefix length n
     reparameterize: bool = True  # MLP reparameterisation during training (folded away when saved)
     reparam_hidden: int = 512  # MLP width h
+    init: str = "random"  # random | tokens (the keys/values of real vocabulary tokens, Li & Liang)
     # regexes of the attention modules (BERT/RoBERTa, Llama/Qwen)
     attention_modules: list[str] = field(default_factory=lambda: [r"attention\.self", r"self_attn"])
 
     def __post_init__(self):
         require(self.num_virtual_tokens >= 1, "method.num_virtual_tokens", ">= 1", self.num_virtual_tokens)
         require(self.reparam_hidden >= 1, "method.reparam_hidden", ">= 1", self.reparam_hidden)
+        require(self.init in ("random", "tokens"), "method.init", "random or tokens", self.init)
+
+
+def start_from_tokens(model: nn.Module, encoder: PrefixEncoder, tokens: int) -> list[int]:
+    """Li & Liang's initialisation: ``tokens`` vocabulary ids (drawn with torch's seed, the config's special
+    ids left out) run through the frozen backbone; each layer's prefixes become their keys and values, or, with
+    the MLP, the embedding E becomes their word embeddings. Returns the ids."""
+    embeddings = model.get_input_embeddings()
+    special = {getattr(model.config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    pool = torch.tensor([i for i in range(embeddings.num_embeddings) if i not in special])
+    ids = pool[torch.randint(len(pool), (tokens,))].to(embeddings.weight.device)
+    with torch.no_grad():
+        if hasattr(encoder, "embedding"):
+            encoder.embedding.copy_(embeddings(ids).to(encoder.embedding.dtype))
+            return ids.tolist()
+        encoder.captured = {}
+        was_training = model.training
+        model.eval()
+        try:
+            model(input_ids=ids[None])
+            encoder.prefix.copy_(torch.stack([encoder.captured[layer] for layer in range(len(encoder.captured))]))
+        finally:
+            encoder.captured = None
+            model.train(was_training)
+    return ids.tolist()
 
 
 @register_method
@@ -173,7 +208,12 @@ class Prefix(InPlaceMethod):
             module.peftbench_prefix = _Link(encoder, layer, base)
             module.config = copy.copy(module.config)  # only the attention modules dispatch to the prefix attention
             module.config._attn_implementation = ATTENTION_NAME
+        if cfg.init == "tokens":
+            self.init_token_ids = start_from_tokens(model, encoder, cfg.num_virtual_tokens)
         return model
+
+    def summary(self, model) -> dict:
+        return {"prefix_init_token_ids": self.init_token_ids} if self.cfg.init == "tokens" else {}
 
     def is_trainable(self, name: str) -> bool:
         return name.startswith(ENCODER_NAME + ".") or is_head(name)
@@ -186,5 +226,5 @@ class Prefix(InPlaceMethod):
         return tensors
 
     def load(self, base_model, ckpt_dir, ctx):
-        folded = Prefix(dataclasses.replace(self.cfg, reparameterize=False))
+        folded = Prefix(dataclasses.replace(self.cfg, reparameterize=False, init="random"))  # its tensors are loaded
         return InPlaceMethod.load(folded, base_model, ckpt_dir, ctx)

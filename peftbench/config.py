@@ -26,9 +26,9 @@ from peftbench.registry import METHODS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
-LATER_KEYS = (  # (section, key) added after leaderboards/ records were written; append every new task/model/train key
+LATER_KEYS = (  # (section, key) added after leaderboards/ records were written; append every new key
     ("model", "quantization"), ("model", "quant_4bit_type"), ("model", "quant_4bit_compute_dtype"),
-    ("model", "quant_4bit_double"), ("train", "evaluate_test"))
+    ("model", "quant_4bit_double"), ("train", "evaluate_test"), ("method", "init"))
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
             "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
@@ -118,8 +118,9 @@ class RunConfig:
         body["train"].pop("report_to")  # where the run is watched changes no result
         body["train"].pop("measure_inference")  # nor does what is measured after it
         for section, key in LATER_KEYS:
-            defaults = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}[section]()
-            if body[section][key] == getattr(defaults, key):
+            defaults = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig,
+                        "method": type(self.method)}[section]()
+            if key in body[section] and body[section][key] == getattr(defaults, key):
                 del body[section][key]
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]

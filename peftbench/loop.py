@@ -41,9 +41,12 @@ def process_state():
 
 def make_accelerator(cfg: LoopConfig, compile: bool = False, trackers_dir: Path | None = None) -> Accelerator:
     """A fresh Accelerator for one run (several runs in one process may differ in precision); with
-    ``cfg.report_to``, its experiment trackers write under ``trackers_dir``."""
+    ``cfg.report_to``, its experiment trackers write under ``trackers_dir``. On CPU, denormal floats are
+    flushed to zero for the process."""
     AcceleratorState._reset_state()
     cuda = torch.cuda.is_available()
+    if not cuda:  # denormal floats (tiny prefixes, small gradients) run many times slower on CPUs; GPUs flush them
+        torch.set_flush_denormal(True)
     if cfg.mixed_precision == "fp16" and not cuda:
         raise PeftbenchError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate runs neither fp16 autocast "
                              "nor loss scaling; use bf16 or 'no'")

@@ -130,6 +130,12 @@ class Study:
         probe.train.lr, probe.train.seed = 0.0, 0
         return f"{self.cfg.task.name}-{self.cfg.method.name}-{probe.run_id[:8]}"
 
+    @property
+    def label(self) -> str:
+        """The name with the method settings that differ from their defaults (what tells studies apart)."""
+        changed = self.cfg.changed_settings()["method"]
+        return self.name + (f" ({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})" if changed else "")
+
     def cell_cfg(self, phase: str, lr: float, seed: int) -> RunConfig:
         cfg = copy.deepcopy(self.cfg)
         cfg.train.lr, cfg.train.seed = lr, seed
@@ -273,7 +279,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
             number, lr = trial
             attempted.add(number)
             if main:
-                print(f"{study.name}: trial {number + 1}/{search.trials}, lr {lr:.3g}", flush=True)
+                print(f"{study.label}: trial {number + 1}/{search.trials}, lr {lr:.3g}", flush=True)
             cells = [Cell(cfg, record_status(cfg), {"phase": SEARCH_DIR, "study": study.name, "trial": number,
                                                     "budget": search.budget(method)})
                      for cfg in (study.cell_cfg(SEARCH_DIR, lr, seed) for seed in search.seeds)]
@@ -306,7 +312,7 @@ def describe(studies_: list[Study], search: SearchSpec) -> list[str]:
     lines = []
     db = search.storage.removeprefix("sqlite:///")
     if db != search.storage and not Path(db).is_file():
-        return [f"{study.name}: 0/{search.trials} trials" for study in studies_]
+        return [f"{study.label}: 0/{search.trials} trials" for study in studies_]
     for study in studies_:
         optuna_study = open_study(study, search)
         trials = optuna_study.get_trials(deepcopy=False)
@@ -314,5 +320,5 @@ def describe(studies_: list[Study], search: SearchSpec) -> list[str]:
                           for t in trials if "lr" in t.params)
         chosen = choice(optuna_study, search)
         pick = "" if not chosen or chosen["lr"] is None else f"; chosen lr {chosen['lr']:.3g}"
-        lines.append(f"{study.name}: {len(trials)}/{search.trials} trials [{tried}]{pick}")
+        lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick}")
     return lines

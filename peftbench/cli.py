@@ -297,7 +297,7 @@ def _sweep(ns) -> int:
     shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []
     provenance = {"sweep_file": ns.sweep_file,
                   "command": " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides, *shard])}
-    left_open = []
+    waiting, no_final = [], []
     if "search" in spec or "final" in spec:
         from peftbench import search
 
@@ -309,7 +309,8 @@ def _sweep(ns) -> int:
         if ns.dry_run:
             print("\n".join(search.describe(studies, spec["search"])))
             return 0
-        outcome, left_open = search.run_search(studies, spec["search"], ns.retry_failed, provenance=provenance)
+        outcome, waiting, no_final = search.run_search(studies, spec["search"], ns.retry_failed,
+                                                       provenance=provenance)
     else:
         cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
         todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
@@ -326,10 +327,12 @@ def _sweep(ns) -> int:
         for r in outcome.records:
             if r["status"] == "failed":
                 print(f"failed: {r['run_id']} {r['error']}")
-        for line in left_open:
-            print(f"open: {line}")
+        for study in waiting:
+            print(f"{study}: its last trials run in another worker, which runs its final seeds")
+        for study in no_final:
+            print(f"{study}: every trial failed: no final runs")
         print(outcome.summary())
-    return 1 if outcome.failed or left_open else 0
+    return 1 if outcome.failed or no_final else 0
 
 
 def _list_tasks() -> int:

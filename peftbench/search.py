@@ -266,11 +266,11 @@ def choice(optuna_study, search: SearchSpec) -> dict | None:
 
 
 def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
-               provenance: dict | None = None) -> tuple[SweepOutcome, list[str]]:
-    """Every study's trials, then its final runs; returns the outcome and one line per study left open
-    (trials still running elsewhere, or every trial failed)."""
+               provenance: dict | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
+    """Every study's trials, then its final runs. Returns the outcome, the studies whose last trials run in
+    another worker (which runs their final seeds when they end), and the studies whose every trial failed."""
     main = process_state().is_main_process
-    outcome, open_ = SweepOutcome(records=[]), []
+    outcome, waiting, failed = SweepOutcome(records=[]), [], []
     for study in studies_:
         method = study.cfg.method.name
         optuna_study = open_study(study, search) if main else None
@@ -293,8 +293,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
         if not search.final_seeds:
             continue
         if chosen is None or chosen["trial"] is None:
-            open_.append(f"{study.name}: " + ("trials still running elsewhere; rerun to finish" if chosen is None
-                                              else f"all {search.trials} trials failed: no final runs"))
+            (waiting if chosen is None else failed).append(study.label)
             continue
         if main:
             print(f"{study.name}: lr {chosen['lr']:.3g} chosen (trial {chosen['trial'] + 1}, mean dev "
@@ -304,7 +303,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
         cells = [Cell(cfg, record_status(cfg), final)
                  for cfg in (study.cell_cfg(FINAL_DIR, chosen["lr"], seed) for seed in search.final_seeds)]
         outcome.add(run_sweep(cells, retry_failed, runner, provenance))
-    return outcome, open_
+    return outcome, waiting, failed
 
 
 def describe(studies_: list[Study], search: SearchSpec) -> list[str]:

@@ -91,8 +91,8 @@ def test_every_method_gets_the_same_budget_and_its_best_dev_lr_goes_to_the_final
     out = Path(spec["output_dir"])
     studies = search.studies(spec)
     assert [s.cfg.method.name for s in studies] == ["full", "lora"]
-    outcome, left_open = search.run_search(studies, spec["search"], runner=fake_runner(tmp_path / "calls"))
-    assert left_open == [] and outcome.failed == 0
+    outcome, waiting, no_final = search.run_search(studies, spec["search"], runner=fake_runner(tmp_path / "calls"))
+    assert waiting == no_final == [] and outcome.failed == 0
     found = records_of(out, "search")
     assert len(found) == 2 * 4 * 2  # methods x trials x seeds
     for method, (low, high) in {"full": (1e-5, 1e-3), "lora": (1e-4, 3e-2)}.items():
@@ -113,7 +113,7 @@ def test_every_method_gets_the_same_budget_and_its_best_dev_lr_goes_to_the_final
         assert final[0]["provenance"]["search_dev_score"] == pytest.approx(mean_dev)
     # a second pass finds everything done
     again = tmp_path / "again"
-    outcome, _ = search.run_search(search.studies(spec), spec["search"], runner=fake_runner(again))
+    outcome, *_ = search.run_search(search.studies(spec), spec["search"], runner=fake_runner(again))
     assert not again.exists() and outcome.ran == 0 and outcome.done_before == 2 * 3  # trials finished: final only
 
 
@@ -166,19 +166,20 @@ def test_tpe_sampler_keeps_the_budget_and_the_range(tmp_path):
 
 def test_a_diverged_trial_counts_in_the_budget_and_all_failed_leaves_the_study_open(tmp_path, capsys):
     spec = spec_at(tmp_path)
-    outcome, left_open = search.run_search(search.studies(spec), spec["search"],
-                                           runner=fake_runner(tmp_path / "calls", fail_above=2e-4))
+    outcome, waiting, no_final = search.run_search(search.studies(spec), spec["search"],
+                                                   runner=fake_runner(tmp_path / "calls", fail_above=2e-4))
     # full: 1e-5 and 4.64e-5 succeed, 2.15e-4 and 1e-3 fail; lora: only 1e-4 succeeds. Two seeds per trial.
     assert outcome.failed == 0 and outcome.failed_trials == 2 * (2 + 3)
     final = records_of(Path(spec["output_dir"]), "final")
     assert {(r["config"]["method"]["name"], r["config"]["train"]["lr"]) for r in final} == {("full", 4.64e-5),
                                                                                             ("lora", 1e-4)}
-    assert left_open == []
+    assert waiting == no_final == []
     (tmp_path / "all").mkdir()
     spec = spec_at(tmp_path / "all", trials=2)
-    outcome, left_open = search.run_search(search.studies(spec), spec["search"],
-                                           runner=fake_runner(tmp_path / "calls2", fail_above=1e-9))
-    assert len(left_open) == 2 and all("all 2 trials failed: no final runs" in line for line in left_open)
+    outcome, waiting, no_final = search.run_search(search.studies(spec), spec["search"],
+                                                   runner=fake_runner(tmp_path / "calls2", fail_above=1e-9))
+    assert waiting == [] and [s.split(" ")[0].rsplit("-", 1)[0] for s in no_final] == ["synthetic-full",
+                                                                                         "synthetic-lora"]
     assert not (Path(spec["output_dir"]) / "final").exists()
 
 

@@ -32,7 +32,7 @@ from peftbench.errors import PeftbenchError
 from peftbench.loop import process_state
 from peftbench.methods import get_method
 from peftbench.records import RECORD_NAME, read_record
-from peftbench.sweep import CLAIMS_DIR, VARIANTS, Cell, Claim, SweepOutcome, _agree, expand, record_status, run_sweep
+from peftbench.sweep import CLAIMS_DIR, VARIANTS, Cell, Claim, SweepOutcome, agree, expand, record_status, run_sweep
 
 SAMPLERS = ("grid", "tpe")
 SEARCH_DIR, FINAL_DIR = "search", "final"  # in the sweep's output_dir
@@ -275,7 +275,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
         method = study.cfg.method.name
         optuna_study = open_study(study, search) if main else None
         attempted: set[int] = set()
-        while (trial := _agree(next_trial(optuna_study, study, search, attempted) if main else None)) is not None:
+        while (trial := agree(next_trial(optuna_study, study, search, attempted) if main else None)) is not None:
             number, lr = trial
             attempted.add(number)
             if main:
@@ -289,7 +289,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
         if main:
             with study_lock(study):
                 settle(optuna_study, study, search)
-        chosen = _agree(choice(optuna_study, search) if main else None)
+        chosen = agree(choice(optuna_study, search) if main else None)
         if not search.final_seeds:
             continue
         if chosen is None or chosen["trial"] is None:

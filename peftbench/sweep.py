@@ -233,7 +233,7 @@ class SweepOutcome:
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
-def _agree(value):
+def agree(value):
     """The main process's value on every process (all must run the same cells)."""
     from accelerate.utils import broadcast_object_list
 
@@ -254,7 +254,7 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
     outcome = SweepOutcome(records=[], cells=len(cells))
 
     def finished() -> str | None:  # read now: another worker may have finished the cell since planning
-        status = _agree(record_status(cell.cfg) if main else None)
+        status = agree(record_status(cell.cfg) if main else None)
         return status if status == "success" or (status == "failed" and not retry_failed) else None
 
     for number, cell in enumerate(cells, 1):
@@ -266,7 +266,7 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
         claim = None
         if status is None:
             claim = Claim.take(Path(cell.cfg.output_dir).parent / CLAIMS_DIR / f"{cell.run_id}.json") if main else None
-            if not _agree(claim is not None):
+            if not agree(claim is not None):
                 outcome.claimed_elsewhere += 1
                 continue
             status = finished()  # it may have finished between the look and the claim

@@ -21,7 +21,7 @@ import torch
 from peftbench import config, models
 from peftbench.errors import PeftbenchError
 from peftbench.methods import method_names
-from peftbench.records import environment
+from peftbench.records import environment, write_atomic
 from peftbench.tasks.synthetic import generate_splits
 from peftbench.train import run
 
@@ -71,6 +71,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", help="also write the rows and the environment as JSON")
     args = parser.parse_args(argv)
     env = environment(1)
     print(f"{env['device_name']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
@@ -95,8 +96,10 @@ def main(argv=None) -> list[dict]:
                         print(f"| {r['backbone']} | {method} | {precision} | {quantization} | {r['status']} | "
                               + (f"{r['samples_per_s']:.0f} | {r['peak_memory_mb']:.0f} | {r['base_mb']:.1f} |"
                                  if ok else "— | — | — |"), flush=True)
+    if args.out:
+        write_atomic(args.out, {"env": env, "rows": rows})
     return rows
 
 
 if __name__ == "__main__":
-    sys.exit(0 if all(r["status"] != "error" for r in main()) else 1)
+    sys.exit(0 if not any(r["status"].startswith("error") for r in main()) else 1)

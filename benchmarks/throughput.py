@@ -1,20 +1,24 @@
-"""Training throughput: peftbench's loop beside the plain transformers + PEFT loop.
+"""Training throughput: peftbench's loop beside the loops users would otherwise run.
 
     python benchmarks/throughput.py --arch bert-base-chinese --precisions bf16 --lengths fixed,tnews
 
 For every method
 and precision, on a random-init model of a given architecture (weights do not
-change speed), it trains the same batches through
+change speed), it trains the same texts through
 
 - **peftbench**: ``train.run`` itself (length-grouped dynamic padding, frozen weights in
   the compute dtype, fused AdamW on GPU, pinned non-blocking batches, no host sync in
-  the step, optional ``torch.compile``), and
-- **plain**: what users run today: a transformers model + PEFT + ``torch.optim.AdamW``
-  under autocast (fp32 weights), every batch padded to ``--seq-len``,
+  the step, optional ``torch.compile``),
+- **plain** (``--baselines``): a transformers model + PEFT + ``torch.optim.AdamW`` under
+  autocast (fp32 weights), every batch padded to ``--seq-len`` (what ``run_glue``-style
+  scripts do by default), and
+- **trainer**: the Hugging Face ``Trainer`` set up as an expert would: dynamic padding
+  (``DataCollatorWithPadding``), length-grouped sampling, the same precision, fused AdamW
+  on GPU, the same batch, steps, learning rate and schedule, PEFT's method,
 
 in one process, and prints samples/s, real-token/s, ms/step, peak memory and MFU
-for both, with the ratios peftbench / plain. Clocks are read after a device
-synchronise; the first ``--warmup`` steps are not timed.
+with the ratios peftbench / baseline. Clocks are read after a device synchronise
+(a ``TrainerCallback`` does it for the Trainer); the first ``--warmup`` steps are not timed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,15 @@ from pathlib import Path
 import torch
 
 from peftbench import config, models
-from peftbench.measure import StepTimer, model_shape, peak_matmul_flops, peak_memory_mb, reset_peak_memory, train_flops
+from peftbench.measure import (
+    StepTimer,
+    inference_cost,
+    model_shape,
+    peak_matmul_flops,
+    peak_memory_mb,
+    reset_peak_memory,
+    train_flops,
+)
 from peftbench.methods import RunContext, get_method
 from peftbench.records import environment, write_atomic
 
@@ -91,23 +103,32 @@ def peftbench_step(arch: str, method: str, precision: str, data_dir: Path, args,
     stats = {"samples_per_s": m["train_samples_per_s"], "tokens_per_s": m["train_tokens_per_s"],
              "ms_per_step": 1000 * m["timed_seconds"] / m["timed_steps"], "peak_memory_mb": m["peak_memory_mb"],
              "trainable": p["trainable"], **model_shape(model, get_method(method).virtual_token_modules)}
+    inference = result.record.get("inference") or {}
+    stats["inference"] = {k: inference[k] for k in ("as_trained", "merged") if k in inference}
     del result, model
     return stats
 
 
-def plain_step(arch: str, method: str, precision: str, data_dir: Path, args) -> dict:
-    """The plain loop: transformers + PEFT + AdamW under autocast, batches padded to ``seq_len``, in file order."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lines = (data_dir / "train_few_all.json").read_text(encoding="utf-8").splitlines()
-    texts = [json.loads(line)["sentence"] for line in lines]
-    tokenizer = models.char_tokenizer(texts)  # the vocabulary the peftbench path builds
+def baseline_model(arch: str, method: str, data_dir: Path, total_steps: int):
+    """The baselines' model: transformers' random-init ``arch`` with PEFT's ``method`` (none for ``full``), the
+    vocabulary the peftbench path builds, and the training texts and labels."""
+    rows = [json.loads(line) for line in (data_dir / "train_few_all.json").read_text(encoding="utf-8").splitlines()]
+    texts, labels = [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+    tokenizer = models.char_tokenizer(texts)
     torch.manual_seed(0)
     model = models.load_model(config.ModelConfig(name_or_path=f"random:{arch}"), ["0", "1", "2", "3"], tokenizer)[0]
     if method != "full":
         from peft import get_peft_model
 
         m = get_method(method)(config.load(None, [f"method.name={method}", *method_overrides(method)]).method)
-        model = get_peft_model(model, m.peft_config(RunContext(total_steps=args.warmup + args.steps, num_labels=4)))
+        model = get_peft_model(model, m.peft_config(RunContext(total_steps=total_steps, num_labels=4)))
+    return model, tokenizer, texts, labels
+
+
+def plain_step(arch: str, method: str, precision: str, data_dir: Path, args) -> dict:
+    """The plain loop: transformers + PEFT + AdamW under autocast, batches padded to ``seq_len``, in file order."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, texts, _ = baseline_model(arch, method, data_dir, args.warmup + args.steps)
     model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     dtype = DTYPES.get(precision)
@@ -129,14 +150,83 @@ def plain_step(arch: str, method: str, precision: str, data_dir: Path, args) -> 
             model.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
         timer.optimizer_step(step)
-    timing, memory = timer.result(), peak_memory_mb(device)
-    stats = {"samples_per_s": timing["timed_samples"] / timing["timed_seconds"],
-             "tokens_per_s": timing["timed_tokens"] / timing["timed_seconds"],
-             "ms_per_step": 1000 * timing["timed_seconds"] / timing["timed_steps"],
-             "peak_memory_mb": memory["peak_memory_mb"],
-             **model_shape(model, get_method(method).virtual_token_modules)}
-    del model, optimizer
+    stats = baseline_stats(model, method, timer.result(), peak_memory_mb(device))
+    model.eval()
+    stats["inference"] = {"plain": plain_inference(model, tokenizer, data_dir, args.seq_len, device, dtype)}
     return stats
+
+
+def plain_inference(model, tokenizer, data_dir: Path, seq_len: int, device: torch.device, dtype) -> dict:
+    """The serving cost of the PEFT model as users run it: fp32 weights under autocast, every batch padded to
+    ``seq_len``; the texts, batch size and single sequence of peftbench's own measurement (the dev split in
+    file order, batches of ``eval_batch_size``, the median-length text)."""
+    texts = [json.loads(line)["sentence"] for line in (data_dir / "dev_few_all.json").read_text().splitlines()]
+    size = config.TrainConfig().eval_batch_size
+
+    def collate(chunk):
+        inputs = tokenizer(chunk, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+        return {"inputs": inputs, "id": list(range(len(chunk))), "num_tokens": int(inputs["attention_mask"].sum())}
+
+    single = collate([sorted(texts, key=len)[len(texts) // 2]])
+    batches = [collate(texts[i : i + size]) for i in range(0, len(texts), size)]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+    return inference_cost(model, single, batches, device, autocast=autocast)
+
+
+def trainer_step(arch: str, method: str, precision: str, data_dir: Path, args, out_dir: Path) -> dict:
+    """The Hugging Face Trainer as an expert sets it up: dynamic padding, length-grouped sampling, the same
+    precision, batch, steps and schedule as peftbench (linear, 10 % warm-up, weight decay 0.01, clipping at 1),
+    fused AdamW on GPU; a callback times the optimizer steps after a device synchronise."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    total = args.warmup + args.steps
+    model, tokenizer, texts, labels = baseline_model(arch, method, data_dir, total)
+    encoded = tokenizer(texts, truncation=True, max_length=args.seq_len)
+    dataset = Dataset.from_dict({**encoded, "labels": labels, "length": [len(ids) for ids in encoded["input_ids"]]})
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if cuda else None)
+    batch_counts = []  # (samples, real tokens) of every collated batch, in the order the steps use them
+
+    def counted(features):
+        batch = collate([{k: v for k, v in f.items() if k != "length"} for f in features])
+        batch_counts.append((len(features), int(batch["attention_mask"].sum())))
+        return batch
+
+    timer = StepTimer(device, warmup_steps=args.warmup)
+
+    class Clock(TrainerCallback):
+        def on_optimizer_step(self, targs, state, control, **kwargs):
+            if method == "adalora":  # PEFT's AdaLoRA needs its budget update while the gradients exist
+                kwargs["model"].base_model.update_and_allocate(state.global_step + 1)
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            timer.count(*batch_counts[state.global_step - 1])
+            timer.optimizer_step(state.global_step)
+
+    training = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, max_steps=total, learning_rate=1e-4,
+        lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.01, max_grad_norm=1.0,
+        train_sampling_strategy="group_by_length", bf16=precision == "bf16", fp16=precision == "fp16",
+        optim="adamw_torch_fused" if cuda else "adamw_torch", use_cpu=not cuda, torch_compile=args.compile,
+        save_strategy="no", logging_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_pin_memory=cuda, remove_unused_columns=False, seed=0)
+    trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=counted, callbacks=[Clock()])
+    reset_peak_memory(device)
+    trainer.remove_callback(PrinterCallback)  # its end-of-training summary would land in the table
+    trainer.train()
+    stats = baseline_stats(trainer.model, method, timer.result(), peak_memory_mb(device))
+    del trainer
+    return stats
+
+
+def baseline_stats(model, method: str, timing: dict, memory: dict) -> dict:
+    return {"samples_per_s": timing["timed_samples"] / timing["timed_seconds"],
+            "tokens_per_s": timing["timed_tokens"] / timing["timed_seconds"],
+            "ms_per_step": 1000 * timing["timed_seconds"] / timing["timed_steps"],
+            "timed_steps": timing["timed_steps"], "peak_memory_mb": memory["peak_memory_mb"],
+            **model_shape(model, get_method(method).virtual_token_modules)}
 
 
 def bench(args) -> list[dict]:
@@ -151,14 +241,17 @@ def bench(args) -> list[dict]:
             for method in args.methods:
                 for precision in args.precisions:
                     row = {"arch": args.arch, "lengths": mode, "method": method, "precision": precision}
-                    for name in ("peftbench", "plain"):
-                        if name == "plain" and method not in PLAIN_PEFT:
+                    for name in ("peftbench", *args.baselines):
+                        if name != "peftbench" and method not in PLAIN_PEFT:
                             row[name] = None
                             continue
                         try:
-                            stats = (peftbench_step(args.arch, method, precision, data_dir, args, Path(tmp) / "run")
-                                     if name == "peftbench"
-                                     else plain_step(args.arch, method, precision, data_dir, args))
+                            if name == "peftbench":
+                                stats = peftbench_step(args.arch, method, precision, data_dir, args, Path(tmp) / "run")
+                            elif name == "plain":
+                                stats = plain_step(args.arch, method, precision, data_dir, args)
+                            else:
+                                stats = trainer_step(args.arch, method, precision, data_dir, args, Path(tmp) / "hf")
                         except Exception as exc:  # noqa: BLE001  (a failed cell is a result, e.g. out of memory)
                             first = str(exc).splitlines()[0] if str(exc) else ""
                             row[name] = {"error": f"{type(exc).__name__}: {first}"}
@@ -172,33 +265,66 @@ def bench(args) -> list[dict]:
                         row[name] = stats
                     row["samples_per_step"] = per_step
                     rows.append(row)
-                    print(format_row(row), flush=True)
+                    print(format_row(row, args.baselines), flush=True)
     return rows
 
 
-def format_row(row: dict) -> str:
-    def cell(stats, key, fmt):
-        if stats is None:
-            return "—"
-        if "error" in stats:
-            return "error"
-        return format(stats[key], fmt)
-
-    a, b = row["peftbench"], row["plain"]
+def ratio(a: dict | None, b: dict | None, key: str) -> str:
     ok = a and b and "error" not in a and "error" not in b
-    speed = f"{a['samples_per_s'] / b['samples_per_s']:.2f}×" if ok else "—"
-    memory = f"{a['peak_memory_mb'] / b['peak_memory_mb']:.2f}×" if ok else "—"
-    return (f"| {row['arch']} | {row['lengths']} | {row['method']} | {row['precision']} | "
-            f"{cell(a, 'samples_per_s', '.1f')} | {cell(b, 'samples_per_s', '.1f')} | {speed} | "
-            f"{cell(a, 'tokens_per_s', '.0f')} | {cell(b, 'tokens_per_s', '.0f')} | "
-            f"{cell(a, 'ms_per_step', '.1f')} | {cell(b, 'ms_per_step', '.1f')} | "
-            f"{cell(a, 'peak_memory_mb', '.0f')} | {cell(b, 'peak_memory_mb', '.0f')} | {memory} | "
-            f"{cell(a, 'mfu', '.1%')} | {cell(b, 'mfu', '.1%')} |")
+    return f"{a[key] / b[key]:.2f}×" if ok else "—"
 
 
-HEADER = ("| arch | lengths | method | precision | samples/s peftbench | samples/s plain | speed ratio | "
-          "real tok/s peftbench | real tok/s plain | ms/step peftbench | ms/step plain | peak MB peftbench | "
-          "peak MB plain | memory ratio | MFU peftbench | MFU plain |\n" + "|---" * 16 + "|")
+def cell(stats: dict | None, key: str, fmt: str) -> str:
+    if stats is None:
+        return "—"
+    return "error" if "error" in stats else format(stats[key], fmt)
+
+
+def format_row(row: dict, baselines: list[str]) -> str:
+    a = row["peftbench"]
+    cells = [row["arch"], row["lengths"], row["method"], row["precision"], cell(a, "samples_per_s", ".1f")]
+    cells += [x for b in baselines for x in (cell(row[b], "samples_per_s", ".1f"), ratio(a, row[b], "samples_per_s"))]
+    cells += [cell(a, "tokens_per_s", ".0f"), cell(a, "ms_per_step", ".1f"), cell(a, "peak_memory_mb", ".0f")]
+    cells += [x for b in baselines for x in (cell(row[b], "peak_memory_mb", ".0f"), ratio(a, row[b], "peak_memory_mb"))]
+    cells += [cell(a, "mfu", ".1%")] + [cell(row[b], "mfu", ".1%") for b in baselines]
+    return "| " + " | ".join(cells) + " |"
+
+
+def header(baselines: list[str]) -> str:
+    names = ["arch", "lengths", "method", "precision", "samples/s peftbench"]
+    names += [x for b in baselines for x in (f"samples/s {b}", f"speed ×{b}")]
+    names += ["real tok/s peftbench", "ms/step peftbench", "peak MB peftbench"]
+    names += [x for b in baselines for x in (f"peak MB {b}", f"memory ×{b}")]
+    names += ["MFU peftbench"] + [f"MFU {b}" for b in baselines]
+    return "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|"
+
+
+def baseline_list(text: str) -> list[str]:
+    names = [b for b in text.split(",") if b]
+    unknown = sorted(set(names) - {"plain", "trainer"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline {unknown[0]!r}: choose from plain, trainer")
+    return names
+
+
+def inference_table(rows: list[dict]) -> str:
+    """Serving cost of the methods that merge: peftbench's model as trained (dynamic padding, frozen weights in
+    the compute dtype), merged, and the plain PEFT model (padded to --seq-len); latency of one median-length
+    text and samples/s over the dev texts."""
+    lines = ["| arch | lengths | method | precision | p50 ms peftbench | p50 ms merged | p50 ms plain PEFT | "
+             "samples/s peftbench | samples/s merged | samples/s plain PEFT | merged × plain PEFT |",
+             "|---" * 11 + "|"]
+    for row in rows:
+        ours = (row["peftbench"] or {}).get("inference", {})
+        plain = ((row.get("plain") or {}).get("inference") or {}).get("plain")
+        if "merged" not in ours or plain is None:
+            continue
+        a, m = ours["as_trained"], ours["merged"]
+        lines.append(f"| {row['arch']} | {row['lengths']} | {row['method']} | {row['precision']} | "
+                     f"{a['latency_ms_p50']:.2f} | {m['latency_ms_p50']:.2f} | {plain['latency_ms_p50']:.2f} | "
+                     f"{a['samples_per_s']:.0f} | {m['samples_per_s']:.0f} | {plain['samples_per_s']:.0f} | "
+                     f"{m['samples_per_s'] / plain['samples_per_s']:.2f}× |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,7 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps first")
-    p.add_argument("--compile", action="store_true", help="peftbench path with torch.compile")
+    p.add_argument("--baselines", default="plain,trainer", type=baseline_list,
+                   help="comma list of plain (padded to --seq-len) and trainer (Hugging Face Trainer)")
+    p.add_argument("--compile", action="store_true", help="peftbench path (and the Trainer's) with torch.compile")
     p.add_argument("--tnews-file", type=Path, help="FewCLUE tnews/train_few_all.json: real title lengths for "
                    "--lengths tnews (default: uniform 10-34 characters, close to their median 22 and p95 32)")
     p.add_argument("--out", help="also write the rows and the environment as JSON")
@@ -225,10 +353,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     print(f"{environment()['device_name']}, torch {torch.__version__}, {args.batch_size} × {args.seq_len}, "
           f"{args.steps} timed steps after {args.warmup}")
-    print(HEADER, flush=True)
+    print(header(args.baselines), flush=True)
     rows = bench(args)
+    served = inference_table(rows)
+    if served:
+        print("\nInference\n\n" + served)
     if args.out:
-        write_atomic(args.out, {"env": environment(), "args": vars(args), "rows": rows})
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        write_atomic(args.out, {"env": environment(), "args": settings, "rows": rows})
     return 0 if all(math.isfinite(r["peftbench"].get("samples_per_s", math.nan)) for r in rows if r["peftbench"]) else 1
 
 

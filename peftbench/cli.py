@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run | sweep | pretrain | leaderboard | predict | export | serve | tasks | methods``.
+"""Command line: ``peftbench run | sweep | pretrain | plan | leaderboard | predict | export | serve | tasks | methods``.
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -112,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     srv_p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     srv_p.add_argument("--max-texts", type=int, default=256, help="texts per request (more: 413)")
     srv_p.add_argument("--max-chars", type=int, default=2000, help="characters per text (more: 413)")
+    plan_p = sub.add_parser("plan", help="memory and speed of a recipe before running it, and what fits a budget",
+                            keys=_run_keys)
+    plan_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
+    plan_p.add_argument("--methods", help="comma list, or all (default: the recipe's method)")
+    plan_p.add_argument("--memory", help="memory budget, e.g. 80GiB (default: the --device's memory)")
+    plan_p.add_argument("--device", help="cpu, or a GPU: h200, h100, a100, a100-40gb, l4, a10, rtx4090, v100, t4 "
+                                         "(default: this machine's device, its matmul rate measured now)")
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             serve(ns.checkpoints, ns.host, ns.port, ns.token_file, ns.device or ("cuda" if _cuda() else "cpu"),
                   Limits(ns.max_texts, ns.max_chars), ns.max_batch, ns.max_wait_ms)
             return 0
+        if ns.command == "plan":
+            return _plan(ns)
         if ns.command == "predict":
             from peftbench.inference import predict
 
@@ -232,6 +241,22 @@ def _reported(job, cfg):
     except Exception as exc:
         report_failed_run(exc, cfg.output_dir)
         return None
+
+
+def _plan(ns) -> int:
+    from peftbench import config
+    from peftbench.methods import method_names
+    from peftbench.plan import format_plan, parse_bytes, plan
+
+    recipe, args = (ns.args[0], ns.args[1:]) if ns.args and "=" not in ns.args[0] else (None, ns.args)
+    cfg = config.load(recipe, args)
+    methods = method_names() if ns.methods == "all" else ns.methods.split(",") if ns.methods else [cfg.method.name]
+    unknown = sorted(set(methods) - set(method_names()))
+    if unknown:
+        raise PeftbenchError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(method_names())})")
+    budget = parse_bytes(ns.memory) if ns.memory else None
+    print(format_plan(plan(cfg, methods, ns.device, budget)))
+    return 0
 
 
 def _run(args: list[str]) -> int:

@@ -1,6 +1,10 @@
-"""The throughput benchmark and the fast path it measures."""
+"""The throughput benchmark, the GPU script's smoke run, and the fast path they measure."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import throughput as bench
@@ -27,28 +31,59 @@ def test_lengths_modes():
         bench.lengths_for("long", 5, 64)
 
 
-def test_bench_runs_both_loops_on_cpu(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    args = bench.parse_args(["--arch", "tiny", "--methods", "full,lora,adapter", "--lengths", "fixed,tnews",
-                             "--steps", "3", "--warmup", "1", "--batch-size", "8", "--seq-len", "32",
-                             "--out", str(out)])
-    assert bench.main(args) == 0
-    rows = json.loads(out.read_text())["rows"]
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One ``benchmarks/gpu.sh --smoke`` run: every GPU script on CPU with tiny shapes."""
+    out = tmp_path_factory.mktemp("smoke")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # this python
+    done = subprocess.run(["bash", str(script), "--smoke", str(out)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    return out, done
+
+
+def test_gpu_script_smoke_run(smoke):
+    out, done = smoke
+    assert done.returncode == 0, done.stdout + done.stderr
+    for step in ("bert-base", "large", "plan", "matrix"):
+        assert (out / f"{step}.json").is_file() and f"({step}: " in done.stdout, step
+    table = (out / "targets.md").read_text().splitlines()
+    assert table[0] == "| target | measured | met |" and len(table) == 2 + 7
+    assert all(not line.endswith("| — |") for line in table[2:]), table  # every target measured
+    assert "| planner within ±15 % of measured memory | worst " in "\n".join(table)
+    assert "| every method × precision × base runs (or is refused by design) | 4/4 cells | yes |" in table
+
+
+def test_bench_runs_every_loop_on_cpu(smoke):
+    out, _ = smoke
+    rows = json.loads((out / "bert-base.json").read_text())["rows"]
     assert [(r["lengths"], r["method"]) for r in rows] == [(m, k) for m in ("fixed", "tnews")
                                                            for k in ("full", "lora", "adapter")]
     by = {(r["lengths"], r["method"]): r for r in rows}
-    assert by[("fixed", "adapter")]["plain"] is None  # PEFT has no bottleneck adapter
+    assert by[("fixed", "adapter")]["plain"] is None and by[("fixed", "adapter")]["trainer"] is None  # not in PEFT
     for row in rows:
         a = row["peftbench"]
         assert a["samples_per_s"] > 0 and a["peak_memory_mb"] > 0 and 0 < a["mfu"] < 1
     fixed, short = by[("fixed", "lora")], by[("tnews", "lora")]
-    for path in ("peftbench", "plain"):
+    for path in ("peftbench", "plain", "trainer"):
         assert fixed[path]["tokens_per_s"] == pytest.approx(32 * fixed[path]["samples_per_s"])  # every token real
         assert short[path]["tokens_per_s"] < 32 * short[path]["samples_per_s"]  # real tokens only, not padding
+    for path in ("plain", "trainer"):
+        assert fixed[path]["timed_steps"] == 2  # the warm-up step is left out
+        assert by[("fixed", "full")]["peftbench"]["n_params"] == by[("fixed", "full")][path]["n_params"]
+        assert fixed["peftbench"]["n_trained"] == fixed[path]["n_trained"]  # the same LoRA
     assert fixed["peftbench"]["n_trained"] < fixed["peftbench"]["n_params"]
-    assert by[("fixed", "full")]["peftbench"]["n_params"] == by[("fixed", "full")]["plain"]["n_params"]
-    printed = capsys.readouterr().out
-    assert "| tiny | fixed | lora | no |" in printed and "speed ratio" in printed
+    served = fixed["peftbench"]["inference"]
+    assert set(served) == {"as_trained", "merged"} and fixed["plain"]["inference"]["plain"]["samples_per_s"] > 0
+    printed = (out / "bert-base.md").read_text()
+    assert "| tiny | fixed | lora | no |" in printed and "speed ×trainer" in printed and "speed ×plain" in printed
+    assert "| p50 ms plain PEFT |" in printed and "| tiny | tnews | lora | no |" in printed.split("Inference")[1]
+
+
+def test_bench_arguments():
+    assert bench.parse_args([]).baselines == ["plain", "trainer"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--baselines", "plain,keras"])
 
 
 def test_frozen_weights_kept_in_compute_dtype():

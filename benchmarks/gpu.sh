@@ -34,7 +34,7 @@ else
   base=bert-base-chinese large=hfl/chinese-roberta-wwm-ext-large precision=bf16 precisions=fp16,bf16
   matrix_archs=bert-base-chinese,qwen2-small quantizations=none,8bit,4bit
   sizes=(--steps 20 --warmup 5 --batch-size 32 --seq-len 128)
-  methods=full,lora,adalora,adapter,prefix,bitfit matrix_methods=full,lora,adapter,prefix shapes=2x16,8x128,32x128
+  methods=full,lora,adapter,prefix matrix_methods=full,lora shapes=2x16,8x128,32x128
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 
@@ -44,7 +44,7 @@ step large python "$here/throughput.py" --arch "$large" --precisions "$precision
   --methods full,lora "${sizes[@]}" --out "$out/large.json"
 if (( ! smoke )); then  # inductor compiles for minutes on a CPU: the smoke run leaves this one out
   step large-compiled python "$here/throughput.py" --arch "$large" --precisions "$precision" --lengths fixed \
-    --methods full,lora --steps 20 --warmup 5 --batch-size 128 --compile --baselines plain \
+    --methods full --steps 20 --warmup 5 --batch-size 128 --compile --baselines "" \
     --out "$out/large-compiled.json"
 fi
 step plan python "$here/plan_check.py" --archs "$base" --precision "$precision" --shapes "$shapes" \
@@ -52,4 +52,5 @@ step plan python "$here/plan_check.py" --archs "$base" --precision "$precision" 
 step matrix python "$here/precision_matrix.py" --arch "$matrix_archs" --precisions "$precisions" \
   --methods "$matrix_methods" --quantizations "$quantizations" --steps 4 --out "$out/matrix.json"
 python "$here/targets.py" "$out" | tee "$out/targets.md"
+echo "(all steps: $SECONDS s)"
 exit $status

@@ -22,7 +22,6 @@ from torch import nn
 from peftbench.errors import PeftbenchError
 
 GIB = 2**30
-BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,6 @@ class Device:
     name: str
     memory_bytes: int
     dense_flops: dict  # precision ("no" = fp32, "bf16", "fp16") -> published dense matmul FLOP/s
-    kind: str = "cuda"
 
 
 # Published dense (not sparse) tensor-core peaks; fp32 without TF32 (PyTorch's default for matmuls).
@@ -239,6 +237,8 @@ def bert_activations(model: nn.Module, batch: int, seq_len: int, kind: str, prec
     whatever method is applied, on ``batch`` sequences padded to ``seq_len``: ``saved`` (bytes kept through the
     forward pass) and ``recompute`` (with gradient checkpointing: one layer's activations, rebuilt in the
     backward pass, on top of ``saved``; 0 without)."""
+    from peftbench.methods.prefix import ENCODER_NAME
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     h, heads = config.hidden_size, config.num_attention_heads
@@ -257,7 +257,7 @@ def bert_activations(model: nn.Module, batch: int, seq_len: int, kind: str, prec
     # checkpointing makes the embeddings' output need a gradient (the checkpointed layers need one to flow)
     x = T(tokens * h, 4, emb_trained or prompt > 0 or checkpointing)
     x = tape.dropout(tape.layer_norm(x, tokens, emb.LayerNorm), _p(emb.dropout))
-    prefix = _prefix(model)
+    prefix = getattr(model, ENCODER_NAME, None)  # prefix tuning's encoder, when the method is prefix
     if prefix is not None:
         _prefix_encoder(tape, prefix)
     recompute = 0
@@ -325,13 +325,6 @@ def _head(tape: Tape, base, x: T, batch: int, h: int) -> None:
 def _prompt_tokens(model) -> int:
     cfg = getattr(model, "peft_config", {}).get("default")
     return getattr(cfg, "num_virtual_tokens", 0) if cfg is not None and getattr(cfg, "is_prompt_learning", False) else 0
-
-
-def _prefix(model):
-    from peftbench.methods.prefix import ENCODER_NAME
-
-    encoder = getattr(model, ENCODER_NAME, None)
-    return encoder
 
 
 def _prefix_encoder(tape: Tape, encoder) -> None:
@@ -562,7 +555,8 @@ def format_plan(result: dict) -> str:
     budget = result["memory_budget"]
     head = (f"{result['task']}: {result['examples']} training examples; {result['device']}, "
             f"{result['flops_per_s'] / 1e12:.2f} TFLOP/s; precision {result['precision']}"
-            + (f"; budget {budget / GIB:.1f} GiB" if budget else ""))
+            + (f"; budget {budget / GIB:.1f} GiB" if budget and budget >= GIB else
+               f"; budget {budget / mib:.0f} MiB" if budget else ""))
     lines = [head, "", "| method | base MiB | trained MiB | gradients MiB | optimizer MiB | activations MiB | "
              "total MiB | ms/step ≥ | samples/s ≤ |" + (" fits | recommendation |" if budget else ""),
              "|---" * (11 if budget else 9) + "|"]

@@ -47,7 +47,7 @@ if (( ! smoke )); then  # inductor compiles for minutes on a CPU: the smoke run 
     --methods full --steps 20 --warmup 5 --batch-size 128 --compile --baselines "" \
     --out "$out/large-compiled.json"
 fi
-step plan python "$here/plan_check.py" --archs "$base" --precision "$precision" --shapes "$shapes" \
+step plan python "$here/plan_check.py" --archs "$base,qwen2-small" --precision "$precision" --shapes "$shapes" \
   --methods "$methods" --out "$out/plan.json"
 step matrix python "$here/precision_matrix.py" --arch "$matrix_archs" --precisions "$precisions" \
   --methods "$matrix_methods" --quantizations "$quantizations" --steps 4 --out "$out/matrix.json"

@@ -1,6 +1,6 @@
 """The planner's activation formula against what autograd saves, for every method (docs/planning.md).
 
-    python benchmarks/plan_check.py                      # CPU: tiny, mini, bert-base-shaped; fp32
+    python benchmarks/plan_check.py                      # CPU: tiny, mini, bert-base-shaped, qwen2-small; fp32
     python benchmarks/plan_check.py --precision bf16     # under autocast (GPU: bf16 mixed)
 
 Each cell builds a random-init model of the architecture with the method applied, runs one training forward
@@ -17,6 +17,7 @@ import copy
 import sys
 
 import torch
+from precision_matrix import QWEN2_SMALL
 
 from peftbench import config, models, plan
 from peftbench.methods import RunContext, get_method, set_trainable, settle_dtypes
@@ -37,11 +38,12 @@ def cell(base, spec: str, batch: int, length: int, precision: str, device: torch
     ids = torch.randint(5, base.config.vocab_size, (batch, length), device=device)
     mask = torch.ones(batch, length, dtype=torch.long, device=device)
     mask[0, length // 2:] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
-              "labels": torch.zeros(batch, dtype=torch.long, device=device)}
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(batch, dtype=torch.long, device=device)}
+    if base.config.model_type == "bert":
+        inputs["token_type_ids"] = torch.zeros_like(ids)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     real = plan.count_saved(model, inputs, dtype)
-    predicted = plan.bert_activations(model, batch, length, device.type, precision)["saved"]
+    predicted = plan.activations(model, batch, length, device.type, precision)["saved"]
     row = {"method": spec.replace(":method.", " "), "batch": batch, "length": length, "saved": real,
            "predicted": predicted, "error": predicted / real - 1}
     if device.type == "cuda":
@@ -63,7 +65,8 @@ def cell(base, spec: str, batch: int, length: int, precision: str, device: torch
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/plan_check.py", description=__doc__.splitlines()[0])
-    p.add_argument("--archs", default="tiny,mini,bert-base-chinese", type=lambda s: s.split(","))
+    p.add_argument("--archs", default="tiny,mini,bert-base-chinese,qwen2-small", type=lambda s: s.split(","),
+                   help="random-init BERT architectures (peftbench.models.ARCHITECTURES) and qwen2-small, a decoder")
     p.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
     p.add_argument("--precision", default="no", help="no, bf16, fp16")
     p.add_argument("--shapes", default="2x16,2x64,8x16,8x64", help="batch x length pairs")
@@ -81,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     worst, rows = 0.0, []
     for arch in args.archs:
         torch.manual_seed(0)
-        name = "tiny" if arch == "tiny" else f"random:{arch}"
-        base = models.load_model(config.ModelConfig(name_or_path=name), ["0", "1", "2", "3"], tokenizer)[0]
+        if arch == "qwen2-small":  # the decoder of precision_matrix.py
+            from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+            base = Qwen2ForSequenceClassification(Qwen2Config(vocab_size=64, pad_token_id=0, num_labels=4,
+                                                              **QWEN2_SMALL))
+        else:
+            name = "tiny" if arch == "tiny" else f"random:{arch}"
+            base = models.load_model(config.ModelConfig(name_or_path=name), ["0", "1", "2", "3"], tokenizer)[0]
         for spec in args.methods:
+            if arch == "qwen2-small" and "pfeiffer" in spec:
+                continue  # Pfeiffer's adapter needs a post-LN block
             for shape in args.shapes.split(","):
                 batch, length = (int(x) for x in shape.split("x"))
                 row = cell(base, spec, batch, length, args.precision, device)

@@ -322,6 +322,129 @@ def _head(tape: Tape, base, x: T, batch: int, h: int) -> None:
     tape.keep(T(batch, 8, False))  # targets
 
 
+# Pre-norm decoders (Llama, Qwen2, Mistral: RMSNorm, rotary positions, gated MLP, grouped KV heads)
+
+
+def rms_norm(tape: Tape, x: T, tokens: int, module: nn.Module) -> T:
+    """x * rsqrt(mean(x²) + eps) in fp32, times the weight: keeps the fp32 input and the per-token 1/rms when
+    the input needs a gradient, the normalised tensor when the weight is trained."""
+    trained = module.weight.requires_grad
+    x32 = x if x.size == 4 else T(x.elems, 4, x.grad)
+    if x.grad:
+        tape.keep(x32)
+        tape.keep(T(tokens, 4, False))
+    if trained:
+        tape.keep(T(x.elems, x.size, x.grad))  # the normalised input, back in the input's dtype
+    return T(x.elems, 4 if x.size == 4 or module.weight.dtype == torch.float32 else x.size, x.grad or trained)
+
+
+def decoder_layer(tape: Tape, layer, x: T, batch: int, s: int, config, prefix, padded: bool) -> T:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    tokens = batch * s
+    normed = rms_norm(tape, x, tokens, layer.input_layernorm)
+    att = layer.self_attn
+    q = projection(tape, att.q_proj, normed)
+    k = projection(tape, att.k_proj, normed)
+    v = projection(tape, att.v_proj, normed)
+    if q.grad or k.grad:
+        tape.keep(T(2 * s * head_dim, 4, False, key=-2))  # rotary cos and sin, one pair for every layer
+    kv_len = s + (prefix.shape[3] if prefix is not None else 0)
+    grad = q.grad or k.grad or v.grad or prefix is not None
+    q = T(q.elems, q.size, q.grad)  # rotated: a new tensor
+    # with a mask, keys and values are repeated to every query head; without one, SDPA shares the KV heads
+    masked = padded or prefix is not None
+    kv_heads = heads if masked else getattr(config, "num_key_value_heads", None) or heads
+    keys = T(batch * kv_heads * kv_len * head_dim, k.size, k.grad or prefix is not None)  # rotated
+    values = T(batch * kv_heads * kv_len * head_dim, v.size, v.grad or prefix is not None)
+    out = T(q.elems, tape.compute, grad)
+    if grad:  # CPU and CUDA flash-style kernels: q, k, v, the output, the log-sum-exp, the mask
+        for t in (q, keys, values, out):
+            tape.keep(t)
+        tape.keep(T(batch * heads * s, 4, False))
+        if padded:
+            tape.keep(T(batch * s * kv_len, tape.compute, False))
+    h = projection(tape, att.o_proj, out)
+    x = T(x.elems, max(x.size, h.size), x.grad or h.grad)
+    normed = rms_norm(tape, x, tokens, layer.post_attention_layernorm)
+    mlp = layer.mlp
+    gate = projection(tape, mlp.gate_proj, normed)
+    up = projection(tape, mlp.up_proj, normed)
+    act = tape.pointwise(gate)
+    act = T(act.elems, act.size, act.grad)  # SiLU's output: a new tensor
+    if up.grad:
+        tape.keep(act)
+    if act.grad:
+        tape.keep(up)
+    product = T(act.elems, act.size, act.grad or up.grad)
+    down = projection(tape, mlp.down_proj, product)
+    return T(x.elems, max(x.size, down.size), x.grad or down.grad)
+
+
+def decoder_activations(model: nn.Module, batch: int, seq_len: int, kind: str, precision: str,
+                        checkpointing: bool = False, padded: bool = True) -> dict:
+    """What autograd keeps for one training forward pass of a pre-norm decoder sequence classifier (the head
+    scores every position, the last real token's scores are picked), as :func:`bert_activations`."""
+    from peftbench.methods.prefix import ENCODER_NAME
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    h = config.hidden_size
+    prompt = _prompt_tokens(model)
+    s = seq_len + prompt
+    tokens = batch * s
+    tape = Tape(kind, {"bf16": 2, "fp16": 2}.get(precision, 4))
+    backbone = getattr(base, base.base_model_prefix)
+    emb_trained = backbone.embed_tokens.weight.requires_grad
+    if emb_trained:
+        tape.keep(T(batch * seq_len, 8, False))  # the token ids
+    if prompt:
+        tape.keep(T(batch * prompt, 8, False))
+    x = T(tokens * h, 4, emb_trained or prompt > 0 or checkpointing)
+    prefix = getattr(model, ENCODER_NAME, None)
+    if prefix is not None:
+        _prefix_encoder(tape, prefix)
+    recompute = 0
+    for layer in backbone.layers:
+        if checkpointing:
+            tape.keep(x)
+            if padded:
+                tape.keep(T(batch * s * s, 1, False, key=-1))
+            inner = Tape(tape.kind, tape.compute)
+            inner.keep(x)
+            x = decoder_layer(inner, layer, x, batch, s, config, prefix, padded)
+            recompute = max(recompute, inner.total())
+        else:
+            x = decoder_layer(tape, layer, x, batch, s, config, prefix, padded)
+    x = rms_norm(tape, x, tokens, backbone.norm)
+    tape.linear(base.score, x)
+    tape.keep(T(2 * batch, 8, False))  # the picked positions
+    tape.keep(T(batch * config.num_labels, 4, False))  # log-softmax output
+    tape.keep(T(batch, 8, False))  # targets
+    return {"saved": tape.total(), "recompute": recompute}
+
+
+def is_decoder_family(model: nn.Module) -> bool:
+    """A pre-norm decoder with Llama's layer names (q/k/v/o_proj, gate/up/down_proj, RMSNorm) and a linear
+    ``score`` head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, base.base_model_prefix, None), "layers", None)
+    return (layers is not None and hasattr(getattr(layers[0], "mlp", None), "gate_proj")
+            and hasattr(getattr(base, "score", None), "out_features"))
+
+
+def activations(model: nn.Module, batch: int, seq_len: int, kind: str, precision: str,
+                checkpointing: bool = False, padded: bool = True) -> dict:
+    """The activation formula of the model's family (BERT-style encoders, Llama-style decoders)."""
+    if is_bert_family(model):
+        return bert_activations(model, batch, seq_len, kind, precision, checkpointing, padded)
+    if is_decoder_family(model):
+        return decoder_activations(model, batch, seq_len, kind, precision, checkpointing, padded)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    raise PeftbenchError(f"peftbench plan: no activation formula for model type {base.config.model_type!r} (it "
+                         "covers BERT-style encoders with a pooler and Llama-style decoders)")
+
+
 def _prompt_tokens(model) -> int:
     cfg = getattr(model, "peft_config", {}).get("default")
     return getattr(cfg, "num_virtual_tokens", 0) if cfg is not None and getattr(cfg, "is_prompt_learning", False) else 0
@@ -411,9 +534,7 @@ def meta_model(cfg, vocab_size: int, num_labels: int, total_steps: int):
         model = method.apply(model, RunContext(total_steps, num_labels, kind.peft_task_type, kind.labels_per_token))
     set_trainable(model, method)
     settle_dtypes(model, cfg.train.mixed_precision)
-    if not is_bert_family(model):
-        raise PeftbenchError(f"peftbench plan: the activation formula covers BERT-family sequence classifiers "
-                             f"(post-LN layers, pooler and linear head); model type {config.model_type!r} is not one")
+    activations(model, 1, 8, "cpu", cfg.train.mixed_precision)  # a family without a formula fails here, early
     return model
 
 
@@ -447,7 +568,7 @@ def estimate(model: nn.Module, setting: Setting, seq_len: int, kind: str, precis
     parts = static_bytes(model)
     if setting.quantization != "none":
         parts["base_weights"] = quantized_bytes(model, setting.quantization)
-    acts = bert_activations(model, setting.batch_size, seq_len, kind, precision, setting.gradient_checkpointing)
+    acts = activations(model, setting.batch_size, seq_len, kind, precision, setting.gradient_checkpointing)
     parts["activations"] = acts["saved"] + acts["recompute"]
     parts["total"] = sum(parts.values())
     return parts

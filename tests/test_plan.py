@@ -49,7 +49,7 @@ def test_activation_formula_matches_autograd(arch, shapes):
         model = adapted(base, name, overrides)
         for batch, length in shapes:
             real = plan.count_saved(model, inputs(batch, length, padded=batch == 2))
-            predicted = plan.bert_activations(model, batch, length, "cpu", "no", padded=batch == 2)["saved"]
+            predicted = plan.activations(model, batch, length, "cpu", "no", padded=batch == 2)["saved"]
             errors[(name, *overrides, batch, length)] = predicted / real - 1
     assert max(abs(e) for e in errors.values()) < 0.15, errors
     assert len(errors) == 4 * len(METHODS)
@@ -65,11 +65,45 @@ def test_activation_formula_under_autocast_and_checkpointing(mode):
         if mode == "checkpointing":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         real = plan.count_saved(model, inputs(4, 24, padded=True), torch.bfloat16 if mode == "bf16" else None)
-        predicted = plan.bert_activations(model, 4, 24, "cpu", "bf16" if mode == "bf16" else "no",
-                                          checkpointing=mode == "checkpointing")
+        predicted = plan.activations(model, 4, 24, "cpu", "bf16" if mode == "bf16" else "no",
+                                     checkpointing=mode == "checkpointing")
         errors[(name, *overrides)] = predicted["saved"] / real - 1
         assert (predicted["recompute"] > 0) == (mode == "checkpointing")
     assert max(abs(e) for e in errors.values()) < 0.15, errors
+
+
+DECODER_METHODS = [m for m in METHODS if m != ("adapter", ["method.variant=pfeiffer"])]  # Pfeiffer needs post-LN
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_activation_formula_matches_autograd_on_decoders(family):
+    """Pre-norm decoders (RMSNorm, rotary, gated MLP, grouped KV heads): every method, two batch sizes, two
+    lengths (batch 2 padded: SDPA then takes a mask and repeated KV heads), fp32; bf16 autocast and gradient
+    checkpointing at one shape."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
+                                 "llama": (LlamaConfig, LlamaForSequenceClassification)}[family]
+    torch.manual_seed(0)
+    base = model_class(config_class(vocab_size=len(TOKENIZER), hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, intermediate_size=176,
+                                    pad_token_id=0, num_labels=4))
+    errors = {}
+    for name, overrides in DECODER_METHODS:
+        for mode, shapes in (("no", ((2, 16), (2, 64), (8, 16), (8, 64))), ("bf16", ((2, 24),)),
+                             ("checkpointing", ((2, 24),))):
+            model = adapted(base, name, overrides, "bf16" if mode == "bf16" else "no")
+            if mode == "checkpointing":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for batch, length in shapes:
+                given = inputs(batch, length, padded=batch == 2)
+                del given["token_type_ids"]  # decoders take none
+                real = plan.count_saved(model, given, torch.bfloat16 if mode == "bf16" else None)
+                predicted = plan.activations(model, batch, length, "cpu", "bf16" if mode == "bf16" else "no",
+                                             checkpointing=mode == "checkpointing", padded=batch == 2)["saved"]
+                errors[(name, *overrides, mode, batch, length)] = predicted / real - 1
+    assert max(abs(e) for e in errors.values()) < 0.15, errors
+    assert len(errors) == 6 * len(DECODER_METHODS)
 
 
 @pytest.mark.parametrize("method,precision", [("full", "no"), ("lora", "bf16"), ("prefix", "no"),
@@ -145,11 +179,10 @@ def test_plan_command(capsys):
 
 
 def test_plan_refuses_a_family_without_formula(tmp_path):
-    from transformers import Qwen2Config
+    from transformers import GPT2Config
 
-    tok = models.char_tokenizer(["北京"])
-    Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                intermediate_size=64, pad_token_id=0).save_pretrained(tmp_path)
-    cfg = config.load(None, ["task.name=synthetic", f"model.name_or_path={tmp_path}", "method.name=lora"])
-    with pytest.raises(PeftbenchError, match="BERT-family"):
-        plan.meta_model(cfg, len(tok), 2, 10)
+    GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, pad_token_id=0).save_pretrained(tmp_path)
+    cfg = config.load(None, ["task.name=synthetic", f"model.name_or_path={tmp_path}", "method.name=lora",
+                             "method.target_modules=[c_attn]"])
+    with pytest.raises(PeftbenchError, match="no activation formula for model type 'gpt2'"):
+        plan.meta_model(cfg, len(TOKENIZER), 2, 10)

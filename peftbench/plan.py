@@ -60,7 +60,7 @@ def parse_bytes(text: str) -> int:
 # Weights, gradients, optimizer state: exact, from the model built on the meta device
 
 
-def static_bytes(model: nn.Module, optimizer: str = "adamw") -> dict:
+def static_bytes(model: nn.Module) -> dict:
     """Bytes of the frozen (base) weights, the trained weights, their gradients (the trained dtype) and the
     optimizer state (AdamW: two moments in the trained dtype, plus a step count per tensor)."""
     from peftbench.measure import stored_bytes, unique_parameters
@@ -74,12 +74,11 @@ def static_bytes(model: nn.Module, optimizer: str = "adamw") -> dict:
             state += 2 * size + 4  # exp_avg, exp_avg_sq, and a float32 step scalar
         else:
             base += stored_bytes(p)
-    return {"base_weights": base, "trained_weights": trained, "gradients": grads,
-            "optimizer_state": state if optimizer == "adamw" else 0}
+    return {"base_weights": base, "trained_weights": trained, "gradients": grads, "optimizer_state": state}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Activations: what autograd saves in one training forward pass (post-LN BERT-family encoders)
+# Activations: what autograd saves in one training forward pass; the operations' rules, then BERT-style encoders
 
 
 @dataclass
@@ -119,9 +118,11 @@ class Tape:
         return T(x.elems // module.in_features * module.out_features, self.compute, x.grad or w_grad or b_grad)
 
     def dropout(self, x: T, p: float) -> T:
+        """Keeps its noise (CPU: scaled, in the input's dtype) or mask (CUDA: bool) when the input needs a
+        gradient; the output is a new tensor."""
         if p == 0:
             return x
-        if x.grad:  # CPU: the scaled noise, in the input's dtype; CUDA: a bool mask
+        if x.grad:
             self.keep(T(x.elems, x.size if self.kind == "cpu" else 1, False))
         return T(x.elems, x.size, x.grad)
 

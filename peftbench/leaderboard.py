@@ -603,9 +603,7 @@ def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
             ax.set_title(tex(group.column(task)))
             ax.set_xlabel(xlabel)
             ax.set_ylabel("entity F1 (%)" if group.metric[task] == "entity_f1" else "accuracy (%)")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7)
-        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        legend_below(fig, axes)
         save(fig, f"{group.slug}-accuracy-vs-{'params' if log else 'memory'}")
 
     if group.search:
@@ -647,10 +645,21 @@ def sensitivity_figure(group: Group, plt):
         ax.set_title(tex(f"{task} (dev; ★ chosen)"))
         ax.set_xlabel("learning rate")
         ax.set_ylabel("dev score (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(max(len(labels), 1), 4), fontsize=7)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    legend_below(fig, axes)
     return fig
+
+
+def legend_below(fig, axes) -> None:
+    """The first panel's legend under all panels, in as many columns as its longest label leaves room for;
+    the figure grows by the legend's rows, so the panels keep their size."""
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    chars = fig.get_figwidth() * 72 / 4.5  # characters of 7-point text across the figure
+    ncol = max(1, min(4, len(labels), int(chars // (max(map(len, labels), default=1) + 8))))
+    rows = math.ceil(len(labels) / ncol)
+    legend_height = 0.2 + 0.15 * rows  # inches
+    fig.set_figheight(fig.get_figheight() + legend_height)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
 
 
 def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> tuple[list[Path], list[str]]:

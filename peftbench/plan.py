@@ -669,14 +669,22 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
         method_cfg = cfg if name == cfg.method.name else config_module.resolve({**base, "method": {"name": name}})
         rows.append(plan_method(method_cfg, lengths, labels, len(tokenizer), kind, rate, memory))
     return {"device": where, "kind": kind, "flops_per_s": rate, "memory_budget": memory, "precision": precision,
-            "task": cfg.task.name, "examples": len(lengths), "rows": rows}
+            "task": cfg.task.name, "examples": len(lengths), "base_weights": base_words(cfg), "rows": rows}
+
+
+def base_words(cfg) -> str:
+    """How the frozen base weights are stored, in words."""
+    if cfg.model.quantization != "none":
+        return {"8bit": "8-bit (LLM.int8)", "4bit": "4-bit NF4"}[cfg.model.quantization]
+    return {"bf16": "bf16", "fp16": "fp16"}.get(cfg.train.mixed_precision, "fp32")
 
 
 def format_plan(result: dict) -> str:
     mib = 2**20
     budget = result["memory_budget"]
     head = (f"{result['task']}: {result['examples']} training examples; {result['device']}, "
-            f"{result['flops_per_s'] / 1e12:.2f} TFLOP/s; precision {result['precision']}"
+            f"{result['flops_per_s'] / 1e12:.2f} TFLOP/s; precision {result['precision']}, base weights "
+            f"{result['base_weights']}"
             + (f"; budget {budget / GIB:.1f} GiB" if budget and budget >= GIB else
                f"; budget {budget / mib:.0f} MiB" if budget else ""))
     lines = [head, "", "| method | base MiB | trained MiB | gradients MiB | optimizer MiB | activations MiB | "

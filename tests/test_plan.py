@@ -171,6 +171,9 @@ def test_plan_command(capsys):
     assert main(["plan", "task.name=synthetic", "--methods", "all", "--memory", "1GiB", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| full |" in out and "| prefix |" in out and "activations MiB" in out and "| yes |" in out
+    assert "precision no, base weights fp32" in out
+    assert main(["plan", "task.name=synthetic", "model.quantization=8bit", "--device", "a100"]) == 0
+    assert "base weights 8-bit (LLM.int8)" in capsys.readouterr().out
     assert main(["plan", "task.name=synthetic", "train.mixed_precision=bf16", "--device", "t4"]) == 2
     assert "T4 has no bf16" in capsys.readouterr().err
     assert main(["plan", "task.name=synthetic", "--memory", "lots"]) == 2

@@ -232,6 +232,25 @@ def attention(tape: Tape, q: T, k: T, v: T, batch: int, heads: int, q_len: int, 
     return T(q.elems, tape.compute, grad)
 
 
+def _walk_layers(tape: Tape, layers, x: T, mask_elems: int, checkpointing: bool, padded: bool, walk) -> tuple:
+    """Walk ``walk(tape, layer, x)`` over the layers; returns the output and, with gradient checkpointing, the
+    largest layer's recomputed activations (the layer's input and the shared boolean mask stay on the outer
+    tape, the rest is rebuilt in backward)."""
+    recompute = 0
+    for layer in layers:
+        if not checkpointing:
+            x = walk(tape, layer, x)
+            continue
+        tape.keep(x)
+        if padded:
+            tape.keep(T(mask_elems, 1, False, key=-1))  # the boolean attention mask, one for all layers
+        inner = Tape(tape.kind, tape.compute)
+        inner.keep(x)
+        x = walk(inner, layer, x)
+        recompute = max(recompute, inner.total())
+    return x, recompute
+
+
 def bert_activations(model: nn.Module, batch: int, seq_len: int, kind: str, precision: str,
                      checkpointing: bool = False, padded: bool = True) -> dict:
     """What autograd keeps for one training forward pass of a post-LN BERT-family sequence classifier, with
@@ -261,18 +280,8 @@ def bert_activations(model: nn.Module, batch: int, seq_len: int, kind: str, prec
     prefix = getattr(model, ENCODER_NAME, None)  # prefix tuning's encoder, when the method is prefix
     if prefix is not None:
         _prefix_encoder(tape, prefix)
-    recompute = 0
-    for layer in encoder_model.encoder.layer:
-        if checkpointing:  # the layer's input (and the shared mask) is kept; the rest is rebuilt in backward
-            tape.keep(x)
-            if padded:
-                tape.keep(T(batch * s * s, 1, False, key=-1))  # the boolean attention mask, one for all layers
-            inner = Tape(tape.kind, tape.compute)
-            inner.keep(x)
-            x = bert_layer(inner, layer, x, batch, s, h, heads, prefix, padded)
-            recompute = max(recompute, inner.total())
-        else:
-            x = bert_layer(tape, layer, x, batch, s, h, heads, prefix, padded)
+    x, recompute = _walk_layers(tape, encoder_model.encoder.layer, x, batch * s * s, checkpointing, padded,
+                                lambda t, layer, x: bert_layer(t, layer, x, batch, s, h, heads, prefix, padded))
     _head(tape, base, x, batch, h)
     return {"saved": tape.total(), "recompute": recompute}
 
@@ -405,18 +414,8 @@ def decoder_activations(model: nn.Module, batch: int, seq_len: int, kind: str, p
     prefix = getattr(model, ENCODER_NAME, None)
     if prefix is not None:
         _prefix_encoder(tape, prefix)
-    recompute = 0
-    for layer in backbone.layers:
-        if checkpointing:
-            tape.keep(x)
-            if padded:
-                tape.keep(T(batch * s * s, 1, False, key=-1))
-            inner = Tape(tape.kind, tape.compute)
-            inner.keep(x)
-            x = decoder_layer(inner, layer, x, batch, s, config, prefix, padded)
-            recompute = max(recompute, inner.total())
-        else:
-            x = decoder_layer(tape, layer, x, batch, s, config, prefix, padded)
+    x, recompute = _walk_layers(tape, backbone.layers, x, batch * s * s, checkpointing, padded,
+                                lambda t, layer, x: decoder_layer(t, layer, x, batch, s, config, prefix, padded))
     x = rms_norm(tape, x, tokens, backbone.norm)
     tape.linear(base.score, x)
     tape.keep(T(2 * batch, 8, False))  # the picked positions

@@ -21,6 +21,7 @@ import json
 import math
 import re
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Row:
     cells: dict[str, Scores] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
     chosen_lr: dict[str, float] = field(default_factory=dict)  # task -> learning rate a search chose (tuned rows)
+    lr_edge: dict[str, str] = field(default_factory=dict)  # task -> "↑"/"↓" where that rate ends the search range
 
     @property
     def label(self) -> str:
@@ -258,6 +260,7 @@ def build(records: list[dict]) -> list[Group]:
         task = cfg["task"]["name"]
         if r.get("provenance", {}).get("phase") == "final":
             row.chosen_lr[task] = cfg["train"]["lr"]
+            row.lr_edge[task] = _range_edge(cfg["train"]["lr"], r["provenance"].get("budget", {}).get("lr_range"))
         if task not in group.tasks:
             group.tasks.append(task)
         if r.get("provenance", {}).get("command"):
@@ -301,7 +304,9 @@ def significance(group: Group) -> dict[tuple[str, str], str]:
             if row is best:
                 continue
             a, b = best.cells[task].scores, row.cells[task].scores
-            p = ttest_ind(a, b, equal_var=False).pvalue
+            with warnings.catch_warnings():  # identical seeds (a constant cell) are handled just below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p = ttest_ind(a, b, equal_var=False).pvalue
             if math.isnan(p):  # both without variance
                 p = 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
             if p >= ALPHA:
@@ -384,14 +389,27 @@ def baseline_rows(group: Group, width: int) -> list[list[str]]:
     return rows
 
 
+def _range_edge(lr: float, lr_range: list[float] | None) -> str:
+    """"↑" or "↓" when ``lr`` is the top or bottom of the search range (the best rate may lie beyond it)."""
+    if not lr_range:
+        return ""
+    if math.isclose(lr, lr_range[1], rel_tol=1e-2):
+        return "↑"
+    return "↓" if math.isclose(lr, lr_range[0], rel_tol=1e-2) else ""
+
+
+LR_EDGE_NOTE = "↑ / ↓: the top / bottom of the method's search range, so the best rate may lie beyond it."
+
+
 def lr_table(group: Group) -> tuple[list[str], list[list[str]]] | None:
-    """The learning rate the search chose per tuned row and task (None: no tuned rows)."""
+    """The learning rate the search chose per tuned row and task, marked where it ends the search range
+    (None: no tuned rows)."""
     tuned = [row for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)) if row.chosen_lr]
     if not tuned:
         return None
     return (["method"] + list(group.tasks),
-            [[row.label] + [f"{row.chosen_lr[t]:.3g}" if t in row.chosen_lr else "—" for t in group.tasks]
-             for row in tuned])
+            [[row.label] + [f"{row.chosen_lr[t]:.3g}{row.lr_edge.get(t, '')}" if t in row.chosen_lr else "—"
+                            for t in group.tasks] for row in tuned])
 
 
 def _fmt_score(x: float | None) -> str:
@@ -474,7 +492,7 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
         lines.append("")
         chosen = lr_table(group)
         if chosen:
-            lines += ["Learning rate chosen on dev by the search:", "", markdown_table(*chosen), ""]
+            lines += ["Learning rate chosen on dev by the search:", "", markdown_table(*chosen), "", LR_EDGE_NOTE, ""]
         for command in sorted(group.reproduce):
             command = command.replace("`", "")
             lines.append(f"Reproduce: `{command}`, then `peftbench leaderboard RESULTS_DIR --out DIR`.")
@@ -537,7 +555,8 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes]) 
         parts.append(html_table(head, rows))
         chosen = lr_table(group)
         if chosen:
-            parts += ["<p>Learning rate chosen on dev by the search:</p>", html_table(*chosen)]
+            parts += ["<p>Learning rate chosen on dev by the search:</p>", html_table(*chosen),
+                      f"<p>{html.escape(LR_EDGE_NOTE)}</p>"]
         for command in sorted(group.reproduce):
             parts.append(f"<p>Reproduce: <code>{html.escape(command)}</code></p>")
         for name, data in sorted(pngs.items()):

@@ -77,6 +77,12 @@ def records_of(out: Path, phase: str) -> list[dict]:
     return [read_record(p) for p in sorted((out / phase).glob(f"*/{RECORD_NAME}"))]
 
 
+def test_a_chosen_rate_at_the_end_of_its_range_is_marked():
+    lrs = search.grid_lrs(1e-4, 3e-2, 4)
+    assert [leaderboard._range_edge(lr, [1e-4, 3e-2]) for lr in lrs] == ["↓", "", "", "↑"]
+    assert leaderboard._range_edge(3e-2, None) == ""  # a record from before ranges were recorded
+
+
 def test_grid_learning_rates_are_log_spaced_inside_the_range():
     assert search.grid_lrs(1e-4, 3e-2, 4) == [1e-4, 6.69e-4, 4.48e-3, 3e-2]
     assert search.grid_lrs(1e-5, 1e-3, 3) == [1e-5, 1e-4, 1e-3]
@@ -224,7 +230,8 @@ def test_search_command_end_to_end_and_its_leaderboard(tmp_path, capsys):
     assert "learning rate searched: 2 trials per method (grid, mean dev score of seed 1)" in text
     assert "seeds 1, 2." in text
     chosen = read_record(next((results / "final").glob(f"*/{RECORD_NAME}")))["config"]["train"]["lr"]
-    assert f"| lora (lr tuned) | {chosen:.3g} |" in text
+    edge = {1e-4: "↓", 3e-2: "↑"}[chosen]  # two trials: the range's two ends
+    assert f"| lora (lr tuned) | {chosen:.3g}{edge} |" in text and "↑ / ↓: the top / bottom" in text
     assert [p.name for p in (tmp_path / "board").glob("*-lr-sensitivity.png")] == [
         f"{groups_slug(results)}-lr-sensitivity.png"]
     groups = leaderboard.build(leaderboard.collect([results])[0])

@@ -47,6 +47,7 @@ class SearchSpec:
     sampler: str
     storage: str
     final_seeds: list[int]  # empty: search only
+    source: str = "sweep"  # the sweep file, for messages
 
     def lr_range(self, method: str) -> tuple[float, float]:
         low, high = self.lr.get(method) or get_method(method).lr_range
@@ -107,7 +108,7 @@ def read_search(spec: dict, path: Path) -> SearchSpec:
         raise PeftbenchError(f"{path}: field 'grid.{VARIANTS}' cannot set train.lr with a search (the search sets it)")
     storage = search.get("storage") or f"sqlite:///{Path(spec['output_dir']).resolve() / 'search.db'}"
     return SearchSpec(trials, _seeds(search.get("seeds", [42]), f"{path}: field 'search.seeds'"), lr, sampler,
-                      storage, _seeds(final["seeds"], f"{path}: field 'final.seeds'") if final else [])
+                      storage, _seeds(final["seeds"], f"{path}: field 'final.seeds'") if final else [], str(path))
 
 
 def grid_lrs(low: float, high: float, n: int) -> list[float]:
@@ -184,8 +185,27 @@ def open_study(study: Study, search: SearchSpec):
     else:
         sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=max(1, search.trials // 2))
     with held(study.output_dir / CLAIMS_DIR / "search-storage.json"):  # one worker creates the tables
-        return optuna.create_study(storage=search.storage, study_name=study.name, direction="maximize",
-                                   sampler=sampler, load_if_exists=True)
+        optuna_study = optuna.create_study(storage=search.storage, study_name=study.name, direction="maximize",
+                                           sampler=sampler, load_if_exists=True)
+        _same_budget(optuna_study, study, search)
+    return optuna_study
+
+
+def _same_budget(optuna_study, study: Study, search: SearchSpec) -> None:
+    """A study keeps the budget it was started with (rates, trials, sampler, seeds): a sweep edited since would
+    otherwise choose among the old trials and label the result with the new budget. Final seeds may grow."""
+    budget = {k: v for k, v in search.budget(study.cfg.method.name).items() if k != "final_seeds"}
+    started = optuna_study.user_attrs.get("budget")
+    if started is None:
+        optuna_study.set_user_attr("budget", budget)
+        return
+    changed = sorted(k for k in budget if budget[k] != started.get(k))
+    if changed:
+        key = changed[0]
+        raise PeftbenchError(
+            f"{search.source}: field 'search' sets {key} {budget[key]!r} for {study.name}, but its search in "
+            f"{search.storage} ran with {started.get(key)!r}; restore it, or give the changed search a new "
+            "output_dir (or search.storage)")
 
 
 @contextmanager

@@ -169,6 +169,22 @@ def test_tpe_sampler_keeps_the_budget_and_the_range(tmp_path):
         assert len(lrs) == 3 and all(low <= lr <= high for lr in lrs)
 
 
+def test_a_search_edited_after_it_started_is_refused_by_name(tmp_path):
+    """A changed range, trial count or seed list would choose among the old trials and label the result with
+    the new budget; more final seeds only add final runs."""
+    spec = spec_at(tmp_path, trials=2)
+    search.run_search(search.studies(spec), spec["search"], runner=fake_runner(tmp_path / "calls"))
+    for old, new, field in [("lora: [1e-4, 3e-2]", "lora: [1e-3, 3e-1]", "lr_range [0.001, 0.3]"),
+                            ("trials: 2", "trials: 3", "trials 3"), ("seeds: [1, 2]\n", "seeds: [1]\n", "seeds [1]")]:
+        edited = spec_at(tmp_path, trials=2, **{old: new})
+        with pytest.raises(PeftbenchError) as err:
+            search.run_search(search.studies(edited), edited["search"], runner=fake_runner(tmp_path / "calls"))
+        assert str(err.value).startswith(f"{tmp_path / 'sweep.yaml'}: field 'search' sets {field} for synthetic-")
+    more = spec_at(tmp_path, trials=2, **{"seeds: [1, 2, 3]": "seeds: [1, 2, 3, 4]"})
+    outcome, *_ = search.run_search(search.studies(more), more["search"], runner=fake_runner(tmp_path / "calls"))
+    assert len(records_of(Path(more["output_dir"]), "final")) == 2 * 4
+
+
 def test_a_diverged_trial_counts_in_the_budget_and_all_failed_leaves_the_study_open(tmp_path, capsys):
     spec = spec_at(tmp_path)
     outcome, waiting, no_final = search.run_search(search.studies(spec), spec["search"],

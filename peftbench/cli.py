@@ -243,13 +243,17 @@ def _reported(job, cfg):
         return None
 
 
+def _recipe_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    """``[RECIPE.yaml] [key=value ...]``: the recipe when the first argument is not an override."""
+    return (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
+
+
 def _plan(ns) -> int:
     from peftbench import config
     from peftbench.methods import method_names
     from peftbench.plan import format_plan, parse_bytes, plan
 
-    recipe, args = (ns.args[0], ns.args[1:]) if ns.args and "=" not in ns.args[0] else (None, ns.args)
-    cfg = config.load(recipe, args)
+    cfg = config.load(*_recipe_and_overrides(ns.args))
     methods = method_names() if ns.methods == "all" else ns.methods.split(",") if ns.methods else [cfg.method.name]
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
@@ -264,9 +268,7 @@ def _run(args: list[str]) -> int:
     from peftbench.loop import process_state
     from peftbench.train import run
 
-    recipe = None
-    if args and "=" not in args[0]:
-        recipe, args = args[0], args[1:]
+    recipe, args = _recipe_and_overrides(args)
     overrides = config.parse_overrides(args)
     if recipe is None and "name" not in overrides.get("method", {}):
         cfgs = [config.load(None, args, base=config.merge(DEMO_BASE, DEMO[name])) for name in DEMO]
@@ -298,8 +300,7 @@ def _pretrain(args: list[str]) -> int:
     from peftbench.pretrain import load_config, pretrain
     from peftbench.records import PRETRAIN_RECORD_NAME
 
-    recipe, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(*_recipe_and_overrides(args))
     record = _reported(pretrain, cfg)
     if record is None:
         return 1

@@ -28,6 +28,7 @@ from peftbench import checkpoint
 from peftbench.errors import PeftbenchError
 from peftbench.inference import SplitBatches, load
 from peftbench.methods import get_method, method_names
+from peftbench.models import without_peft
 from peftbench.records import write_atomic
 
 FORMATS = ("hf", "onnx")
@@ -124,7 +125,7 @@ def _write_onnx(ckpt_dir: Path, meta: dict, stage: Path, quantize: str | None, d
     if quantize:
         files["model_int8"] = _quantize_int8(stage / "model.onnx", stage / "model.int8.onnx").name
     tokenizer.save_pretrained(str(stage))
-    (model.get_base_model() if hasattr(model, "get_base_model") else model).config.save_pretrained(str(stage))
+    without_peft(model).config.save_pretrained(str(stage))
 
     batches = SplitBatches(meta, tokenizer, None, data_dir, batch_size=64)
     split = batches.split

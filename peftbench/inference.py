@@ -13,7 +13,7 @@ from peftbench.config import resolve
 from peftbench.data import Collator
 from peftbench.errors import PeftbenchError
 from peftbench.methods import RunContext, get_method, lacked_modules
-from peftbench.models import from_pretrained, guard_padding
+from peftbench.models import from_pretrained, guard_padding, without_peft
 from peftbench.tasks import load_task
 from peftbench.tasks.kinds import KINDS
 
@@ -47,7 +47,7 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
                      labels_per_token=kind.labels_per_token,
                      lacked_modules=lacked_modules(meta["base"]["new_weights"] if meta["base"] else ()))
     model = method.load(base_model, ckpt_dir, ctx)
-    guard_padding(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    guard_padding(without_peft(model))
     if merge:
         if not hasattr(model, "merge_and_unload"):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")

@@ -133,7 +133,7 @@ def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForS
         _check_reachable(model_cfg.name_or_path, "model.name_or_path")
         return from_pretrained(model_cfg.name_or_path, model_cfg, labels, tokenizer.pad_token_id, auto_class,
                                device_map)
-    config = _random_init_config(model_cfg.name_or_path, len(tokenizer))
+    config = random_init_config(model_cfg.name_or_path, len(tokenizer))
     config.update({"pad_token_id": tokenizer.pad_token_id, **_label_kwargs(labels)})
     model = auto_class.from_config(config, **_attention_kwargs(model_cfg))
     if save_random_base is not None:
@@ -193,6 +193,11 @@ def _align_pad_token(config, pad_token_id: int | None, source) -> None:
         raise PeftbenchError(f"{source}/config.json: field 'pad_token_id' is {config.pad_token_id} but the "
                              f"tokenizer pads with id {pad_token_id}; classification would read padding as text: "
                              "make them agree")
+
+
+def without_peft(model):
+    """The transformers model inside a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def guard_padding(model):
@@ -297,7 +302,7 @@ def _attention_kwargs(model_cfg) -> dict:
     return {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
 
 
-def _random_init_config(name: str, vocab_size: int):
+def random_init_config(name: str, vocab_size: int):
     """``tiny``, ``random:<name in ARCHITECTURES>`` (no hub) or ``random:<hub name or directory>`` (its config)."""
     arch = TINY if name == TINY else name.removeprefix(RANDOM)
     if arch in ARCHITECTURES:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftbench.errors import PeftbenchError
+from peftbench.models import without_peft
 
 GIB = 2**30
 
@@ -259,7 +260,7 @@ def bert_activations(model: nn.Module, batch: int, seq_len: int, kind: str, prec
     backward pass, on top of ``saved``; 0 without)."""
     from peftbench.methods.prefix import ENCODER_NAME
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_peft(model)
     config = base.config
     h, heads = config.hidden_size, config.num_attention_heads
     prompt = _prompt_tokens(model)
@@ -397,7 +398,7 @@ def decoder_activations(model: nn.Module, batch: int, seq_len: int, kind: str, p
     scores every position, the last real token's scores are picked), as :func:`bert_activations`."""
     from peftbench.methods.prefix import ENCODER_NAME
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_peft(model)
     config = base.config
     h = config.hidden_size
     prompt = _prompt_tokens(model)
@@ -427,7 +428,7 @@ def decoder_activations(model: nn.Module, batch: int, seq_len: int, kind: str, p
 def is_decoder_family(model: nn.Module) -> bool:
     """A pre-norm decoder with Llama's layer names (q/k/v/o_proj, gate/up/down_proj, RMSNorm) and a linear
     ``score`` head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_peft(model)
     layers = getattr(getattr(base, base.base_model_prefix, None), "layers", None)
     return (layers is not None and hasattr(getattr(layers[0], "mlp", None), "gate_proj")
             and hasattr(getattr(base, "score", None), "out_features"))
@@ -440,7 +441,7 @@ def activations(model: nn.Module, batch: int, seq_len: int, kind: str, precision
         return bert_activations(model, batch, seq_len, kind, precision, checkpointing, padded)
     if is_decoder_family(model):
         return decoder_activations(model, batch, seq_len, kind, precision, checkpointing, padded)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_peft(model)
     raise PeftbenchError(f"peftbench plan: no activation formula for model type {base.config.model_type!r} (it "
                          "covers BERT-style encoders with a pooler and Llama-style decoders)")
 
@@ -523,7 +524,7 @@ def meta_model(cfg, vocab_size: int, num_labels: int, total_steps: int):
 
     name = cfg.model.name_or_path
     if models.is_random_init(name):
-        config = models._random_init_config(name, vocab_size)
+        config = models.random_init_config(name, vocab_size)
     else:
         config = AutoConfig.from_pretrained(name)
     config.num_labels = num_labels
@@ -540,7 +541,7 @@ def meta_model(cfg, vocab_size: int, num_labels: int, total_steps: int):
 
 def is_bert_family(model: nn.Module) -> bool:
     """A post-LN encoder with BERT's layer names and BERT's pooler + linear classifier head."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = without_peft(model)
     backbone = getattr(base, base.base_model_prefix, None)
     layers = getattr(getattr(backbone, "encoder", None), "layer", None)
     return (layers is not None and hasattr(getattr(layers[0], "attention", None), "self")
@@ -637,10 +638,8 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
     """Plans for ``methods`` under the recipe ``cfg`` on ``device`` (a name of :data:`DEVICES`, ``cpu``, or
     None: this machine's device, its matmul rate measured now)."""
     from peftbench import config as config_module
-    from peftbench import models
     from peftbench.measure import peak_matmul_flops
-    from peftbench.tasks import load_task
-    from peftbench.train import model_labels
+    from peftbench.train import encode_task, model_labels
 
     precision = cfg.train.mixed_precision
     if device in DEVICES:
@@ -656,11 +655,8 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
         kind, rate, where = here, peak_matmul_flops(dtype), f"this machine's {here} (matmul rate measured now)"
     else:
         raise PeftbenchError(f"--device {device!r}: one of cpu, {', '.join(DEVICES)}")
-    task = load_task(cfg.task)
-    train = task.splits["train"]
-    tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]))
-    encoded = task.spec.kind.encode(train, tokenizer, task.spec, cfg.task.max_length, any(train["text_b"]))
-    lengths = list(encoded["length"])
+    task, tokenizer, _, encoded = encode_task(cfg, ("train",))
+    lengths = list(encoded["train"]["length"])
     labels = len(model_labels(task.spec))
     base = cfg.to_dict()
     rows = []

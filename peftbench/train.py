@@ -118,16 +118,23 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     return RunResult(record, model, tokenizer)
 
 
+def encode_task(cfg: RunConfig, splits: tuple[str, ...] | None = None):
+    """The task's splits (``splits``; None: all), the tokenizer (built from the training texts where the
+    backbone has none) and the encoded splits: ``(task, tokenizer, pair, {split: encoded})``."""
+    task = load_task(cfg.task)
+    train = task.splits["train"]
+    tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]))
+    pair = any(train["text_b"])
+    encoded = {split: task.spec.kind.encode(ds, tokenizer, task.spec, cfg.task.max_length, pair)
+               for split, ds in task.splits.items() if splits is None or split in splits}
+    return task, tokenizer, pair, encoded
+
+
 def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
     """Load and tokenise the task's splits; length-grouped training batches, length-sorted evaluation batches."""
     t = cfg.train
     with accelerator.main_process_first():
-        task = load_task(cfg.task)
-        train = task.splits["train"]
-        tokenizer = models.load_tokenizer(cfg.model, list(train["text_a"]) + list(train["text_b"]))
-        pair = any(train["text_b"])
-        encoded = {split: task.spec.kind.encode(ds, tokenizer, task.spec, cfg.task.max_length, pair)
-                   for split, ds in task.splits.items()}
+        task, tokenizer, pair, encoded = encode_task(cfg)
     cuda = accelerator.device.type == "cuda"
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)
     train_dl = train_loader(encoded["train"], collator, t.batch_size, t.seed, t.group_by_length, pin_memory=cuda)
@@ -320,9 +327,8 @@ def measure_inference(model, data: Data, cfg: RunConfig, accelerator: Accelerato
     inputs = {k: v.to(accelerator.device) for k, v in single["inputs"].items()}
     with accelerator.autocast():
         cost["flops_per_sample"] = forward_flops(served, inputs)
-    base_model = served.get_base_model() if hasattr(served, "get_base_model") else served
-    cost["base_flops_per_sample"] = base_forward_flops(data.task.spec.kind.auto_class, base_model.config,
-                                                       inputs["input_ids"])
+    cost["base_flops_per_sample"] = base_forward_flops(data.task.spec.kind.auto_class,
+                                                       models.without_peft(served).config, inputs["input_ids"])
     cost["flops_length"] = int(inputs["input_ids"].shape[1])
     del merged, served
     model.train(was_training)

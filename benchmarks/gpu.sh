@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU measurement of docs/performance.md, docs/planning.md and docs/distributed.md in one run, then one
 # table of the targets and whether each is met:
-#   bash benchmarks/gpu.sh [OUT_DIR]            # one GPU (planned to stay under 8 minutes)
-#   bash benchmarks/gpu.sh --smoke [OUT_DIR]    # the same scripts on CPU with tiny shapes, under a minute
+#   bash benchmarks/gpu.sh [OUT_DIR]            # one GPU (planned to stay under 8 minutes); OUT_DIR: runs/bench-gpu
+#   bash benchmarks/gpu.sh --smoke [OUT_DIR]    # the same scripts on CPU, tiny shapes, < 1 min; runs/bench-gpu-smoke
 # Needs a CUDA build of torch and bitsandbytes (pip install bitsandbytes) next to peftbench. Each step's table
 # goes to OUT_DIR/<step>.md and its rows to OUT_DIR/<step>.json; exits non-zero when a step crashes.
 set -uo pipefail
 smoke=0
 if [[ ${1:-} == --smoke ]]; then smoke=1; shift; fi
-out=${1:-bench-gpu}
+default=runs/bench-gpu
+(( smoke )) && default=runs/bench-gpu-smoke
+out=${1:-$default}  # runs/ is ignored by git
 here=$(dirname "$0")
 mkdir -p "$out"
 export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false

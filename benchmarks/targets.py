@@ -68,7 +68,7 @@ def targets(out: Path) -> list[tuple[str, str, bool | None]]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0] if argv else "bench-gpu")
+    out = Path(argv[0] if argv else "runs/bench-gpu")
     print("| target | measured | met |\n|---|---|---|")
     for name, measured, met in targets(out):
         print(f"| {name} | {measured} | {'—' if met is None else 'yes' if met else 'no'} |")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from peftbench.errors import PeftbenchError
-from peftbench.records import RECORD_NAME, write_atomic
+from peftbench.errors import PeftbenchError, clip
+from peftbench.records import RECORD_NAME, settle_modes, write_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 META_FILE = "peftbench.json"
@@ -46,10 +46,16 @@ RUN_FILES = (RECORD_NAME, CHECKPOINT_DIR, TRACKERS_DIR)  # all a run folder hold
 
 
 def staging_dir(out_dir: Path) -> Path:
+    """Where a run of ``out_dir`` is built: beside it (so ``out_dir`` needs a parent: not the root folder)."""
+    out_dir = out_dir.resolve()
+    if not out_dir.name:
+        raise PeftbenchError(f"config key 'output_dir': {out_dir} is the root folder; a run needs a folder of its "
+                             "own (it replaces the folder whole)")
     return out_dir.with_name(f".{out_dir.name}.staging")
 
 
 def _retired_dir(out_dir: Path) -> Path:
+    out_dir = out_dir.resolve()
     return out_dir.with_name(f".{out_dir.name}.old")
 
 
@@ -107,6 +113,7 @@ def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_d
         save_file({k: v.contiguous() for k, v in new_weights.items()}, str(ckpt_dir / NEW_WEIGHTS_FILE))
     tokenizer.save_pretrained(str(ckpt_dir))
     write_atomic(ckpt_dir / META_FILE, meta)
+    settle_modes(ckpt_dir)
     return sum(f.stat().st_size for f in ckpt_dir.iterdir() if f.suffix in WEIGHT_SUFFIXES)
 
 
@@ -114,15 +121,58 @@ META_FIELDS = ("method", "task", "kind", "labels", "label_names", "model_labels"
 
 
 def read_meta(ckpt_dir: Path) -> dict:
+    """``peftbench.json`` of a checkpoint whose files were checked first (:func:`check_files`)."""
     path = ckpt_dir / META_FILE
     if not path.is_file():
         raise PeftbenchError(f"{ckpt_dir}: not a peftbench checkpoint ({META_FILE} missing)")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    check_files(ckpt_dir)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        line = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise PeftbenchError(f"{path}{line}: not valid JSON ({clip(exc)})") from None
+    if not isinstance(meta, dict):
+        raise PeftbenchError(f"{path}: not a JSON object")
     missing = [key for key in META_FIELDS if key not in meta]
     if missing:
         raise PeftbenchError(f"{path}: field '{missing[0]}' missing: a checkpoint of an earlier peftbench, which "
                              "did not record its base's identity; train it again")
     return meta
+
+
+def check_files(ckpt_dir: Path) -> None:
+    """Refuse a checkpoint with a link that leaves its folder (a ``tokenizer.json`` pointing at /etc/passwd, a
+    weight file from elsewhere) or a safetensors file that is cut short or not one."""
+    root = ckpt_dir.resolve()
+    for path in sorted(Path(d) / name for d, dirs, files in os.walk(ckpt_dir) for name in dirs + files):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise PeftbenchError(f"{path}: a link to {path.resolve()}, outside the checkpoint; a checkpoint reads "
+                                 "only its own files (copy the file in)")
+        if path.suffix == ".safetensors" and path.is_file():
+            problem = _safetensors_problem(path)
+            if problem:
+                raise PeftbenchError(f"{path}: damaged weight file ({problem}); copy or train the checkpoint again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (an 8-byte header length, a JSON header, then exactly the
+    bytes its tensors' offsets cover), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"header of {length} bytes in a file of {size}"
+        try:
+            header = json.loads(fh.read(length))
+            end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return "unreadable header"
+    if size != 8 + length + end:
+        return f"{size} bytes where its header describes {8 + length + end}"
+    return None
 
 
 def base_source(ckpt_dir: Path, meta: dict) -> str | Path | None:
@@ -189,6 +239,7 @@ def save_pretrained_model(model, tokenizer, directory: Path, provenance: dict) -
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     write_atomic(directory / PROVENANCE_FILE, provenance)
+    settle_modes(directory)
 
 
 def pretrained_by_peftbench(model_dir: str) -> dict | None:

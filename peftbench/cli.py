@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_p.add_argument("--shard", default="0/1", help="i/N: run the i-th of N deterministic shares of the cells")
     sweep_p.add_argument("--retry-failed", action="store_true", help="rerun cells whose record says failed")
     sweep_p.add_argument("--dry-run", action="store_true", help="list the cells and their status, run nothing")
+    sweep_p.add_argument("--max-cells", type=int, default=10_000, help="refuse a grid of more cells (default 10000)")
     pre_p = sub.add_parser("pretrain", help="masked-LM pretraining (resumes an interrupted run in the same output_dir)",
                            keys=_pretrain_keys)
     pre_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     srv_p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     srv_p.add_argument("--max-texts", type=int, default=256, help="texts per request (more: 413)")
     srv_p.add_argument("--max-chars", type=int, default=2000, help="characters per text (more: 413)")
+    srv_p.add_argument("--docs", action="store_true", help="also serve the OpenAPI pages (/docs, /redoc, "
+                                                           "/openapi.json), which answer without the token")
     plan_p = sub.add_parser("plan", help="memory and speed of a recipe before running it, and what fits a budget",
                             keys=_run_keys)
     plan_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             from peftbench.serve import Limits, serve
 
             serve(ns.checkpoints, ns.host, ns.port, ns.token_file, ns.device or ("cuda" if _cuda() else "cpu"),
-                  Limits(ns.max_texts, ns.max_chars), ns.max_batch, ns.max_wait_ms)
+                  Limits(ns.max_texts, ns.max_chars), ns.max_batch, ns.max_wait_ms, ns.docs)
             return 0
         if ns.command == "plan":
             return _plan(ns)
@@ -320,6 +323,8 @@ def _sweep(ns) -> int:
 
     spec = sweep.read_sweep(ns.sweep_file)
     main = process_state().is_main_process
+    if main:
+        print(f"{ns.sweep_file}: {sweep.count_cells(spec):,} grid cells", flush=True)
     shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []
     provenance = {"sweep_file": ns.sweep_file,
                   "command": " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides, *shard])}
@@ -328,7 +333,7 @@ def _sweep(ns) -> int:
         from peftbench import search
 
         spec = search.read_sweep(ns.sweep_file)
-        studies = search.studies(spec, ns.overrides, sweep.parse_shard(ns.shard))
+        studies = search.studies(spec, ns.overrides, sweep.parse_shard(ns.shard), ns.max_cells)
         if main:
             print(f"{len(studies)} studies in this shard ({spec['search'].trials} learning rates each), "
                   f"results in {spec['output_dir']}")
@@ -338,7 +343,7 @@ def _sweep(ns) -> int:
         outcome, waiting, no_final = search.run_search(studies, spec["search"], ns.retry_failed,
                                                        provenance=provenance)
     else:
-        cells = sweep.plan(sweep.expand(spec, ns.overrides), sweep.parse_shard(ns.shard))
+        cells = sweep.plan(sweep.expand(spec, ns.overrides, ns.max_cells), sweep.parse_shard(ns.shard))
         todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
         if main:
             print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")

@@ -21,14 +21,14 @@ from typing import Any
 
 import yaml
 
-from peftbench.errors import PeftbenchError
-from peftbench.registry import METHODS
+from peftbench.errors import PeftbenchError, clip
+from peftbench.registry import METHODS, TASKS
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
-LATER_KEYS = (  # (section, key) added after leaderboards/ records were written; append every new key
-    ("model", "quantization"), ("model", "quant_4bit_type"), ("model", "quant_4bit_compute_dtype"),
-    ("model", "quant_4bit_double"), ("train", "evaluate_test"), ("method", "init"))
+LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (any depth); append every new key
+    "model.quantization", "model.quant_4bit_type", "model.quant_4bit_compute_dtype", "model.quant_4bit_double",
+    "train.evaluate_test", "method.init")
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
             "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
@@ -79,6 +79,7 @@ class LoopConfig:
 
 @dataclass
 class TrainConfig(LoopConfig):
+    lr: float | None = None  # peak learning rate; null = the method's own default (docs/methods/<name>.md)
     epochs: int = 3  # passes over the training split (when max_steps is -1)
     group_by_length: bool = True  # length-grouped shuffled batches (less padding)
     save_checkpoint: bool = True  # write checkpoint/ beside record.json
@@ -117,13 +118,29 @@ class RunConfig:
         body.pop("output_dir")
         body["train"].pop("report_to")  # where the run is watched changes no result
         body["train"].pop("measure_inference")  # nor does what is measured after it
-        for section, key in LATER_KEYS:
-            defaults = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig,
-                        "method": type(self.method)}[section]()
-            if key in body[section] and body[section][key] == getattr(defaults, key):
-                del body[section][key]
+        drop_defaults(body, RunConfig(method=type(self.method)()).to_dict(), LATER_KEYS)
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def drop_defaults(body: dict, defaults: dict, keys: tuple[str, ...]) -> None:
+    """Remove each dotted key of ``keys`` from ``body`` where it holds its value in ``defaults``, and the
+    sections that this leaves empty (a section added whole holds only such keys)."""
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")
+        trail, node, default = [], body, defaults
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                break
+            trail.append((node, part))
+            node, default = node[part], default.get(part, {})
+        else:
+            if leaf in node and leaf in default and node[leaf] == default[leaf]:
+                del node[leaf]
+                for parent, part in reversed(trail):
+                    if parent[part]:
+                        break
+                    del parent[part]
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -156,6 +173,15 @@ def _yaml_float(value: Any, hint: Any) -> Any:
     return value
 
 
+def _one_as_list(value: Any, hint: Any) -> Any:
+    """A single string where a list of strings is expected (``report_to: tensorboard``) is a list of one."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    lists = [h for h in (typing.get_args(hint) if union else (hint,)) if typing.get_origin(h) is list]
+    if isinstance(value, str) and any(typing.get_args(h) == (str,) for h in lists):
+        return [value]
+    return value
+
+
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "") if typing.get_origin(hint) else getattr(hint, "__name__", str(hint))
 
@@ -163,20 +189,20 @@ def _type_name(hint: Any) -> str:
 def build(cls: type, values: dict, prefix: str) -> Any:
     """Make dataclass ``cls`` from ``values``; unknown keys and bad types name the key."""
     if not isinstance(values, dict):
-        raise PeftbenchError(f"config key '{prefix}' must be a mapping, got {values!r}")
+        raise PeftbenchError(f"config key '{prefix}' must be a mapping, got {clip(repr(values))}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise PeftbenchError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+            raise PeftbenchError(f"unknown config key '{clip(full)}' (known: {', '.join(sorted(names))})")
         hint = hints[key]
-        value = _yaml_float(value, hint)
+        value = _one_as_list(_yaml_float(value, hint), hint)
         if dataclasses.is_dataclass(hint):
             value = build(hint, value, full)
         elif not _type_ok(value, hint):
-            raise PeftbenchError(f"config key '{full}' must be {_type_name(hint)}, got {value!r}")
+            raise PeftbenchError(f"config key '{full}' must be {_type_name(hint)}, got {clip(repr(value))}")
         if hint is float and value is not None:
             value = float(value)
         kwargs[key] = value
@@ -201,7 +227,10 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise PeftbenchError(f"override '{item}' is not of the form key=value")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml_value(raw) if raw.strip() else None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise PeftbenchError(f"override '{clip(item)}': invalid YAML value ({clip(exc)})") from None
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -212,18 +241,45 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
+MAX_YAML_VALUES = 100_000  # values a recipe may hold with every alias expanded (a recipe has a few hundred)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently), and a document
+    whose aliases expand to more than ``MAX_YAML_VALUES`` values (an alias bomb: a few hundred bytes that
+    expand to gigabytes once something copies or prints the result)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                raise yaml.constructor.ConstructorError(None, None, f"key '{clip(key)}' is given twice",
                                                         key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Values under a composed YAML node, counting an aliased node at each place it is used (each node's size
+    is computed once, so a bomb is measured without being expanded)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that refers to itself counts once
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def yaml_value(text: str):
+    """One YAML value (a ``key=value`` override's value), read with the recipe's safeguards."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def read_recipe(path: str | Path) -> dict:
@@ -236,11 +292,13 @@ def read_recipe(path: str | Path) -> dict:
         raise PeftbenchError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") \
             from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        data = yaml_value(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise PeftbenchError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise PeftbenchError(f"{path}{line}: invalid YAML ({clip(getattr(exc, 'problem', None) or exc)})") from None
+    except RecursionError:
+        raise PeftbenchError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise PeftbenchError(f"{path}: a recipe must be a mapping of sections")
     return data
@@ -251,12 +309,15 @@ def resolve(tree: dict) -> RunConfig:
     tree = dict(tree)
     method_tree = tree.pop("method", None) or {}
     if not isinstance(method_tree, dict):
-        raise PeftbenchError(f"config key 'method' must be a mapping, got {method_tree!r}")
+        raise PeftbenchError(f"config key 'method' must be a mapping, got {clip(repr(method_tree))}")
     method_tree = {"name": "lora", **method_tree}
     if not isinstance(method_tree["name"], str):
-        raise PeftbenchError(f"config key 'method.name' must be str, got {method_tree['name']!r}")
+        raise PeftbenchError(f"config key 'method.name' must be str, got {clip(repr(method_tree['name']))}")
     cfg = build(RunConfig, tree, "")
-    cfg.method = build(METHODS.get(method_tree["name"], "method.name").Config, method_tree, "method")
+    method = METHODS.get(method_tree["name"], "method.name")
+    cfg.method = build(method.Config, method_tree, "method")
+    if cfg.train.lr is None:
+        cfg.train.lr = method.default_lr
     _check_values(cfg)
     return cfg
 
@@ -313,7 +374,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 def require(ok: bool, key: str, rule: str, value: Any) -> None:
     """Raise the one-line error for config key ``key`` unless ``ok``: ``must be <rule>, got <value>``."""
     if not ok:
-        raise PeftbenchError(f"config key '{key}' must be {rule}, got {value!r}")
+        raise PeftbenchError(f"config key '{key}' must be {rule}, got {clip(repr(value))}")
 
 
 def finite(x: float) -> bool:
@@ -344,6 +405,7 @@ def check_loop(t: LoopConfig, section: str = "train") -> None:
 
 def _check_values(cfg: RunConfig) -> None:
     t = cfg.train
+    TASKS.get(cfg.task.name, "task.name")  # a registered task (its name also names the default output folder)
     check_loop(t)
     require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     _check_quantization(cfg)
@@ -359,12 +421,14 @@ def _check_values(cfg: RunConfig) -> None:
 def _check_quantization(cfg: RunConfig) -> None:
     m = cfg.model
     if m.quantization not in QUANTIZATION:
-        raise PeftbenchError(f"config key 'model.quantization' must be one of {QUANTIZATION}, got {m.quantization!r}")
+        raise PeftbenchError(f"config key 'model.quantization' must be one of {QUANTIZATION}, "
+                             f"got {clip(repr(m.quantization))}")
     if m.quant_4bit_type not in ("nf4", "fp4"):
-        raise PeftbenchError(f"config key 'model.quant_4bit_type' must be nf4 or fp4, got {m.quant_4bit_type!r}")
+        raise PeftbenchError(f"config key 'model.quant_4bit_type' must be nf4 or fp4, "
+                             f"got {clip(repr(m.quant_4bit_type))}")
     if m.quant_4bit_compute_dtype not in QUANT_COMPUTE_DTYPES:
         raise PeftbenchError(f"config key 'model.quant_4bit_compute_dtype' must be one of {QUANT_COMPUTE_DTYPES}, "
-                             f"got {m.quant_4bit_compute_dtype!r}")
+                             f"got {clip(repr(m.quant_4bit_compute_dtype))}")
     if m.quantization != "none" and METHODS.get(cfg.method.name, "method.name").trains_base_weights:
         raise PeftbenchError(f"config keys 'method.name={cfg.method.name}' and 'model.quantization={m.quantization}' "
                              f"conflict: {cfg.method.name} trains the base weights, and {m.quantization} base weights "

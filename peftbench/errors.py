@@ -17,3 +17,13 @@ def where(path, line: int | None = None, field: str | None = None) -> str:
     if field is not None:
         text += f": field '{field}'"
     return text
+
+
+QUOTE_LIMIT = 300  # characters of a value quoted in an error line
+
+
+def clip(text, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` (any value's ``str``/``repr``) cut to ``limit`` characters, saying how long it was: an error line
+    quotes what it was given, never megabytes of it (and never a character that cannot be written out)."""
+    text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be printed
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from peftbench import checkpoint
 from peftbench.errors import PeftbenchError
-from peftbench.inference import SplitBatches, load
+from peftbench.inference import SplitBatches, load, open_checkpoint
 from peftbench.methods import get_method, method_names
 from peftbench.models import without_peft
-from peftbench.records import write_atomic
+from peftbench.records import settle_modes, write_atomic
 
 FORMATS = ("hf", "onnx")
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and peftbench.load
@@ -46,7 +45,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "hf", quantize:
         raise PeftbenchError(f"export format '{fmt}': expected one of {', '.join(FORMATS)}")
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
         raise PeftbenchError(f"--quantize {quantize}: only 'int8', with --format onnx")
-    meta = checkpoint.read_meta(ckpt_dir)
+    meta = open_checkpoint(ckpt_dir)
     if fmt == "hf":
         _check_plain(ckpt_dir, meta)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -62,6 +61,7 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "hf", quantize:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    settle_modes(stage)
     if out_dir.exists():
         out_dir.rmdir()
     stage.rename(out_dir)

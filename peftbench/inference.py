@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,10 +12,10 @@ from transformers import AutoTokenizer
 from peftbench import checkpoint
 from peftbench.config import resolve
 from peftbench.data import Collator
-from peftbench.errors import PeftbenchError
+from peftbench.errors import PeftbenchError, clip
 from peftbench.methods import RunContext, get_method, lacked_modules
 from peftbench.models import from_pretrained, guard_padding, without_peft
-from peftbench.tasks import load_task
+from peftbench.tasks import get_spec, load_task
 from peftbench.tasks.kinds import KINDS
 
 
@@ -26,7 +27,58 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
     base weights (no extra latency).
     """
     ckpt_dir = Path(ckpt_dir)
+    meta = open_checkpoint(ckpt_dir)
+    with loading(ckpt_dir):
+        return _load(ckpt_dir, meta, device, merge, base)
+
+
+@contextmanager
+def loading(ckpt_dir: Path):
+    """Report a failure to load ``ckpt_dir`` in one line naming it (a damaged or edited file that the checks of
+    :func:`open_checkpoint` do not catch); ``PEFTBENCH_DEBUG=1`` shows the cause."""
+    try:
+        yield
+    except PeftbenchError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        raise PeftbenchError(f"{ckpt_dir}: cannot be loaded ({type(exc).__name__}: "
+                             f"{clip(text.splitlines()[0] if text else '')})") from exc
+
+
+def open_checkpoint(ckpt_dir: Path) -> dict:
+    """A checkpoint's ``peftbench.json``, its files checked (:func:`checkpoint.read_meta`) and its labels checked
+    against the task its config names: the one source of the label order that ``predict``, ``serve`` and
+    ``export`` use. A label list edited by hand (reordered, cut) is refused, never served inverted."""
     meta = checkpoint.read_meta(ckpt_dir)
+    path = ckpt_dir / checkpoint.META_FILE
+    try:
+        spec = get_spec(resolve(meta["config"]).task)
+    except PeftbenchError as exc:
+        raise PeftbenchError(f"{path}: field 'config': {exc}") from None
+    expected = {"labels": list(spec.labels), "label_names": list(spec.label_names or spec.labels),
+                "model_labels": spec.model_labels()}
+    for field_name, want in expected.items():
+        if meta[field_name] != want:
+            raise PeftbenchError(f"{path}: field '{field_name}' is {clip(meta[field_name], 120)}, but task "
+                                 f"'{spec.name}' has {clip(want, 120)}: the label list was edited; restore it")
+    if meta["kind"] not in KINDS or KINDS[meta["kind"]] is not spec.kind:
+        raise PeftbenchError(f"{path}: field 'kind' is {clip(repr(meta['kind']))}, but task '{spec.name}' is "
+                             f"{spec.kind.name}")
+    return meta
+
+
+def _check_head(ckpt_dir: Path, meta: dict, model) -> None:
+    """The model's own label names (a whole model's config.json) agree with the checkpoint's."""
+    config = without_peft(model).config
+    names = [config.id2label.get(i, config.id2label.get(str(i))) for i in range(config.num_labels)]
+    if names != meta["model_labels"]:
+        where = ckpt_dir / "config.json" if meta["base"] is None else ckpt_dir
+        raise PeftbenchError(f"{where}: field 'id2label' is {clip(names, 120)}, but {checkpoint.META_FILE} has "
+                             f"{clip(meta['model_labels'], 120)}: the labels were edited; restore them")
+
+
+def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
     cfg = resolve(meta["config"])
     kind = KINDS[meta["kind"]]
     method = get_method(meta["method"])(cfg.method)
@@ -47,6 +99,7 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
                      labels_per_token=kind.labels_per_token,
                      lacked_modules=lacked_modules(meta["base"]["new_weights"] if meta["base"] else ()))
     model = method.load(base_model, ckpt_dir, ctx)
+    _check_head(ckpt_dir, meta, model)
     guard_padding(without_peft(model))
     if merge:
         if not hasattr(model, "merge_and_unload"):

@@ -437,14 +437,21 @@ NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header 
          "evaluated split (uniformly random labels; always the most frequent label; for NER, no entity), unranked.")
 
 
+def visible(text: str) -> str:
+    """``text`` with every control character (newlines included) written as its escape, ``\\n``: one line."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def md(text: str) -> str:
-    """Record text made safe for Markdown: no HTML, no table breaks."""
-    return html.escape(str(text), quote=False).replace("|", "\\|")
+    """Record text made safe for Markdown: no HTML, no table breaks, no links or images, and no line breaks
+    (:func:`visible`), so a cell stays one cell of its row."""
+    text = visible(str(text).replace("\\", "\\\\"))
+    return html.escape(text, quote=False).replace("|", "\\|").replace("[", "\\[").replace("]", "\\]")
 
 
 def tex(text: str) -> str:
     """Record text made safe for matplotlib, which reads ``$...$`` as mathematics."""
-    return str(text).replace("$", r"\$")
+    return visible(str(text)).replace("$", r"\$")
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -494,7 +501,7 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
         if chosen:
             lines += ["Learning rate chosen on dev by the search:", "", markdown_table(*chosen), "", LR_EDGE_NOTE, ""]
         for command in sorted(group.reproduce):
-            command = command.replace("`", "")
+            command = visible(command.replace("`", ""))  # a code span: no backtick, one line
             lines.append(f"Reproduce: `{command}`, then `peftbench leaderboard RESULTS_DIR --out DIR`.")
         for name in plots.get(group.slug, []):
             lines.append(f"![{name}]({name}.png)")

@@ -639,7 +639,7 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
     None: this machine's device, its matmul rate measured now)."""
     from peftbench import config as config_module
     from peftbench.measure import peak_matmul_flops
-    from peftbench.train import encode_task, model_labels
+    from peftbench.train import encode_task
 
     precision = cfg.train.mixed_precision
     if device in DEVICES:
@@ -657,7 +657,7 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
         raise PeftbenchError(f"--device {device!r}: one of cpu, {', '.join(DEVICES)}")
     task, tokenizer, _, encoded = encode_task(cfg, ("train",))
     lengths = list(encoded["train"]["length"])
-    labels = len(model_labels(task.spec))
+    labels = len(task.spec.model_labels())
     base = cfg.to_dict()
     rows = []
     for name in methods:

@@ -47,6 +47,24 @@ def strict_json(data: dict) -> dict:
     return {**cleaned, "non_finite": found} if found else cleaned
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # what open() gives a new file under this process's umask (read at import)
+
+
+def settle_modes(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a plainly created file gets (``FILE_MODE``): safetensors and
+    temp files are created 0600, which would make a checkpoint's weights unreadable to those who can read the
+    rest of it."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, FILE_MODE)
+
+
 def write_atomic(path: str | Path, data: dict) -> Path:
     """Write strict JSON to a temp file in the same folder, fsync it, then rename over ``path``.
     On any failure (a full disk) the temp file is removed and ``path`` is left as it was."""
@@ -59,7 +77,7 @@ def write_atomic(path: str | Path, data: dict) -> Path:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,11 +114,15 @@ def error_text(exc: BaseException) -> str:
 def failed_record_on_error(path: Path, config: dict, run_id: str, env: dict, write: bool, extra: dict | None = None):
     """Write a failed record to ``path`` (if ``write``: the main process) when the block raises an exception.
 
-    An interrupt (KeyboardInterrupt, SystemExit) leaves no record: the run is still to do. If the record
-    cannot be written either (a full disk), the exception carries ``record_error`` saying why.
+    Bad input (:class:`PeftbenchError`: a config, data file or model the run cannot use) and an interrupt
+    (KeyboardInterrupt, SystemExit) leave no record: the run never ran, and is still to do once the input is
+    mended. If the record cannot be written either (a full disk), the exception carries ``record_error``
+    saying why.
     """
     try:
         yield
+    except PeftbenchError:
+        raise
     except Exception as exc:
         if write:
             try:

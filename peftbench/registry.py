@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Generic, TypeVar
 
-from peftbench.errors import PeftbenchError
+from peftbench.errors import PeftbenchError, clip
 
 T = TypeVar("T")
 
@@ -38,7 +38,8 @@ class Registry(Generic[T]):
         """The entry called ``name``; an unknown name is an error naming config key ``key``."""
         self._load()
         if name not in self._entries:
-            raise PeftbenchError(f"config key '{key}': unknown {self.kind} '{name}' (known: {', '.join(self.names())})")
+            raise PeftbenchError(f"config key '{key}': unknown {self.kind} '{clip(name)}' "
+                                 f"(known: {', '.join(self.names())})")
         return self._entries[name]
 
 

@@ -32,7 +32,18 @@ from peftbench.errors import PeftbenchError
 from peftbench.loop import process_state
 from peftbench.methods import get_method
 from peftbench.records import RECORD_NAME, read_record
-from peftbench.sweep import CLAIMS_DIR, VARIANTS, Cell, Claim, SweepOutcome, agree, expand, record_status, run_sweep
+from peftbench.sweep import (
+    CLAIMS_DIR,
+    MAX_CELLS,
+    VARIANTS,
+    Cell,
+    Claim,
+    SweepOutcome,
+    agree,
+    expand,
+    record_status,
+    run_sweep,
+)
 
 SAMPLERS = ("grid", "tpe")
 SEARCH_DIR, FINAL_DIR = "search", "final"  # in the sweep's output_dir
@@ -146,9 +157,11 @@ class Study:
         return cfg
 
 
-def studies(spec: dict, overrides: list[str] | None = None, shard: tuple[int, int] = (0, 1)) -> list[Study]:
+def studies(spec: dict, overrides: list[str] | None = None, shard: tuple[int, int] = (0, 1),
+            max_cells: int = MAX_CELLS) -> list[Study]:
     """This shard's studies (every N-th, sorted by name)."""
-    found = sorted((Study(cfg, Path(spec["output_dir"])) for cfg in expand(spec, overrides)), key=lambda s: s.name)
+    found = sorted((Study(cfg, Path(spec["output_dir"])) for cfg in expand(spec, overrides, max_cells)),
+                   key=lambda s: s.name)
     i, n = shard
     return [s for k, s in enumerate(found) if k % n == i]
 

@@ -9,13 +9,19 @@ batcher waits up to ``max_wait_ms`` for ``max_batch`` texts, and one worker thre
 forward passes, so the models are used by one thread at a time.
 
 Endpoints: ``POST /v1/classify``, ``GET /v1/adapters``, ``GET /metrics`` (Prometheus text)
-and ``GET /healthz`` (no token). ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer
-<token>``. Predictions are the rows ``peftbench predict`` writes (docs/serving.md).
+and ``GET /healthz`` (no token). Every other path needs ``Authorization: Bearer <token>``,
+checked before the body is read; the OpenAPI pages (``/docs``, ``/redoc``, ``/openapi.json``)
+exist only with ``docs=True``. A request is validated and tokenised on its own before it
+joins a batch, and a batch that fails is run again request by request, so that a bad
+request fails alone. Predictions are the rows ``peftbench predict`` writes (docs/serving.md).
 """
 
 import asyncio
 import hmac
+import json
+import math
 import os
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,8 +31,8 @@ import torch
 
 from peftbench import checkpoint
 from peftbench.data import Collator
-from peftbench.errors import PeftbenchError
-from peftbench.inference import load
+from peftbench.errors import PeftbenchError, clip
+from peftbench.inference import load, loading, open_checkpoint
 from peftbench.tasks.kinds import KINDS, TaskKind
 
 SHARED_METHODS = ("lora",)  # PEFT adapters that load onto one base and switch per request
@@ -65,14 +71,16 @@ def load_adapters(checkpoints: dict[str, str | Path], device: str = "cpu") -> di
 
     adapters, hosts = {}, {}
     for name, ckpt in checkpoints.items():
-        meta = checkpoint.read_meta(Path(ckpt))
+        meta = open_checkpoint(Path(ckpt))
         kind = KINDS[meta["kind"]]
         shared = meta["method"] in SHARED_METHODS
         group = (checkpoint.pretrained_fingerprint(meta), meta["kind"], len(meta["labels"])) if shared else None
         if group in hosts:
             host = hosts[group]
-            host.model.load_adapter(str(ckpt), adapter_name=name)
-            adapters[name] = Adapter(name, meta, kind, host.model, AutoTokenizer.from_pretrained(str(ckpt)), name)
+            with loading(Path(ckpt)):
+                host.model.load_adapter(str(ckpt), adapter_name=name)
+                tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+            adapters[name] = Adapter(name, meta, kind, host.model, tokenizer, name)
             continue
         model, tokenizer, meta = load(ckpt, device)
         adapters[name] = Adapter(name, meta, kind, model, tokenizer, "default" if shared else None)
@@ -93,8 +101,36 @@ def describe_memory(adapters: dict[str, Adapter]) -> str:
 class Job:
     adapter: Adapter
     texts: list[str]
-    pairs: list[str] | None
+    examples: list[dict]  # the texts tokenised (:func:`encode_request`)
     done: asyncio.Future  # set to the job's prediction rows
+
+
+class RequestError(ValueError):
+    """A request the server will not run; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def encode_request(adapter: Adapter, texts: list[str], pairs: list[str] | None) -> list[dict]:
+    """The request's texts tokenised as training tokenised its files; a text the tokenizer cannot take (a lone
+    surrogate, valid in JSON) raises :class:`RequestError` (400) naming it."""
+    def encode(a: list[str], b: list[str] | None) -> list[dict]:
+        return adapter.kind.encode_texts(adapter.tokenizer, a, b, adapter.meta["max_length"])
+
+    try:
+        return encode(texts, pairs)
+    except Exception:
+        pass
+    for i, text in enumerate(texts):  # which one: each text alone, then its pair
+        for field_name, a, b in (("texts", [text], None), ("text_pairs", [text], pairs and [pairs[i]])):
+            try:
+                encode(a, b)
+            except Exception as exc:
+                raise RequestError(400, f"{field_name}[{i}]: cannot be tokenised ({type(exc).__name__}: "
+                                        f"{clip(str(exc).splitlines()[0] if str(exc) else '')})") from None
+    raise RequestError(400, "texts: cannot be tokenised together")
 
 
 class Batcher:
@@ -106,8 +142,8 @@ class Batcher:
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.on_forward = on_forward or (lambda texts, adapters: None)  # after each forward pass
 
-    async def predict(self, adapter: Adapter, texts: list[str], pairs: list[str] | None) -> list[dict]:
-        job = Job(adapter, texts, pairs, asyncio.get_running_loop().create_future())
+    async def predict(self, adapter: Adapter, texts: list[str], examples: list[dict]) -> list[dict]:
+        job = Job(adapter, texts, examples, asyncio.get_running_loop().create_future())
         await self.queue.put(job)
         return await job.done
 
@@ -128,23 +164,29 @@ class Batcher:
             for group in groups.values():
                 try:
                     rows = await asyncio.to_thread(self._forward, group)
-                except Exception as exc:  # reported to each waiting request
-                    rows = [exc] * len(group)
+                except Exception as exc:
+                    rows = [exc] if len(group) == 1 else await self._one_by_one(group)
                 for job, result in zip(group, rows):
                     if not job.done.done():
                         (job.done.set_exception if isinstance(result, Exception) else job.done.set_result)(result)
+
+    async def _one_by_one(self, jobs: list[Job]) -> list:
+        """A failed batch run again job by job: each gets its rows or its own exception."""
+        out = []
+        for job in jobs:
+            try:
+                out.append((await asyncio.to_thread(self._forward, [job]))[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     @torch.inference_mode()
     def _forward(self, jobs: list[Job]) -> list[list[dict]]:
         """Prediction rows for each job; the jobs share a batch key (:attr:`Adapter.batch_key`)."""
         examples, spans = [], []
         for job in jobs:
-            a = job.adapter
-            encoded = a.kind.encode_texts(a.tokenizer, job.texts, job.pairs, a.meta["max_length"])
-            spans.append((len(examples), len(examples) + len(encoded)))
-            examples += encoded
-        for i, ex in enumerate(examples):
-            ex["id"] = i
+            spans.append((len(examples), len(examples) + len(job.examples)))
+            examples += [{**ex, "id": len(examples) + i} for i, ex in enumerate(job.examples)]
         batch = Collator(jobs[0].adapter.tokenizer.pad_token_id)(examples)
         model = jobs[0].adapter.model
         names = [job.adapter.peft_name for job, (s, e) in zip(jobs, spans) for _ in range(e - s)]
@@ -179,11 +221,51 @@ class Limits:
     max_texts: int = 256  # texts per request
     max_chars: int = 2000  # characters per text
 
+    def body_bytes(self) -> int:
+        """The largest request body these limits allow: every text and pair at the limit, each character written
+        as a JSON escape (6 bytes), plus room for the rest of the JSON."""
+        return 2 * self.max_texts * (self.max_chars * 6 + 8) + 4096
+
+
+PUBLIC_PATHS = ("/healthz",)
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+class Guard:
+    """ASGI middleware that answers before the application reads a request body: 401 without the bearer token
+    (compared in constant time) on every path but ``public``, 413 for a body (by its Content-Length) over
+    ``max_body`` bytes."""
+
+    def __init__(self, app, token: str, public: tuple[str, ...], max_body: int):
+        self.app, self.token, self.public, self.max_body = app, token.encode(), public, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.public:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+            return await _answer(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            return await _answer(send, 413, f"request body over {self.max_body} bytes (the limits of --max-texts "
+                                            "and --max-chars)")
+        return await self.app(scope, receive, send)
+
+
+async def _answer(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
 
 def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", limits: Limits = Limits(),
-               max_batch: int = 64, max_wait_ms: float = 5.0):
-    """The FastAPI application serving ``adapters`` (needs ``peftbench[serve]``)."""
-    from fastapi import Depends, FastAPI, HTTPException, Request
+               max_batch: int = 64, max_wait_ms: float = 5.0, docs: bool = False):
+    """The FastAPI application serving ``adapters`` (needs ``peftbench[serve]``); ``docs``: also the OpenAPI
+    pages, which answer without the token (a browser cannot send one)."""
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse, PlainTextResponse
     from prometheus_client import (
         CONTENT_TYPE_LATEST,
@@ -220,12 +302,10 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
         yield
         worker.cancel()
 
-    app = FastAPI(title="peftbench", lifespan=lifespan)
-
-    def authorized(request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    pages = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="peftbench", lifespan=lifespan, **pages)
+    app.add_middleware(Guard, token=token, public=PUBLIC_PATHS + (DOCS_PATHS if docs else ()),
+                       max_body=limits.body_bytes())
 
     class Classify(BaseModel):
         adapter: str
@@ -236,33 +316,34 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
     def healthz():
         return {"status": "ok", "adapters": len(adapters)}
 
-    @app.get("/v1/adapters", dependencies=[Depends(authorized)])
+    @app.get("/v1/adapters")
     def list_adapters():
         return {"adapters": [a.describe() for a in adapters.values()]}
 
-    @app.get("/metrics", dependencies=[Depends(authorized)])
+    @app.get("/metrics")
     def metrics():
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/classify", dependencies=[Depends(authorized)])
+    @app.post("/v1/classify")
     async def classify(body: Classify):
         start = time.perf_counter()
         adapter = adapters.get(body.adapter)
         if adapter is None:
             requests.labels("(unknown)", "404").inc()
-            raise HTTPException(404, f"no adapter '{body.adapter}' (GET /v1/adapters lists them)")
+            raise HTTPException(404, f"no adapter '{clip(body.adapter, 100)}' (GET /v1/adapters lists them)")
         status = "200"
         try:
+            pairs = body.text_pairs if adapter.meta["pair"] else None
             problem = _check(body.texts, body.text_pairs, adapter, limits)
             if problem:
-                status = str(problem[0])
-                raise HTTPException(*problem)
-            rows = await batcher.predict(adapter, body.texts, body.text_pairs if adapter.meta["pair"] else None)
-        except HTTPException:
-            raise
+                raise RequestError(*problem)
+            rows = await batcher.predict(adapter, body.texts, encode_request(adapter, body.texts, pairs))
+        except RequestError as exc:
+            status = str(exc.status)
+            raise HTTPException(exc.status, str(exc)) from None
         except Exception as exc:
             status = "500"
-            return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
+            return JSONResponse({"detail": f"{type(exc).__name__}: {clip(exc)}"}, status_code=500)
         finally:
             requests.labels(adapter.name, status).inc()
             latency.labels(adapter.name).observe(time.perf_counter() - start)
@@ -303,25 +384,55 @@ def parse_checkpoints(specs: list[str]) -> dict[str, str]:
 
 
 def read_token(token_file: str | None) -> str:
+    """The bearer token, from ``token_file`` or ``$PEFTBENCH_TOKEN``; warns (stderr) when the file is readable by
+    other users or the token is short."""
     if token_file:
         try:
-            return Path(token_file).read_text(encoding="utf-8").strip()
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+            mode = Path(token_file).stat().st_mode & 0o777
         except OSError as exc:
             raise PeftbenchError(f"--token-file {token_file}: {exc.strerror}") from None
-    return os.environ.get("PEFTBENCH_TOKEN", "").strip()
+        if mode & 0o077:
+            warn(f"--token-file {token_file} can be read by other users (mode {mode:o}): chmod 600 {token_file}")
+    else:
+        token = os.environ.get("PEFTBENCH_TOKEN", "").strip()
+    if token and len(token) < MIN_TOKEN_CHARS:
+        warn(f"the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS} random ones "
+             "(head -c 32 /dev/urandom | base64)")
+    return token
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_options(port: int, limits: Limits, max_batch: int, max_wait_ms: float) -> None:
+    """Refuse serve options no server can work with, before anything is loaded."""
+    for option, value, ok, rule in (("--port", port, 0 < port < 65536, "in 1..65535"),
+                                    ("--max-batch", max_batch, max_batch >= 1, ">= 1"),
+                                    ("--max-wait-ms", max_wait_ms, math.isfinite(max_wait_ms) and max_wait_ms >= 0,
+                                     "a finite number >= 0"),
+                                    ("--max-texts", limits.max_texts, limits.max_texts >= 1, ">= 1"),
+                                    ("--max-chars", limits.max_chars, limits.max_chars >= 1, ">= 1")):
+        if not ok:
+            raise PeftbenchError(f"{option} must be {rule}, got {value}")
 
 
 def serve(specs: list[str], host: str, port: int, token_file: str | None, device: str, limits: Limits,
-          max_batch: int, max_wait_ms: float) -> None:
+          max_batch: int, max_wait_ms: float, docs: bool = False) -> None:
     """Load the checkpoints and serve them until SIGINT/SIGTERM (uvicorn finishes requests in flight)."""
     try:
         import uvicorn
     except ImportError:
         raise PeftbenchError("peftbench serve needs FastAPI and uvicorn: pip install 'peftbench[serve]'") from None
+    check_options(port, limits, max_batch, max_wait_ms)
     token = read_token(token_file)
     if not token:
         raise PeftbenchError(NO_TOKEN)
     adapters = load_adapters(parse_checkpoints(specs), device)
     print(f"peftbench serve: {describe_memory(adapters)}", flush=True)
-    app = create_app(adapters, token, device, limits, max_batch, max_wait_ms)
+    app = create_app(adapters, token, device, limits, max_batch, max_wait_ms, docs)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import socket
 import sys
@@ -81,11 +82,26 @@ def read_sweep(path: str | Path) -> dict:
         raise PeftbenchError(f"{path}: field 'recipe' must be a mapping or a recipe file path")
     spec["recipe"] = recipe
     spec["output_dir"] = spec.get("output_dir") or f"results/{path.stem}"
+    spec["path"] = str(path)
     return spec  # a 'search' / 'final' section is read by peftbench.search
 
 
-def expand(spec: dict, overrides: list[str] | None = None) -> list[RunConfig]:
-    """Every grid cell as a resolved config (overrides apply to the base recipe); cells differ in run id."""
+MAX_CELLS = 10_000  # cells a sweep may have unless --max-cells raises it
+
+
+def count_cells(spec: dict) -> int:
+    """The grid's cells, from its shape (nothing expanded)."""
+    return math.prod(len(values) for values in spec["grid"].values())
+
+
+def expand(spec: dict, overrides: list[str] | None = None, max_cells: int = MAX_CELLS) -> list[RunConfig]:
+    """Every grid cell as a resolved config (overrides apply to the base recipe); cells differ in run id. A grid
+    of more than ``max_cells`` cells is refused before anything is expanded."""
+    cells = count_cells(spec)
+    if cells > max_cells:
+        shape = " x ".join(str(len(v)) for v in spec["grid"].values())
+        raise PeftbenchError(f"{spec.get('path', 'sweep')}: field 'grid' has {cells:,} cells ({shape}), more than "
+                             f"{max_cells:,}; split the sweep, or raise the limit with --max-cells")
     base = config.merge(spec["recipe"], config.parse_overrides(overrides or []))
     keys = list(spec["grid"])
     cfgs, seen = [], {}
@@ -278,6 +294,8 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
                 outcome.ran += 1
                 try:
                     record = runner(cell.cfg, cell.provenance or {}).record
+                except PeftbenchError:  # bad input: no run of this sweep can be trusted to differ; mend it first
+                    raise
                 except Exception as exc:  # the run wrote its failed record; the sweep goes on
                     print(f"cell {cell.run_id} failed: {error_text(exc)}", file=sys.stderr)
                     path = Path(cell.cfg.output_dir) / RECORD_NAME

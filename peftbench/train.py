@@ -145,19 +145,12 @@ def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
     return Data(task, tokenizer, pair, train_dl, dict(zip(evals, prepared)), sampler, encoded, collator)
 
 
-def model_labels(spec) -> list[str]:
-    """What the model's ``config.id2label`` holds: the label names (``news_sports``), the data's codes
-    (``103``, kept in ``peftbench.json`` for submission files) when the task has no distinct names."""
-    names = list(spec.label_names or spec.labels)
-    return names if len(set(names)) == len(names) else list(spec.labels)
-
-
 def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_steps: int, ckpt_dir: Path):
     """Backbone (quantised per ``model.quantization``), the method applied, the rest frozen; returns
     (model, method, parameter counts, :class:`models.LoadedBase`)."""
     set_seed(cfg.train.seed)  # before the model: init, dropout and method modules follow the seed
     method: Method = get_method(cfg.method.name)(cfg.method)
-    kind, labels = data.task.spec.kind, model_labels(data.task.spec)
+    kind, labels = data.task.spec.kind, data.task.spec.model_labels()
     save_base = cfg.train.save_checkpoint and accelerator.is_main_process and not method.saves_full_model
     quantized = cfg.model.quantization != "none"
     per_gpu = quantized and accelerator.device.type == "cuda"  # one quantised copy on each process's GPU
@@ -261,6 +254,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
                      "random_init": models.is_random_init(cfg.model.name_or_path),
                      "pretrained_by_peftbench": checkpoint.pretrained_by_peftbench(cfg.model.name_or_path)},
         "settings": cfg.changed_settings(),
+        "learning_rate": {"peak": t.lr, "method_default": method.default_lr},
         "checkpoint": str(out_dir / checkpoint.CHECKPOINT_DIR) if t.save_checkpoint else None,
         "total_steps": total_steps,
     }
@@ -286,7 +280,7 @@ def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Me
                      "new_weights": sorted(base.new_weights)}
     data_dir = cfg.task.data_dir and models.source_name(cfg.task.data_dir)
     meta = {"method": cfg.method.name, "task": cfg.task.name, "kind": spec.kind.name, "labels": list(spec.labels),
-            "label_names": list(spec.label_names or spec.labels), "model_labels": model_labels(spec),
+            "label_names": list(spec.label_names or spec.labels), "model_labels": spec.model_labels(),
             "pair": data.pair, "max_length": cfg.task.max_length, "base": base_meta, "data_dir": data_dir,
             "run_id": cfg.run_id, "config": cfg.to_dict()}
     size = checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, full_state,

@@ -13,16 +13,19 @@ datasets.disable_progress_bars()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_MODELS = {"trained_variants": "variants", "ner_runs": "ner", "zoo": "zoo", "int8_runs": "int8"}  # -> group
+SLOW_FIXTURES = ("ner_runs", "zoo", "int8_runs")  # a test that needs one of these is slow
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Tests that share a fixture of trained models run in one worker (``--dist loadgroup``): the models are
-    trained once."""
+    trained once. Tests that need a slow fixture are marked slow (``-m "not slow"`` leaves them out)."""
     for item in items:
         group = next((g for name, g in SHARED_MODELS.items() if name in item.fixturenames), None)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+        if any(name in item.fixturenames for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
 
 SHARED_CLUE = Path(__file__).resolve().parents[2] / "shared" / "clue"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark scripts are importable
@@ -133,7 +136,7 @@ def variant_config(variant, out_dir, *extra):
     from peftbench import config
 
     method = variant.split("-")[0]
-    return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=4",
+    return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=3",
                               f"method.name={method}", f"train.lr={LR[method]}", f"output_dir={out_dir}",
                               *VARIANTS[variant], *extra])
 

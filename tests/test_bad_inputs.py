@@ -1,7 +1,6 @@
 """A corpus of bad inputs: each is refused with exit code != 0, one error line naming the file, line or key,
 no traceback, and no success record."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -99,6 +98,18 @@ def earlier_checkpoint(tmp):
 def no_records(tmp):
     (tmp / "empty").mkdir()
     return ["leaderboard", str(tmp / "empty"), "--out", str(tmp / "lb")]
+
+
+ALIAS_BOMB = b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+    f"{k}: &{k} [{', '.join(['*' + p] * 9)}]\n".encode() for p, k in zip("abcdefgh", "bcdefghi")) + \
+    b"method: {name: lora, target_modules: [*i, *i, *i, *i, *i, *i, *i, *i, *i]}\n"  # 9^9 values, 400 bytes
+VALUES = list(range(8, 108))
+HUGE_GRID = (f"grid: {{{{train.seed: {VALUES}, train.epochs: {VALUES}, task.max_length: {VALUES}}}}}\n"
+             "output_dir: {out}\n")  # 10^6 cells
+
+
+def root_output_dir(tmp):
+    return ["run", "method.name=lora", "output_dir=/"]
 
 
 BAD = {
@@ -216,6 +227,11 @@ BAD = {
     "pretrain minutes negative": (pretrain_args("train.max_minutes=-1"), "'train.max_minutes' must be a finite"),
     "pretrain lr nan": (pretrain_args("train.lr=.nan"), "'train.lr' must be a finite number > 0"),
     "pretrain max_steps -1": (pretrain_args("train.max_steps=-1"), "'train.max_steps' must be >= 1"),
+    "recipe alias bomb": (recipe_args(ALIAS_BOMB), "invalid YAML (its aliases expand to more than 100,000 values)"),
+    "sweep of a million cells": (sweep_args(HUGE_GRID), "field 'grid' has 1,000,000 cells (100 x 100 x 100), more "
+                                                        "than 10,000"),
+    "output_dir the root": (root_output_dir, "config key 'output_dir': / is the root folder"),
+    "task name a path": (run_args("task.name=../../etc"), "config key 'task.name': unknown task '../../etc'"),
     "pretrain eval text": (lambda tmp: pretrain_args(corpus=False)(tmp) + [f"corpus.files=[{fewclue(tmp / 'd')}/"
                                                                            "dev_few_all.json]"],
                            "dev_few_all.json: named like a task's dev/test file"),
@@ -243,5 +259,26 @@ def test_bad_input_is_refused_with_one_line(case, tmp_path, capsys):
     assert code != 0, err
     assert len(errors) == 1 and expected in errors[0], err
     assert "Traceback" not in err
-    for record in tmp_path.rglob("*record.json"):
-        assert json.loads(record.read_text(encoding="utf-8"))["status"] != "success", record
+    assert not list(tmp_path.rglob("*record.json"))  # bad input writes no record (docs/reliability.md)
+    assert not [p for p in Path("/").iterdir() if p.name.startswith(".") and p.name.endswith(".staging")]
+
+
+def test_a_huge_value_is_quoted_short(tmp_path, capsys):
+    assert main(run_args("train.lr=" + "x" * 1_000_000)(tmp_path)) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: config key 'train.lr' must be") and "(1,000,002 characters)" in line
+    assert len(line) < 500
+
+
+def test_a_sweep_prints_its_cell_count_before_anything(tmp_path, capsys):
+    assert main(sweep_args(HUGE_GRID, "--dry-run")(tmp_path)) == 2
+    out, err = capsys.readouterr()
+    assert "1,000,000 grid cells" in out and "--max-cells" in err
+
+
+def test_an_alias_bomb_in_an_override_is_refused(tmp_path, capsys):
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"] + [f"&{k} [{', '.join(['*' + p] * 9)}]"
+                                                   for p, k in zip("abcdefgh", "bcdefghi")]
+    assert main(run_args(f"method.target_modules=[{', '.join(levels)}]")(tmp_path)) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: override 'method.target_modules=") and "expand to more than 100,000" in line

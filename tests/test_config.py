@@ -103,3 +103,31 @@ def test_keys_added_later_leave_earlier_run_ids_alone():
     assert all(config.resolve(r["config"]).run_id == r["run_id"] for r in records)
     base = config.load(None, [])
     assert config.load(None, ["model.quantization=8bit", "method.name=lora"]).run_id != base.run_id
+
+
+def test_later_keys_at_any_depth_count_only_away_from_their_default():
+    """A key (or a section) added after records were written leaves their run ids alone while it holds its
+    default, however deep it sits."""
+    defaults = {"train": {"lr": 1e-3, "distill": {"teacher": None, "temperature": 2.0}}, "method": {"name": "lora"}}
+    later = ("train.distill.teacher", "train.distill.temperature", "method.init")
+    body = {"train": {"lr": 1e-3, "distill": {"teacher": None, "temperature": 2.0}}, "method": {"name": "lora"}}
+    config.drop_defaults(body, defaults, later)
+    assert body == {"train": {"lr": 1e-3}, "method": {"name": "lora"}}  # as a record written before the section
+    body = {"train": {"lr": 1e-3, "distill": {"teacher": "ckpt", "temperature": 2.0}}, "method": {"name": "lora"}}
+    config.drop_defaults(body, defaults, later)
+    assert body == {"train": {"lr": 1e-3, "distill": {"teacher": "ckpt"}}, "method": {"name": "lora"}}
+
+
+def test_one_tracker_name_is_a_list_of_one():
+    assert config.load(None, ["train.report_to=tensorboard"]).train.report_to == ["tensorboard"]
+    assert config.load(None, ["method.name=lora", "method.target_modules=query"]).method.target_modules == ["query"]
+    with pytest.raises(PeftbenchError, match="config key 'train.report_to' must be a list of"):
+        config.load(None, ["train.report_to=nosuch"])
+
+
+def test_an_unset_learning_rate_is_the_methods_and_a_set_one_keeps_its_run_id():
+    lora = config.load(None, ["method.name=lora"])
+    assert lora.train.lr == 5e-4
+    assert lora.run_id == config.load(None, ["method.name=lora", "train.lr=5e-4"]).run_id  # the same run
+    full = config.load(None, ["method.name=full"])  # 2e-5 was every method's rate before: full keeps its id
+    assert full.train.lr == 2e-5 and full.run_id == config.load(None, ["method.name=full", "train.lr=2e-5"]).run_id

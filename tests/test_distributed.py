@@ -95,6 +95,7 @@ def test_best_state_snapshot_reads_and_writes_fsdp2_shards():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_sweep_a_plain_and_an_8bit_cell(tmp_path, trained_variants):
     """torchrun: a gloo group of 2 on CPU drains a sweep (the main process claims each cell, every process runs
     it); each process holds its own copy of a quantised base; evaluation sees every dev sample exactly once."""

@@ -29,6 +29,7 @@ def digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_a_killed_rerun_leaves_the_old_record_and_checkpoint_together(tmp_path, how):
     out = tmp_path / "run"
@@ -96,6 +97,7 @@ def test_a_non_finite_trained_parameter_is_named():
         check_finite(list(model.parameters()), model, 3)
 
 
+@pytest.mark.slow
 def test_two_sweep_workers_on_one_folder_run_every_cell_once(tmp_path):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text("recipe: {model: {name_or_path: tiny}, task: {name: synthetic, max_length: 32}, "

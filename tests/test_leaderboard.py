@@ -149,7 +149,7 @@ def test_quantised_runs_are_their_own_rows(tmp_path):
         record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.50, extra=("model.quantization=8bit",))
     (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
     labels = sorted(row.label for row in group.rows.values())
-    assert labels == ["lora (8-bit base, lr=2e-05)", "lora (lr=2e-05)"]  # the base's precision in words
+    assert labels == ["lora (8-bit base, lr=0.0005)", "lora (lr=0.0005)"]  # precision in words; LoRA's rate
     assert all(len(row.cells["tnews"].scores) == 3 for row in group.rows.values())
 
 
@@ -188,3 +188,26 @@ def test_section_header_names_budget_precision_backbone_and_cpu_memory(tmp_path)
     assert "peak resident memory of the CPU process" in group.memory_note
     text = leaderboard.markdown([group], group.records, {}, [])
     assert f"Budget: {group.budget}." in text and group.memory_note in text and "runs/pretrain" not in text
+
+
+def test_record_text_cannot_break_out_of_its_markdown_cell(tmp_path):
+    """A record's string fields (here the method name) stay inside their cell: no new line, no heading, no live
+    link, whatever they hold."""
+    import json
+
+    root = tmp_path / "results"
+    injected = "x\n## heading\n[link](javascript:alert(2))\r\x1b[31m|"
+    for seed in (1, 2):
+        rec = record(root, "bert-base-chinese", "lora", "tnews", seed, 0.5)
+        path = next(p for p in root.rglob("record.json") if json.loads(p.read_text())["run_id"] == rec["run_id"])
+        rec["config"]["method"]["name"] = injected
+        write_atomic(path, rec)
+    text = (leaderboard.write([root], tmp_path / "lb")[0][0]).read_text(encoding="utf-8")
+    assert "\x1b" not in text and "\r" not in text
+    assert [line for line in text.splitlines() if line.startswith("#")] == ["# Leaderboard",
+                                                                          "## bert-base-chinese · Test GPU ×1 · fp32"]
+    assert not re.search(r"(?<!\\)\]\(", text.replace("](bert-base", ""))  # no link but the figures'
+    (row,) = [line for line in text.splitlines() if "javascript" in line]
+    assert row.startswith("| x\\n## heading\\n\\[link\\](javascript:alert(2))\\r\\x1b\\[31m\\| (lr=")
+    columns = next(line for line in text.splitlines() if line.startswith("|---")).count("---")
+    assert len(re.findall(r"(?<!\\)\|", row)) == columns + 1  # the row's own cell borders, no more

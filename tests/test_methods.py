@@ -167,7 +167,7 @@ def test_adalora_updates_once_per_optimizer_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", counting)
     cfg = variant_config("adalora", tmp_path, "train.max_steps=12", "train.batch_size=8", "train.grad_accum_steps=4",
-                         "train.save_checkpoint=false")
+                         "train.save_checkpoint=false", "train.measure_inference=false")
     result = run(cfg)
     assert result.record["total_steps"] == 12
     assert calls == list(range(1, 13))  # 48 micro-batches, 12 updates
@@ -211,6 +211,7 @@ def test_predict_writes_clue_submission_and_matches_the_record(trained, tmp_path
 def test_gradient_checkpointing_trains_identically(method, tmp_path):
     """Recomputing activations (with the same dropout masks) saves memory and leaves training unchanged."""
     results = [run(variant_config(method, tmp_path / gc, "train.max_steps=6", "train.save_checkpoint=false",
+                                  "train.measure_inference=false", "train.evaluate_test=false",
                                   f"train.gradient_checkpointing={gc}")) for gc in ("false", "true")]
     plain, checkpointed = ({n: p for n, p in r.model.named_parameters() if p.requires_grad} for r in results)
     assert plain.keys() == checkpointed.keys()
@@ -260,6 +261,7 @@ def test_export_writes_folders_that_transformers_alone_loads(trained, tmp_path):
 ONNX = ["full", "lora", "adalora", "adapter", "prefix", "prompt", "ia3", "bitfit"]  # one variant per method
 
 
+@pytest.mark.slow
 def test_onnx_export_of_every_method_runs_in_onnxruntime_as_peftbench_load(trained, tmp_path, monkeypatch):
     onnxruntime = pytest.importorskip("onnxruntime")
     from peftbench.export import REPORT_FILE, export

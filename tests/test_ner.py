@@ -259,6 +259,7 @@ def test_two_processes_score_every_entity_once(ner_runs, tmp_path):
     assert abs(two["entity_f1"] - one["entity_f1"]) < 0.15
 
 
+@pytest.mark.slow
 @needs_shared_clue
 def test_real_cluener_run(tmp_path):
     cfg = config.load(None, ["task.name=cluener", f"task.data_dir={SHARED_CLUE / 'cluener'}", "method.name=lora",

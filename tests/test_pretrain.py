@@ -138,7 +138,8 @@ def test_pretraining_lowers_mlm_loss_and_the_model_fine_tunes(corpus, tmp_path):
     model_dir = tmp_path / "pt" / "model"
     assert AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=4).config.num_labels == 4
     cfg = config.load(None, ["task.name=synthetic", f"model.name_or_path={model_dir}", "method.name=full",
-                             "task.max_length=48", "train.epochs=4", "train.lr=1e-3", f"output_dir={tmp_path / 'ft'}"])
+                             "task.max_length=48", "train.epochs=4", "train.lr=1e-3", "train.measure_inference=false",
+                             f"output_dir={tmp_path / 'ft'}"])
     result = run(cfg).record
     assert result["metrics"]["accuracy"] > 0.5  # chance is 0.25
     assert result["backbone"]["random_init"] is False
@@ -226,6 +227,7 @@ def test_corpus_formats_and_errors(tmp_path):
         pretrain.load_config(None, [f"corpus.files=[{jl}]", "model.from_scratch=true", "mask.prob=0.2"])
 
 
+@pytest.mark.slow
 def test_two_processes_pretrain(corpus, tmp_path):
     proc = torchrun(2, "pretrain", f"corpus.files=[{corpus}]", "model.from_scratch=true", TINY_ARCH,
                     "mask.block_size=64",

@@ -20,7 +20,7 @@ TEXTS = ["股钱债涨跌", "星影歌剧综艺的"]
 def quantized_config(method, quantization, out_dir, *extra):
     return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=6",
                               f"method.name={method}", f"train.lr={LR[method]}", f"model.quantization={quantization}",
-                              f"output_dir={out_dir}", *extra])
+                              "train.measure_inference=false", f"output_dir={out_dir}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,7 @@ def test_random_base_is_saved_in_float_and_quantised_on_reload(int8_runs):
     assert meta["config"]["model"]["quantization"] == "8bit"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
 def test_4bit_nf4_base_trains(method, tmp_path):
     lr = ["train.lr=5e-3"] if method == "prefix" else []  # at 1e-2 prefix tuning diverges on some seeds, any base
@@ -136,6 +137,7 @@ def test_quantisation_settings_reach_bitsandbytes():
     assert models.quantization_name(cfg) == "4bit-fp4-fp16+double"
 
 
+@pytest.mark.slow
 def test_precision_matrix_runs_every_cell_and_refuses_full_on_a_quantised_base():
     import subprocess
     import sys

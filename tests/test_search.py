@@ -262,11 +262,15 @@ def groups_slug(results: Path) -> str:
     return group.slug
 
 
-def test_every_method_documents_its_default_learning_rate_range():
+def test_every_method_documents_its_default_learning_rate_and_range():
+    from peftbench import config
     from peftbench.methods import get_method, method_names
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "methods"
     for name in method_names():
-        low, high = get_method(name).lr_range
-        assert 0 < low < high
-        assert f"default range {low:g} to {high:g}" in (docs / f"{name}.md").read_text()
+        (low, high), default = get_method(name).lr_range, get_method(name).default_lr
+        assert 0 < low <= default <= high, name
+        page = (docs / f"{name}.md").read_text()
+        assert f"default range {low:g} to {high:g}" in page and f"Default learning rate {default:g}:" in page
+        assert config.load(None, [f"method.name={name}"]).train.lr == default  # unset: the method's own rate
+        assert config.load(None, [f"method.name={name}", "train.lr=0.123"]).train.lr == 0.123

@@ -133,21 +133,6 @@ def test_auth_and_errors(server):
     assert proc.poll() is None
 
 
-def test_sigterm_finishes_requests_in_flight(server):
-    proc, client, _ = server
-    answer = []
-    thread = threading.Thread(target=lambda: answer.append(classify(client, "adapter", ["股钱债涨跌"])))
-    thread.start()
-    time.sleep(0.03)  # the request waits in the batcher (--max-wait-ms 100)
-    proc.send_signal(signal.SIGTERM)
-    thread.join()
-    assert proc.wait(timeout=30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
-    assert answer[0].status_code == 200
-    out = proc.stdout.read()
-    assert "Waiting for application shutdown" in out and "Finished server process" in out, out
-    assert "6 adapters in 4 models (4 LoRA adapters on 2 shared bases)" in out, out
-
-
 def test_serve_refuses_to_start_without_a_token(trained_variants):
     env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
     proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", trained_variants["lora"].record["checkpoint"]],
@@ -155,6 +140,7 @@ def test_serve_refuses_to_start_without_a_token(trained_variants):
     assert proc.returncode == 2 and "no token: set PEFTBENCH_TOKEN or pass --token-file" in proc.stderr
 
 
+@pytest.mark.slow
 def test_load_benchmark_runs_and_prints_its_table(trained_variants):
     specs = [f"{v}={trained_variants[v].record['checkpoint']}" for v in ("lora", "lora-rslora")]
     proc = subprocess.run([sys.executable, "benchmarks/serve_load.py", *specs, "-n", "12", "-c", "4"],
@@ -185,3 +171,124 @@ def test_request_texts_are_encoded_as_data_files_are():
         for row, request in zip(files, requests, strict=True):
             for key in ("input_ids", "attention_mask", "token_type_ids", "length", "char_index"):
                 assert row.get(key) == request.get(key), (kind.name, pair, key)
+
+
+def test_a_request_that_cannot_be_tokenised_fails_alone(server):
+    """16 good requests and one whose text is a lone surrogate (valid JSON), sent together: the bad one gets 400
+    naming its text, the others their answers."""
+    _, client, _ = server
+    alone = classify(client, "lora", ["股钱债涨跌"]).json()["predictions"]
+    barrier, results = threading.Barrier(17), {}
+
+    def request(i):
+        barrier.wait()
+        if i == 16:
+            results[i] = client.post("/v1/classify", content=b'{"adapter": "lora", "texts": ["ok", "\\ud800"]}',
+                                     headers={"Content-Type": "application/json"})
+        else:
+            results[i] = classify(client, "lora", ["股钱债涨跌"])
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(17)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[16].status_code == 400 and results[16].json()["detail"].startswith("texts[1]: cannot be tokenised")
+    for i in range(16):
+        assert results[i].status_code == 200 and results[i].json()["predictions"] == alone, results[i].text
+
+
+def test_the_token_is_checked_before_the_body_is_read(server):
+    _, client, _ = server
+    url = str(client.base_url)
+    body = b"{" + b"x" * (20 << 20)  # 20 MB, not JSON
+    assert httpx.post(url + "/v1/classify", content=body, headers={"Content-Type": "application/json"},
+                      timeout=60).status_code == 401
+    too_big = client.post("/v1/classify", content=body, headers={"Content-Type": "application/json"})
+    assert too_big.status_code == 413 and "request body over" in too_big.json()["detail"]
+
+
+def test_openapi_pages_are_off_unless_asked_for(server):
+    _, client, _ = server
+    url = str(client.base_url)
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(url + path).status_code == 401  # no token: nothing but /healthz answers
+        assert client.get(path).status_code == 404  # with the token: there is no such page
+    from fastapi.testclient import TestClient
+
+    from peftbench.serve import create_app
+
+    with TestClient(create_app({}, TOKEN, docs=True)) as local:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert local.get(path).status_code == 200, path
+        assert local.get("/v1/adapters").status_code == 401
+
+
+def test_a_failed_batch_is_run_again_job_by_job():
+    """A forward pass that fails for any reason fails only the job that makes it fail."""
+    import asyncio
+
+    from peftbench.serve import Batcher
+
+    class Probe(Batcher):
+        def _forward(self, jobs):
+            if any(job.texts == ["boom"] for job in jobs):
+                raise RuntimeError("boom")
+            return [[{"text": job.texts[0]}] for job in jobs]
+
+    adapter = type("A", (), {"batch_key": "one"})()
+
+    async def main():
+        batcher = Probe("cpu", max_batch=64, max_wait_ms=50)
+        worker = asyncio.create_task(batcher.run())
+        results = await asyncio.gather(*(batcher.predict(adapter, [t], []) for t in ("a", "boom", "b")),
+                                       return_exceptions=True)
+        worker.cancel()
+        return results
+
+    a, boom, b = asyncio.run(main())
+    assert a == [{"text": "a"}] and b == [{"text": "b"}] and isinstance(boom, RuntimeError)
+
+
+@pytest.mark.slow
+def test_bad_serve_options_are_refused_at_start_up(trained_variants, tmp_path):
+    ckpt = trained_variants["lora"].record["checkpoint"]
+    for option, value, message in (("--max-batch", "0", "--max-batch must be >= 1, got 0"),
+                                   ("--max-wait-ms", "-1", "--max-wait-ms must be a finite number >= 0"),
+                                   ("--max-texts", "0", "--max-texts must be >= 1"),
+                                   ("--port", "70000", "--port must be in 1..65535")):
+        proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", ckpt, option, value], capture_output=True,
+                              text=True, env={**os.environ, "PEFTBENCH_TOKEN": "x" * 32})
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_a_short_or_readable_token_is_warned_about(tmp_path, capsys):
+    from peftbench.serve import read_token
+
+    token = tmp_path / "token"
+    token.write_text("short\n")
+    token.chmod(0o644)
+    assert read_token(str(token)) == "short"
+    err = capsys.readouterr().err
+    assert f"--token-file {token} can be read by other users (mode 644)" in err
+    assert "the token has 5 characters; use at least 16" in err
+    token.write_text("x" * 32)
+    token.chmod(0o600)
+    read_token(str(token))
+    assert capsys.readouterr().err == ""
+
+
+def test_sigterm_finishes_requests_in_flight(server):  # last: it stops the server
+    proc, client, _ = server
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(classify(client, "adapter", ["股钱债涨跌"])))
+    thread.start()
+    time.sleep(0.03)  # the request waits in the batcher (--max-wait-ms 100)
+    proc.send_signal(signal.SIGTERM)
+    thread.join()
+    assert proc.wait(timeout=30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
+    assert answer[0].status_code == 200
+    out = proc.stdout.read()
+    assert "Waiting for application shutdown" in out and "Finished server process" in out, out
+    assert "6 adapters in 4 models (4 LoRA adapters on 2 shared bases)" in out, out

@@ -60,6 +60,7 @@ class Method:
     reads_gradients: ClassVar[bool] = False  # True: on_optimizer_step reads whole gradients (not under ZeRO/FSDP)
     virtual_token_modules: ClassVar[tuple[str, ...]] = ()  # modules run once per step, not per token (FLOP counts)
     lr_range: ClassVar[tuple[float, float]]  # (low, high): the default range of a learning-rate search (docs/methods)
+    default_lr: ClassVar[float]  # train.lr when a recipe leaves it unset; inside lr_range (docs/methods)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -54,6 +54,7 @@ class AdaLoraConfig(MethodConfig):
 class AdaLora(PeftMethod):
     name = "adalora"
     lr_range = (1e-4, 3e-2)  # a learning-rate search's default (log-spaced) range
+    default_lr = 1e-3  # train.lr when unset: AdaLoRA on DeBERTaV3-base GLUE (Zhang et al. 2023: 5e-4..1.2e-3)
     reads_gradients = True  # the rank allocation scores every LoRA weight by its gradient
     Config = AdaLoraConfig
     plain_model = True

@@ -127,6 +127,7 @@ class AdapterConfig(MethodConfig):
 class Adapter(InPlaceMethod):
     name = "adapter"
     lr_range = (1e-4, 1e-2)  # a learning-rate search's default (log-spaced) range
+    default_lr = 1e-3  # train.lr when unset: bottleneck adapters (Houlsby et al. 2019 search 3e-5..3e-3)
     Config = AdapterConfig
 
     def apply(self, model, ctx):

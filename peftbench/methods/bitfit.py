@@ -21,6 +21,7 @@ class BitFitConfig(MethodConfig):
 class BitFit(InPlaceMethod):
     name = "bitfit"
     lr_range = (1e-4, 3e-2)  # a learning-rate search's default (log-spaced) range
+    default_lr = 1e-3  # train.lr when unset: BitFit (Ben Zaken et al. 2022 search 1e-4..1e-3)
     Config = BitFitConfig
     plain_model = True
 

@@ -18,6 +18,7 @@ class FullConfig(MethodConfig):
 class Full(Method):
     name = "full"
     lr_range = (1e-5, 1e-3)  # a learning-rate search's default (log-spaced) range
+    default_lr = 2e-5  # train.lr when unset: BERT fine-tuning (Devlin et al. 2019: 2e-5..5e-5; CLUE baselines: 2e-5)
     Config = FullConfig
     plain_model = True
     saves_full_model = True

@@ -25,6 +25,7 @@ class IA3Config(MethodConfig):
 class IA3(PeftMethod):
     name = "ia3"
     lr_range = (1e-3, 1e-1)  # a learning-rate search's default (log-spaced) range
+    default_lr = 3e-3  # train.lr when unset: (IA)3 (Liu et al. 2022, T-Few: 3e-3)
     Config = IA3Config
     plain_model = True
     trainable_markers = ("ia3_",)

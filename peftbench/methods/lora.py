@@ -37,6 +37,7 @@ class LoraConfig(MethodConfig):
 class Lora(PeftMethod):
     name = "lora"
     lr_range = (1e-4, 3e-2)  # a learning-rate search's default (log-spaced) range
+    default_lr = 5e-4  # train.lr when unset: LoRA on RoBERTa-base GLUE (Hu et al. 2021: 4e-4..5e-4)
     Config = LoraConfig
     plain_model = True
     trainable_markers = ("lora_",)

@@ -135,8 +135,11 @@ def _attention_functions():
 
 
 def _base_attention(module, implementation: str):
+    """The attention the prefix attention wraps; registers the prefix attention with transformers (for every
+    implementation: the modules dispatch to it by name)."""
+    functions = _attention_functions()
     if implementation == "sdpa":
-        return _attention_functions()["sdpa"]
+        return functions["sdpa"]
     if implementation == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward
     raise PeftbenchError(f"method prefix supports eager and sdpa attention, not '{implementation}' "
@@ -187,6 +190,7 @@ def start_from_tokens(model: nn.Module, encoder: PrefixEncoder, tokens: int) -> 
 class Prefix(InPlaceMethod):
     name = "prefix"
     lr_range = (1e-3, 1e-1)  # a learning-rate search's default (log-spaced) range
+    default_lr = 5e-3  # train.lr when unset: P-tuning v2 on NLU tasks (Liu et al. 2022: 5e-3..1e-2)
     Config = PrefixConfig
     virtual_token_modules = (ENCODER_NAME,)
 

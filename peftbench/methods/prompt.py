@@ -33,6 +33,7 @@ class PromptConfig(MethodConfig):
 class Prompt(PeftMethod):
     name = "prompt"
     lr_range = (1e-3, 3e-1)  # a learning-rate search's default (log-spaced) range
+    default_lr = 3e-2  # train.lr when unset: soft prompts with AdamW (Lester et al. 2021: 0.3 with Adafactor)
     Config = PromptConfig
     trainable_markers = ("prompt_encoder.",)
     virtual_token_modules = ("prompt_encoder",)

@@ -64,6 +64,12 @@ class TaskSpec:
     tag_scheme: str = "bio"  # token classification: how spans become tags
     generate: Callable[[], dict[str, list[dict]]] | None = None  # split -> records, when no data_dir is given
 
+    def model_labels(self) -> list[str]:
+        """What a model's ``config.id2label`` holds: the label names (``体育``), or the data's codes (``103``, kept
+        in ``peftbench.json`` for submission files) when the task has no distinct names."""
+        names = list(self.label_names or self.labels)
+        return names if len(set(names)) == len(names) else list(self.labels)
+
 
 def _dataset(columns: dict):
     from datasets import Dataset  # imported where used: `peftbench tasks` needs no datasets

@@ -1,0 +1,155 @@
+"""The docs say what the code does: every example marked to run runs (docs/README.md says how they are marked),
+every test a page names exists, and every config key a page names is a key."""
+
+import dataclasses
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from peftbench import config
+from peftbench.methods import get_method, method_names
+from peftbench.pretrain import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+FENCE = re.compile(r"^(`{3,})(.*)$")
+
+
+def fenced_blocks(text: str) -> list[tuple[int, str, str]]:
+    """(line, info string, code) of every top-level fenced block (a fence closes on as many backticks or more)."""
+    blocks, open_fence = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        match = FENCE.match(line)
+        if open_fence is None and match:
+            open_fence, info, start, body = match.group(1), match.group(2).strip(), number, []
+        elif open_fence is not None and match and len(match.group(1)) >= len(open_fence) and not match.group(2).strip():
+            blocks.append((start, info, "\n".join(body)))
+            open_fence = None
+        elif open_fence is not None:
+            body.append(line)
+    return blocks
+
+
+def examples() -> list[tuple[str, str, str]]:
+    """(where, language, code) of every example marked to run, in the order they run."""
+    found = []
+    for page in PAGES:
+        for line, info, code in fenced_blocks(page.read_text(encoding="utf-8")):
+            words = info.split()
+            if "example" in words[1:]:
+                found.append((f"{page.relative_to(ROOT)}:{line}", words[0], code))
+    return found
+
+
+TNEWS = {"100": "故事", "101": "文化", "102": "娱乐", "103": "体育", "104": "财经", "106": "房产", "107": "汽车",
+         "108": "教育", "109": "科技", "110": "军事", "112": "旅游", "113": "国际", "114": "股票", "115": "农业",
+         "116": "电竞"}
+
+
+def tnews_folder(root: Path) -> Path:
+    """TNEWS in CLUE's layout: each class writes titles from its own characters (so a model can learn it); the
+    test split is unlabeled, as CLUE ships it."""
+    rng = random.Random(0)
+    pool = "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面"
+    words = {code: pool[i * 3:i * 3 + 6] for i, code in enumerate(TNEWS)}
+    root.mkdir(parents=True)
+    for split, n in (("train", 300), ("dev", 90), ("test", 60)):
+        with (root / f"{split}.json").open("w", encoding="utf-8") as fh:
+            for i in range(n):
+                code = list(TNEWS)[i % len(TNEWS)]
+                title = "".join(rng.choice(words[code]) for _ in range(rng.randint(8, 20)))
+                row = {"sentence": title, "keywords": "", "id": i}
+                if split != "test":
+                    row = {"label": code, "label_desc": f"news_{TNEWS[code]}", **row}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_every_marked_example_runs(tmp_path):
+    """The README's, then each page's marked examples, one after another in one scratch folder."""
+    found = examples()
+    assert len(found) >= 5 and {lang for _, lang, _ in found} == {"bash", "python"}
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    tnews_folder(tmp_path / "data" / "tnews")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    for where, lang, code in found:
+        argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, f"{where} ({lang}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    print(f"{len(found)} marked examples ran")
+
+
+def test_marked_examples_are_found_in_nested_fences_only_at_the_top():
+    text = "````markdown\n```bash example\nnot run\n```\n````\n\n```python example\nx = 1\n```\n"
+    assert [(info, code) for _, info, code in fenced_blocks(text)] == [("markdown", "```bash example\nnot run\n```"),
+                                                                       ("python example", "x = 1")]
+
+
+def _all_text() -> str:
+    return "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
+
+
+def test_every_test_a_page_names_exists():
+    text = _all_text()
+    defined = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined[path.name] = set(re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M))
+    every = set().union(*defined.values())
+    named = re.findall(r"(?:tests/)?(test_\w+\.py)(?:::(test_\w+))?", text)
+    bare = [name for line in text.splitlines() if re.search(r"test_\w+\.py", line)  # listed after a file
+            for name in re.findall(r"`(test_\w+)`", line)]
+    assert len(named) >= 10 and bare
+    for file, name in named:
+        assert file in defined, f"a page names tests/{file}, which does not exist"
+        assert not name or name in defined[file], f"a page names tests/{file}::{name}, which does not exist"
+    for name in bare:
+        assert name in every, f"a page names test {name}, which does not exist"
+    print(f"{len(named) + len(bare)} test references checked")
+
+
+SECTIONS = ("task", "model", "method", "train", "corpus", "mask")
+FILE_SUFFIXES = {"json", "jsonl", "yaml", "yml", "safetensors", "onnx", "csv", "txt", "py", "md", "bin", "pt", "png"}
+KEY = re.compile(r"(?<![\w.])((?:" + "|".join(SECTIONS) + r")\.[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)(?![\w*(])")
+
+
+def _keys(cls, prefix: str = "") -> set[str]:
+    out = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        out.add(prefix + f.name)
+        if dataclasses.is_dataclass(hint):
+            out |= _keys(hint, f"{prefix}{f.name}.")
+    return out
+
+
+def known_keys() -> set[str]:
+    keys = {k for k in _keys(config.RunConfig) if "." in k} | {f"pretrain.{k}" for k in _keys(PretrainConfig)}
+    keys |= {k.removeprefix("pretrain.") for k in keys if k.startswith("pretrain.")}
+    keys |= {f"method.{k}" for name in method_names() for k in _keys(get_method(name).Config)}
+    return keys
+
+
+def test_every_config_key_a_page_names_exists():
+    keys, text = known_keys(), _all_text()
+    spans = re.findall(r"`([^`\n]+)`", text) + [code for page in PAGES
+                                                for _, _, code in fenced_blocks(page.read_text(encoding="utf-8"))]
+    named = {key for span in spans for key in KEY.findall(span) if key.rsplit(".", 1)[1] not in FILE_SUFFIXES}
+    assert len(named) >= 40
+    unknown = sorted(named - keys)
+    assert not unknown, f"pages name config keys that do not exist: {unknown}"
+    print(f"{len(named)} config keys checked")
+
+
+@pytest.mark.parametrize("key, ok", [("train.lr", True), ("method.r", True), ("corpus.files", True),
+                                     ("train.lrr", False), ("method.rank", False)])
+def test_the_key_check_can_fail(key, ok):
+    assert (key in known_keys()) is ok

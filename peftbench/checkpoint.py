@@ -46,8 +46,9 @@ RUN_FILES = (RECORD_NAME, CHECKPOINT_DIR, TRACKERS_DIR)  # all a run folder hold
 
 
 def staging_dir(out_dir: Path) -> Path:
-    """Where a run of ``out_dir`` is built: beside it (so ``out_dir`` needs a parent: not the root folder)."""
-    out_dir = out_dir.resolve()
+    """Where a run of ``out_dir`` is built: beside it (so ``out_dir`` needs a parent: not the root folder). A
+    link stays a link: the run is built beside the link, not beside what it points to."""
+    out_dir = Path(os.path.abspath(out_dir))
     if not out_dir.name:
         raise PeftbenchError(f"config key 'output_dir': {out_dir} is the root folder; a run needs a folder of its "
                              "own (it replaces the folder whole)")
@@ -55,7 +56,7 @@ def staging_dir(out_dir: Path) -> Path:
 
 
 def _retired_dir(out_dir: Path) -> Path:
-    out_dir = out_dir.resolve()
+    out_dir = Path(os.path.abspath(out_dir))
     return out_dir.with_name(f".{out_dir.name}.old")
 
 
@@ -95,14 +96,12 @@ def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_d
                    new_weights: dict | None = None, base_name: str | None = None) -> int:
     """Write a fine-tuned checkpoint; returns the bytes of its weight files.
 
-    ``state_dict`` (gathered from FSDP shards) replaces the method's own saving. ``new_weights`` are the
-    base's weights its source lacked, as initialised: without them a reload would draw new random ones.
-    ``base_name`` goes into a PEFT adapter's config, where plain PEFT (AutoPeftModel) looks for the base.
+    ``state_dict`` (the tensors of a sharded model, gathered) is what the method saves instead of the model's
+    own shards. ``new_weights`` are the base's weights its source lacked, as initialised: without them a reload
+    would draw new random ones. ``base_name`` goes into a PEFT adapter's config, where plain PEFT
+    (AutoPeftModel) looks for the base.
     """
-    if state_dict is not None:
-        model.save_pretrained(str(ckpt_dir), state_dict=state_dict)
-    else:
-        method.save(model, ckpt_dir)
+    method.save(model, ckpt_dir, state_dict)
     adapter_config = ckpt_dir / PEFT_CONFIG_FILE
     if base_name and adapter_config.is_file():
         write_atomic(adapter_config, {**json.loads(adapter_config.read_text(encoding="utf-8")),
@@ -145,7 +144,7 @@ def check_files(ckpt_dir: Path) -> None:
     weight file from elsewhere) or a safetensors file that is cut short or not one."""
     root = ckpt_dir.resolve()
     for path in sorted(Path(d) / name for d, dirs, files in os.walk(ckpt_dir) for name in dirs + files):
-        if path.is_symlink() and not path.resolve().is_relative_to(root):
+        if path.is_symlink() and not path.resolve().is_relative_to(root):  # a folder or a file
             raise PeftbenchError(f"{path}: a link to {path.resolve()}, outside the checkpoint; a checkpoint reads "
                                  "only its own files (copy the file in)")
         if path.suffix == ".safetensors" and path.is_file():
@@ -167,9 +166,12 @@ def _safetensors_problem(path: Path) -> str | None:
             return f"header of {length} bytes in a file of {size}"
         try:
             header = json.loads(fh.read(length))
-            end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
-        except (ValueError, TypeError, KeyError, IndexError):
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             return "unreadable header"
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ends):
+        return "unreadable header"
+    end = max(ends, default=0)
     if size != 8 + length + end:
         return f"{size} bytes where its header describes {8 + length + end}"
     return None

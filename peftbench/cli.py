@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from peftbench.errors import DivergedError, PeftbenchError
+from peftbench.errors import DivergedError, PeftbenchError, one_line
 
 # Per-method settings of the demo (over the defaults): a random-init backbone needs larger rates.
 DEMO = {
@@ -170,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run(ns.args)
     except PeftbenchError as exc:
         _traceback_if_debugging()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (DivergedError, OSError) as exc:  # expected failures outside a run (a full disk, a lost file)
         _traceback_if_debugging()
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1
 
 
@@ -217,7 +217,7 @@ def report_failed_run(exc: Exception, out_dir) -> None:
         traceback.print_exc()
     note = getattr(exc, "record_error", None)
     where = f"the failed record could not be written: {note}" if note else f"failed record in {out_dir}"
-    print(f"error: run failed: {error_text(exc)} ({where})", file=sys.stderr)
+    print(f"error: {one_line(f'run failed: {error_text(exc)} ({where})')}", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:
@@ -321,6 +321,8 @@ def _sweep(ns) -> int:
     from peftbench.leaderboard import run_summary
     from peftbench.loop import process_state
 
+    if ns.max_cells < 1:
+        raise PeftbenchError(f"--max-cells must be >= 1, got {ns.max_cells}")
     spec = sweep.read_sweep(ns.sweep_file)
     main = process_state().is_main_process
     if main:
@@ -363,7 +365,7 @@ def _sweep(ns) -> int:
         for study in no_final:
             print(f"{study}: every trial failed: no final runs")
         print(outcome.summary())
-    return 1 if outcome.failed or no_final else 0
+    return 1 if outcome.failed or outcome.refused or no_final else 0
 
 
 def _list_tasks() -> int:

@@ -28,8 +28,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
 LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (any depth); append every new key
     "model.quantization", "model.quant_4bit_type", "model.quant_4bit_compute_dtype", "model.quant_4bit_double",
-    "train.evaluate_test", "method.init")
+    "train.evaluate_test", "method.init", "train.sharding")
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+SHARDING = ("auto", "ddp", "fsdp2")  # auto: as the launch asks (an Accelerate FSDP config: fsdp2)
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
             "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
 
@@ -87,6 +88,7 @@ class TrainConfig(LoopConfig):
     gradient_checkpointing: bool = False  # recompute layer activations in the backward pass (less memory)
     measure_inference: bool = True  # after training: one-sequence latency and batch throughput, as trained and merged
     evaluate_test: bool = True  # score the labeled test split too (a learning-rate search scores dev only)
+    sharding: str = "auto"  # auto (the launch config decides) | ddp (whole copies) | fsdp2 (shard every weight)
 
 
 @dataclass
@@ -133,7 +135,7 @@ def drop_defaults(body: dict, defaults: dict, keys: tuple[str, ...]) -> None:
             if not isinstance(node.get(part), dict):
                 break
             trail.append((node, part))
-            node, default = node[part], default.get(part, {})
+            node, default = node[part], default.get(part) or {}
         else:
             if leaf in node and leaf in default and node[leaf] == default[leaf]:
                 del node[leaf]
@@ -203,8 +205,8 @@ def build(cls: type, values: dict, prefix: str) -> Any:
             value = build(hint, value, full)
         elif not _type_ok(value, hint):
             raise PeftbenchError(f"config key '{full}' must be {_type_name(hint)}, got {clip(repr(value))}")
-        if hint is float and value is not None:
-            value = float(value)
+        if isinstance(value, int) and not isinstance(value, bool) and float in (typing.get_args(hint) or (hint,)):
+            value = float(value)  # train.lr=1 is 1.0: one value, one run id
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -230,7 +232,8 @@ def parse_overrides(items: list[str]) -> dict:
         try:
             value = yaml_value(raw) if raw.strip() else None
         except (yaml.YAMLError, RecursionError) as exc:
-            raise PeftbenchError(f"override '{clip(item)}': invalid YAML value ({clip(exc)})") from None
+            raise PeftbenchError(f"override '{clip(item)}': invalid YAML value "
+                                 f"({clip(getattr(exc, 'problem', None) or exc)})") from None
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -408,6 +411,7 @@ def _check_values(cfg: RunConfig) -> None:
     TASKS.get(cfg.task.name, "task.name")  # a registered task (its name also names the default output folder)
     check_loop(t)
     require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+    require(t.sharding in SHARDING, "train.sharding", f"one of {SHARDING}", t.sharding)
     _check_quantization(cfg)
     require(cfg.task.max_length >= 8, "task.max_length", ">= 8", cfg.task.max_length)
     require(cfg.task.max_train_samples is None or cfg.task.max_train_samples >= 1, "task.max_train_samples",

@@ -27,3 +27,11 @@ def clip(text, limit: int = QUOTE_LIMIT) -> str:
     quotes what it was given, never megabytes of it (and never a character that cannot be written out)."""
     text = str(text).encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be printed
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+LINE_LIMIT = 1000  # characters of an error line, whatever it quotes
+
+
+def one_line(message) -> str:
+    """An error message as one line of at most ``LINE_LIMIT`` characters (what the command line prints)."""
+    return clip(" ".join(str(message).split("\n")), LINE_LIMIT)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from peftbench.errors import PeftbenchError
-from peftbench.inference import SplitBatches, load, open_checkpoint
+from peftbench.inference import SplitBatches, load, loading, open_checkpoint
 from peftbench.methods import get_method, method_names
 from peftbench.models import without_peft
 from peftbench.records import settle_modes, write_atomic
@@ -45,7 +45,8 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "hf", quantize:
         raise PeftbenchError(f"export format '{fmt}': expected one of {', '.join(FORMATS)}")
     if quantize not in (None, "int8") or (quantize and fmt != "onnx"):
         raise PeftbenchError(f"--quantize {quantize}: only 'int8', with --format onnx")
-    meta = open_checkpoint(ckpt_dir)
+    with loading(ckpt_dir):
+        meta = open_checkpoint(ckpt_dir)
     if fmt == "hf":
         _check_plain(ckpt_dir, meta)
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -27,9 +27,8 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
     base weights (no extra latency).
     """
     ckpt_dir = Path(ckpt_dir)
-    meta = open_checkpoint(ckpt_dir)
     with loading(ckpt_dir):
-        return _load(ckpt_dir, meta, device, merge, base)
+        return _load(ckpt_dir, open_checkpoint(ckpt_dir), device, merge, base)
 
 
 @contextmanager

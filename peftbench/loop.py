@@ -25,6 +25,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from tqdm.auto import tqdm
 
 from peftbench.config import LoopConfig
+from peftbench.distributed import local
 from peftbench.errors import DivergedError, PeftbenchError
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
 
@@ -172,7 +173,7 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
         if accelerator.log_with:
             values = {"train/loss": mean, "train/lr": state.lr}
             if grad_norm is not None:
-                values["train/grad_norm"] = float(grad_norm)
+                values["train/grad_norm"] = float(local(grad_norm))  # replicated where sharded
             accelerator.log(values, step=state.step)
         loss_sum.zero_()
         loss_count = 0
@@ -255,12 +256,20 @@ def release(accelerator: Accelerator) -> None:
 
 def check_finite(params: list[torch.nn.Parameter], model: torch.nn.Module, step: int) -> None:
     """Raise ``DivergedError`` naming the first trained parameter that holds a NaN or an infinity (one host
-    sync for all of them: the loss check alone misses an update that breaks the weights after the last loss)."""
-    if not params or bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+    sync for all of them: the loss check alone misses an update that breaks the weights after the last loss).
+    Sharded parameters are checked shard by shard and the verdict agreed by every process."""
+    if not params:
+        return
+    finite = torch.stack([local(p).detach().isfinite().all() for p in params]).all()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        finite = finite.to(torch.int32)
+        torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
+    if bool(finite):
         return
     names = {id(p): n for n, p in model.named_parameters()}
-    bad = next(p for p in params if not p.detach().isfinite().all())
-    raise DivergedError(f"diverged: trained parameter '{names.get(id(bad), '?')}' is not finite after step {step}")
+    bad = next((p for p in params if not local(p).detach().isfinite().all()), None)
+    where = f"'{names.get(id(bad), '?')}'" if bad is not None else "(in another process's shard)"
+    raise DivergedError(f"diverged: trained parameter {where} is not finite after step {step}")
 
 
 def throughput_summary(timing: dict, memory: dict, accelerator: Accelerator) -> dict:

@@ -115,6 +115,7 @@ class LoadedBase:
     new_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # what the source lacked, as initialised
     fingerprint: str = ""  # checkpoint.fingerprint of the loaded model, when a checkpoint needs it
     pretrained_fingerprint: str = ""  # the same without the run's new weights and label names
+    frozen: set[str] = field(default_factory=set)  # names of the base's parameters the run leaves frozen
 
 
 def source_name(name: str) -> str:

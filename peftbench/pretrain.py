@@ -45,7 +45,14 @@ from peftbench.loop import (
 from peftbench.methods import RunContext, get_method, set_trainable
 from peftbench.models import build_char_vocab
 from peftbench.noise import quiet_loading
-from peftbench.records import PRETRAIN_RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
+from peftbench.records import (
+    PRETRAIN_RECORD_NAME,
+    RunPhase,
+    environment,
+    failed_record_on_error,
+    make_record,
+    write_atomic,
+)
 from peftbench.tasks import is_evaluation_file, read_records
 
 
@@ -312,8 +319,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
     try:
         with failed_record_on_error(out_dir / PRETRAIN_RECORD_NAME, cfg.to_dict(), cfg.run_id, env,
-                                    accelerator.is_main_process, {"kind": "pretrain"}):
-            record = _pretrain(cfg, accelerator, out_dir, env)
+                                    accelerator.is_main_process, {"kind": "pretrain"}) as phase:
+            record = _pretrain(cfg, accelerator, out_dir, env, phase)
     finally:
         stop_tracking(accelerator)
     accelerator.wait_for_everyone()
@@ -321,7 +328,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     return record
 
 
-def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict) -> dict:
+def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase: RunPhase) -> dict:
     t = cfg.train
     start = time.perf_counter()
     ckpt = out_dir / checkpoint.CHECKPOINT_DIR
@@ -380,6 +387,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict) -> dic
         accelerator.log({"eval/mlm_loss": eval_curve[-1]["mlm_loss"]}, step=s.step)
 
     hooks = Hooks(on_eval=on_eval, on_save=save)
+    phase.training = True
     throughput = fit(accelerator, model, optimizer, batches, t, state, hooks,
                      [p for p in model.parameters() if p.requires_grad], eval_every=t.eval_every,
                      save_every=t.save_every, max_minutes=t.max_minutes, desc="pretrain")

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -48,8 +49,13 @@ def strict_json(data: dict) -> dict:
 
 
 def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
+    """0666 less the process's umask (read from /proc where it can be: setting it to read it races threads)."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
@@ -110,20 +116,29 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
 
 
+@dataclass
+class RunPhase:
+    """Where a run is: bad input found before it starts training leaves no record (see below)."""
+
+    training: bool = False  # set by the run when its loop begins
+
+
 @contextmanager
 def failed_record_on_error(path: Path, config: dict, run_id: str, env: dict, write: bool, extra: dict | None = None):
-    """Write a failed record to ``path`` (if ``write``: the main process) when the block raises an exception.
+    """Write a failed record to ``path`` (if ``write``: the main process) when the block raises an exception;
+    yields the :class:`RunPhase` the block updates.
 
-    Bad input (:class:`PeftbenchError`: a config, data file or model the run cannot use) and an interrupt
-    (KeyboardInterrupt, SystemExit) leave no record: the run never ran, and is still to do once the input is
-    mended. If the record cannot be written either (a full disk), the exception carries ``record_error``
-    saying why.
+    Bad input (:class:`PeftbenchError`: a config, data file or model the run cannot use) found before the run
+    trains, and an interrupt (KeyboardInterrupt, SystemExit), leave no record: the run never ran, and is still to
+    do once the input is mended. A ``PeftbenchError`` once training has begun is a failed run like any other.
+    If the record cannot be written either (a full disk), the exception carries ``record_error`` saying why.
     """
+    phase = RunPhase()
     try:
-        yield
-    except PeftbenchError:
-        raise
+        yield phase
     except Exception as exc:
+        if isinstance(exc, PeftbenchError) and not phase.training:
+            raise
         if write:
             try:
                 write_atomic(path, make_record("failed", config, run_id, env, error=error_text(exc), extra=extra))

@@ -308,6 +308,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
         method = study.cfg.method.name
         optuna_study = open_study(study, search) if main else None
         attempted: set[int] = set()
+        refused_before = outcome.refused
         while (trial := agree(next_trial(optuna_study, study, search, attempted) if main else None)) is not None:
             number, lr = trial
             attempted.add(number)
@@ -324,6 +325,8 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
                 settle(optuna_study, study, search)
         chosen = agree(choice(optuna_study, search) if main else None)
         if not search.final_seeds:
+            continue
+        if outcome.refused > refused_before:  # its input is bad (the refusals say why): mend it, run again
             continue
         if chosen is None or chosen["trial"] is None:
             (waiting if chosen is None else failed).append(study.label)

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,8 @@ def load_adapters(checkpoints: dict[str, str | Path], device: str = "cpu") -> di
 
     adapters, hosts = {}, {}
     for name, ckpt in checkpoints.items():
-        meta = open_checkpoint(Path(ckpt))
+        with loading(Path(ckpt)):
+            meta = open_checkpoint(Path(ckpt))
         kind = KINDS[meta["kind"]]
         shared = meta["method"] in SHARED_METHODS
         group = (checkpoint.pretrained_fingerprint(meta), meta["kind"], len(meta["labels"])) if shared else None
@@ -233,8 +235,8 @@ DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 class Guard:
     """ASGI middleware that answers before the application reads a request body: 401 without the bearer token
-    (compared in constant time) on every path but ``public``, 413 for a body (by its Content-Length) over
-    ``max_body`` bytes."""
+    (compared in constant time) on every path but ``public``, 413 for a body over ``max_body`` bytes (by its
+    Content-Length, or counted as it arrives when it is sent in chunks)."""
 
     def __init__(self, app, token: str, public: tuple[str, ...], max_body: int):
         self.app, self.token, self.public, self.max_body = app, token.encode(), public, max_body
@@ -246,11 +248,23 @@ class Guard:
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
             return await _answer(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body:
-            return await _answer(send, 413, f"request body over {self.max_body} bytes (the limits of --max-texts "
-                                            "and --max-chars)")
-        return await self.app(scope, receive, send)
+        too_big = f"request body over {self.max_body} bytes (the limits of --max-texts and --max-chars)"
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await _answer(send, 413, too_big)
+        seen = 0
+
+        async def counted():  # a body sent in chunks has no length to check first: count it as it comes
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                from starlette.exceptions import HTTPException
+
+                raise HTTPException(413, too_big)  # FastAPI passes it on from the body read: the 413 answer
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 async def _answer(send, status: int, detail: str, headers: list | None = None) -> None:
@@ -295,12 +309,15 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
             mixed.inc()
 
     batcher = Batcher(device, max_batch, max_wait_ms, on_forward)
+    tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # off the event loop; one thread: the
+                                                                          # tokenizers are not shared between threads
 
     @asynccontextmanager
     async def lifespan(app):
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()
+        tokenizing.shutdown(wait=False)
 
     pages = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="peftbench", lifespan=lifespan, **pages)
@@ -337,7 +354,9 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
             problem = _check(body.texts, body.text_pairs, adapter, limits)
             if problem:
                 raise RequestError(*problem)
-            rows = await batcher.predict(adapter, body.texts, encode_request(adapter, body.texts, pairs))
+            examples = await asyncio.get_running_loop().run_in_executor(tokenizing, encode_request, adapter,
+                                                                        body.texts, pairs)
+            rows = await batcher.predict(adapter, body.texts, examples)
         except RequestError as exc:
             status = str(exc.status)
             raise HTTPException(exc.status, str(exc)) from None
@@ -383,6 +402,13 @@ def parse_checkpoints(specs: list[str]) -> dict[str, str]:
     return out
 
 
+MIN_TOKEN_CHARS = 16
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def read_token(token_file: str | None) -> str:
     """The bearer token, from ``token_file`` or ``$PEFTBENCH_TOKEN``; warns (stderr) when the file is readable by
     other users or the token is short."""
@@ -392,7 +418,7 @@ def read_token(token_file: str | None) -> str:
             mode = Path(token_file).stat().st_mode & 0o777
         except OSError as exc:
             raise PeftbenchError(f"--token-file {token_file}: {exc.strerror}") from None
-        if mode & 0o077:
+        if mode & 0o044:
             warn(f"--token-file {token_file} can be read by other users (mode {mode:o}): chmod 600 {token_file}")
     else:
         token = os.environ.get("PEFTBENCH_TOKEN", "").strip()
@@ -400,13 +426,6 @@ def read_token(token_file: str | None) -> str:
         warn(f"the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS} random ones "
              "(head -c 32 /dev/urandom | base64)")
     return token
-
-
-MIN_TOKEN_CHARS = 16
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def check_options(port: int, limits: Limits, max_batch: int, max_wait_ms: float) -> None:

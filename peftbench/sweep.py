@@ -36,7 +36,7 @@ from pathlib import Path
 
 from peftbench import config
 from peftbench.config import RunConfig
-from peftbench.errors import PeftbenchError
+from peftbench.errors import PeftbenchError, one_line
 from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, error_text, read_record
 
@@ -236,16 +236,18 @@ class SweepOutcome:
     claimed_elsewhere: int = 0
     failed: int = 0
     failed_trials: int = 0  # search runs that failed: a tried learning rate, not an error of the sweep
+    refused: int = 0  # cells whose input a run refused (no record: a rerun tries them again)
 
     def summary(self) -> str:
         trials = f", failed search trials {self.failed_trials}" if self.failed_trials else ""
+        refused = f", refused {self.refused}" if self.refused else ""
         return (f"sweep: {self.cells} cells, ran {self.ran}, done before {self.done_before}, "
-                f"claimed elsewhere {self.claimed_elsewhere}, failed {self.failed}{trials}")
+                f"claimed elsewhere {self.claimed_elsewhere}, failed {self.failed}{trials}{refused}")
 
     def add(self, other: SweepOutcome) -> None:
         """Count ``other``'s cells and records into this outcome."""
         self.records += other.records
-        for key in ("cells", "ran", "done_before", "claimed_elsewhere", "failed", "failed_trials"):
+        for key in ("cells", "ran", "done_before", "claimed_elsewhere", "failed", "failed_trials", "refused"):
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
@@ -294,8 +296,10 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
                 outcome.ran += 1
                 try:
                     record = runner(cell.cfg, cell.provenance or {}).record
-                except PeftbenchError:  # bad input: no run of this sweep can be trusted to differ; mend it first
-                    raise
+                except PeftbenchError as exc:  # bad input for this cell (no record: a rerun tries it again)
+                    print(f"cell {cell.run_id} refused: {one_line(exc)}", file=sys.stderr)
+                    outcome.refused += 1
+                    record = None
                 except Exception as exc:  # the run wrote its failed record; the sweep goes on
                     print(f"cell {cell.run_id} failed: {error_text(exc)}", file=sys.stderr)
                     path = Path(cell.cfg.output_dir) / RECORD_NAME

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from peftbench import checkpoint, models
+from peftbench import checkpoint, distributed, models
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
-from peftbench.errors import DivergedError, PeftbenchError
+from peftbench.errors import DivergedError
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -44,7 +44,7 @@ from peftbench.measure import (
     unique_parameters,
 )
 from peftbench.methods import Method, RunContext, get_method, lacked_modules, set_trainable, settle_dtypes
-from peftbench.records import RECORD_NAME, environment, failed_record_on_error, make_record, write_atomic
+from peftbench.records import RECORD_NAME, RunPhase, environment, failed_record_on_error, make_record, write_atomic
 from peftbench.tasks import TaskData, load_task
 
 
@@ -83,18 +83,20 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
         cfg.output_dir = default_output_dir(cfg)
     out_dir = Path(cfg.output_dir)
     stage = checkpoint.staging_dir(out_dir)
+    launch = distributed.launch(cfg.train.sharding)  # before the accelerator: it takes an FSDP launch over
     accelerator = make_accelerator(cfg.train, cfg.train.compile, stage / checkpoint.TRACKERS_DIR)
-    check_launch(cfg, accelerator)  # refuse what this launch cannot run, before any work
+    distributed.check(cfg, launch, accelerator.device.type == "cuda", get_method(cfg.method.name).reads_gradients,
+                      accelerator)  # refuse what this launch cannot run, before any work
     main = accelerator.is_main_process
     if main:
         checkpoint.prepare_run_dir(out_dir)
     accelerator.wait_for_everyone()
-    env = environment(accelerator.num_processes)
+    env = {**environment(accelerator.num_processes), **launch.describe()}
     start = time.perf_counter()
     start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
     try:
-        with failed_record_on_error(stage / RECORD_NAME, cfg.to_dict(), cfg.run_id, env, main, extra):
-            model, tokenizer, result = _fine_tune(cfg, accelerator, stage, out_dir)
+        with failed_record_on_error(stage / RECORD_NAME, cfg.to_dict(), cfg.run_id, env, main, extra) as phase:
+            model, tokenizer, result = _fine_tune(cfg, accelerator, launch, stage, out_dir, phase)
     except Exception:
         stop_tracking(accelerator)
         if main:  # publish the failed record alone (no half-written checkpoint), or keep the old run
@@ -145,9 +147,10 @@ def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
     return Data(task, tokenizer, pair, train_dl, dict(zip(evals, prepared)), sampler, encoded, collator)
 
 
-def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_steps: int, ckpt_dir: Path):
-    """Backbone (quantised per ``model.quantization``), the method applied, the rest frozen; returns
-    (model, method, parameter counts, :class:`models.LoadedBase`)."""
+def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_steps: int, ckpt_dir: Path,
+                launch: distributed.Launch = distributed.Launch("none")):
+    """Backbone (quantised per ``model.quantization``), the method applied, the rest frozen, sharded when the
+    launch shards; returns (model, method, parameter counts, :class:`models.LoadedBase`)."""
     set_seed(cfg.train.seed)  # before the model: init, dropout and method modules follow the seed
     method: Method = get_method(cfg.method.name)(cfg.method)
     kind, labels = data.task.spec.kind, data.task.spec.model_labels()
@@ -172,21 +175,25 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
     params = set_trainable(model, method)
     params.update(settle_dtypes(model, cfg.train.mixed_precision))
     params["base_weight_bytes"] = sum(stored_bytes(p) for p in unique_parameters(model) if id(p) in base_params)
+    base.frozen = {n for n, p in model.named_parameters() if id(p) in base_params and not p.requires_grad}
+    if launch.engine == "fsdp2":
+        model = distributed.shard(model, launch, cfg.train.mixed_precision, accelerator.device)
     return model, method, params, base
 
 
-def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
-               out_dir: Path) -> tuple[torch.nn.Module, object, dict]:
-    """Everything of a run but its record; files go to ``work_dir``, which will become ``out_dir``."""
+def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, work_dir: Path, out_dir: Path,
+               phase: RunPhase) -> tuple[torch.nn.Module, object, dict]:
+    """Everything of a run but its record; files go to ``work_dir``, which will become ``out_dir``. ``phase``
+    learns when training begins (bad input found before leaves no record)."""
     t = cfg.train
     data = setup_data(cfg, accelerator)
     steps_per_epoch = math.ceil(len(data.train) / t.grad_accum_steps)
     total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs  # as HF Trainer: max_steps wins
     epochs = math.ceil(total_steps / steps_per_epoch)
     ckpt_dir = work_dir / checkpoint.CHECKPOINT_DIR
-    model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir)
+    model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir, launch)
     optimizer = build_optimizer(model, t)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = distributed.prepare(accelerator, launch, model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters it shards
     task = data.task
@@ -207,8 +214,9 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
                        f"dev {dev['score_name']} {dev['score']:.4f}, loss {loss:.4f}, lr {state.lr:.2e}, "
                        f"{rate:.0f} samples/s, {state.train_seconds:.1f} s")
         if not best or dev["score"] > best["metrics"]["score"]:
-            best.update(metrics=history[-1], state={n: _local(p).detach().to("cpu", copy=True)  # each process its shard
-                                                    for n, p in raw_model.named_parameters() if p.requires_grad})
+            shards = distributed.reshard(raw_model).named_parameters()  # each process its shard of the weights
+            best.update(metrics=history[-1], state={n: distributed.local(p).detach().to("cpu", copy=True)
+                                                    for n, p in shards if p.requires_grad})
 
     def batches(epoch: int, skip: int):
         data.sampler.set_epoch(epoch)
@@ -216,6 +224,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
 
     state = LoopState(planned_steps=total_steps)
     hooks = Hooks(on_optimizer_step=lambda step: method.on_optimizer_step(raw_model, step), on_eval=on_eval)
+    phase.training = True
     throughput = fit(accelerator, model, optimizer, batches, t, state, hooks, trainable,
                      desc=f"{cfg.task.name}/{cfg.method.name}")
 
@@ -223,9 +232,9 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
         metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
     else:
         with torch.no_grad():
-            for name, param in raw_model.named_parameters():
+            for name, param in distributed.reshard(raw_model).named_parameters():
                 if name in best["state"]:
-                    _local(param).copy_(best["state"][name])
+                    distributed.local(param).copy_(best["state"][name])
         metrics = evaluate(model, data.evals["dev"], accelerator, task, "dev")[0]
     metrics["best_epoch"] = best["metrics"]["epoch"]
     if "test" in data.evals:
@@ -233,9 +242,15 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
         metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("eval_samples_per_s", "score_name")})
     metrics.update(throughput)
     metrics["stopped_by"] = "max_steps" if t.max_steps > 0 else "epochs"
+    held = accelerator.gather(torch.tensor([list(distributed.held_bytes(raw_model, optimizer).values())],
+                                           dtype=torch.float64, device=accelerator.device))
+    params["held_bytes_per_process"] = dict(zip(("weights", "gradients", "optimizer"),
+                                                (list(map(int, column)) for column in held.T.tolist())))
 
-    adapter_bytes = save(cfg, accelerator, model, data, method, base, ckpt_dir, {"metrics": metrics, "params": params})
-    inference = measure_inference(raw_model, data, cfg, accelerator) if t.measure_inference else None
+    adapter_bytes = save(cfg, accelerator, launch, model, data, method, base, ckpt_dir,
+                         {"metrics": metrics, "params": params})
+    sharded = launch.engine in ("fsdp2", "deepspeed")  # a sharded model runs only with all its processes
+    inference = measure_inference(raw_model, data, cfg, accelerator) if t.measure_inference and not sharded else None
     result = {
         "metrics": metrics,
         "params": {**params, "adapter_bytes": adapter_bytes},
@@ -261,15 +276,23 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, work_dir: Path,
     return raw_model, data.tokenizer, result
 
 
-def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Method, base: models.LoadedBase,
-         ckpt_dir: Path, results: dict) -> int:
+def save(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, model, data: Data, method: Method,
+         base: models.LoadedBase, ckpt_dir: Path, results: dict) -> int:
     """Write the checkpoint (main process); returns the bytes of its weight files, or without a checkpoint the
-    bytes of the tensors it would hold. ``results`` (metrics, parameter counts) go into its model card."""
+    bytes of the tensors it would hold. ``results`` (metrics, parameter counts) go into its model card. A sharded
+    model's saved tensors are gathered first (all but the frozen base weights), so that the checkpoint is the
+    one a single process writes."""
     raw_model = accelerator.unwrap_model(model)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP  # only full fine-tuning gets here (check_launch)
-    full_state = accelerator.get_state_dict(model) if cfg.train.save_checkpoint and fsdp else None  # all gather
-    if not (cfg.train.save_checkpoint and accelerator.is_main_process):
-        return method.trained_bytes(raw_model)
+    main = accelerator.is_main_process
+    state = None
+    if launch.engine == "fsdp2":
+        state = distributed.gather_state(raw_model, lambda name: name not in base.frozen, main)
+    elif launch.engine == "deepspeed" and cfg.train.save_checkpoint:
+        state = accelerator.get_state_dict(model)
+    if not main:
+        return 0  # only the main process writes (and its record counts)
+    if not cfg.train.save_checkpoint:
+        return method.trained_bytes(raw_model, state)
     spec = data.task.spec
     base_meta = None
     final = Path(cfg.output_dir).resolve() / checkpoint.CHECKPOINT_DIR  # where the checkpoint will be
@@ -283,7 +306,7 @@ def save(cfg: RunConfig, accelerator: Accelerator, model, data: Data, method: Me
             "label_names": list(spec.label_names or spec.labels), "model_labels": spec.model_labels(),
             "pair": data.pair, "max_length": cfg.task.max_length, "base": base_meta, "data_dir": data_dir,
             "run_id": cfg.run_id, "config": cfg.to_dict()}
-    size = checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, full_state,
+    size = checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, state,
                                      None if method.saves_full_model else base.new_weights,
                                      base_name=base.source or str(final / checkpoint.BASE_DIR))
     checkpoint.write_model_card(ckpt_dir, final, meta, results["metrics"], results["params"],
@@ -298,9 +321,8 @@ def measure_inference(model, data: Data, cfg: RunConfig, accelerator: Accelerato
     """Serving cost, measured on the main process (:func:`measure.inference_cost`): the model as trained and,
     for a method that merges into the base weights (float base), merged, on a copy. The split evaluated last,
     in file order (traffic is not sorted by length); the single sequence is its median-length example.
-    Sharded models (FSDP, DeepSpeed) run only together: they are not measured (None)."""
-    if not accelerator.is_main_process or accelerator.distributed_type in (DistributedType.FSDP,
-                                                                           DistributedType.DEEPSPEED):
+    Sharded models (FSDP2, DeepSpeed) run only together: the caller does not measure them."""
+    if not accelerator.is_main_process:
         return None
     split = "test" if "test" in data.evals else "dev"
     examples = data.encoded[split]
@@ -327,38 +349,6 @@ def measure_inference(model, data: Data, cfg: RunConfig, accelerator: Accelerato
     del merged, served
     model.train(was_training)
     return cost
-
-
-def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
-    """Refuse at start-up what this sharding strategy cannot run (a clear error, not a failure mid-run).
-    (fp16 on CPU is refused when the accelerator is made.)"""
-    kind = accelerator.distributed_type
-    if kind not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return
-    strategy, name = ("FSDP" if kind == DistributedType.FSDP else "DeepSpeed"), cfg.method.name
-    ddp = "launch it with recipes/accelerate/multi_gpu.yaml (DDP)"
-    if cfg.model.quantization != "none":
-        raise PeftbenchError(f"model.quantization={cfg.model.quantization} cannot run under {strategy}: bitsandbytes "
-                             f"weights are neither sharded nor partitioned by it; {ddp}, one quantised copy per GPU")
-    if kind == DistributedType.FSDP and not get_method(name).trains_base_weights:
-        raise PeftbenchError(f"method '{name}' cannot run under FSDP: peftbench keeps and saves its trained tensors "
-                             f"whole, which FSDP shards, and a method that trains a small part of the weights needs "
-                             f"no sharding; {ddp} or recipes/accelerate/deepspeed_zero2.yaml")
-    if kind == DistributedType.DEEPSPEED:
-        if get_method(name).reads_gradients:
-            raise PeftbenchError(f"method '{name}' cannot run under DeepSpeed ZeRO: it reads whole gradients after "
-                                 f"the backward pass, and ZeRO-2 partitions them across processes; {ddp}")
-        ds = accelerator.state.deepspeed_plugin
-        accum = ds.deepspeed_config.get("gradient_accumulation_steps", "auto")
-        if accum != "auto" and accum != cfg.train.grad_accum_steps:
-            raise PeftbenchError(f"DeepSpeed config has gradient_accumulation_steps={accum} but train.grad_accum_steps="
-                                 f"{cfg.train.grad_accum_steps}: set them equal (DeepSpeed's value would win)")
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size  # the model is prepared alone
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's data on this process: its shard under FSDP2 (a DTensor), else the parameter itself."""
-    return param.to_local() if hasattr(param, "to_local") else param
 
 
 @torch.inference_mode()

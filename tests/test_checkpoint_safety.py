@@ -70,6 +70,10 @@ TAMPERED = {  # name -> (variant, tamper(ckpt, tmp), expected text, file named)
     "whole model's labels swapped": ("full", lambda c, t: swap_config_labels(c), "field 'id2label'", "config.json"),
     "meta not JSON": ("lora", lambda c, t: (c / "peftbench.json").write_text("{oops", encoding="utf-8"),
                       "not valid JSON", "peftbench.json:1"),
+    "weight header not an object": ("lora", lambda c, t: (c / "adapter_model.safetensors").write_bytes(
+        (6).to_bytes(8, "little") + b"[1, 2]"), "damaged weight file (unreadable header)", "adapter_model.safetensors"),
+    "base folder links outside": ("lora", lambda c, t: link(c / "base", shutil.move(c / "base", t / "base-elsewhere")),
+                                  "outside the checkpoint", "base"),
     "tokenizer links outside": ("lora", lambda c, t: link(c / "tokenizer.json", "/etc/passwd"),
                                 "outside the checkpoint", "tokenizer.json"),
     "weights link outside": ("lora", lambda c, t: link(c / "adapter_model.safetensors", moved_out(c, t)),
@@ -93,7 +97,8 @@ def moved_out(ckpt, tmp):
 
 
 def link(path, target):
-    path.unlink(missing_ok=True)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
     os.symlink(target, path)
 
 

@@ -6,13 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from accelerate.utils import DistributedType
 from conftest import torchrun
 
-from peftbench import config
+from peftbench import config, distributed
 from peftbench.errors import PeftbenchError
+from peftbench.methods import get_method
 from peftbench.records import read_record
-from peftbench.train import check_launch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
@@ -27,39 +26,40 @@ def test_accelerate_configs_load_and_are_documented(name, kind, processes):
     assert f"--config_file recipes/accelerate/{name}" in DOCS.read_text(encoding="utf-8")
 
 
-def fake_accelerator(kind, accum=1):
+def fake_accelerator(accum=1):
     plugin = SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": accum})
-    return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin),
-                           device=SimpleNamespace(type="cuda"))
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
 
 
-@pytest.mark.parametrize(("kind", "overrides", "message"), [
-    (DistributedType.FSDP, ["method.name=lora"], "method 'lora' cannot run under FSDP"),
-    (DistributedType.FSDP, ["method.name=adapter"], "method 'adapter' cannot run under FSDP"),
-    (DistributedType.FSDP, ["method.name=lora", "model.quantization=4bit"], "quantization=4bit cannot run under FSDP"),
-    (DistributedType.DEEPSPEED, ["method.name=lora", "model.quantization=8bit"], "cannot run under DeepSpeed"),
-    (DistributedType.DEEPSPEED, ["method.name=adalora"],
-     "'adalora' cannot run under DeepSpeed ZeRO: it reads whole gradients"),
-    (DistributedType.DEEPSPEED, ["method.name=lora", "train.grad_accum_steps=4"], "gradient_accumulation_steps=1 but"),
+@pytest.mark.parametrize(("engine", "overrides", "cuda", "message"), [
+    ("deepspeed", ["method.name=lora", "model.quantization=8bit"], True, "cannot run under DeepSpeed"),
+    ("deepspeed", ["method.name=adalora"], True, "'adalora' cannot run under DeepSpeed ZeRO: it reads whole gradients"),
+    ("deepspeed", ["method.name=lora", "train.grad_accum_steps=4"], True, "gradient_accumulation_steps=1 but"),
+    ("deepspeed", ["method.name=lora"], False, "a DeepSpeed launch config needs GPUs"),
+    ("fsdp2", ["method.name=lora", "model.quantization=8bit"], True, "8bit cannot run under FSDP"),
+    ("fsdp2", ["method.name=lora", "train.gradient_checkpointing=false"], True, "fsdp_activation_checkpointing"),
 ])
-def test_sharding_strategies_refuse_what_they_cannot_run(kind, overrides, message):
+def test_engines_refuse_what_they_cannot_run(engine, overrides, cuda, message):
+    cfg = config.load(None, overrides)
+    launch = distributed.Launch(engine, 2, activation_checkpointing=True)
     with pytest.raises(PeftbenchError, match=message):
-        check_launch(config.load(None, overrides), fake_accelerator(kind))
+        distributed.check(cfg, launch, cuda, get_method(cfg.method.name).reads_gradients, fake_accelerator())
 
 
-@pytest.mark.parametrize(("kind", "method"), [
-    (DistributedType.FSDP, "full"), (DistributedType.DEEPSPEED, "lora"), (DistributedType.DEEPSPEED, "full"),
-    (DistributedType.DEEPSPEED, "prefix"), (DistributedType.MULTI_GPU, "adalora"), (DistributedType.MULTI_CPU, "lora")])
-def test_what_a_strategy_can_run_starts(kind, method):
-    accelerator = fake_accelerator(kind)
-    check_launch(config.load(None, [f"method.name={method}", "train.batch_size=16"]), accelerator)
-    if kind == DistributedType.DEEPSPEED:  # the model is prepared without a loader: DeepSpeed is told the batch
+@pytest.mark.parametrize(("engine", "method"), [
+    ("fsdp2", "full"), ("fsdp2", "lora"), ("fsdp2", "adapter"), ("deepspeed", "lora"), ("deepspeed", "full"),
+    ("deepspeed", "prefix"), ("ddp", "adalora"), ("ddp", "lora")])
+def test_what_an_engine_can_run_starts(engine, method):
+    accelerator = fake_accelerator()
+    cfg = config.load(None, [f"method.name={method}", "train.batch_size=16"])
+    distributed.check(cfg, distributed.Launch(engine, 2), True, get_method(method).reads_gradients, accelerator)
+    if engine == "deepspeed":  # the model is prepared without a loader: DeepSpeed is told the batch
         assert accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 16
 
 
 def test_quantised_ddp_is_allowed():
-    check_launch(config.load(None, ["method.name=lora", "model.quantization=8bit"]),
-                   fake_accelerator(DistributedType.MULTI_GPU))
+    distributed.check(config.load(None, ["method.name=lora", "model.quantization=8bit"]), distributed.Launch("ddp", 2),
+                      True, False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
@@ -77,7 +77,7 @@ def test_best_state_snapshot_reads_and_writes_fsdp2_shards():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from peftbench.train import _local
+    from peftbench.distributed import local as _local
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

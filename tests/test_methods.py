@@ -1,6 +1,7 @@
 """Every registered method, on the tiny backbone and the synthetic task."""
 
 import json
+import stat
 
 import pytest
 import torch
@@ -244,6 +245,9 @@ def test_export_writes_folders_that_transformers_alone_loads(trained, tmp_path):
 
     texts = ["股钱债涨跌", "星影歌剧综艺的", "的"]
     folders = {v: str(export(trained[v].record["checkpoint"], tmp_path / v)) for v in PLAIN}
+    from peftbench.records import FILE_MODE
+
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*") if p.is_file()} == {FILE_MODE}  # weights too
     proc = subprocess.run([sys.executable, "-c", EXPORT_CHECK, json.dumps(folders), json.dumps(texts),
                            str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import stat
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import tensorboard_scalars, torchrun, write_jsonl
 
 from peftbench import checkpoint, config, pretrain
 from peftbench.errors import PeftbenchError
-from peftbench.records import PRETRAIN_RECORD_NAME
+from peftbench.records import FILE_MODE, PRETRAIN_RECORD_NAME
 from peftbench.tasks.synthetic import generate_splits
 from peftbench.train import run
 
@@ -136,6 +137,7 @@ def test_pretraining_lowers_mlm_loss_and_the_model_fine_tunes(corpus, tmp_path):
     assert not (tmp_path / "pt" / "checkpoint").exists(), "a finished run keeps no resume checkpoint"
 
     model_dir = tmp_path / "pt" / "model"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in model_dir.rglob("*") if p.is_file()} == {FILE_MODE}
     assert AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=4).config.num_labels == 4
     cfg = config.load(None, ["task.name=synthetic", f"model.name_or_path={model_dir}", "method.name=full",
                              "task.max_length=48", "train.epochs=4", "train.lr=1e-3", "train.measure_inference=false",

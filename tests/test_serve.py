@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from peftbench import config
 from peftbench.checkpoint import read_meta
+from peftbench.errors import PeftbenchError
 from peftbench.inference import SplitBatches, predict
 from peftbench.train import run
 
@@ -206,6 +207,14 @@ def test_the_token_is_checked_before_the_body_is_read(server):
                       timeout=60).status_code == 401
     too_big = client.post("/v1/classify", content=body, headers={"Content-Type": "application/json"})
     assert too_big.status_code == 413 and "request body over" in too_big.json()["detail"]
+    from fastapi.testclient import TestClient
+
+    from peftbench.serve import Limits, create_app
+
+    with TestClient(create_app({}, TOKEN, limits=Limits(max_texts=2, max_chars=10))) as local:  # sent in chunks
+        chunked = local.post("/v1/classify", content=(b"x" * 1000 for _ in range(100)),
+                             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        assert chunked.status_code == 413 and "request body over" in chunked.json()["detail"]
 
 
 def test_openapi_pages_are_off_unless_asked_for(server):
@@ -230,8 +239,11 @@ def test_a_failed_batch_is_run_again_job_by_job():
 
     from peftbench.serve import Batcher
 
+    passes = []
+
     class Probe(Batcher):
         def _forward(self, jobs):
+            passes.append([job.texts[0] for job in jobs])
             if any(job.texts == ["boom"] for job in jobs):
                 raise RuntimeError("boom")
             return [[{"text": job.texts[0]}] for job in jobs]
@@ -248,19 +260,25 @@ def test_a_failed_batch_is_run_again_job_by_job():
 
     a, boom, b = asyncio.run(main())
     assert a == [{"text": "a"}] and b == [{"text": "b"}] and isinstance(boom, RuntimeError)
+    assert passes == [["a", "boom", "b"], ["a"], ["boom"], ["b"]]  # one batch, then each job alone
 
 
-@pytest.mark.slow
-def test_bad_serve_options_are_refused_at_start_up(trained_variants, tmp_path):
-    ckpt = trained_variants["lora"].record["checkpoint"]
-    for option, value, message in (("--max-batch", "0", "--max-batch must be >= 1, got 0"),
-                                   ("--max-wait-ms", "-1", "--max-wait-ms must be a finite number >= 0"),
-                                   ("--max-texts", "0", "--max-texts must be >= 1"),
-                                   ("--port", "70000", "--port must be in 1..65535")):
-        proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", ckpt, option, value], capture_output=True,
-                              text=True, env={**os.environ, "PEFTBENCH_TOKEN": "x" * 32})
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+def test_bad_serve_options_are_refused_at_start_up(tmp_path):
+    from peftbench.serve import Limits, check_options
+
+    for args, message in (((8000, Limits(), 0, 5.0), "--max-batch must be >= 1, got 0"),
+                          ((8000, Limits(), 64, -1.0), "--max-wait-ms must be a finite number >= 0"),
+                          ((8000, Limits(), 64, float("nan")), "--max-wait-ms must be a finite number >= 0"),
+                          ((8000, Limits(max_texts=0), 64, 5.0), "--max-texts must be >= 1"),
+                          ((8000, Limits(max_chars=0), 64, 5.0), "--max-chars must be >= 1"),
+                          ((70000, Limits(), 64, 5.0), "--port must be in 1..65535")):
+        with pytest.raises(PeftbenchError, match=message):
+            check_options(*args)
+    check_options(8000, Limits(), 64, 0.0)
+    proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", str(tmp_path / "none"), "--max-batch", "0"],
+                          capture_output=True, text=True, env={**os.environ, "PEFTBENCH_TOKEN": "x" * 32})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == ["error: --max-batch must be >= 1, got 0"], proc.stderr  # not loaded
 
 
 def test_a_short_or_readable_token_is_warned_about(tmp_path, capsys):

@@ -28,13 +28,15 @@ def spec(tmp_path):
     return sweep.read_sweep(path)
 
 
-def fake_runner(calls, fail_on=(), interrupt_at=None):
-    """Stands in for train.run: writes a record like it (success or failed)."""
+def fake_runner(calls, fail_on=(), interrupt_at=None, refuse=()):
+    """Stands in for train.run: writes a record like it (success or failed); a cell it refuses writes none."""
 
     def runner(cfg, provenance=None):
         calls.append(cfg.run_id)
         if interrupt_at is not None and len(calls) == interrupt_at:
             raise KeyboardInterrupt
+        if (cfg.method.name, cfg.train.seed) in refuse:
+            raise PeftbenchError("data.json:3: field 'label' missing")
         path = f"{cfg.output_dir}/{RECORD_NAME}"
         if (cfg.method.name, cfg.train.seed) in fail_on:
             write_atomic(path, make_record("failed", cfg.to_dict(), cfg.run_id, {}, error="RuntimeError: boom"))
@@ -117,6 +119,18 @@ def test_failed_cells_are_recorded_and_retried_on_request(spec, capsys):
     sweep.run_sweep(sweep.plan(cfgs), retry_failed=True, runner=fake_runner(rerun))
     assert len(rerun) == 1
     assert all(c.status == "success" for c in sweep.plan(cfgs))
+
+
+def test_a_refused_cell_leaves_no_record_and_the_others_run(spec, capsys):
+    cfgs = sweep.expand(spec)
+    calls = []
+    outcome = sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(calls, refuse={("full", 1)}))
+    assert len(calls) == 6 and len(outcome.records) == 5 and outcome.refused == 1
+    assert outcome.summary().endswith("failed 0, refused 1")
+    assert "refused: data.json:3: field 'label' missing" in capsys.readouterr().err
+    rerun = []
+    sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(rerun))
+    assert len(rerun) == 1  # the refused cell, and only it, runs again
 
 
 def test_sweep_command_end_to_end(tmp_path, capsys):

@@ -54,6 +54,15 @@ def test_record_schema_and_counts(trained, method):
         assert p["trainable"] < 0.05 * p["total"]
     assert len(rec["dev_history"]) == rec["config"]["train"]["epochs"]  # one evaluation per epoch
     assert rec["metrics"]["score"] == max(h["score"] for h in rec["dev_history"])
+    from peftbench.methods import get_method
+
+    assert rec["learning_rate"] == {"peak": rec["config"]["train"]["lr"],
+                                    "method_default": get_method(method).default_lr}
+
+
+def test_an_unset_learning_rate_trains_at_the_methods_rate(quick_overrides):
+    rec = run(config.load(None, [*quick_overrides, "method.name=lora", "train.max_steps=2"])).record
+    assert rec["config"]["train"]["lr"] == 5e-4 and rec["learning_rate"] == {"peak": 5e-4, "method_default": 5e-4}
 
 
 def test_lora_checkpoint_holds_only_what_was_trained(trained):

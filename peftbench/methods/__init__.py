@@ -80,11 +80,17 @@ class Method:
         """Method-specific facts for the result record."""
         return {}
 
-    def trained_bytes(self, model: nn.Module) -> int:
-        """Bytes of the tensors ``save`` writes (its file size, less the format's small overhead)."""
+    def trained_bytes(self, model: nn.Module, state: dict | None = None) -> int:
+        """Bytes of the tensors ``save`` writes (its file size, less the format's small overhead); ``state``: the
+        gathered tensors of a sharded model (see ``save``)."""
+        if state is not None:
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            return sum(t.numel() * t.element_size() for n, t in state.items() if n in trained)
         return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
+    def save(self, model: nn.Module, out_dir: Path, state: dict | None = None) -> None:
+        """Write what the method trained. ``state`` (names as in ``model.state_dict()``, whole tensors on the
+        CPU) replaces the model's own tensors when those are shards of a sharded model."""
         raise NotImplementedError
 
     def load(self, base_model: nn.Module | None, ckpt_dir: Path, ctx: RunContext) -> nn.Module:
@@ -122,8 +128,8 @@ class PeftMethod(Method):
             return not any(f"{module}.modules_to_save." in name for module in self.frozen_saved)
         return any(marker in name for marker in self.trainable_markers)
 
-    def save(self, model, out_dir: Path) -> None:
-        model.save_pretrained(str(out_dir))
+    def save(self, model, out_dir: Path, state: dict | None = None) -> None:
+        model.save_pretrained(str(out_dir), state_dict=state)
 
     def load(self, base_model, ckpt_dir: Path, ctx: RunContext):
         from peft import PeftModel
@@ -134,18 +140,19 @@ class PeftMethod(Method):
 class InPlaceMethod(Method):
     """A method written here that edits the model in place; saves only its trained tensors."""
 
-    def trained_tensors(self, model) -> dict[str, torch.Tensor]:
-        """What to save: by default every trainable parameter."""
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    def trained_tensors(self, model, state: dict | None = None) -> dict[str, torch.Tensor]:
+        """What to save: by default every trainable parameter (from ``state`` when given: see ``save``)."""
+        values = state if state is not None else dict(model.named_parameters())
+        return {n: values[n].detach() for n, p in model.named_parameters() if p.requires_grad}
 
-    def trained_bytes(self, model) -> int:
-        return sum(t.numel() * t.element_size() for t in self.trained_tensors(model).values())
+    def trained_bytes(self, model, state: dict | None = None) -> int:
+        return sum(t.numel() * t.element_size() for t in self.trained_tensors(model, state).values())
 
-    def save(self, model, out_dir: Path) -> None:
+    def save(self, model, out_dir: Path, state: dict | None = None) -> None:
         from safetensors.torch import save_file
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.contiguous().cpu() for n, t in self.trained_tensors(model).items()}
+        tensors = {n: t.contiguous().cpu() for n, t in self.trained_tensors(model, state).items()}
         save_file(tensors, str(out_dir / TRAINABLE_FILE))
 
     def load(self, base_model, ckpt_dir: Path, ctx: RunContext):

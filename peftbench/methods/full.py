@@ -27,8 +27,8 @@ class Full(Method):
     def is_trainable(self, name: str) -> bool:
         return True
 
-    def save(self, model, out_dir: Path) -> None:
-        model.save_pretrained(str(out_dir))
+    def save(self, model, out_dir: Path, state: dict | None = None) -> None:
+        model.save_pretrained(str(out_dir), state_dict=state)
 
     def load(self, base_model, ckpt_dir: Path, ctx):
         import torch

@@ -64,25 +64,32 @@ class PrefixEncoder(nn.Module):
         self.captured: dict[int, torch.Tensor] | None = None  # layer -> (2, kv_heads, tokens, head_dim), init=tokens
 
     def forward(self) -> torch.Tensor:
-        """The prefixes the attention layers read: in a forward pass with the MLP, its output for that pass."""
+        """The prefixes the attention layers read. With the MLP: folded by the first layer of a forward pass that
+        asks, and read by every later layer (and by a checkpointed layer recomputed in the backward pass)."""
         if hasattr(self, "prefix"):
             return self.prefix
-        return self.current if self.current is not None else self.fold()
+        if self.current is None:
+            self.current = self.fold()
+        return self.current
 
-    def fold(self) -> torch.Tensor:
-        """The prefixes computed now (through the MLP when there is one)."""
+    def fold(self, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The prefixes computed now (through the MLP when there is one), from this module's parameters or from
+        ``state`` (its tensors by name, whole: a sharded model's, gathered)."""
         if hasattr(self, "prefix"):
-            return self.prefix
+            return self.prefix if state is None else state["prefix"]
         layers, two, kv_heads, tokens, head_dim = self.shape
-        out = self.mlp(self.embedding).view(tokens, layers, two, kv_heads, head_dim)
-        return out.permute(1, 2, 3, 0, 4)
+        if state is None:
+            out = self.mlp(self.embedding)
+        else:
+            hidden = torch.tanh(nn.functional.linear(state["embedding"], state["mlp.0.weight"], state["mlp.0.bias"]))
+            out = nn.functional.linear(hidden, state["mlp.2.weight"], state["mlp.2.bias"])
+        return out.view(tokens, layers, two, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
 
     def hold(self, model: nn.Module) -> None:
-        """Run the MLP once per forward pass of ``model``, not once per layer: every layer, and a checkpointed
-        layer recomputed in the backward pass, reads that pass's output."""
+        """Fold once per forward pass of ``model``, not once per layer: each pass starts without a fold (the
+        first layer that reads the prefixes folds them, its weights gathered when the model is sharded)."""
         def begin(module, args):
             self.current = None
-            self.current = self.fold()
 
         model.register_forward_pre_hook(begin)
 
@@ -222,11 +229,14 @@ class Prefix(InPlaceMethod):
     def is_trainable(self, name: str) -> bool:
         return name.startswith(ENCODER_NAME + ".") or is_head(name)
 
-    def trained_tensors(self, model):
-        """The folded prefixes (no MLP) and the head."""
-        tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad and is_head(n)}
+    def trained_tensors(self, model, state=None):
+        """The folded prefixes (no MLP) and the head (from ``state`` when given: see ``Method.save``)."""
+        values = state if state is not None else dict(model.named_parameters())
+        tensors = {n: values[n].detach() for n, p in model.named_parameters() if p.requires_grad and is_head(n)}
+        own = None if state is None else {k.removeprefix(ENCODER_NAME + "."): v for k, v in state.items()
+                                          if k.startswith(ENCODER_NAME + ".")}
         with torch.no_grad():
-            tensors[f"{ENCODER_NAME}.prefix"] = getattr(model, ENCODER_NAME).fold().detach()
+            tensors[f"{ENCODER_NAME}.prefix"] = getattr(model, ENCODER_NAME).fold(own).detach()
         return tensors
 
     def load(self, base_model, ckpt_dir, ctx):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from peftbench.errors import PeftbenchError, where
+from peftbench.errors import PeftbenchError, clip, where
 from peftbench.registry import TASKS
 from peftbench.tasks.kinds import CLASSIFICATION, TaskKind
 
@@ -235,8 +235,8 @@ def _check_label_file(spec: TaskSpec, path: Path) -> None:
         if "label" not in record:
             raise PeftbenchError(f"{where(path, lineno, 'label')} missing")
         if str(record["label"]) not in spec.labels:
-            raise PeftbenchError(f"{where(path, lineno, 'label')}: label {record['label']!r} is not a label of "
-                                 f"task '{spec.name}'")
+            raise PeftbenchError(f"{where(path, lineno, 'label')}: label {clip(repr(record['label']))} is not a "
+                                 f"label of task '{spec.name}'")
 
 
 def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, task_cfg, source_of) -> TaskData:
@@ -269,8 +269,8 @@ def _build(spec: TaskSpec, raw: dict[str, list[tuple[int, dict]]], source: str, 
             elif tokens:
                 index = 0
             elif ex.label not in label_index:
-                raise PeftbenchError(f"{where(path, lineno, spec.label_key)}: label {ex.label!r} is not a label of "
-                                     f"task '{spec.name}'")
+                raise PeftbenchError(f"{where(path, lineno, spec.label_key)}: label {clip(repr(ex.label))} is not a "
+                                     f"label of task '{spec.name}'")
             else:
                 index = label_index[ex.label]
             for lost, kept in ex.overlaps or ():

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from peftbench.errors import PeftbenchError, where
+from peftbench.errors import PeftbenchError, clip, where
 from peftbench.tasks import Example, TaskSpec, register_task, text_field
 from peftbench.tasks.kinds import TOKEN_CLASSIFICATION
 from peftbench.tasks.spans import (  # noqa: F401  (re-exported)
@@ -93,7 +93,7 @@ def read_conll(path: Path) -> Iterator[tuple[int, dict]]:
         parts = line.split()
         if parts:
             if len(parts) > 2:
-                raise PeftbenchError(f"{where(path, lineno)}: expected 'char TAG', got {line.strip()!r}")
+                raise PeftbenchError(f"{where(path, lineno)}: expected 'char TAG', got {clip(repr(line.strip()))}")
             sentence.append((lineno, parts))
             continue
         if not sentence:
@@ -104,7 +104,7 @@ def read_conll(path: Path) -> Iterator[tuple[int, dict]]:
             tags = []
             for n, (token, tag) in sentence:
                 if tag != "O" and (tag[:2] not in ("B-", "I-", "E-", "S-") or len(tag) < 3):
-                    raise PeftbenchError(f"{where(path, n)}: tag {tag!r} is not O or B-/I-/E-/S-TYPE")
+                    raise PeftbenchError(f"{where(path, n)}: tag {clip(repr(tag))} is not O or B-/I-/E-/S-TYPE")
                 tags += _char_tags(tag, len(token))
             record["label"] = clue_label(tags_to_spans(tags), text)
         elif any(len(p) == 2 for _, p in sentence):
@@ -148,7 +148,8 @@ def custom_ner_spec(task_cfg) -> TaskSpec:
 
 def scheme_of(task_cfg) -> str:
     if task_cfg.tag_scheme not in SCHEMES:
-        raise PeftbenchError(f"config key 'task.tag_scheme' must be one of {SCHEMES}, got {task_cfg.tag_scheme!r}")
+        raise PeftbenchError(f"config key 'task.tag_scheme' must be one of {SCHEMES}, "
+                             f"got {clip(repr(task_cfg.tag_scheme))}")
     return task_cfg.tag_scheme
 
 

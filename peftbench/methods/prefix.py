@@ -64,13 +64,10 @@ class PrefixEncoder(nn.Module):
         self.captured: dict[int, torch.Tensor] | None = None  # layer -> (2, kv_heads, tokens, head_dim), init=tokens
 
     def forward(self) -> torch.Tensor:
-        """The prefixes the attention layers read. With the MLP: folded by the first layer of a forward pass that
-        asks, and read by every later layer (and by a checkpointed layer recomputed in the backward pass)."""
+        """The prefixes the attention layers read: in a forward pass with the MLP, its output for that pass."""
         if hasattr(self, "prefix"):
             return self.prefix
-        if self.current is None:
-            self.current = self.fold()
-        return self.current
+        return self.current if self.current is not None else self.fold()
 
     def fold(self, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The prefixes computed now (through the MLP when there is one), from this module's parameters or from
@@ -86,10 +83,12 @@ class PrefixEncoder(nn.Module):
         return out.view(tokens, layers, two, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
 
     def hold(self, model: nn.Module) -> None:
-        """Fold once per forward pass of ``model``, not once per layer: each pass starts without a fold (the
-        first layer that reads the prefixes folds them, its weights gathered when the model is sharded)."""
+        """Run the MLP once per forward pass of ``model``, not once per layer: every layer, and a checkpointed
+        layer recomputed in the backward pass, reads that pass's output. (FSDP2 gathers the model's root weights
+        in a hook that runs before this one.)"""
         def begin(module, args):
             self.current = None
+            self.current = self.fold()
 
         model.register_forward_pre_hook(begin)
 

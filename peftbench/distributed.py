@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -116,15 +117,21 @@ def check(cfg, run: Launch, cuda: bool, reads_gradients: bool, accelerator=None)
                              "train.gradient_checkpointing=false: set them alike (the recipe's key decides)")
 
 
-def shard(model: torch.nn.Module, run: Launch, mixed_precision: str, device: torch.device) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each layer (the launch config's classes, else the model's ``_no_split_modules``),
-    then the root. Under mixed precision the gathered weights compute in bf16/fp16 and gradients are reduced in
-    fp32; the shards of trained parameters stay fp32 for the optimizer."""
+def shard(model: torch.nn.Module, run: Launch, mixed_precision: str, device: torch.device,
+          replicate: set[torch.nn.Parameter] = frozenset()) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each layer (the launch config's classes, else the model's repeated blocks among
+    its ``_no_split_modules``: the layers, not the embeddings a prompt method also holds), then the root. Under
+    mixed precision the gathered weights compute in bf16/fp16 and gradients are reduced in fp32; the shards of
+    trained parameters stay fp32 for the optimizer.
+
+    ``replicate``: parameters kept whole on every process (a method that reads whole gradients after the
+    backward pass: AdaLoRA's budget), their gradients averaged over the processes as DDP averages them."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     declared = next((m._no_split_modules for m in model.modules() if getattr(m, "_no_split_modules", None)), ())
-    classes = set(run.layer_classes or declared)  # a transformers model declares its layer classes
+    counts = Counter(type(m).__name__ for m in model.modules())
+    classes = set(run.layer_classes) or {c for c in declared if counts[c] > 1}
     layers = [m for m in model.modules() if type(m).__name__ in classes]
     if not layers:
         raise PeftbenchError(f"FSDP: no module of this model is of the classes to shard one by one "
@@ -137,9 +144,23 @@ def shard(model: torch.nn.Module, run: Launch, mixed_precision: str, device: tor
     if run.offload_params:
         options["offload_policy"] = CPUOffloadPolicy()
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=run.reshard_after_forward, **options)
-    fully_shard(model, reshard_after_forward=False, **options)  # the root's weights are needed again at once
+        fully_shard(layer, reshard_after_forward=run.reshard_after_forward,
+                    ignored_params=set(replicate) & set(layer.parameters()), **options)
+    fully_shard(model, reshard_after_forward=False, ignored_params=set(replicate), **options)
+    for param in replicate:
+        param.data = param.data.to(device)
+        param.register_post_accumulate_grad_hook(_averaged(model, run.processes))
     return model
+
+
+def _averaged(model: torch.nn.Module, processes: int):
+    """A gradient hook that averages a replicated parameter's gradient over the processes, on the micro-batches
+    that synchronise (``prepare``'s ``no_sync`` turns it off on the others, as it turns FSDP's reduction off)."""
+    def hook(param: torch.nn.Parameter) -> None:
+        if getattr(model, "_syncs_gradients", True) and processes > 1:
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(processes)
+    return hook
 
 
 def prepare(accelerator, run: Launch, model, optimizer):
@@ -153,10 +174,12 @@ def prepare(accelerator, run: Launch, model, optimizer):
     @contextlib.contextmanager
     def no_sync():
         model.set_requires_gradient_sync(False)
+        model._syncs_gradients = False
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+            model._syncs_gradients = True
 
     model.no_sync = no_sync
     return model, accelerator.prepare_optimizer(optimizer)
@@ -171,6 +194,22 @@ def reshard(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, FSDPModule):
             module.reshard()
     return model
+
+
+@contextlib.contextmanager
+def whole_root(model: torch.nn.Module):
+    """Within the block the FSDP2 root's own weights are gathered (every process enters it: the gathering is
+    collective), as in a forward pass; a no-op for other models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

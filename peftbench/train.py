@@ -176,8 +176,9 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
     params.update(settle_dtypes(model, cfg.train.mixed_precision))
     params["base_weight_bytes"] = sum(stored_bytes(p) for p in unique_parameters(model) if id(p) in base_params)
     base.frozen = {n for n, p in model.named_parameters() if id(p) in base_params and not p.requires_grad}
-    if launch.engine == "fsdp2":
-        model = distributed.shard(model, launch, cfg.train.mixed_precision, accelerator.device)
+    if launch.engine == "fsdp2":  # a method that reads whole gradients keeps its trained tensors whole
+        replicate = {p for p in model.parameters() if p.requires_grad} if method.reads_gradients else set()
+        model = distributed.shard(model, launch, cfg.train.mixed_precision, accelerator.device, replicate)
     return model, method, params, base
 
 
@@ -289,10 +290,16 @@ def save(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, m
         state = distributed.gather_state(raw_model, lambda name: name not in base.frozen, main)
     elif launch.engine == "deepspeed" and cfg.train.save_checkpoint:
         state = accelerator.get_state_dict(model)
-    if not main:
-        return 0  # only the main process writes (and its record counts)
-    if not cfg.train.save_checkpoint:
-        return method.trained_bytes(raw_model, state)
+    with distributed.whole_root(raw_model):  # a method may run its root modules to save (PEFT's prompt encoder)
+        if not main:
+            return 0  # only the main process writes (and its record counts)
+        if not cfg.train.save_checkpoint:
+            return method.trained_bytes(raw_model, state)
+        return _write_checkpoint(cfg, raw_model, data, method, base, ckpt_dir, results, state)
+
+
+def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, base: models.LoadedBase, ckpt_dir: Path,
+                      results: dict, state: dict | None) -> int:
     spec = data.task.spec
     base_meta = None
     final = Path(cfg.output_dir).resolve() / checkpoint.CHECKPOINT_DIR  # where the checkpoint will be

@@ -109,6 +109,48 @@ def logits_here(result, texts: list[str]):
         return result.model.eval()(**result.tokenizer(texts, padding=True, return_tensors="pt")).logits
 
 
+def accelerate_launch(*args: str, cwd=None, wait=True):
+    """``accelerate launch ARGS`` as a user types it (``-m peftbench ...`` among ``args``); with ``wait=False``
+    the started process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [str(Path(sys.executable).parent / "accelerate"), "launch", *args]
+    if not wait:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def still_tiny(tmp_path_factory):
+    """The tiny BERT with its dropout off, saved as a model folder with its tokenizer: several processes draw
+    other dropout masks than one, so runs that must agree to 1e-5 use it."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from peftbench import models
+    from peftbench.tasks.synthetic import generate_splits
+
+    folder = tmp_path_factory.mktemp("tiny-no-dropout")
+    tokenizer = models.char_tokenizer([r["sentence"] for r in generate_splits()["train"]])
+    cfg = models.random_init_config("tiny", len(tokenizer))
+    cfg.update({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "num_labels": 4,
+                "pad_token_id": tokenizer.pad_token_id})
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def same_steps(backbone, method: str, *extra: str) -> list[str]:
+    """Overrides of a short run on ``backbone`` whose every step is logged; with ``train.batch_size=8`` on two
+    processes, or with ``train.grad_accum_steps=2`` on one, each step sees the same 16 examples."""
+    return [f"model.name_or_path={backbone}", f"method.name={method}", "task.name=synthetic", "task.max_length=32",
+            "task.max_train_samples=320", "train.max_steps=10", "train.log_every=1", "train.warmup_ratio=0",
+            "train.measure_inference=false", "train.evaluate_test=false", "train.batch_size=8", *extra]
+
+
 def torchrun(nproc: int, *args: str, cwd=None):
     """``python -m torch.distributed.run --nproc_per_node N -m peftbench ARGS``: a gloo group on CPU."""
     import subprocess

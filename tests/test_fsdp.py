@@ -2,16 +2,16 @@
 each holds about half of the sharded bytes, and the checkpoint they write is the one-process format."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun
+from conftest import same_steps, torchrun
 from safetensors.torch import load_file
 
 import peftbench
-from peftbench import config, distributed, models
+from peftbench import config, distributed
 from peftbench.records import read_record
-from peftbench.tasks.synthetic import generate_splits
 from peftbench.train import run
 
 METHODS = {"lora": ["method.dropout=0", "train.lr=5e-3"], "adapter": ["train.lr=5e-3"],
@@ -20,39 +20,15 @@ WEIGHTS = {"lora": "adapter_model.safetensors", "adapter": "trainable.safetensor
            "prefix": "trainable.safetensors", "full": "model.safetensors"}
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    """The tiny BERT with its dropout off (two processes draw other dropout masks than one), saved as a model
-    folder with its tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-no-dropout")
-    texts = [r["sentence"] for r in generate_splits()["train"]]
-    tokenizer = models.char_tokenizer(texts)
-    cfg = models.random_init_config("tiny", len(tokenizer))
-    cfg.update({"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "num_labels": 4,
-                "pad_token_id": tokenizer.pad_token_id})
-    torch.manual_seed(0)
-    from transformers import BertForSequenceClassification
-
-    BertForSequenceClassification(cfg).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
-def common(backbone, method):
-    return [f"model.name_or_path={backbone}", f"method.name={method}", *METHODS[method], "task.name=synthetic",
-            "task.max_length=32", "task.max_train_samples=320", "train.max_steps=10", "train.log_every=1",
-            "train.warmup_ratio=0", "train.measure_inference=false", "train.evaluate_test=false"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_two_sharded_processes_train_as_one(method, backbone, tmp_path):
+def test_two_sharded_processes_train_as_one(method, still_tiny, tmp_path):
     """The same global batch and data order: one process takes batches 2k and 2k+1 of the sampler as one step (two
     micro-batches), two processes take one each; FSDP2 averages their gradients as accumulation does."""
-    one = run(config.load(None, [*common(backbone, method), "train.batch_size=8", "train.grad_accum_steps=2",
-                                 f"output_dir={tmp_path / 'one'}"])).record
-    proc = torchrun(2, "run", *common(backbone, method), "train.batch_size=8", "train.sharding=fsdp2",
-                    f"output_dir={tmp_path / 'two'}")
+    one = run(config.load(None, same_steps(still_tiny, method, *METHODS[method], "train.grad_accum_steps=2",
+                                           f"output_dir={tmp_path / 'one'}"))).record
+    proc = torchrun(2, "run", *same_steps(still_tiny, method, *METHODS[method], "train.sharding=fsdp2",
+                                          f"output_dir={tmp_path / 'two'}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = read_record(tmp_path / "two" / "record.json")
     assert two["env"]["engine"] == "fsdp2" and two["env"]["num_processes"] == 2 and one["env"]["engine"] == "none"
@@ -134,3 +110,53 @@ def test_held_bytes_count_shards():
     optimizer.step()
     held = distributed.held_bytes(model, optimizer)
     assert held == {"weights": 4 * 15, "gradients": 4 * 12, "optimizer": 4 * 24 + 4}  # exp_avg, exp_avg_sq, step
+
+
+VARIANTS = {"lora": {}, "lora-dora": {"use_dora": True}, "lora-rslora": {"use_rslora": True}, "adalora": {},
+            "adapter": {}, "adapter-pfeiffer": {"variant": "pfeiffer"}, "prefix": {}, "prompt": {}, "ia3": {},
+            "bitfit": {}, "full": {}}
+
+
+@pytest.mark.slow
+def test_every_method_trains_sharded_and_its_checkpoint_serves_in_one_process(tmp_path):
+    """One sharded sweep over every method; each checkpoint reloads with peftbench.load, a PEFT adapter also with
+    plain PEFT (the same logits), and all of them serve from one process."""
+    import yaml
+    from fastapi.testclient import TestClient
+
+    from peftbench.serve import create_app, load_adapters
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "recipe": {"task": {"name": "synthetic", "max_length": 32, "max_train_samples": 256},
+                   "train": {"max_steps": 6, "sharding": "fsdp2", "gradient_checkpointing": True,
+                             "measure_inference": False, "evaluate_test": False}},
+        "grid": {"variants": [{"method": {"name": v.split("-")[0], **settings}} for v, settings in VARIANTS.items()]},
+        "output_dir": str(tmp_path / "results")}), encoding="utf-8")
+    proc = torchrun(2, "sweep", str(sweep))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [read_record(p) for p in (tmp_path / "results").glob("*/record.json")]
+    assert len(records) == len(VARIANTS) and all(r["env"]["engine"] == "fsdp2" for r in records)
+    texts = ["股钱债涨跌", "星影歌剧综艺"]
+    ckpts = {}
+    for record in records:
+        name = "-".join([record["config"]["method"]["name"], *map(str, record["settings"]["method"].values())])
+        ckpts[name] = record["checkpoint"]
+        model, tokenizer, meta = peftbench.load(record["checkpoint"])
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**batch).logits
+        assert logits.isfinite().all() and logits.shape == (2, 4), name
+        if (Path(record["checkpoint"]) / "adapter_config.json").is_file():  # plain PEFT reads it alike
+            from peft import AutoPeftModelForSequenceClassification
+
+            plain = AutoPeftModelForSequenceClassification.from_pretrained(
+                record["checkpoint"], id2label=dict(enumerate(meta["model_labels"])),
+                pad_token_id=tokenizer.pad_token_id, dtype="float32").eval()
+            with torch.no_grad():
+                torch.testing.assert_close(plain(**batch).logits, logits, atol=1e-5, rtol=0, msg=name)
+    with TestClient(create_app(load_adapters(ckpts), "t" * 32)) as client:
+        for name in ckpts:
+            answer = client.post("/v1/classify", json={"adapter": name, "texts": texts},
+                                 headers={"Authorization": "Bearer " + "t" * 32})
+            assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2, (name, answer.text)

@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     plan_p.add_argument("--memory", help="memory budget, e.g. 80GiB (default: the --device's memory)")
     plan_p.add_argument("--device", help="cpu, or a GPU: h200, h100, a100, a100-40gb, l4, a10, rtx4090, v100, t4 "
                                          "(default: this machine's device, its matmul rate measured now)")
+    plan_p.add_argument("--processes", type=int, default=1, help="processes the run is launched with (per-process "
+                                                                 "bytes; train.batch_size is per process)")
+    plan_p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "zero2", "zero3"],
+                        help="how the processes hold the model: whole (ddp), gradients and optimizer state split "
+                             "(zero2), weights split too (fsdp, zero3)")
     sub.add_parser("tasks", help="list registered tasks")
     sub.add_parser("methods", help="list registered methods")
     ns = parser.parse_args(argv)
@@ -262,7 +267,7 @@ def _plan(ns) -> int:
     if unknown:
         raise PeftbenchError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(method_names())})")
     budget = parse_bytes(ns.memory) if ns.memory else None
-    print(format_plan(plan(cfg, methods, ns.device, budget)))
+    print(format_plan(plan(cfg, methods, ns.device, budget, ns.processes, ns.strategy)))
     return 0
 
 

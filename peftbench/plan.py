@@ -61,20 +61,35 @@ def parse_bytes(text: str) -> int:
 # Weights, gradients, optimizer state: exact, from the model built on the meta device
 
 
-def static_bytes(model: nn.Module) -> dict:
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")  # what each process holds: docs/planning.md
+
+
+def static_bytes(model: nn.Module, processes: int = 1, strategy: str = "ddp", whole_trained: bool = False) -> dict:
     """Bytes of the frozen (base) weights, the trained weights, their gradients (the trained dtype) and the
-    optimizer state (AdamW: two moments in the trained dtype, plus a step count per tensor)."""
+    optimizer state (AdamW: two moments in the trained dtype, plus a step count per tensor), held by one
+    process of ``processes`` under ``strategy``: ``ddp`` keeps everything whole on each; ``zero2`` splits the
+    gradients and optimizer state; ``fsdp`` (FSDP2) and ``zero3`` split the weights too, each tensor by rows
+    (the first process holds the rounded-up share). ``whole_trained``: the trained tensors stay whole under
+    ``fsdp`` (a method that reads whole gradients, e.g. AdaLoRA)."""
     from peftbench.measure import stored_bytes, unique_parameters
 
+    def share(p: torch.Tensor, size: int, split: bool) -> int:
+        if not split or processes == 1 or p.dim() == 0:
+            return size
+        return size // p.shape[0] * math.ceil(p.shape[0] / processes)
+
+    weights_split = strategy in ("fsdp", "zero3")
+    state_split = strategy != "ddp"
     base = trained = grads = state = 0
     for p in unique_parameters(model):
         if p.requires_grad:
             size = p.numel() * p.element_size()
-            trained += size
-            grads += size
-            state += 2 * size + 4  # exp_avg, exp_avg_sq, and a float32 step scalar
+            whole = whole_trained and strategy == "fsdp"
+            trained += share(p, size, weights_split and not whole)
+            grads += share(p, size, state_split and not whole)
+            state += 2 * share(p, size, state_split and not whole) + 4  # exp_avg, exp_avg_sq, a float32 step
         else:
-            base += stored_bytes(p)
+            base += share(p, stored_bytes(p), weights_split)
     return {"base_weights": base, "trained_weights": trained, "gradients": grads, "optimizer_state": state}
 
 
@@ -564,11 +579,23 @@ class Setting:
                 f"model.quantization={self.quantization}")
 
 
-def estimate(model: nn.Module, setting: Setting, seq_len: int, kind: str, precision: str) -> dict:
-    """Bytes of one training step at ``setting`` with micro-batches padded to ``seq_len``."""
-    parts = static_bytes(model)
+@dataclass(frozen=True)
+class Sharding:
+    """How the run's processes hold the model (``static_bytes``)."""
+
+    processes: int = 1
+    strategy: str = "ddp"
+    whole_trained: bool = False  # the method's trained tensors stay whole under fsdp (AdaLoRA)
+
+
+def estimate(model: nn.Module, setting: Setting, seq_len: int, kind: str, precision: str,
+             sharding: Sharding = Sharding()) -> dict:
+    """Bytes one process holds in a training step at ``setting`` with micro-batches padded to ``seq_len``
+    (``train.batch_size`` is per process: so are the activations)."""
+    parts = static_bytes(model, sharding.processes, sharding.strategy, sharding.whole_trained)
     if setting.quantization != "none":
-        parts["base_weights"] = quantized_bytes(model, setting.quantization)
+        split = sharding.processes if sharding.strategy in ("fsdp", "zero3") else 1
+        parts["base_weights"] = math.ceil(quantized_bytes(model, setting.quantization) / split)
     acts = activations(model, setting.batch_size, seq_len, kind, precision, setting.gradient_checkpointing)
     parts["activations"] = acts["saved"] + acts["recompute"]
     parts["total"] = sum(parts.values())
@@ -601,7 +628,7 @@ def candidates(setting: Setting, can_quantize: bool):
 
 
 def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind: str, flops_per_s: float,
-                budget: int | None) -> dict:
+                budget: int | None, processes: int = 1, strategy: str = "ddp") -> dict:
     """One method's plan: the memory breakdown at the recipe's setting, the step time, and (with a budget) the
     first setting that fits."""
     from peftbench.data import LengthGroupedBatchSampler
@@ -614,7 +641,8 @@ def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind:
     multiple = 8 if kind == "cuda" else 1
     longest = math.ceil(max(lengths) / multiple) * multiple
     setting = Setting(t.batch_size, t.grad_accum_steps, t.gradient_checkpointing, cfg.model.quantization)
-    parts = estimate(model, setting, longest, kind, t.mixed_precision)
+    sharding = Sharding(processes, strategy, get_method(cfg.method.name).reads_gradients)
+    parts = estimate(model, setting, longest, kind, t.mixed_precision, sharding)
     order = LengthGroupedBatchSampler(lengths, t.batch_size, t.seed, t.group_by_length)
     batches = [[math.ceil(lengths[i] / multiple) * multiple for i in b] for b in order]
     seconds = step_seconds(model, cfg.method.name, batches, flops_per_s) * t.grad_accum_steps
@@ -624,7 +652,8 @@ def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind:
         out["fits"] = parts["total"] <= budget
         can_quantize = not get_method(cfg.method.name).trains_base_weights
         for option in candidates(setting, can_quantize):
-            option_parts = parts if option == setting else estimate(model, option, longest, kind, t.mixed_precision)
+            option_parts = parts if option == setting else estimate(model, option, longest, kind, t.mixed_precision,
+                                                                    sharding)
             if option_parts["total"] <= budget:
                 out["recommend"] = None if option == setting else option.overrides()
                 out["recommend_total"] = option_parts["total"]
@@ -634,9 +663,14 @@ def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind:
     return out
 
 
-def plan(cfg, methods: list[str], device: str | None = None, memory: int | None = None) -> dict:
+def plan(cfg, methods: list[str], device: str | None = None, memory: int | None = None, processes: int = 1,
+         strategy: str = "ddp") -> dict:
     """Plans for ``methods`` under the recipe ``cfg`` on ``device`` (a name of :data:`DEVICES`, ``cpu``, or
-    None: this machine's device, its matmul rate measured now)."""
+    None: this machine's device, its matmul rate measured now), per process of ``processes`` under ``strategy``
+    (one of :data:`STRATEGIES`)."""
+    if strategy not in STRATEGIES or processes < 1:
+        raise PeftbenchError(f"--strategy {strategy} --processes {processes}: a strategy of {', '.join(STRATEGIES)} "
+                             "and at least one process")
     from peftbench import config as config_module
     from peftbench.measure import peak_matmul_flops
     from peftbench.train import encode_task
@@ -662,9 +696,10 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
     rows = []
     for name in methods:
         method_cfg = cfg if name == cfg.method.name else config_module.resolve({**base, "method": {"name": name}})
-        rows.append(plan_method(method_cfg, lengths, labels, len(tokenizer), kind, rate, memory))
+        rows.append(plan_method(method_cfg, lengths, labels, len(tokenizer), kind, rate, memory, processes, strategy))
     return {"device": where, "kind": kind, "flops_per_s": rate, "memory_budget": memory, "precision": precision,
-            "task": cfg.task.name, "examples": len(lengths), "base_weights": base_words(cfg), "rows": rows}
+            "task": cfg.task.name, "examples": len(lengths), "base_weights": base_words(cfg), "rows": rows,
+            "processes": processes, "strategy": strategy}
 
 
 def base_words(cfg) -> str:
@@ -681,7 +716,9 @@ def format_plan(result: dict) -> str:
             f"{result['flops_per_s'] / 1e12:.2f} TFLOP/s; precision {result['precision']}, base weights "
             f"{result['base_weights']}"
             + (f"; budget {budget / GIB:.1f} GiB" if budget and budget >= GIB else
-               f"; budget {budget / mib:.0f} MiB" if budget else ""))
+               f"; budget {budget / mib:.0f} MiB" if budget else "")
+            + (f"; per process of {result['processes']} ({result['strategy']})" if result.get("processes", 1) > 1
+               else ""))
     lines = [head, "", "| method | base MiB | trained MiB | gradients MiB | optimizer MiB | activations MiB | "
              "total MiB | ms/step ≥ | samples/s ≤ |" + (" fits | recommendation |" if budget else ""),
              "|---" * (11 if budget else 9) + "|"]

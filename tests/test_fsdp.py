@@ -10,7 +10,7 @@ from conftest import same_steps, torchrun
 from safetensors.torch import load_file
 
 import peftbench
-from peftbench import config, distributed
+from peftbench import config, distributed, plan
 from peftbench.records import read_record
 from peftbench.train import run
 
@@ -47,6 +47,11 @@ def test_two_sharded_processes_train_as_one(method, still_tiny, tmp_path):
     held, whole = two["params"]["held_bytes_per_process"], one["params"]["held_bytes_per_process"]
     for kind in ("weights", "gradients", "optimizer"):
         assert len(held[kind]) == 2 and all(abs(b - whole[kind][0] / 2) <= 0.1 * whole[kind][0] for b in held[kind])
+    cfg = config.load(None, same_steps(still_tiny, method, *METHODS[method], "train.sharding=fsdp2"))
+    planned = plan.plan(cfg, [method], "cpu", processes=2, strategy="fsdp")["rows"][0]["memory"]
+    for kind, value in {"weights": planned["base_weights"] + planned["trained_weights"],
+                        "gradients": planned["gradients"], "optimizer": planned["optimizer_state"]}.items():
+        assert abs(max(held[kind]) - value) <= 0.15 * value, (kind, held[kind], value)  # the planner knows sharding
     meta_one = json.loads((tmp_path / "one" / "checkpoint" / "peftbench.json").read_text(encoding="utf-8"))
     meta_two = json.loads((tmp_path / "two" / "checkpoint" / "peftbench.json").read_text(encoding="utf-8"))
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \

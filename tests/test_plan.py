@@ -190,3 +190,23 @@ def test_plan_refuses_a_family_without_formula(tmp_path):
                              "method.target_modules=[c_attn]"])
     with pytest.raises(PeftbenchError, match="no activation formula for model type 'gpt2'"):
         plan.meta_model(cfg, len(TOKENIZER), 2, 10)
+
+
+def test_per_process_bytes_follow_the_strategy():
+    """ddp keeps everything whole; zero2 splits gradients and optimizer state; fsdp and zero3 split the weights
+    too, row by row (the first process holds the rounded-up share); AdaLoRA's trained tensors stay whole."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+    model[0].requires_grad_(False)
+    whole = plan.static_bytes(model)
+    assert whole == {"base_weights": 4 * (20 + 5), "trained_weights": 4 * (15 + 3), "gradients": 4 * 18,
+                     "optimizer_state": 2 * 4 * 18 + 2 * 4}
+    assert plan.static_bytes(model, 2, "ddp") == whole
+    rows = {"weight0": 3 * 4, "bias0": 3, "weight1": 2 * 5, "bias1": 2}  # ceil(5/2)=3 rows of 4, ceil(3/2)=2 rows of 5
+    zero2 = plan.static_bytes(model, 2, "zero2")
+    assert zero2["base_weights"] == whole["base_weights"]
+    assert zero2["gradients"] == 4 * (rows["weight1"] + rows["bias1"])
+    fsdp = plan.static_bytes(model, 2, "fsdp")
+    assert fsdp == plan.static_bytes(model, 2, "zero3")
+    assert fsdp["base_weights"] == 4 * (rows["weight0"] + rows["bias0"]) and fsdp["gradients"] == zero2["gradients"]
+    kept = plan.static_bytes(model, 2, "fsdp", whole_trained=True)
+    assert kept["trained_weights"] == whole["trained_weights"] and kept["base_weights"] == fsdp["base_weights"]

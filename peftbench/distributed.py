@@ -105,13 +105,10 @@ def check(cfg, run: Launch, cuda: bool, reads_gradients: bool, accelerator=None)
     if run.engine != "fsdp2":
         return
     if quantized == "8bit":
-        raise PeftbenchError("model.quantization=8bit cannot run under FSDP: LLM.int8 weights are int8 tensors with "
-                             "row scales that FSDP cannot shard; use 4bit (QLoRA weights stored as a float dtype "
-                             "shard like any weight) or launch with recipes/accelerate/multi_gpu.yaml")
-    if quantized == "4bit" and not cuda:
-        raise PeftbenchError("model.quantization=4bit under FSDP needs GPUs (bitsandbytes' 4-bit weights stored as "
-                             "bf16 for sharding are de-quantised by its CUDA kernels); on CPU train 4-bit in one "
-                             "process or with recipes/accelerate/multi_gpu.yaml")
+        raise PeftbenchError("model.quantization=8bit cannot run under FSDP: LLM.int8 weights keep their int8 codes "
+                             "and row scales as attributes that sharding drops; use model.quantization=4bit (its "
+                             "codes are packed in bf16 tensors that shard like any weight: FSDP-QLoRA) or launch "
+                             "with recipes/accelerate/multi_gpu.yaml (one 8-bit copy per GPU)")
     if run.activation_checkpointing and not cfg.train.gradient_checkpointing:
         raise PeftbenchError("the FSDP launch config sets fsdp_activation_checkpointing: true but the recipe has "
                              "train.gradient_checkpointing=false: set them alike (the recipe's key decides)")

@@ -91,7 +91,8 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
         gpu = torch.device(device)
         base_model, _ = from_pretrained(source, cfg.model, meta["model_labels"], tokenizer.pad_token_id,
                                         kind.auto_class,
-                                        device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None)
+                                        device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None,
+                                        float_storage=meta["base"].get("quant_storage") == "bf16")
         base_model.load_state_dict(checkpoint.read_new_weights(ckpt_dir), strict=False)
         checkpoint.check_base(ckpt_dir, meta, source, checkpoint.fingerprint(base_model))
     ctx = RunContext(total_steps=0, num_labels=len(meta["labels"]), peft_task_type=kind.peft_task_type,

@@ -116,6 +116,7 @@ class LoadedBase:
     fingerprint: str = ""  # checkpoint.fingerprint of the loaded model, when a checkpoint needs it
     pretrained_fingerprint: str = ""  # the same without the run's new weights and label names
     frozen: set[str] = field(default_factory=set)  # names of the base's parameters the run leaves frozen
+    quant_storage: str = "uint8"  # 4-bit: the dtype its codes are packed in (bf16 under FSDP)
 
 
 def source_name(name: str) -> str:
@@ -125,7 +126,7 @@ def source_name(name: str) -> str:
 
 
 def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForSequenceClassification,
-               save_random_base: Path | None = None, device_map: dict | None = None):
+               save_random_base: Path | None = None, device_map: dict | None = None, float_storage: bool = False):
     """A model of ``auto_class`` (the task kind's: sequence or token classification) with ``len(labels)``
     outputs, quantised per ``model.quantization``, padding with the tokenizer's pad token; returns
     (model, :class:`LoadedBase`). A random-init backbone is written to ``save_random_base`` (float weights,
@@ -133,7 +134,7 @@ def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForS
     if not is_random_init(model_cfg.name_or_path):
         _check_reachable(model_cfg.name_or_path, "model.name_or_path")
         return from_pretrained(model_cfg.name_or_path, model_cfg, labels, tokenizer.pad_token_id, auto_class,
-                               device_map)
+                               device_map, float_storage)
     config = random_init_config(model_cfg.name_or_path, len(tokenizer))
     config.update({"pad_token_id": tokenizer.pad_token_id, **_label_kwargs(labels)})
     model = auto_class.from_config(config, **_attention_kwargs(model_cfg))
@@ -146,13 +147,15 @@ def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForS
         # save_pretrained writes on global rank 0 only, and every process needs its own copy
         model.config.to_json_file(f"{tmp}/config.json")
         save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map)
+        model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map,
+                                           float_storage)
     model.name_or_path = model.config._name_or_path = ""  # built from a config, as unquantised: no path to record
-    return model, LoadedBase("", "float32", quantized.loaded_dtype)
+    return model, LoadedBase("", "float32", quantized.loaded_dtype, quant_storage=quantized.quant_storage)
 
 
 def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | None,
-                    auto_class=AutoModelForSequenceClassification, device_map: dict | None = None):
+                    auto_class=AutoModelForSequenceClassification, device_map: dict | None = None,
+                    float_storage: bool = False):
     """Load a hub name or directory with the run's labels, attention and quantisation settings; returns
     (model, :class:`LoadedBase`).
 
@@ -160,7 +163,7 @@ def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | No
     parameters and their optimizer state stay fp32, and mixed precision casts the frozen ones later.
     ``pad_token_id`` (the tokenizer's) fills a config that has none and must equal one that has one.
     """
-    quant = quantization_config(model_cfg)
+    quant = quantization_config(model_cfg, float_storage)
     kwargs = {**_label_kwargs(labels), **_attention_kwargs(model_cfg), "dtype": torch.float32,
               "output_loading_info": True}
     if quant is not None:  # float parts (embeddings, norms, head) stay fp32; ``device_map`` puts a copy on each device
@@ -178,7 +181,8 @@ def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | No
     state = model.state_dict()
     new = {name: state[name].detach().to("cpu", copy=True) for name in sorted(info["missing_keys"]) if name in state}
     base = LoadedBase(source_name(str(source)), str(stored or torch.float32).removeprefix("torch."),
-                      quantization_name(model_cfg) if quant is not None else "float32", new)
+                      quantization_name(model_cfg) if quant is not None else "float32", new,
+                      quant_storage="bf16" if float_storage and model_cfg.quantization == "4bit" else "uint8")
     return guard_padding(model), base
 
 
@@ -267,12 +271,13 @@ QUANT_SKIP_MODULES = ["classifier", "score", "pooler.dense"]  # stay in float: t
 QUANT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def quantization_config(model_cfg):
+def quantization_config(model_cfg, float_storage: bool = False):
     """bitsandbytes settings for ``model.quantization`` (None for ``none``).
 
     The classification head (and BERT's pooler in front of it) is kept out of quantisation:
     PEFT trains the head, and an int8 head fails with "only Tensors of floating point dtype
-    can require gradients" when it is made trainable.
+    can require gradients" when it is made trainable. ``float_storage``: 4-bit codes packed in bf16
+    tensors instead of uint8 (the same codes), so that FSDP shards them like any weight (FSDP-QLoRA).
     """
     from transformers import BitsAndBytesConfig
 
@@ -283,6 +288,7 @@ def quantization_config(model_cfg):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.quant_4bit_type,
                               bnb_4bit_compute_dtype=QUANT_DTYPES[model_cfg.quant_4bit_compute_dtype],
                               bnb_4bit_use_double_quant=model_cfg.quant_4bit_double,
+                              bnb_4bit_quant_storage=torch.bfloat16 if float_storage else torch.uint8,
                               llm_int8_skip_modules=QUANT_SKIP_MODULES)
 
 

@@ -159,7 +159,8 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
     per_gpu = quantized and accelerator.device.type == "cuda"  # one quantised copy on each process's GPU
     model, base = models.load_model(cfg.model, labels, data.tokenizer, kind.auto_class,
                                     save_random_base=ckpt_dir / checkpoint.BASE_DIR if save_base else None,
-                                    device_map={"": accelerator.local_process_index} if per_gpu else None)
+                                    device_map={"": accelerator.local_process_index} if per_gpu else None,
+                                    float_storage=launch.engine == "fsdp2")
     if save_base:  # the reload checks it is given this very base
         base.fingerprint = checkpoint.fingerprint(model)
         base.pretrained_fingerprint = checkpoint.fingerprint(model, pretrained_only=True,
@@ -307,7 +308,8 @@ def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, bas
         base_meta = {"source": base.source or checkpoint.BASE_DIR, "fingerprint": base.fingerprint,
                      "pretrained_fingerprint": base.pretrained_fingerprint,
                      "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype,
-                     "new_weights": sorted(base.new_weights)}
+                     "new_weights": sorted(base.new_weights),
+                     **({"quant_storage": base.quant_storage} if base.quant_storage != "uint8" else {})}
     data_dir = cfg.task.data_dir and models.source_name(cfg.task.data_dir)
     meta = {"method": cfg.method.name, "task": cfg.task.name, "kind": spec.kind.name, "labels": list(spec.labels),
             "label_names": list(spec.label_names or spec.labels), "model_labels": spec.model_labels(),

@@ -15,19 +15,23 @@ from peftbench.records import read_record
 from peftbench.train import run
 
 METHODS = {"lora": ["method.dropout=0", "train.lr=5e-3"], "adapter": ["train.lr=5e-3"],
-           "prefix": ["train.lr=1e-2"], "full": ["train.lr=5e-4"]}
+           "prefix": ["train.lr=1e-2"], "full": ["train.lr=5e-4"],
+           "lora-4bit": ["method.dropout=0", "train.lr=5e-3", "model.quantization=4bit",  # FSDP-QLoRA
+                         "model.quant_4bit_compute_dtype=fp32"]}
 WEIGHTS = {"lora": "adapter_model.safetensors", "adapter": "trainable.safetensors",
-           "prefix": "trainable.safetensors", "full": "model.safetensors"}
+           "prefix": "trainable.safetensors", "full": "model.safetensors", "lora-4bit": "adapter_model.safetensors"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
-def test_two_sharded_processes_train_as_one(method, still_tiny, tmp_path):
+@pytest.mark.parametrize("variant", METHODS)
+def test_two_sharded_processes_train_as_one(variant, still_tiny, tmp_path):
     """The same global batch and data order: one process takes batches 2k and 2k+1 of the sampler as one step (two
-    micro-batches), two processes take one each; FSDP2 averages their gradients as accumulation does."""
-    one = run(config.load(None, same_steps(still_tiny, method, *METHODS[method], "train.grad_accum_steps=2",
+    micro-batches), two processes take one each; FSDP2 averages their gradients as accumulation does. A 4-bit
+    base (its codes packed in bf16 tensors under FSDP) shards like the float one."""
+    method = variant.split("-")[0]
+    one = run(config.load(None, same_steps(still_tiny, method, *METHODS[variant], "train.grad_accum_steps=2",
                                            f"output_dir={tmp_path / 'one'}"))).record
-    proc = torchrun(2, "run", *same_steps(still_tiny, method, *METHODS[method], "train.sharding=fsdp2",
+    proc = torchrun(2, "run", *same_steps(still_tiny, method, *METHODS[variant], "train.sharding=fsdp2",
                                           f"output_dir={tmp_path / 'two'}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = read_record(tmp_path / "two" / "record.json")
@@ -35,7 +39,7 @@ def test_two_sharded_processes_train_as_one(method, still_tiny, tmp_path):
     assert [p["step"] for p in two["loss_curve"]] == [p["step"] for p in one["loss_curve"]] == list(range(1, 11))
     for a, b in zip(one["loss_curve"], two["loss_curve"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["loss_curve"], two["loss_curve"])
-    saved = {name: load_file(str(tmp_path / name / "checkpoint" / WEIGHTS[method])) for name in ("one", "two")}
+    saved = {name: load_file(str(tmp_path / name / "checkpoint" / WEIGHTS[variant])) for name in ("one", "two")}
     assert saved["one"].keys() == saved["two"].keys()
     steps, lr = 10, one["config"]["train"]["lr"]
     for key in saved["one"]:
@@ -47,7 +51,7 @@ def test_two_sharded_processes_train_as_one(method, still_tiny, tmp_path):
     held, whole = two["params"]["held_bytes_per_process"], one["params"]["held_bytes_per_process"]
     for kind in ("weights", "gradients", "optimizer"):
         assert len(held[kind]) == 2 and all(abs(b - whole[kind][0] / 2) <= 0.1 * whole[kind][0] for b in held[kind])
-    cfg = config.load(None, same_steps(still_tiny, method, *METHODS[method], "train.sharding=fsdp2"))
+    cfg = config.load(None, same_steps(still_tiny, method, *METHODS[variant], "train.sharding=fsdp2"))
     planned = plan.plan(cfg, [method], "cpu", processes=2, strategy="fsdp")["rows"][0]["memory"]
     for kind, value in {"weights": planned["base_weights"] + planned["trained_weights"],
                         "gradients": planned["gradients"], "optimizer": planned["optimizer_state"]}.items():
@@ -56,7 +60,9 @@ def test_two_sharded_processes_train_as_one(method, still_tiny, tmp_path):
     meta_two = json.loads((tmp_path / "two" / "checkpoint" / "peftbench.json").read_text(encoding="utf-8"))
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())  # the one-process format
-    assert meta_two["base"] == meta_one["base"]
+    packed = ("fingerprint", "pretrained_fingerprint", "quant_storage")  # 4-bit codes packed in bf16, not uint8
+    assert {k: v for k, v in meta_two["base"].items() if "4bit" not in variant or k not in packed} == \
+        {k: v for k, v in meta_one["base"].items() if "4bit" not in variant or k not in packed}
     model, tokenizer, _ = peftbench.load(tmp_path / "two" / "checkpoint")  # reloads in one process
     with torch.no_grad():
         assert model(**tokenizer(["股钱债涨跌"], return_tensors="pt")).logits.isfinite().all()
@@ -84,7 +90,7 @@ def test_the_launch_is_read_from_the_environment(monkeypatch):
 
 @pytest.mark.parametrize(("overrides", "cuda", "message"), [
     (["method.name=lora", "model.quantization=8bit"], False, "8bit cannot run under FSDP"),
-    (["method.name=lora", "model.quantization=4bit"], False, "4bit under FSDP needs GPUs"),
+    (["method.name=lora", "model.quantization=8bit"], True, "8bit cannot run under FSDP"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(overrides, cuda, message):
     from peftbench.errors import PeftbenchError

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/performance.md, docs/planning.md and docs/distributed.md in one run, then one
-# table of the targets and whether each is met:
+# Every GPU measurement of docs/performance.md, docs/planning.md and docs/distributed.md (FSDP2 LoRA against its
+# plan) in one run, then one table of the targets and whether each is met:
 #   bash benchmarks/gpu.sh [OUT_DIR]            # one GPU (planned to stay under 8 minutes); OUT_DIR: runs/bench-gpu
 #   bash benchmarks/gpu.sh --smoke [OUT_DIR]    # the same scripts on CPU, tiny shapes, < 1 min; runs/bench-gpu-smoke
 # Needs a CUDA build of torch and bitsandbytes (pip install bitsandbytes) next to peftbench. Each step's table
@@ -51,6 +51,8 @@ if (( ! smoke )); then  # inductor compiles for minutes on a CPU: the smoke run 
 fi
 step plan python "$here/plan_check.py" --archs "$base,qwen2-small" --precision "$precision" --shapes "$shapes" \
   --methods "$methods" --out "$out/plan.json"
+step fsdp python "$here/fsdp_check.py" --arch "$base" --precision "$precision" --steps "${sizes[1]}" \
+  --batch-size "${sizes[5]}" --seq-len "${sizes[7]}" --out "$out/fsdp.json"
 step matrix python "$here/precision_matrix.py" --arch "$matrix_archs" --precisions "$precisions" \
   --methods "$matrix_methods" --quantizations "$quantizations" --steps 4 --out "$out/matrix.json"
 python "$here/targets.py" "$out" | tee "$out/targets.md"

@@ -59,6 +59,12 @@ def targets(out: Path) -> list[tuple[str, str, bool | None]]:
         result.append(("planner within ±15 % of measured memory", f"worst {worst:.1%}", worst <= 0.15))
     else:
         result.append(("planner within ±15 % of measured memory", "—", None))
+    fsdp = [r for r in rows(out / "fsdp.json") if not r["part"].startswith("peak")]
+    if fsdp:
+        worst = max(abs(r["measured"] / r["planned"] - 1) for r in fsdp)
+        result.append(("FSDP2 LoRA holds what the plan says (±15 %)", f"worst {worst:.1%}", worst <= 0.15))
+    else:
+        result.append(("FSDP2 LoRA holds what the plan says (±15 %)", "—", None))
     matrix = rows(out / "matrix.json")
     crashed = [r for r in matrix if r["status"].startswith("error")]
     result.append(("every method × precision × base runs (or is refused by design)",

@@ -134,6 +134,9 @@ def shard(model: torch.nn.Module, run: Launch, mixed_precision: str, device: tor
         raise PeftbenchError(f"FSDP: no module of this model is of the classes to shard one by one "
                              f"({sorted(classes) or 'none named'}); set fsdp_transformer_layer_cls_to_wrap in the "
                              "launch config to the model's layer class (BertLayer, Qwen2DecoderLayer, ...)")
+    if not torch.distributed.is_initialized():  # one process, not launched: a group of one
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device.type, (run.processes,))
     dtype = COMPUTE_DTYPES.get(mixed_precision)
     options = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)

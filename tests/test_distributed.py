@@ -19,7 +19,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 @pytest.mark.parametrize(("name", "kind", "processes"), [
     ("single_gpu.yaml", "NO", 1), ("multi_gpu.yaml", "MULTI_GPU", 8), ("fsdp.yaml", "FSDP", 8),
-    ("deepspeed_zero2.yaml", "DEEPSPEED", 8), ("two_nodes.yaml", "MULTI_GPU", 16)])
+    ("deepspeed_zero2.yaml", "DEEPSPEED", 8), ("deepspeed_zero3.yaml", "DEEPSPEED", 8),
+    ("two_nodes.yaml", "MULTI_GPU", 16)])
 def test_accelerate_configs_load_and_are_documented(name, kind, processes):
     cfg = load_config_from_file(str(CONFIGS / name))
     assert cfg.distributed_type == kind and cfg.num_processes == processes

@@ -61,8 +61,11 @@ def test_two_sharded_processes_train_as_one(variant, still_tiny, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())  # the one-process format
     packed = ("fingerprint", "pretrained_fingerprint", "quant_storage")  # 4-bit codes packed in bf16, not uint8
-    assert {k: v for k, v in meta_two["base"].items() if "4bit" not in variant or k not in packed} == \
-        {k: v for k, v in meta_one["base"].items() if "4bit" not in variant or k not in packed}
+
+    def base(meta):  # None for full fine-tuning: the checkpoint is the whole model
+        return meta["base"] and {k: v for k, v in meta["base"].items() if "4bit" not in variant or k not in packed}
+    assert base(meta_two) == base(meta_one)
+    assert (meta_one["base"] is None) == (method == "full")
     model, tokenizer, _ = peftbench.load(tmp_path / "two" / "checkpoint")  # reloads in one process
     with torch.no_grad():
         assert model(**tokenizer(["股钱债涨跌"], return_tensors="pt")).logits.isfinite().all()

@@ -12,8 +12,9 @@ import pytest  # noqa: E402
 datasets.disable_progress_bars()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_MODELS = {"trained_variants": "variants", "ner_runs": "ner", "zoo": "zoo", "int8_runs": "int8"}  # -> group
-SLOW_FIXTURES = ("ner_runs", "zoo", "int8_runs")  # a test that needs one of these is slow
+SHARED_MODELS = {"trained_variants": "variants", "ner_runs": "ner", "zoo": "zoo", "int8_runs": "int8",
+                 "sharded": "fsdp"}  # -> group
+SLOW_FIXTURES = ("ner_runs", "zoo", "int8_runs", "sharded")  # a test that needs one of these is slow
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -6,12 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from conftest import torchrun
 
 from peftbench import config, distributed
 from peftbench.errors import PeftbenchError
 from peftbench.methods import get_method
-from peftbench.records import read_record
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
@@ -94,32 +92,3 @@ def test_best_state_snapshot_reads_and_writes_fsdp2_shards():
         assert _local(plain) is plain
     finally:
         dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_processes_sweep_a_plain_and_an_8bit_cell(tmp_path, trained_variants):
-    """torchrun: a gloo group of 2 on CPU drains a sweep (the main process claims each cell, every process runs
-    it); each process holds its own copy of a quantised base; evaluation sees every dev sample exactly once."""
-    one = trained_variants["lora"].record  # the same LoRA cell in one process, batch 32
-    sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(
-        "recipe: {task: {name: synthetic, max_length: 48}, model: {name_or_path: tiny}, method: {name: lora},\n"
-        f"         train: {{lr: {one['config']['train']['lr']}, epochs: {one['config']['train']['epochs']}, "
-        "batch_size: 16, save_checkpoint: false}}\n"
-        "grid: {model.quantization: [none, 8bit]}\n"
-        f"output_dir: {tmp_path / 'results'}\n", encoding="utf-8")
-    proc = torchrun(2, "sweep", str(sweep_file))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "sweep: 2 cells, ran 2, done before 0, claimed elsewhere 0, failed 0"
-    records = {r["config"]["model"]["quantization"]: r
-               for r in map(read_record, (tmp_path / "results").glob("*/record.json"))}
-    assert set(records) == {"none", "8bit"}
-    for rec in records.values():
-        assert rec["env"]["num_processes"] == 2 and len(rec["metrics"]["peak_memory_mb_per_process"]) == 2
-        assert rec["metrics"]["n_eval"] == 300 and rec["metrics"]["test_n_eval"] == 300
-        assert rec["metrics"]["accuracy"] > 0.45
-    two = records["none"]
-    assert two["total_steps"] == one["total_steps"]  # same global batch: same number of optimizer steps
-    assert abs(two["metrics"]["accuracy"] - one["metrics"]["accuracy"]) < 0.1
-    assert records["8bit"]["precision"]["quantization"] == "8bit"
-    assert not list((tmp_path / "results").rglob("*.tmp")) and not list((tmp_path / "results" / ".claims").iterdir())

@@ -1,45 +1,98 @@
-"""FSDP2 on CPU: two sharded gloo processes train as one process does (loss curve and saved weights within 1e-5),
-each holds about half of the sharded bytes, and the checkpoint they write is the one-process format."""
+"""FSDP2 on CPU, launched as users launch it (``accelerate launch --config_file recipes/accelerate/fsdp.yaml
+--num_processes 2``): one sharded sweep over every method, each cell against the same run in one process. Two
+sharded gloo processes train as one does (loss curve and saved weights within 1e-5), each holds about half of the
+sharded bytes (what the planner says, ±15 %), and the checkpoint they write is the one-process format: it reloads
+with ``peftbench.load`` and plain PEFT and serves."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_steps, torchrun
+import yaml
+from conftest import accelerate_launch, same_steps
 from safetensors.torch import load_file
 
 import peftbench
 from peftbench import config, distributed, plan
+from peftbench.methods import get_method
 from peftbench.records import read_record
 from peftbench.train import run
 
-METHODS = {"lora": ["method.dropout=0", "train.lr=5e-3"], "adapter": ["train.lr=5e-3"],
-           "prefix": ["train.lr=1e-2"], "full": ["train.lr=5e-4"],
-           "lora-4bit": ["method.dropout=0", "train.lr=5e-3", "model.quantization=4bit",  # FSDP-QLoRA
-                         "model.quant_4bit_compute_dtype=fp32"]}
-WEIGHTS = {"lora": "adapter_model.safetensors", "adapter": "trainable.safetensors",
-           "prefix": "trainable.safetensors", "full": "model.safetensors", "lora-4bit": "adapter_model.safetensors"}
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
+NO_DROPOUT = {"dropout": 0.0}  # the LoRA family's own dropout: two processes draw other masks than one
+VARIANTS = {  # name -> overrides merged into the recipe; dropout off, one learning rate that moves each in 10 steps
+    "lora": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3}},
+    "lora-dora": {"method": {"name": "lora", "use_dora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
+    "lora-rslora": {"method": {"name": "lora", "use_rslora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
+    "lora-4bit": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3},  # FSDP-QLoRA
+                  "model": {"quantization": "4bit", "quant_4bit_compute_dtype": "fp32"}},
+    "adalora": {"method": {"name": "adalora", **NO_DROPOUT}, "train": {"lr": 1e-2}},
+    "adapter": {"method": {"name": "adapter"}, "train": {"lr": 5e-3}},
+    "adapter-pfeiffer": {"method": {"name": "adapter", "variant": "pfeiffer"}, "train": {"lr": 5e-3}},
+    "prefix": {"method": {"name": "prefix"}, "train": {"lr": 1e-2}},
+    "prompt": {"method": {"name": "prompt"}, "train": {"lr": 3e-2}},
+    "ia3": {"method": {"name": "ia3"}, "train": {"lr": 1e-2}},
+    "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}},
+    "full": {"method": {"name": "full"}, "train": {"lr": 5e-4}},
+}
+SAVED = {"full": "model.safetensors", "adapter": "trainable.safetensors", "prefix": "trainable.safetensors",
+         "bitfit": "trainable.safetensors"}  # the rest save a PEFT adapter: adapter_model.safetensors
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", METHODS)
-def test_two_sharded_processes_train_as_one(variant, still_tiny, tmp_path):
+def overrides(tree: dict, prefix: str = "") -> list[str]:
+    return [item for key, value in tree.items() for item in
+            (overrides(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"])]
+
+
+def is_cell(record: dict, tree: dict) -> bool:
+    """The record ran these overrides and no other method or model setting away from its default."""
+    return all(record["config"][section].get(key) == value for section, values in tree.items()
+               for key, value in values.items()) and \
+        all(set(record["settings"][section]) <= set(tree.get(section, {})) for section in ("method", "model"))
+
+
+@pytest.fixture(scope="module")
+def sharded(still_tiny, tmp_path_factory):
+    """variant -> (the record of one process taking each step as two micro-batches, the record of the two sharded
+    processes of the sweep taking one each)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    base = same_steps(still_tiny, "lora", "train.gradient_checkpointing=true")  # checkpointed inside each unit
+    sweep = root / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"recipe": config.parse_overrides(base), "output_dir": str(root / "two"),
+                                     "grid": {"variants": list(VARIANTS.values())}}), encoding="utf-8")
+    proc = accelerate_launch("--config_file", str(FSDP_CONFIG), "--num_processes", "2", "-m", "peftbench", "sweep",
+                             str(sweep))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == \
+        f"sweep: {len(VARIANTS)} cells, ran {len(VARIANTS)}, done before 0, claimed elsewhere 0, failed 0"
+    records = [read_record(p) for p in (root / "two").glob("*/record.json")]
+    pairs = {}
+    for name, tree in VARIANTS.items():
+        two = [r for r in records if is_cell(r, tree)]
+        assert len(two) == 1, name
+        one = run(config.load(None, [*base, *overrides(tree), "train.grad_accum_steps=2",
+                                     f"output_dir={root / 'one' / name}"])).record
+        pairs[name] = one, two[0]
+    return pairs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_sharded_processes_train_as_one(variant, sharded):
     """The same global batch and data order: one process takes batches 2k and 2k+1 of the sampler as one step (two
     micro-batches), two processes take one each; FSDP2 averages their gradients as accumulation does. A 4-bit
     base (its codes packed in bf16 tensors under FSDP) shards like the float one."""
-    method = variant.split("-")[0]
-    one = run(config.load(None, same_steps(still_tiny, method, *METHODS[variant], "train.grad_accum_steps=2",
-                                           f"output_dir={tmp_path / 'one'}"))).record
-    proc = torchrun(2, "run", *same_steps(still_tiny, method, *METHODS[variant], "train.sharding=fsdp2",
-                                          f"output_dir={tmp_path / 'two'}"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = read_record(tmp_path / "two" / "record.json")
-    assert two["env"]["engine"] == "fsdp2" and two["env"]["num_processes"] == 2 and one["env"]["engine"] == "none"
+    one, two = sharded[variant]
+    method = one["config"]["method"]["name"]
+    assert (two["env"]["engine"], two["env"]["num_processes"], one["env"]["engine"]) == ("fsdp2", 2, "none")
+    assert two["config"]["train"]["sharding"] == "auto"  # the launch config asked for it, not the recipe
+    assert two["metrics"]["n_eval"] == one["metrics"]["n_eval"] == 300  # every dev example exactly once
     assert [p["step"] for p in two["loss_curve"]] == [p["step"] for p in one["loss_curve"]] == list(range(1, 11))
     for a, b in zip(one["loss_curve"], two["loss_curve"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["loss_curve"], two["loss_curve"])
-    saved = {name: load_file(str(tmp_path / name / "checkpoint" / WEIGHTS[variant])) for name in ("one", "two")}
+    ckpt = {"one": Path(one["checkpoint"]), "two": Path(two["checkpoint"])}
+    weights = SAVED.get(method, "adapter_model.safetensors")
+    saved = {name: load_file(str(folder / weights)) for name, folder in ckpt.items()}
     assert saved["one"].keys() == saved["two"].keys()
     steps, lr = 10, one["config"]["train"]["lr"]
     for key in saved["one"]:
@@ -49,26 +102,62 @@ def test_two_sharded_processes_train_as_one(variant, still_tiny, tmp_path):
         torch.testing.assert_close(saved["two"][key], saved["one"][key], atol=steps * lr if noise_only else 1e-5,
                                    rtol=0, msg=key)
     held, whole = two["params"]["held_bytes_per_process"], one["params"]["held_bytes_per_process"]
+    whole_trained = get_method(method).reads_gradients  # AdaLoRA keeps its trained tensors whole, as planned
     for kind in ("weights", "gradients", "optimizer"):
-        assert len(held[kind]) == 2 and all(abs(b - whole[kind][0] / 2) <= 0.1 * whole[kind][0] for b in held[kind])
-    cfg = config.load(None, same_steps(still_tiny, method, *METHODS[variant], "train.sharding=fsdp2"))
+        assert len(held[kind]) == 2
+        if whole_trained and kind != "weights":
+            assert held[kind] == whole[kind] * 2, kind
+        else:  # the shards add up to one copy (a tensor of one row, as IA3's (1, n) scales, lies on one process)
+            assert abs(sum(held[kind]) - whole[kind][0]) <= 0.1 * whole[kind][0], (kind, held[kind], whole[kind])
+    assert all(abs(b - whole["weights"][0] / 2) <= 0.1 * whole["weights"][0] for b in held["weights"])  # about half
+    cfg = config.resolve(two["config"])
     planned = plan.plan(cfg, [method], "cpu", processes=2, strategy="fsdp")["rows"][0]["memory"]
     for kind, value in {"weights": planned["base_weights"] + planned["trained_weights"],
                         "gradients": planned["gradients"], "optimizer": planned["optimizer_state"]}.items():
         assert abs(max(held[kind]) - value) <= 0.15 * value, (kind, held[kind], value)  # the planner knows sharding
-    meta_one = json.loads((tmp_path / "one" / "checkpoint" / "peftbench.json").read_text(encoding="utf-8"))
-    meta_two = json.loads((tmp_path / "two" / "checkpoint" / "peftbench.json").read_text(encoding="utf-8"))
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoint").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "one" / "checkpoint").iterdir())  # the one-process format
+    meta = {name: json.loads((folder / "peftbench.json").read_text(encoding="utf-8")) for name, folder in ckpt.items()}
+    assert sorted(p.name for p in ckpt["two"].iterdir()) == sorted(p.name for p in ckpt["one"].iterdir())
     packed = ("fingerprint", "pretrained_fingerprint", "quant_storage")  # 4-bit codes packed in bf16, not uint8
 
     def base(meta):  # None for full fine-tuning: the checkpoint is the whole model
         return meta["base"] and {k: v for k, v in meta["base"].items() if "4bit" not in variant or k not in packed}
-    assert base(meta_two) == base(meta_one)
-    assert (meta_one["base"] is None) == (method == "full")
-    model, tokenizer, _ = peftbench.load(tmp_path / "two" / "checkpoint")  # reloads in one process
-    with torch.no_grad():
-        assert model(**tokenizer(["股钱债涨跌"], return_tensors="pt")).logits.isfinite().all()
+    assert base(meta["two"]) == base(meta["one"])
+    assert (meta["one"]["base"] is None) == (method == "full")
+    if variant == "lora-4bit":
+        assert meta["two"]["base"]["quant_storage"] == "bf16" and meta["one"]["base"].get("quant_storage") != "bf16"
+
+
+def test_every_sharded_checkpoint_reloads_and_serves_in_one_process(sharded):
+    """Each checkpoint of the sharded sweep reloads with peftbench.load, a PEFT adapter also with plain PEFT (the
+    same logits), and all of them serve from one process."""
+    from fastapi.testclient import TestClient
+
+    from peftbench.serve import create_app, load_adapters
+
+    texts = ["股钱债涨跌", "星影歌剧综艺"]
+    ckpts = {name: two["checkpoint"] for name, (_, two) in sharded.items()}
+    for name, ckpt in ckpts.items():
+        model, tokenizer, meta = peftbench.load(ckpt)
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**batch).logits
+        assert logits.isfinite().all() and logits.shape == (2, 4), name
+        if (Path(ckpt) / "adapter_config.json").is_file() and name != "lora-4bit":  # plain PEFT reads it alike
+            from peft import AutoPeftModelForSequenceClassification
+
+            plain = AutoPeftModelForSequenceClassification.from_pretrained(
+                ckpt, id2label=dict(enumerate(meta["model_labels"])), pad_token_id=tokenizer.pad_token_id,
+                dtype="float32").eval()
+            with torch.no_grad():
+                torch.testing.assert_close(plain(**batch).logits, logits, atol=1e-5, rtol=0, msg=name)
+    with TestClient(create_app(load_adapters(ckpts), "t" * 32)) as client:
+        for name in ckpts:
+            answer = client.post("/v1/classify", json={"adapter": name, "texts": texts},
+                                 headers={"Authorization": "Bearer " + "t" * 32})
+            assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2, (name, answer.text)
+
+
+# Fast checks of the launch, the refusals and the byte counts.
 
 
 def test_the_launch_is_read_from_the_environment(monkeypatch):
@@ -124,53 +213,3 @@ def test_held_bytes_count_shards():
     optimizer.step()
     held = distributed.held_bytes(model, optimizer)
     assert held == {"weights": 4 * 15, "gradients": 4 * 12, "optimizer": 4 * 24 + 4}  # exp_avg, exp_avg_sq, step
-
-
-VARIANTS = {"lora": {}, "lora-dora": {"use_dora": True}, "lora-rslora": {"use_rslora": True}, "adalora": {},
-            "adapter": {}, "adapter-pfeiffer": {"variant": "pfeiffer"}, "prefix": {}, "prompt": {}, "ia3": {},
-            "bitfit": {}, "full": {}}
-
-
-@pytest.mark.slow
-def test_every_method_trains_sharded_and_its_checkpoint_serves_in_one_process(tmp_path):
-    """One sharded sweep over every method; each checkpoint reloads with peftbench.load, a PEFT adapter also with
-    plain PEFT (the same logits), and all of them serve from one process."""
-    import yaml
-    from fastapi.testclient import TestClient
-
-    from peftbench.serve import create_app, load_adapters
-
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "recipe": {"task": {"name": "synthetic", "max_length": 32, "max_train_samples": 256},
-                   "train": {"max_steps": 6, "sharding": "fsdp2", "gradient_checkpointing": True,
-                             "measure_inference": False, "evaluate_test": False}},
-        "grid": {"variants": [{"method": {"name": v.split("-")[0], **settings}} for v, settings in VARIANTS.items()]},
-        "output_dir": str(tmp_path / "results")}), encoding="utf-8")
-    proc = torchrun(2, "sweep", str(sweep))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [read_record(p) for p in (tmp_path / "results").glob("*/record.json")]
-    assert len(records) == len(VARIANTS) and all(r["env"]["engine"] == "fsdp2" for r in records)
-    texts = ["股钱债涨跌", "星影歌剧综艺"]
-    ckpts = {}
-    for record in records:
-        name = "-".join([record["config"]["method"]["name"], *map(str, record["settings"]["method"].values())])
-        ckpts[name] = record["checkpoint"]
-        model, tokenizer, meta = peftbench.load(record["checkpoint"])
-        batch = tokenizer(texts, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**batch).logits
-        assert logits.isfinite().all() and logits.shape == (2, 4), name
-        if (Path(record["checkpoint"]) / "adapter_config.json").is_file():  # plain PEFT reads it alike
-            from peft import AutoPeftModelForSequenceClassification
-
-            plain = AutoPeftModelForSequenceClassification.from_pretrained(
-                record["checkpoint"], id2label=dict(enumerate(meta["model_labels"])),
-                pad_token_id=tokenizer.pad_token_id, dtype="float32").eval()
-            with torch.no_grad():
-                torch.testing.assert_close(plain(**batch).logits, logits, atol=1e-5, rtol=0, msg=name)
-    with TestClient(create_app(load_adapters(ckpts), "t" * 32)) as client:
-        for name in ckpts:
-            answer = client.post("/v1/classify", json={"adapter": name, "texts": texts},
-                                 headers={"Authorization": "Bearer " + "t" * 32})
-            assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2, (name, answer.text)

@@ -70,12 +70,16 @@ def launch(sharding: str = "auto") -> Launch:
     fsdp = take_fsdp_launch()
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     machines = max(1, processes // int(os.environ.get("LOCAL_WORLD_SIZE", str(processes))))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if sharding == "fsdp2" and deepspeed:
+        raise PeftbenchError("train.sharding=fsdp2 under a DeepSpeed launch config: one engine shards; launch with "
+                             "recipes/accelerate/fsdp.yaml, or leave train.sharding at auto")
     if sharding == "fsdp2" or (sharding == "auto" and fsdp):
         classes = tuple(c.strip() for c in fsdp.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
         return Launch("fsdp2", processes, machines, _flag(fsdp.get("FSDP_RESHARD_AFTER_FORWARD"), True), classes,
                       _flag(fsdp.get("FSDP_OFFLOAD_PARAMS"), False),
                       _flag(fsdp.get("FSDP_ACTIVATION_CHECKPOINTING"), False), dict(fsdp))
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if deepspeed:
         return Launch("deepspeed", processes, machines)
     return Launch("ddp" if processes > 1 else "none", processes, machines)
 
@@ -96,6 +100,11 @@ def check(cfg, run: Launch, cuda: bool, reads_gradients: bool, accelerator=None)
                                  "gradients after the backward pass, which ZeRO partitions across processes; "
                                  "launch with recipes/accelerate/fsdp.yaml or multi_gpu.yaml")
         ds = accelerator.state.deepspeed_plugin
+        if ds.zero_stage == 3:
+            raise PeftbenchError("DeepSpeed ZeRO-3 cannot run peftbench's loop: it partitions every weight, and a run "
+                                 "keeps its best epoch by copying the weights it trains; launch with "
+                                 "recipes/accelerate/fsdp.yaml (FSDP2 shards weights too and keeps the best epoch "
+                                 "shard by shard) or deepspeed_zero2.yaml")
         accum = ds.deepspeed_config.get("gradient_accumulation_steps", "auto")
         if accum != "auto" and accum != cfg.train.grad_accum_steps:
             raise PeftbenchError(f"DeepSpeed config has gradient_accumulation_steps={accum} but train.grad_accum_steps="
@@ -109,6 +118,10 @@ def check(cfg, run: Launch, cuda: bool, reads_gradients: bool, accelerator=None)
                              "and row scales as attributes that sharding drops; use model.quantization=4bit (its "
                              "codes are packed in bf16 tensors that shard like any weight: FSDP-QLoRA) or launch "
                              "with recipes/accelerate/multi_gpu.yaml (one 8-bit copy per GPU)")
+    if quantized == "4bit" and cfg.train.mixed_precision == "fp16":
+        raise PeftbenchError("model.quantization=4bit with train.mixed_precision=fp16 cannot run under FSDP: the "
+                             "4-bit codes are packed in bf16 tensors, which FSDP would cast to fp16 as numbers; use "
+                             "train.mixed_precision=bf16 (or no)")
     if run.activation_checkpointing and not cfg.train.gradient_checkpointing:
         raise PeftbenchError("the FSDP launch config sets fsdp_activation_checkpointing: true but the recipe has "
                              "train.gradient_checkpointing=false: set them alike (the recipe's key decides)")

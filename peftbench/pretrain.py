@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from peftbench import checkpoint
+from peftbench import checkpoint, distributed
 from peftbench import config as config_lib
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError, where
@@ -313,6 +313,10 @@ def _load_model(cfg: PretrainConfig, tokenizer):
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) masked-LM pretraining; returns the record (also written to ``output_dir``).
     A crash writes a failed record; an interrupt leaves the last resumable checkpoint."""
+    engine = distributed.launch().engine
+    if engine in ("fsdp2", "deepspeed"):
+        raise PeftbenchError(f"peftbench pretrain runs in one process or under DDP, not under {engine}: launch it "
+                             "with recipes/accelerate/multi_gpu.yaml (or torchrun)")
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train, trackers_dir=out_dir / checkpoint.TRACKERS_DIR)
     env = environment(accelerator.num_processes)

@@ -215,8 +215,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
             tqdm.write(f"{cfg.task.name}/{cfg.method.name} epoch {history[-1]['epoch']}/{epochs} step {state.step}: "
                        f"dev {dev['score_name']} {dev['score']:.4f}, loss {loss:.4f}, lr {state.lr:.2e}, "
                        f"{rate:.0f} samples/s, {state.train_seconds:.1f} s")
+        shards = distributed.reshard(raw_model).named_parameters()  # each process its shard, also after evaluation
         if not best or dev["score"] > best["metrics"]["score"]:
-            shards = distributed.reshard(raw_model).named_parameters()  # each process its shard of the weights
             best.update(metrics=history[-1], state={n: distributed.local(p).detach().to("cpu", copy=True)
                                                     for n, p in shards if p.requires_grad})
 

@@ -12,8 +12,9 @@ import pytest  # noqa: E402
 datasets.disable_progress_bars()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_MODELS = {"trained_variants": "variants", "ner_runs": "ner", "zoo": "zoo", "int8_runs": "int8",
-                 "sharded": "fsdp"}  # -> group
+SHARED_MODELS = {  # a fixture of trained models -> its group: one worker trains it once
+    "trained_variants": "variants", "ner_runs": "ner", "sharded": "fsdp", "smoke": "smoke", "int8_runs": "int8",
+    "zoo": "zoo", "eager_run": "eager", "one_process": "launch"}
 SLOW_FIXTURES = ("ner_runs", "zoo", "int8_runs", "sharded")  # a test that needs one of these is slow
 
 
@@ -27,6 +28,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.xdist_group(group))
         if any(name in item.fixturenames for name in SLOW_FIXTURES):
             item.add_marker(pytest.mark.slow)
+
 
 SHARED_CLUE = Path(__file__).resolve().parents[2] / "shared" / "clue"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark scripts are importable

@@ -17,16 +17,15 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 @pytest.mark.parametrize(("name", "kind", "processes"), [
     ("single_gpu.yaml", "NO", 1), ("multi_gpu.yaml", "MULTI_GPU", 8), ("fsdp.yaml", "FSDP", 8),
-    ("deepspeed_zero2.yaml", "DEEPSPEED", 8), ("deepspeed_zero3.yaml", "DEEPSPEED", 8),
-    ("two_nodes.yaml", "MULTI_GPU", 16)])
+    ("deepspeed_zero2.yaml", "DEEPSPEED", 8), ("two_nodes.yaml", "MULTI_GPU", 16)])
 def test_accelerate_configs_load_and_are_documented(name, kind, processes):
     cfg = load_config_from_file(str(CONFIGS / name))
     assert cfg.distributed_type == kind and cfg.num_processes == processes
     assert f"--config_file recipes/accelerate/{name}" in DOCS.read_text(encoding="utf-8")
 
 
-def fake_accelerator(accum=1):
-    plugin = SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": accum})
+def fake_accelerator(accum=1, stage=2):
+    plugin = SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": accum}, zero_stage=stage)
     return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
 
 
@@ -37,12 +36,40 @@ def fake_accelerator(accum=1):
     ("deepspeed", ["method.name=lora"], False, "a DeepSpeed launch config needs GPUs"),
     ("fsdp2", ["method.name=lora", "model.quantization=8bit"], True, "8bit cannot run under FSDP"),
     ("fsdp2", ["method.name=lora", "train.gradient_checkpointing=false"], True, "fsdp_activation_checkpointing"),
+    ("fsdp2", ["method.name=lora", "model.quantization=4bit", "train.mixed_precision=fp16",
+               "train.gradient_checkpointing=true"], True, "4bit with train.mixed_precision=fp16 cannot run"),
 ])
 def test_engines_refuse_what_they_cannot_run(engine, overrides, cuda, message):
     cfg = config.load(None, overrides)
     launch = distributed.Launch(engine, 2, activation_checkpointing=True)
     with pytest.raises(PeftbenchError, match=message):
         distributed.check(cfg, launch, cuda, get_method(cfg.method.name).reads_gradients, fake_accelerator())
+
+
+def test_zero3_is_refused_with_the_reason():
+    with pytest.raises(PeftbenchError, match="ZeRO-3 cannot run peftbench's loop: it partitions every weight"):
+        distributed.check(config.load(None, ["method.name=lora"]), distributed.Launch("deepspeed", 2), True, False,
+                          fake_accelerator(stage=3))
+
+
+def test_one_engine_shards(monkeypatch):
+    monkeypatch.setattr(distributed, "_taken", {})
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert distributed.launch().engine == "deepspeed"
+    with pytest.raises(PeftbenchError, match="train.sharding=fsdp2 under a DeepSpeed launch config"):
+        distributed.launch("fsdp2")
+
+
+def test_pretraining_is_refused_under_a_sharding_launch(monkeypatch, tmp_path):
+    from peftbench.pretrain import load_config, pretrain
+
+    monkeypatch.setattr(distributed, "_taken", {})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    (tmp_path / "corpus.txt").write_text("股钱债涨跌\n", encoding="utf-8")
+    with pytest.raises(PeftbenchError, match="peftbench pretrain runs in one process or under DDP, not under fsdp2"):
+        pretrain(load_config(None, [f"corpus.files=[{tmp_path / 'corpus.txt'}]", "model.from_scratch=true",
+                                    f"output_dir={tmp_path / 'out'}"]))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("engine", "method"), [

@@ -57,7 +57,8 @@ def sharded(still_tiny, tmp_path_factory):
     """variant -> (the record of one process taking each step as two micro-batches, the record of the two sharded
     processes of the sweep taking one each)."""
     root = tmp_path_factory.mktemp("fsdp")
-    base = same_steps(still_tiny, "lora", "train.gradient_checkpointing=true")  # checkpointed inside each unit
+    # checkpointed inside each unit; 80 examples: 5 steps an epoch, so training goes on after an evaluation
+    base = same_steps(still_tiny, "lora", "train.gradient_checkpointing=true", "task.max_train_samples=80")
     sweep = root / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"recipe": config.parse_overrides(base), "output_dir": str(root / "two"),
                                      "grid": {"variants": list(VARIANTS.values())}}), encoding="utf-8")
@@ -90,6 +91,10 @@ def test_two_sharded_processes_train_as_one(variant, sharded):
     assert [p["step"] for p in two["loss_curve"]] == [p["step"] for p in one["loss_curve"]] == list(range(1, 11))
     for a, b in zip(one["loss_curve"], two["loss_curve"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["loss_curve"], two["loss_curve"])
+    assert [h["step"] for h in two["dev_history"]] == [h["step"] for h in one["dev_history"]] == [5, 10]
+    for a, b in zip(one["dev_history"], two["dev_history"]):
+        assert abs(a["score"] - b["score"]) <= 1 / 300  # at most one prediction flips
+    assert two["metrics"]["best_epoch"] == one["metrics"]["best_epoch"]
     ckpt = {"one": Path(one["checkpoint"]), "two": Path(two["checkpoint"])}
     weights = SAVED.get(method, "adapter_model.safetensors")
     saved = {name: load_file(str(folder / weights)) for name, folder in ckpt.items()}

@@ -4,10 +4,13 @@ says how it ran, and trains as one process does (loss curve within 1e-5). The FS
 in tests/test_fsdp.py."""
 
 import socket
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import accelerate_launch, same_steps
+from safetensors.torch import load_file
 
 from peftbench import config
 from peftbench.records import read_record
@@ -37,6 +40,10 @@ def assert_trains_as_one(record, one, engine, processes=2, machines=1):
     for a, b in zip(one["loss_curve"], record["loss_curve"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["loss_curve"], record["loss_curve"])
     assert abs(record["metrics"]["score"] - one["metrics"]["score"]) <= 1 / 300  # at most one prediction flips
+    saved = [load_file(str(Path(r["checkpoint"]) / "adapter_model.safetensors")) for r in (one, record)]
+    assert saved[0].keys() == saved[1].keys()
+    for key in saved[0]:
+        torch.testing.assert_close(saved[1][key], saved[0][key], atol=1e-5, rtol=0, msg=key)
 
 
 def free_port() -> int:

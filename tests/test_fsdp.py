@@ -25,6 +25,7 @@ VARIANTS = {  # name -> overrides merged into the recipe; dropout off, one learn
     "lora": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3}},
     "lora-dora": {"method": {"name": "lora", "use_dora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
     "lora-rslora": {"method": {"name": "lora", "use_rslora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
+    "lora-bf16": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3, "mixed_precision": "bf16"}},
     "lora-4bit": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3},  # FSDP-QLoRA
                   "model": {"quantization": "4bit", "quant_4bit_compute_dtype": "fp32"}},
     "adalora": {"method": {"name": "adalora", **NO_DROPOUT}, "train": {"lr": 1e-2}},
@@ -36,6 +37,9 @@ VARIANTS = {  # name -> overrides merged into the recipe; dropout off, one learn
     "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}},
     "full": {"method": {"name": "full"}, "train": {"lr": 5e-4}},
 }
+# bf16: FSDP's MixedPrecisionPolicy casts the weights to bf16 for compute where one process runs autocast; the two
+# round differently, so they agree to bf16's precision, not 1e-5
+TOLERANCE = {"lora-bf16": 2e-2}
 SAVED = {"full": "model.safetensors", "adapter": "trainable.safetensors", "prefix": "trainable.safetensors",
          "bitfit": "trainable.safetensors"}  # the rest save a PEFT adapter: adapter_model.safetensors
 
@@ -46,9 +50,11 @@ def overrides(tree: dict, prefix: str = "") -> list[str]:
 
 
 def is_cell(record: dict, tree: dict) -> bool:
-    """The record ran these overrides and no other method or model setting away from its default."""
-    return all(record["config"][section].get(key) == value for section, values in tree.items()
-               for key, value in values.items()) and \
+    """The record ran these overrides and no other method or model setting (or precision) away from its default."""
+    precision = tree.get("train", {}).get("mixed_precision", "no")
+    ran = all(record["config"][section].get(key) == value for section, values in tree.items()
+              for key, value in values.items())
+    return ran and record["config"]["train"]["mixed_precision"] == precision and \
         all(set(record["settings"][section]) <= set(tree.get(section, {})) for section in ("method", "model"))
 
 
@@ -89,11 +95,12 @@ def test_two_sharded_processes_train_as_one(variant, sharded):
     assert two["config"]["train"]["sharding"] == "auto"  # the launch config asked for it, not the recipe
     assert two["metrics"]["n_eval"] == one["metrics"]["n_eval"] == 300  # every dev example exactly once
     assert [p["step"] for p in two["loss_curve"]] == [p["step"] for p in one["loss_curve"]] == list(range(1, 11))
+    tolerance = TOLERANCE.get(variant, 1e-5)
     for a, b in zip(one["loss_curve"], two["loss_curve"]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5, (one["loss_curve"], two["loss_curve"])
+        assert abs(a["loss"] - b["loss"]) <= tolerance, (one["loss_curve"], two["loss_curve"])
     assert [h["step"] for h in two["dev_history"]] == [h["step"] for h in one["dev_history"]] == [5, 10]
     for a, b in zip(one["dev_history"], two["dev_history"]):
-        assert abs(a["score"] - b["score"]) <= 1 / 300  # at most one prediction flips
+        assert abs(a["score"] - b["score"]) <= (1 if tolerance == 1e-5 else 5) / 300  # a prediction or few flip
     assert two["metrics"]["best_epoch"] == one["metrics"]["best_epoch"]
     ckpt = {"one": Path(one["checkpoint"]), "two": Path(two["checkpoint"])}
     weights = SAVED.get(method, "adapter_model.safetensors")
@@ -104,8 +111,8 @@ def test_two_sharded_processes_train_as_one(variant, sharded):
         # A key bias adds the same amount to every score of a query, which softmax ignores: its gradient is zero
         # but for rounding, which Adam scales up to steps of ~lr in a direction the summation order decides.
         noise_only = key.endswith("attention.self.key.bias")
-        torch.testing.assert_close(saved["two"][key], saved["one"][key], atol=steps * lr if noise_only else 1e-5,
-                                   rtol=0, msg=key)
+        torch.testing.assert_close(saved["two"][key], saved["one"][key], rtol=0, msg=key,
+                                   atol=steps * lr if noise_only else tolerance)
     held, whole = two["params"]["held_bytes_per_process"], one["params"]["held_bytes_per_process"]
     whole_trained = get_method(method).reads_gradients  # AdaLoRA keeps its trained tensors whole, as planned
     for kind in ("weights", "gradients", "optimizer"):

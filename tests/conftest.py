@@ -13,8 +13,8 @@ datasets.disable_progress_bars()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_MODELS = {  # a fixture of trained models -> its group: one worker trains it once
-    "trained_variants": "variants", "ner_runs": "ner", "sharded": "fsdp", "smoke": "smoke", "int8_runs": "int8",
-    "zoo": "zoo", "eager_run": "eager", "one_process": "launch"}
+    "trained_variants": "variants", "ner_runs": "ner", "sharded": "engines", "smoke": "smoke", "int8_runs": "int8",
+    "zoo": "zoo", "eager_run": "eager", "one_process": "engines"}
 SLOW_FIXTURES = ("ner_runs", "zoo", "int8_runs", "sharded")  # a test that needs one of these is slow
 
 
@@ -152,6 +152,69 @@ def same_steps(backbone, method: str, *extra: str) -> list[str]:
     return [f"model.name_or_path={backbone}", f"method.name={method}", "task.name=synthetic", "task.max_length=32",
             "task.max_train_samples=320", "train.max_steps=10", "train.log_every=1", "train.warmup_ratio=0",
             "train.measure_inference=false", "train.evaluate_test=false", "train.batch_size=8", *extra]
+
+
+# Cells that run under each engine (tests/test_fsdp.py, tests/test_launch.py), each against the same run in one process
+NO_DROPOUT = {"dropout": 0.0}  # the LoRA family's own dropout: two processes draw other masks than one
+FLOAT_CELLS = {  # name -> overrides merged into the recipe; dropout off, one learning rate that moves each in 10 steps
+    "lora": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3}},
+    "lora-dora": {"method": {"name": "lora", "use_dora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
+    "lora-rslora": {"method": {"name": "lora", "use_rslora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
+    "adalora": {"method": {"name": "adalora", **NO_DROPOUT}, "train": {"lr": 1e-2}},
+    "adapter": {"method": {"name": "adapter"}, "train": {"lr": 5e-3}},
+    "adapter-pfeiffer": {"method": {"name": "adapter", "variant": "pfeiffer"}, "train": {"lr": 5e-3}},
+    "prefix": {"method": {"name": "prefix"}, "train": {"lr": 1e-2}},
+    "prompt": {"method": {"name": "prompt"}, "train": {"lr": 3e-2}},
+    "ia3": {"method": {"name": "ia3"}, "train": {"lr": 1e-2}},
+    "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}},
+    "full": {"method": {"name": "full"}, "train": {"lr": 5e-4}},
+}
+BF16_CELL = {"lora-bf16": {**FLOAT_CELLS["lora"], "train": {"lr": 5e-3, "mixed_precision": "bf16"}}}
+QUANTIZED = {"4bit": {"quantization": "4bit", "quant_4bit_compute_dtype": "fp32"}, "8bit": {"quantization": "8bit"}}
+
+
+def quantized_cells(bits: str, names=None) -> dict:
+    """The float cells (but full, which a quantised base refuses) on a quantised base: ``name-4bit`` -> tree."""
+    return {f"{name}-{bits}": {**tree, "model": QUANTIZED[bits]} for name, tree in FLOAT_CELLS.items()
+            if name != "full" and (names is None or name in names)}
+
+
+def cell_overrides(tree: dict, prefix: str = "") -> list[str]:
+    return [item for key, value in tree.items() for item in
+            (cell_overrides(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"])]
+
+
+def engine_recipe(backbone) -> list[str]:
+    """Cells under an engine: checkpointed inside each layer; 80 examples, 5 steps an epoch, so training goes on
+    after an evaluation; the test split scored too."""
+    return same_steps(backbone, "lora", "train.gradient_checkpointing=true", "task.max_train_samples=80",
+                      "train.evaluate_test=true")
+
+
+def is_cell(record: dict, tree: dict) -> bool:
+    """The record ran these overrides and no other method or model setting (or precision) away from its default."""
+    precision = tree.get("train", {}).get("mixed_precision", "no")
+    ran = all(record["config"][section].get(key) == value for section, values in tree.items()
+              for key, value in values.items())
+    return ran and record["config"]["train"]["mixed_precision"] == precision and \
+        all(set(record["settings"][section]) <= set(tree.get(section, {})) for section in ("method", "model"))
+
+
+@pytest.fixture(scope="session")
+def one_process(still_tiny, tmp_path_factory):
+    """``reference(name, tree)``: the record of the cell in one process taking each step as two micro-batches
+    (trained once)."""
+    from peftbench import config
+    from peftbench.train import run
+
+    root, done = tmp_path_factory.mktemp("one"), {}
+
+    def reference(name: str, tree: dict) -> dict:
+        if name not in done:
+            done[name] = run(config.load(None, [*engine_recipe(still_tiny), *cell_overrides(tree),
+                                                "train.grad_accum_steps=2", f"output_dir={root / name}"])).record
+        return done[name]
+    return reference
 
 
 def torchrun(nproc: int, *args: str, cwd=None):

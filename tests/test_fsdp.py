@@ -10,33 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import accelerate_launch, same_steps
+from conftest import BF16_CELL, FLOAT_CELLS, accelerate_launch, engine_recipe, is_cell, quantized_cells
 from safetensors.torch import load_file
 
 import peftbench
 from peftbench import config, distributed, plan
 from peftbench.methods import get_method
 from peftbench.records import read_record
-from peftbench.train import run
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
-NO_DROPOUT = {"dropout": 0.0}  # the LoRA family's own dropout: two processes draw other masks than one
-VARIANTS = {  # name -> overrides merged into the recipe; dropout off, one learning rate that moves each in 10 steps
-    "lora": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3}},
-    "lora-dora": {"method": {"name": "lora", "use_dora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
-    "lora-rslora": {"method": {"name": "lora", "use_rslora": True, **NO_DROPOUT}, "train": {"lr": 5e-3}},
-    "lora-bf16": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3, "mixed_precision": "bf16"}},
-    "lora-4bit": {"method": {"name": "lora", **NO_DROPOUT}, "train": {"lr": 5e-3},  # FSDP-QLoRA
-                  "model": {"quantization": "4bit", "quant_4bit_compute_dtype": "fp32"}},
-    "adalora": {"method": {"name": "adalora", **NO_DROPOUT}, "train": {"lr": 1e-2}},
-    "adapter": {"method": {"name": "adapter"}, "train": {"lr": 5e-3}},
-    "adapter-pfeiffer": {"method": {"name": "adapter", "variant": "pfeiffer"}, "train": {"lr": 5e-3}},
-    "prefix": {"method": {"name": "prefix"}, "train": {"lr": 1e-2}},
-    "prompt": {"method": {"name": "prompt"}, "train": {"lr": 3e-2}},
-    "ia3": {"method": {"name": "ia3"}, "train": {"lr": 1e-2}},
-    "bitfit": {"method": {"name": "bitfit"}, "train": {"lr": 1e-2}},
-    "full": {"method": {"name": "full"}, "train": {"lr": 5e-4}},
-}
+VARIANTS = {**FLOAT_CELLS, **BF16_CELL, **quantized_cells("4bit")}  # 4-bit: FSDP-QLoRA
 # bf16: FSDP's MixedPrecisionPolicy casts the weights to bf16 for compute where one process runs autocast; the two
 # round differently, so they agree to bf16's precision, not 1e-5
 TOLERANCE = {"lora-bf16": 2e-2}
@@ -44,30 +27,15 @@ SAVED = {"full": "model.safetensors", "adapter": "trainable.safetensors", "prefi
          "bitfit": "trainable.safetensors"}  # the rest save a PEFT adapter: adapter_model.safetensors
 
 
-def overrides(tree: dict, prefix: str = "") -> list[str]:
-    return [item for key, value in tree.items() for item in
-            (overrides(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"])]
-
-
-def is_cell(record: dict, tree: dict) -> bool:
-    """The record ran these overrides and no other method or model setting (or precision) away from its default."""
-    precision = tree.get("train", {}).get("mixed_precision", "no")
-    ran = all(record["config"][section].get(key) == value for section, values in tree.items()
-              for key, value in values.items())
-    return ran and record["config"]["train"]["mixed_precision"] == precision and \
-        all(set(record["settings"][section]) <= set(tree.get(section, {})) for section in ("method", "model"))
-
-
 @pytest.fixture(scope="module")
-def sharded(still_tiny, tmp_path_factory):
+def sharded(still_tiny, one_process, tmp_path_factory):
     """variant -> (the record of one process taking each step as two micro-batches, the record of the two sharded
     processes of the sweep taking one each)."""
     root = tmp_path_factory.mktemp("fsdp")
-    # checkpointed inside each unit; 80 examples: 5 steps an epoch, so training goes on after an evaluation
-    base = same_steps(still_tiny, "lora", "train.gradient_checkpointing=true", "task.max_train_samples=80")
     sweep = root / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"recipe": config.parse_overrides(base), "output_dir": str(root / "two"),
-                                     "grid": {"variants": list(VARIANTS.values())}}), encoding="utf-8")
+    sweep.write_text(yaml.safe_dump({"recipe": config.parse_overrides(engine_recipe(still_tiny)),
+                                     "output_dir": str(root / "two"), "grid": {"variants": list(VARIANTS.values())}}),
+                     encoding="utf-8")
     proc = accelerate_launch("--config_file", str(FSDP_CONFIG), "--num_processes", "2", "-m", "peftbench", "sweep",
                              str(sweep))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,9 +46,7 @@ def sharded(still_tiny, tmp_path_factory):
     for name, tree in VARIANTS.items():
         two = [r for r in records if is_cell(r, tree)]
         assert len(two) == 1, name
-        one = run(config.load(None, [*base, *overrides(tree), "train.grad_accum_steps=2",
-                                     f"output_dir={root / 'one' / name}"])).record
-        pairs[name] = one, two[0]
+        pairs[name] = one_process(name, tree), two[0]
     return pairs
 
 
@@ -94,6 +60,7 @@ def test_two_sharded_processes_train_as_one(variant, sharded):
     assert (two["env"]["engine"], two["env"]["num_processes"], one["env"]["engine"]) == ("fsdp2", 2, "none")
     assert two["config"]["train"]["sharding"] == "auto"  # the launch config asked for it, not the recipe
     assert two["metrics"]["n_eval"] == one["metrics"]["n_eval"] == 300  # every dev example exactly once
+    assert two["metrics"]["test_n_eval"] == one["metrics"]["test_n_eval"] == 300  # and every test example
     assert [p["step"] for p in two["loss_curve"]] == [p["step"] for p in one["loss_curve"]] == list(range(1, 11))
     tolerance = TOLERANCE.get(variant, 1e-5)
     for a, b in zip(one["loss_curve"], two["loss_curve"]):
@@ -135,7 +102,7 @@ def test_two_sharded_processes_train_as_one(variant, sharded):
         return meta["base"] and {k: v for k, v in meta["base"].items() if "4bit" not in variant or k not in packed}
     assert base(meta["two"]) == base(meta["one"])
     assert (meta["one"]["base"] is None) == (method == "full")
-    if variant == "lora-4bit":
+    if variant.endswith("-4bit"):
         assert meta["two"]["base"]["quant_storage"] == "bf16" and meta["one"]["base"].get("quant_storage") != "bf16"
 
 
@@ -154,7 +121,7 @@ def test_every_sharded_checkpoint_reloads_and_serves_in_one_process(sharded):
         with torch.no_grad():
             logits = model(**batch).logits
         assert logits.isfinite().all() and logits.shape == (2, 4), name
-        if (Path(ckpt) / "adapter_config.json").is_file() and name != "lora-4bit":  # plain PEFT reads it alike
+        if (Path(ckpt) / "adapter_config.json").is_file() and "4bit" not in name:  # plain PEFT reads it alike
             from peft import AutoPeftModelForSequenceClassification
 
             plain = AutoPeftModelForSequenceClassification.from_pretrained(

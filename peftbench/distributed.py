@@ -45,6 +45,11 @@ class Launch:
     activation_checkpointing: bool = False  # as the launch config asks (train.gradient_checkpointing must agree)
     settings: dict = field(default_factory=dict)  # the launch config's FSDP_* values, as given
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is split over the processes (it then runs only with all of them)."""
+        return self.engine in ("fsdp2", "deepspeed")
+
     def describe(self) -> dict:
         """What a record says about the launch."""
         return {"engine": self.engine, "num_processes": self.processes, "num_machines": self.machines}

@@ -313,10 +313,10 @@ def _load_model(cfg: PretrainConfig, tokenizer):
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) masked-LM pretraining; returns the record (also written to ``output_dir``).
     A crash writes a failed record; an interrupt leaves the last resumable checkpoint."""
-    engine = distributed.launch().engine
-    if engine in ("fsdp2", "deepspeed"):
-        raise PeftbenchError(f"peftbench pretrain runs in one process or under DDP, not under {engine}: launch it "
-                             "with recipes/accelerate/multi_gpu.yaml (or torchrun)")
+    launch = distributed.launch()
+    if launch.sharded:
+        raise PeftbenchError(f"peftbench pretrain runs in one process or under DDP, not under {launch.engine}: "
+                             "launch it with recipes/accelerate/multi_gpu.yaml (or torchrun)")
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train, trackers_dir=out_dir / checkpoint.TRACKERS_DIR)
     env = environment(accelerator.num_processes)

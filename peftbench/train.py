@@ -251,7 +251,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
 
     adapter_bytes = save(cfg, accelerator, launch, model, data, method, base, ckpt_dir,
                          {"metrics": metrics, "params": params})
-    sharded = launch.engine in ("fsdp2", "deepspeed")  # a sharded model runs only with all its processes
+    sharded = launch.sharded  # a sharded model runs only with all its processes
     inference = measure_inference(raw_model, data, cfg, accelerator) if t.measure_inference and not sharded else None
     result = {
         "metrics": metrics,

@@ -99,7 +99,7 @@ def take_dropout(parent: nn.Module) -> nn.Module | None:
 def output_dtype(linear: nn.Linear) -> torch.dtype:
     """The dtype a projection returns: its weight's, or fp32 for a quantised weight (integer codes, or 4-bit codes
     packed in a float dtype for FSDP)."""
-    quantized = not linear.weight.is_floating_point() or type(linear.weight).__name__ == "Params4bit"
+    quantized = not linear.weight.is_floating_point() or hasattr(linear.weight, "quant_state")  # bnb's Params4bit
     return torch.float32 if quantized else linear.weight.dtype
 
 

@@ -268,6 +268,67 @@ def save_training_state(accelerator, state: dict, run_id: str, ckpt: Path) -> No
     accelerator.wait_for_everyone()
 
 
+def training_state_dir(out_dir: Path) -> Path:
+    """Where a fine-tuning run of ``out_dir`` keeps its resumable training state: beside it, like its staging
+    folder, so that a rerun replacing ``out_dir`` leaves it, and deleted once the run has published."""
+    return staging_dir(out_dir).with_name(f".{Path(os.path.abspath(out_dir)).name}.state")
+
+
+def rng_state() -> dict:
+    """Every random generator a training step may draw from (Python, NumPy, torch on the CPU and each GPU)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]  # loads as weights only
+    return {"python": random.getstate(), "numpy": numpy_state,
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, where: Path) -> None:
+    """A resumable state: each process's ``tensors`` (trained weights, optimizer, ...) with its RNG states, and
+    the loop position ``state`` (main process), replaced as a whole (a kill leaves the last whole one). On
+    several machines, ``where`` must be a folder they share."""
+    tmp = where.with_name(where.name + ".tmp")
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save({**tensors, "rng": rng_state()}, tmp / f"process_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if main:
+        write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
+        settle_modes(tmp)
+        shutil.rmtree(where, ignore_errors=True)
+        tmp.rename(where)
+    accelerator.wait_for_everyone()
+
+
+def load_process_state(where: Path, process_index: int) -> dict:
+    """This process's tensors of a state :func:`save_process_states` wrote, refused in one line when unreadable."""
+    path = where / f"process_{process_index}.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, truncated, not a torch file
+        raise PeftbenchError(f"{path}: the training state cannot be read ({type(exc).__name__}), so the run cannot "
+                             f"resume exactly; delete {where} to start over") from None
+
+
 def check_rng_state(ckpt: Path, process_index: int) -> None:
     """Refuse to resume without this process's RNG state: Accelerate only logs an unreadable one and goes on,
     and the resumed run would silently differ from an uninterrupted one."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 
-from peftbench.errors import DivergedError, PeftbenchError, one_line
+from peftbench.errors import DivergedError, PeftbenchError, Stopped, one_line
 
 # Per-method settings of the demo (over the defaults): a random-init backbone needs larger rates.
 DEMO = {
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "methods":
             return _list_methods()
         _quiet_libraries()
+        if ns.command in ("sweep", "pretrain", "run"):
+            _stop_on_sigterm()
         if ns.command == "sweep":
             return _sweep(ns)
         if ns.command == "pretrain":
@@ -271,6 +274,20 @@ def _plan(ns) -> int:
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a launcher stopping every process because one failed, a scheduler ending the job) raises
+    :class:`Stopped` in the main thread: the run writes its failed record saying so and exits non-zero. A signal
+    that lands while a failure is being handled leaves that failure to be recorded."""
+
+    def stop(signum, frame):
+        if sys.exc_info()[1] is not None:  # already failing (a lost process, most often): that failure is recorded
+            return
+        raise Stopped(f"stopped by {signal.Signals(signum).name} (a launcher stops every process when one of them "
+                      "fails; a scheduler stops a job)")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _run(args: list[str]) -> int:
     from peftbench import config
     from peftbench.loop import process_state
@@ -285,7 +302,7 @@ def _run(args: list[str]) -> int:
     else:
         cfgs = [config.load(recipe, args)]
         named = config.merge(config.read_recipe(recipe) if recipe else {}, overrides)
-        if "name_or_path" not in named.get("model", {}) and process_state().is_main_process:
+        if "name_or_path" not in named.get("model", {}) and process_state(cfgs[0].train.dist_timeout).is_main_process:
             print(f"backbone: {cfgs[0].model.name_or_path}, random init (no model.name_or_path given): the scores test "
                   "the machinery, not the method")
     records = []
@@ -322,14 +339,15 @@ def _pretrain(args: list[str]) -> int:
 
 
 def _sweep(ns) -> int:
-    from peftbench import sweep
+    from peftbench import config, sweep
     from peftbench.leaderboard import run_summary
     from peftbench.loop import process_state
 
     if ns.max_cells < 1:
         raise PeftbenchError(f"--max-cells must be >= 1, got {ns.max_cells}")
     spec = sweep.read_sweep(ns.sweep_file)
-    main = process_state().is_main_process
+    timeout = config.merge(spec["recipe"], config.parse_overrides(ns.overrides)).get("train", {}).get("dist_timeout")
+    main = process_state(*[int(timeout)] if timeout else []).is_main_process
     if main:
         print(f"{ns.sweep_file}: {sweep.count_cells(spec):,} grid cells", flush=True)
     shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []

@@ -29,6 +29,8 @@ QUANTIZATION = ("none", "8bit", "4bit")
 LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (any depth); append every new key
     "model.quantization", "model.quant_4bit_type", "model.quant_4bit_compute_dtype", "model.quant_4bit_double",
     "train.evaluate_test", "method.init", "train.sharding")
+NOT_IDENTITY = ("report_to", "measure_inference", "dist_timeout", "save_state_every", "resume")  # train.* keys that
+# change no result: left out of the run id
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 SHARDING = ("auto", "ddp", "fsdp2")  # auto: as the launch asks (an Accelerate FSDP config: fsdp2)
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
@@ -76,6 +78,7 @@ class LoopConfig:
     log_every: int = 50  # optimizer steps between loss reads (each read syncs the device)
     timing_warmup_steps: int = 5  # optimizer steps left out of throughput
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb, trackio, ...
+    dist_timeout: int = 300  # seconds a process waits in a collective for the others before the run fails
 
 
 @dataclass
@@ -89,6 +92,8 @@ class TrainConfig(LoopConfig):
     measure_inference: bool = True  # after training: one-sequence latency and batch throughput, as trained and merged
     evaluate_test: bool = True  # score the labeled test split too (a learning-rate search scores dev only)
     sharding: str = "auto"  # auto (the launch config decides) | ddp (whole copies) | fsdp2 (shard every weight)
+    save_state_every: int = 0  # optimizer steps between resumable training states (0: none)
+    resume: bool = False  # continue from the training state a killed run of this configuration left
 
 
 @dataclass
@@ -118,8 +123,8 @@ class RunConfig:
         they existed keep their ids (and sweeps resume over them)."""
         body = self.to_dict()
         body.pop("output_dir")
-        body["train"].pop("report_to")  # where the run is watched changes no result
-        body["train"].pop("measure_inference")  # nor does what is measured after it
+        for key in NOT_IDENTITY:  # how a run is watched, measured after, saved on the way or resumed
+            body["train"].pop(key)
         drop_defaults(body, RunConfig(method=type(self.method)()).to_dict(), LATER_KEYS)
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -404,6 +409,7 @@ def check_loop(t: LoopConfig, section: str = "train") -> None:
                 getattr(t, key))
     require(t.seed >= 0, f"{section}.seed", ">= 0", t.seed)
     require(t.timing_warmup_steps >= 0, f"{section}.timing_warmup_steps", ">= 0", t.timing_warmup_steps)
+    require(t.dist_timeout >= 1, f"{section}.dist_timeout", ">= 1 (seconds)", t.dist_timeout)
 
 
 def _check_values(cfg: RunConfig) -> None:
@@ -412,6 +418,7 @@ def _check_values(cfg: RunConfig) -> None:
     check_loop(t)
     require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     require(t.sharding in SHARDING, "train.sharding", f"one of {SHARDING}", t.sharding)
+    require(t.save_state_every >= 0, "train.save_state_every", ">= 0 (0: never)", t.save_state_every)
     _check_quantization(cfg)
     require(cfg.task.max_length >= 8, "task.max_length", ">= 8", cfg.task.max_length)
     require(cfg.task.max_train_samples is None or cfg.task.max_train_samples >= 1, "task.max_train_samples",

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from peftbench.errors import PeftbenchError
+from peftbench.errors import Interrupted, LostProcess, PeftbenchError
 
 ENGINES = ("none", "ddp", "fsdp2", "deepspeed")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,9 +89,31 @@ def launch(sharding: str = "auto") -> Launch:
     return Launch("ddp" if processes > 1 else "none", processes, machines)
 
 
+PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "connection refused",
+             "communicator was aborted", "socket closed")  # gloo, NCCL and the TCP store saying a process is gone
+
+
+@contextlib.contextmanager
+def naming_lost_processes(process_index: int, processes: int, dist_timeout: int):
+    """A collective that fails because another process died or stopped answering raises :class:`LostProcess`,
+    saying which process noticed and what it waited for, with the backend's own line (gloo names the peer)."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's plain RuntimeError
+        text = " ".join(str(exc).split())
+        if processes == 1 or isinstance(exc, Interrupted) or not any(cue in text.lower() for cue in PEER_LOST):
+            raise
+        raise LostProcess(f"process {process_index} of {processes} lost another process of the group (it died, or "
+                          f"did not answer within train.dist_timeout={dist_timeout} s): {text[:400]}") from exc
+
+
 def check(cfg, run: Launch, cuda: bool, reads_gradients: bool, accelerator=None) -> None:
     """Refuse at start-up what this engine cannot run, in one line saying why (before data or model load)."""
     quantized = cfg.model.quantization
+    if run.sharded and (cfg.train.save_state_every or cfg.train.resume):
+        raise PeftbenchError(f"train.save_state_every / train.resume under {run.engine}: a resumable state is saved "
+                             "per process from whole weights and optimizer state, which sharding splits; launch with "
+                             "recipes/accelerate/multi_gpu.yaml (DDP) or leave both keys unset")
     if run.engine == "deepspeed":
         if not cuda:
             raise PeftbenchError("a DeepSpeed launch config needs GPUs (DeepSpeed runs on CUDA devices); on this "

@@ -1,4 +1,4 @@
-"""The error types of expected failures: bad input, and a run that diverged."""
+"""The error types of expected failures: bad input, a run that diverged, and a run cut short from outside."""
 
 
 class PeftbenchError(ValueError):
@@ -7,6 +7,19 @@ class PeftbenchError(ValueError):
 
 class DivergedError(FloatingPointError):
     """Training produced a non-finite loss, parameter or logit. The message starts with ``diverged:``."""
+
+
+class Interrupted(RuntimeError):
+    """The run was cut short from outside (a signal, a lost process): its failed record says so, and a sweep
+    stops and runs the cell again when resumed."""
+
+
+class Stopped(Interrupted):
+    """A stop signal (SIGTERM: a launcher stopping every process because one failed, a scheduler ending a job)."""
+
+
+class LostProcess(Interrupted):
+    """Another process of the group died, or did not answer within ``train.dist_timeout``."""
 
 
 def where(path, line: int | None = None, field: str | None = None) -> str:

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -32,12 +33,13 @@ from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
 TRACKING_PROJECT = "peftbench"  # the MLflow experiment; TensorBoard events go to <trackers dir>/peftbench/
 
 
-def process_state():
+def process_state(dist_timeout: int = LoopConfig.dist_timeout):
     """This process's place among the launched ones, as the accelerator sees it (on CPU, ``cpu=True`` is what
-    joins processes started by torchrun into one gloo group; the first call decides for the whole process)."""
+    joins processes started by torchrun into one gloo group). The first call decides for the whole process,
+    ``dist_timeout`` too: the seconds a collective waits for the other processes before it fails."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=dist_timeout))
 
 
 def make_accelerator(cfg: LoopConfig, compile: bool = False, trackers_dir: Path | None = None) -> Accelerator:
@@ -45,6 +47,7 @@ def make_accelerator(cfg: LoopConfig, compile: bool = False, trackers_dir: Path 
     ``cfg.report_to``, its experiment trackers write under ``trackers_dir``. On CPU, denormal floats are
     flushed to zero for the process."""
     AcceleratorState._reset_state()
+    process_state(cfg.dist_timeout)  # the process group outlives the reset: its first run sets the timeout
     cuda = torch.cuda.is_available()
     if not cuda:  # denormal floats (tiny prefixes, small gradients) run many times slower on CPUs; GPUs flush them
         torch.set_flush_denormal(True)

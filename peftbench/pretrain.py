@@ -113,7 +113,8 @@ class PretrainConfig:
     def run_id(self) -> str:
         body = self.to_dict()
         body.pop("output_dir")
-        body["train"].pop("report_to")  # where the run is watched changes no result
+        for key in ("report_to", "dist_timeout"):  # how the run is watched or waits changes no result
+            body["train"].pop(key)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -375,8 +376,9 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
 
     def batches(epoch: int, skip: int):
         """The epoch's blocks after the first ``skip``, masked per micro-batch with a seed of its own (resumable)."""
-        sampler.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        loader.set_epoch(epoch)  # an Accelerate loader sets its sampler's epoch from its own count of passes
+        sampler.set_epoch(epoch)  # (several processes: the shard inside it does not)
         for micro, (ids, words) in enumerate(loader, epoch * len(train_dl) + skip):
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + micro * 101 + accelerator.process_index)
             inputs, labels = mask_tokens(ids, words, cfg.mask.probability, tokenizer.mask_token_id, random_ids, gen)

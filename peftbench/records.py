@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from peftbench.errors import DivergedError, PeftbenchError
+from peftbench.errors import DivergedError, Interrupted, PeftbenchError
 
 SCHEMA_VERSION = 2  # 2 added metrics.score / score_name (the task's headline metric), so NER fits
 RECORD_NAME = "record.json"  # a fine-tuning run's record
@@ -140,8 +140,10 @@ def failed_record_on_error(path: Path, config: dict, run_id: str, env: dict, wri
         if isinstance(exc, PeftbenchError) and not phase.training:
             raise
         if write:
+            cut_short = {"interrupted": True} if isinstance(exc, Interrupted) else {}  # still to do for a sweep
             try:
-                write_atomic(path, make_record("failed", config, run_id, env, error=error_text(exc), extra=extra))
+                write_atomic(path, make_record("failed", config, run_id, env, error=error_text(exc),
+                                               extra={**(extra or {}), **cut_short}))
             except OSError as write_exc:
                 exc.record_error = f"{type(write_exc).__name__}: {write_exc}"
         raise

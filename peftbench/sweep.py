@@ -36,7 +36,7 @@ from pathlib import Path
 
 from peftbench import config
 from peftbench.config import RunConfig
-from peftbench.errors import PeftbenchError, one_line
+from peftbench.errors import Interrupted, PeftbenchError, one_line
 from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, error_text, read_record
 
@@ -137,9 +137,11 @@ def plan(cfgs: list[RunConfig], shard: tuple[int, int] = (0, 1)) -> list[Cell]:
 
 
 def record_status(cfg: RunConfig) -> str | None:
-    """The status of the record in ``cfg.output_dir`` (None: no record yet)."""
+    """The status of the record in ``cfg.output_dir`` (None: no record yet, or a run cut short from outside,
+    which is still to do)."""
     path = Path(cfg.output_dir) / RECORD_NAME
-    return read_record(path)["status"] if path.is_file() else None
+    record = read_record(path) if path.is_file() else None
+    return None if record is None or record.get("interrupted") else record["status"]
 
 
 CLAIMS_DIR = ".claims"  # in the sweep's output_dir: one file per cell being run
@@ -296,6 +298,8 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
                 outcome.ran += 1
                 try:
                     record = runner(cell.cfg, cell.provenance or {}).record
+                except Interrupted:  # a stop signal or a lost process: the group cannot go on
+                    raise
                 except PeftbenchError as exc:  # bad input for this cell (no record: a rerun tries it again)
                     print(f"cell {cell.run_id} refused: {one_line(exc)}", file=sys.stderr)
                     outcome.refused += 1

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from peftbench import checkpoint, distributed, models
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
-from peftbench.errors import DivergedError
+from peftbench.errors import DivergedError, PeftbenchError
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -95,7 +95,9 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     start = time.perf_counter()
     start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
     try:
-        with failed_record_on_error(stage / RECORD_NAME, cfg.to_dict(), cfg.run_id, env, main, extra) as phase:
+        with failed_record_on_error(stage / RECORD_NAME, cfg.to_dict(), cfg.run_id, env, main, extra) as phase, \
+                distributed.naming_lost_processes(accelerator.process_index, accelerator.num_processes,
+                                                  cfg.train.dist_timeout):
             model, tokenizer, result = _fine_tune(cfg, accelerator, launch, stage, out_dir, phase)
     except Exception:
         stop_tracking(accelerator)
@@ -115,6 +117,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     if main:
         write_atomic(stage / RECORD_NAME, record)
         checkpoint.publish(stage, out_dir)
+        shutil.rmtree(checkpoint.training_state_dir(out_dir), ignore_errors=True)  # the run is whole: no resuming
     accelerator.wait_for_everyone()
     release(accelerator)  # a sweep runs many cells in one process
     return RunResult(record, model, tokenizer)
@@ -220,14 +223,34 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
             best.update(metrics=history[-1], state={n: distributed.local(p).detach().to("cpu", copy=True)
                                                     for n, p in shards if p.requires_grad})
 
-    def batches(epoch: int, skip: int):
-        data.sampler.set_epoch(epoch)
-        return data.train
+    state_dir = checkpoint.training_state_dir(out_dir)
+    state, rng, resumed_from = LoopState(planned_steps=total_steps), None, []
+    if t.resume:
+        state, rng, resumed_from = (_resume(cfg, accelerator, raw_model, optimizer, method, state_dir, history, best)
+                                    or (state, rng, resumed_from))
 
-    state = LoopState(planned_steps=total_steps)
-    hooks = Hooks(on_optimizer_step=lambda step: method.on_optimizer_step(raw_model, step), on_eval=on_eval)
+    def batches(epoch: int, skip: int):
+        nonlocal rng
+        loader = accelerator.skip_first_batches(data.train, skip) if skip else data.train
+        loader.set_epoch(epoch)  # an Accelerate loader sets its sampler's epoch from its own count of passes
+        data.sampler.set_epoch(epoch)  # (several processes: the shard inside it does not)
+        if rng is None:
+            return loader
+        restore, rng = rng, None
+        return _restoring_rng(loader, restore)
+
+    def save_state(s: LoopState) -> None:
+        trained = {n: distributed.local(p).detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
+        checkpoint.save_process_states(
+            accelerator, {"loop": s.to_dict(), "history": history, "best": history.index(best["metrics"]) if best
+                          else None, "resumed_from": resumed_from},
+            {"trained": trained, "optimizer": optimizer.state_dict(), "best": best.get("state"),
+             "method": method.training_state(raw_model)}, cfg.run_id, state_dir)
+
+    hooks = Hooks(on_optimizer_step=lambda step: method.on_optimizer_step(raw_model, step), on_eval=on_eval,
+                  on_save=save_state)
     phase.training = True
-    throughput = fit(accelerator, model, optimizer, batches, t, state, hooks, trainable,
+    throughput = fit(accelerator, model, optimizer, batches, t, state, hooks, trainable, save_every=t.save_state_every,
                      desc=f"{cfg.task.name}/{cfg.method.name}")
 
     if best["metrics"] is history[-1]:  # training ended in its best state: that evaluation stands
@@ -274,8 +297,47 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         "learning_rate": {"peak": t.lr, "method_default": method.default_lr},
         "checkpoint": str(out_dir / checkpoint.CHECKPOINT_DIR) if t.save_checkpoint else None,
         "total_steps": total_steps,
+        **({"resumed_from": resumed_from} if resumed_from else {}),
     }
     return raw_model, data.tokenizer, result
+
+
+def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, method: Method, state_dir: Path,
+            history: list, best: dict) -> tuple[LoopState, dict, list[int]] | None:
+    """Load the training state a killed run of this configuration left in ``state_dir`` into the model, the
+    optimizer, the method, the dev history and the best state; returns (loop state, this process's RNG states,
+    the steps each session resumed from), or None when there is none."""
+    saved = checkpoint.read_training_state(state_dir, cfg.run_id)
+    if saved is None:
+        accelerator.print(f"train.resume: no training state in {state_dir}; training from step 0")
+        return None
+    if saved["processes"] != accelerator.num_processes:
+        raise PeftbenchError(f"{state_dir}: a training state of {saved['processes']} processes; resume it with as "
+                             f"many (this launch has {accelerator.num_processes})")
+    tensors = checkpoint.load_process_state(state_dir, accelerator.process_index)
+    params = dict(raw_model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors["trained"].items():
+            distributed.local(params[name]).copy_(value)
+    optimizer.load_state_dict(tensors["optimizer"])
+    method.load_training_state(raw_model, tensors["method"])
+    history.extend(saved["history"])
+    if saved["best"] is not None:
+        best.update(metrics=history[saved["best"]], state=tensors["best"])
+    state = LoopState(**saved["loop"])
+    accelerator.print(f"resuming {cfg.output_dir} at step {state.step} of {state.planned_steps}")
+    return state, tensors["rng"], [*saved["resumed_from"], state.step]
+
+
+def _restoring_rng(loader, rng: dict):
+    """``loader``'s batches, with this process's RNG states restored once its first batch is fetched: the
+    iterator draws a seed from the global generator, which the interrupted run did at the start of the epoch."""
+    batches = iter(loader)
+    first = next(batches, None)
+    checkpoint.set_rng_state(rng)
+    if first is not None:
+        yield first
+        yield from batches
 
 
 def save(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, model, data: Data, method: Method,

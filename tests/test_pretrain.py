@@ -160,9 +160,18 @@ def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
     monkeypatch.setattr(checkpoint, "save_training_state", save_then_die)
 
 
-def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("documents", [None, 160], ids=["in-one-epoch", "across-epochs"])
+def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypatch, documents):
+    """Killed at step 8 of 12: inside the first epoch of the whole corpus; on 160 documents (5 steps an epoch)
+    in the second epoch, the third still to come (each epoch shuffles by its own number)."""
+    if documents:
+        small = tmp_path / "small.json"
+        small.write_text("".join(corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:documents]),
+                         encoding="utf-8")
+        corpus = small
     args = ["train.max_steps=12", "train.save_every=4", "train.eval_every=4"]
     full = pretrain.pretrain(quick_cfg(corpus, tmp_path / "full", *args))
+    assert (full["data"]["epochs_seen"] > 2) == bool(documents)
     interrupt_after_checkpoint(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         pretrain.pretrain(quick_cfg(corpus, tmp_path / "cut", *args))

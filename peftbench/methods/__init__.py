@@ -80,6 +80,14 @@ class Method:
         """Method-specific facts for the result record."""
         return {}
 
+    def training_state(self, model: nn.Module) -> dict:
+        """What the method changes while training outside the model's parameters, for a resumable state (tensors,
+        numbers, strings, lists and dicts of them)."""
+        return {}
+
+    def load_training_state(self, model: nn.Module, state: dict) -> None:
+        """Restore what :meth:`training_state` returned."""
+
     def trained_bytes(self, model: nn.Module, state: dict | None = None) -> int:
         """Bytes of the tensors ``save`` writes (its file size, less the format's small overhead); ``state``: the
         gathered tensors of a sharded model (see ``save``)."""

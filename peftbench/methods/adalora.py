@@ -22,6 +22,8 @@ from peftbench.config import require
 from peftbench.errors import PeftbenchError
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
+SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's RankAllocator: importance, its two smoothed terms
+
 
 @dataclass
 class AdaLoraConfig(MethodConfig):
@@ -76,6 +78,18 @@ class AdaLora(PeftMethod):
 
     def on_optimizer_step(self, model, step: int) -> None:
         model.base_model.update_and_allocate(step)
+
+    def training_state(self, model) -> dict:
+        """The importance scores (smoothed sensitivity and uncertainty) and the rank pattern found so far."""
+        allocator = model.base_model.rankallocator
+        return {**{key: dict(getattr(allocator, key)) for key in SCORES},
+                "rank_pattern": model.peft_config["default"].rank_pattern}
+
+    def load_training_state(self, model, state: dict) -> None:
+        allocator, device = model.base_model.rankallocator, next(model.parameters()).device
+        for key in SCORES:
+            setattr(allocator, key, {name: score.to(device) for name, score in state[key].items()})
+        model.peft_config["default"].rank_pattern = state["rank_pattern"]
 
     def summary(self, model) -> dict:
         cfg = model.peft_config["default"]

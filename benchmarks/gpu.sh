@@ -30,13 +30,13 @@ step() {  # step NAME COMMAND...: run, keep its table, report its time
 if (( smoke )); then  # tiny shapes on CPU: every script and argument the GPU run uses, in seconds
   base=tiny large=tiny precision=no precisions=no,bf16 matrix_archs=tiny quantizations=none
   sizes=(--steps 2 --warmup 1 --batch-size 4 --seq-len 32)
-  methods=full,lora,adapter matrix_methods=full,lora shapes=2x16
+  methods=full,lora,adapter matrix_methods=full,lora shapes=2x16 state_steps=4 state_every=2
   echo "smoke run on CPU: $(python -c 'import torch; print("torch", torch.__version__)')"
 else
   base=bert-base-chinese large=hfl/chinese-roberta-wwm-ext-large precision=bf16 precisions=fp16,bf16
   matrix_archs=bert-base-chinese,qwen2-small quantizations=none,8bit,4bit
   sizes=(--steps 20 --warmup 5 --batch-size 32 --seq-len 128)
-  methods=full,lora,adapter,prefix matrix_methods=full,lora shapes=2x16,8x128,32x128
+  methods=full,lora,adapter,prefix matrix_methods=full,lora shapes=2x16,8x128,32x128 state_steps=300 state_every=100
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 
@@ -53,6 +53,8 @@ step plan python "$here/plan_check.py" --archs "$base,qwen2-small" --precision "
   --methods "$methods" --out "$out/plan.json"
 step fsdp python "$here/fsdp_check.py" --arch "$base" --precision "$precision" --steps "${sizes[1]}" \
   --batch-size "${sizes[5]}" --seq-len "${sizes[7]}" --out "$out/fsdp.json"
+step state python "$here/state_overhead.py" --arch "$base" --precision "$precision" --steps "$state_steps" \
+  --every "$state_every" --batch-size "${sizes[5]}" --seq-len "${sizes[7]}" --out "$out/state.json"
 step matrix python "$here/precision_matrix.py" --arch "$matrix_archs" --precisions "$precisions" \
   --methods "$matrix_methods" --quantizations "$quantizations" --steps 4 --out "$out/matrix.json"
 python "$here/targets.py" "$out" | tee "$out/targets.md"

@@ -65,6 +65,13 @@ def targets(out: Path) -> list[tuple[str, str, bool | None]]:
         result.append(("FSDP2 LoRA holds what the plan says (±15 %)", f"worst {worst:.1%}", worst <= 0.15))
     else:
         result.append(("FSDP2 LoRA holds what the plan says (±15 %)", "—", None))
+    state = rows(out / "state.json")
+    if state:
+        worst = max(r["overhead"] for r in state)
+        result.append(("a training state every 100 steps costs ≤ 5 % of a run", f"worst {worst:+.1%}",
+                       worst <= 0.05))
+    else:
+        result.append(("a training state every 100 steps costs ≤ 5 % of a run", "—", None))
     matrix = rows(out / "matrix.json")
     crashed = [r for r in matrix if r["status"].startswith("error")]
     result.append(("every method × precision × base runs (or is refused by design)",

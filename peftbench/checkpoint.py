@@ -303,20 +303,34 @@ def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, wh
     """A resumable state: each process's ``tensors`` (trained weights, optimizer, ...) with its RNG states, and
     the loop position ``state`` (main process), replaced as a whole (a kill leaves the last whole one). On
     several machines, ``where`` must be a folder they share."""
-    tmp = where.with_name(where.name + ".tmp")
+    tmp, old = where.with_name(where.name + ".tmp"), where.with_name(where.name + ".old")
     main = accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    tmp.mkdir(parents=True, exist_ok=True)
     torch.save({**tensors, "rng": rng_state()}, tmp / f"process_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if main:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         settle_modes(tmp)
-        shutil.rmtree(where, ignore_errors=True)
+        if where.exists():  # the last whole state steps aside until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            where.rename(old)
         tmp.rename(where)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def whole_state_dir(where: Path) -> Path:
+    """``where``, or the state that stepped aside for it when a kill came between the two renames."""
+    old = where.with_name(where.name + ".old")
+    return old if not where.exists() and old.exists() else where
+
+
+def remove_state(where: Path) -> None:
+    for path in (where, where.with_name(where.name + ".tmp"), where.with_name(where.name + ".old")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_process_state(where: Path, process_index: int) -> dict:

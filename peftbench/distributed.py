@@ -101,7 +101,9 @@ def naming_lost_processes(process_index: int, processes: int, dist_timeout: int)
         yield
     except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's plain RuntimeError
         text = " ".join(str(exc).split())
-        if processes == 1 or isinstance(exc, Interrupted) or not any(cue in text.lower() for cue in PEER_LOST):
+        backend = isinstance(exc, torch.distributed.DistError) or "gloo" in text.lower() or "nccl" in text.lower()
+        if processes == 1 or isinstance(exc, Interrupted) or not backend or \
+                not any(cue in text.lower() for cue in PEER_LOST):
             raise
         raise LostProcess(f"process {process_index} of {processes} lost another process of the group (it died, or "
                           f"did not answer within train.dist_timeout={dist_timeout} s): {text[:400]}") from exc

@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftbench.config import NOT_IDENTITY
 from peftbench.errors import PeftbenchError
 from peftbench.records import RECORD_NAME, read_record
 
@@ -230,7 +231,8 @@ def _settings(record: dict) -> tuple[tuple, str]:
     tuned = record.get("provenance", {}).get("phase") == "final"
     method = dict(config["method"])
     name = method.pop("name")
-    train = {k: v for k, v in config["train"].items() if k != "seed" and not (tuned and k == "lr")}
+    train = {k: v for k, v in config["train"].items()  # keys that change no result (NOT_IDENTITY) split no row
+             if k != "seed" and k not in NOT_IDENTITY and not (tuned and k == "lr")}
     identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
                 json.dumps({k: v for k, v in config["model"].items()}, sort_keys=True), tuned)
     settings = record.get("settings") or {"method": method, "model": {}}  # older records: every method key
@@ -277,6 +279,8 @@ def build(records: list[dict]) -> list[Group]:
                 group.baselines[task] = found[0]
         for row in group.rows.values():
             for r in row.records:
+                if r.get("interrupted"):  # cut short from outside: still to run, not a failure of the method
+                    continue
                 task = r["config"]["task"]["name"]
                 cell = row.cells.setdefault(task, Scores())
                 if r["status"] == "success":

@@ -238,9 +238,11 @@ def study_lock(study: Study):
 
 
 def _trial_records(study: Study, search: SearchSpec, lr: float) -> list[dict] | None:
-    """The records of a trial's runs, or None while any is missing."""
+    """The records of a trial's runs, or None while any is missing or was cut short from outside (it runs
+    again)."""
     paths = [Path(study.cell_cfg(SEARCH_DIR, lr, seed).output_dir) / RECORD_NAME for seed in search.seeds]
-    return [read_record(p) for p in paths] if all(p.is_file() for p in paths) else None
+    records = [read_record(p) for p in paths] if all(p.is_file() for p in paths) else None
+    return None if records is None or any(r.get("interrupted") for r in records) else records
 
 
 def settle(optuna_study, study: Study, search: SearchSpec) -> None:

@@ -117,7 +117,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     if main:
         write_atomic(stage / RECORD_NAME, record)
         checkpoint.publish(stage, out_dir)
-        shutil.rmtree(checkpoint.training_state_dir(out_dir), ignore_errors=True)  # the run is whole: no resuming
+        checkpoint.remove_state(checkpoint.training_state_dir(out_dir))  # the run is whole: nothing to resume
     accelerator.wait_for_everyone()
     release(accelerator)  # a sweep runs many cells in one process
     return RunResult(record, model, tokenizer)
@@ -245,7 +245,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
             accelerator, {"loop": s.to_dict(), "history": history, "best": history.index(best["metrics"]) if best
                           else None, "resumed_from": resumed_from},
             {"trained": trained, "optimizer": optimizer.state_dict(), "best": best.get("state"),
-             "method": method.training_state(raw_model)}, cfg.run_id, state_dir)
+             "method": method.training_state(raw_model),
+             "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}, cfg.run_id, state_dir)
 
     hooks = Hooks(on_optimizer_step=lambda step: method.on_optimizer_step(raw_model, step), on_eval=on_eval,
                   on_save=save_state)
@@ -307,6 +308,7 @@ def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, meth
     """Load the training state a killed run of this configuration left in ``state_dir`` into the model, the
     optimizer, the method, the dev history and the best state; returns (loop state, this process's RNG states,
     the steps each session resumed from), or None when there is none."""
+    state_dir = checkpoint.whole_state_dir(state_dir)
     saved = checkpoint.read_training_state(state_dir, cfg.run_id)
     if saved is None:
         accelerator.print(f"train.resume: no training state in {state_dir}; training from step 0")
@@ -320,6 +322,8 @@ def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, meth
         for name, value in tensors["trained"].items():
             distributed.local(params[name]).copy_(value)
     optimizer.load_state_dict(tensors["optimizer"])
+    if accelerator.scaler:  # fp16: the loss scale and its growth tracker
+        accelerator.scaler.load_state_dict(tensors["scaler"])
     method.load_training_state(raw_model, tensors["method"])
     history.extend(saved["history"])
     if saved["best"] is not None:

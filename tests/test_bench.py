@@ -46,10 +46,10 @@ def smoke(tmp_path_factory):
 def test_gpu_script_smoke_run(smoke):
     out, done = smoke
     assert done.returncode == 0, done.stdout + done.stderr
-    for step in ("bert-base", "large", "plan", "fsdp", "matrix"):
+    for step in ("bert-base", "large", "plan", "fsdp", "state", "matrix"):
         assert (out / f"{step}.json").is_file() and f"({step}: " in done.stdout, step
     table = (out / "targets.md").read_text().splitlines()
-    assert table[0] == "| target | measured | met |" and len(table) == 2 + 8
+    assert table[0] == "| target | measured | met |" and len(table) == 2 + 9
     assert "| FSDP2 LoRA holds what the plan says (±15 %) | worst " in "\n".join(table)
     assert all(not line.endswith("| — |") for line in table[2:]), table  # every target measured
     assert "| planner within ±15 % of measured memory | worst " in "\n".join(table)

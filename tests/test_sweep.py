@@ -159,3 +159,17 @@ def test_shipped_sweeps_expand():
     assert len(clue) == 7 * 5 * 3
     assert {c.method.name for c in clue} == {"full", "adapter", "lora", "adalora", "prefix"}
     assert len(sweep.expand(sweep.read_sweep(root / "fewclue-peft.yaml"))) == 8 * 5 * 3
+
+
+def test_a_cell_cut_short_from_outside_is_still_to_do(tmp_path):
+    """A failed record marked ``interrupted`` (a lost process, a stop signal) is run again; another failed one
+    is done (unless ``--retry-failed``)."""
+    from peftbench import config
+
+    cfg = config.load(None, ["task.name=synthetic", f"output_dir={tmp_path / 'cell'}"])
+    (tmp_path / "cell").mkdir()
+    for error, extra, status in (("LostProcess: process 0 of 2 lost another process", {"interrupted": True}, None),
+                                 ("RuntimeError: a bug", None, "failed")):
+        write_atomic(tmp_path / "cell" / RECORD_NAME, make_record("failed", cfg.to_dict(), cfg.run_id, {},
+                                                                  error=error, extra=extra))
+        assert sweep.record_status(cfg) == status

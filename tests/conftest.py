@@ -233,9 +233,10 @@ CHANCE = 0.25
 # Learning rates for the random-init tiny backbone (variants share their method's rate).
 LR = {"full": 5e-4, "lora": 5e-3, "adalora": 1e-2, "adapter": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
       "bitfit": 1e-2}
-VARIANTS = {  # name -> method overrides
+LONGER = ["task.max_train_samples=null", "train.batch_size=32", "train.epochs=3"]  # 96 steps over 1000 examples
+VARIANTS = {  # name -> overrides: method settings, and a longer run for prefix's reparameterised prompt
     "full": [], "lora": [], "lora-rslora": ["method.use_rslora=true"], "lora-dora": ["method.use_dora=true"],
-    "adalora": [], "adapter": [], "adapter-pfeiffer": ["method.variant=pfeiffer"], "prefix": [],
+    "adalora": [], "adapter": [], "adapter-pfeiffer": ["method.variant=pfeiffer"], "prefix": LONGER,
     "prefix-no-mlp": ["method.reparameterize=false"], "prompt": [], "ia3": [], "bitfit": [],
 }
 
@@ -244,7 +245,8 @@ def variant_config(variant, out_dir, *extra):
     from peftbench import config
 
     method = variant.split("-")[0]
-    return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=3",
+    return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48",
+                              "task.max_train_samples=320", "train.batch_size=16", "train.epochs=4",  # 80 steps
                               f"method.name={method}", f"train.lr={LR[method]}", f"output_dir={out_dir}",
                               *VARIANTS[variant], *extra])
 

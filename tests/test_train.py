@@ -38,7 +38,7 @@ def test_record_schema_and_counts(trained, method):
     assert rec == json.loads(json.dumps(result.record))
     assert rec["status"] == "success" and rec["schema_version"] == 2
     m, p, env = rec["metrics"], rec["params"], rec["env"]
-    assert m["n_eval"] == 300 and m["test_n_eval"] == 300 and rec["data"]["n_train"] == 1000
+    assert m["n_eval"] == 300 and m["test_n_eval"] == 300 and rec["data"]["n_train"] == 320  # max_train_samples
     assert m["train_samples_per_s"] > 0 and m["train_tokens_per_s"] > m["train_samples_per_s"]
     assert m["timed_steps"] == rec["total_steps"] - 5
     assert m["peak_memory_mb"] > 0 and m["wall_s"] > 0 and m["eval_samples_per_s"] > 0

@@ -29,8 +29,6 @@ QUANTIZATION = ("none", "8bit", "4bit")
 LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (any depth); append every new key
     "model.quantization", "model.quant_4bit_type", "model.quant_4bit_compute_dtype", "model.quant_4bit_double",
     "train.evaluate_test", "method.init", "train.sharding")
-NOT_IDENTITY = ("report_to", "measure_inference", "dist_timeout", "save_state_every", "resume")  # train.* keys that
-# change no result: left out of the run id
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 SHARDING = ("auto", "ddp", "fsdp2")  # auto: as the launch asks (an Accelerate FSDP config: fsdp2)
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
@@ -123,6 +121,8 @@ class RunConfig:
         they existed keep their ids (and sweeps resume over them)."""
         body = self.to_dict()
         body.pop("output_dir")
+        from peftbench.records import NOT_IDENTITY  # (records import torch: not at start-up)
+
         for key in NOT_IDENTITY:  # how a run is watched, measured after, saved on the way or resumed
             body["train"].pop(key)
         drop_defaults(body, RunConfig(method=type(self.method)()).to_dict(), LATER_KEYS)

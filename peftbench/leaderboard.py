@@ -25,9 +25,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftbench.config import NOT_IDENTITY
 from peftbench.errors import PeftbenchError
-from peftbench.records import RECORD_NAME, read_record
+from peftbench.records import NOT_IDENTITY, RECORD_NAME, read_record
 
 ALPHA = 0.05
 MIN_SEEDS_FOR_TEST = 3

@@ -18,6 +18,9 @@ import torch
 
 from peftbench.errors import DivergedError, Interrupted, PeftbenchError
 
+NOT_IDENTITY = ("report_to", "measure_inference", "dist_timeout", "save_state_every", "resume")  # train.* keys of a
+# run's config that change no result: left out of its run id and of a leaderboard row's identity
+
 SCHEMA_VERSION = 2  # 2 added metrics.score / score_name (the task's headline metric), so NER fits
 RECORD_NAME = "record.json"  # a fine-tuning run's record
 PRETRAIN_RECORD_NAME = "pretrain_record.json"

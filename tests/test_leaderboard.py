@@ -153,6 +153,21 @@ def test_quantised_runs_are_their_own_rows(tmp_path):
     assert all(len(row.cells["tnews"].scores) == 3 for row in group.rows.values())
 
 
+def test_keys_that_change_no_result_split_no_row_and_cut_short_runs_are_left_out(tmp_path):
+    """Seeds run with and without resumable states, or with another timeout, are one row; a run cut short from
+    outside (a lost process: it runs again) is neither a score nor a failure."""
+    for seed, extra in ((1, ()), (2, ("train.save_state_every=50", "train.resume=true")),
+                        (3, ("train.dist_timeout=60", "train.measure_inference=false"))):
+        record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.55, extra=extra)
+    cut = record(tmp_path, "bert-base-chinese", "lora", "tnews", 4, 0.5, status="failed",
+                 error="LostProcess: process 0 of 2 lost another process of the group", extra=("train.resume=true",))
+    cut["interrupted"] = True
+    write_atomic(tmp_path / f"bert-base-chinese-lora-tnews-4-{ENV['device_name']}-1" / "record.json", cut)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    (row,) = group.rows.values()
+    assert len(row.cells["tnews"].scores) == 3 and not row.cells["tnews"].failures
+
+
 def test_pscp_is_the_average_with_peft_bench_penalties(tmp_path):
     for seed in (1, 2, 3):
         for task, acc in (("tnews", 0.5), ("afqmc", 0.7)):

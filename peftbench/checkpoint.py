@@ -300,7 +300,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, where: Path) -> None:
-    """A resumable state: each process's ``tensors`` (trained weights, optimizer, ...) with its RNG states, and
+    """A resumable state: each process's ``tensors`` (trained weights, optimizer, ...; empty where they are the
+    main process's) with its RNG states, and
     the loop position ``state`` (main process), replaced as a whole (a kill leaves the last whole one). On
     several machines, ``where`` must be a folder they share."""
     tmp, old = where.with_name(where.name + ".tmp"), where.with_name(where.name + ".old")

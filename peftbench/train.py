@@ -240,13 +240,15 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         return _restoring_rng(loader, restore)
 
     def save_state(s: LoopState) -> None:
-        trained = {n: distributed.local(p).detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad}
+        shared = {}  # the same on every process (DDP): written once, by the main process; each its own RNG
+        if accelerator.is_main_process:
+            shared = {"trained": {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad},
+                      "optimizer": optimizer.state_dict(), "best": best.get("state"),
+                      "method": method.training_state(raw_model),
+                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
         checkpoint.save_process_states(
             accelerator, {"loop": s.to_dict(), "history": history, "best": history.index(best["metrics"]) if best
-                          else None, "resumed_from": resumed_from},
-            {"trained": trained, "optimizer": optimizer.state_dict(), "best": best.get("state"),
-             "method": method.training_state(raw_model),
-             "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}, cfg.run_id, state_dir)
+                          else None, "resumed_from": resumed_from}, shared, cfg.run_id, state_dir)
 
     hooks = Hooks(on_optimizer_step=lambda step: method.on_optimizer_step(raw_model, step), on_eval=on_eval,
                   on_save=save_state)
@@ -316,11 +318,12 @@ def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, meth
     if saved["processes"] != accelerator.num_processes:
         raise PeftbenchError(f"{state_dir}: a training state of {saved['processes']} processes; resume it with as "
                              f"many (this launch has {accelerator.num_processes})")
-    tensors = checkpoint.load_process_state(state_dir, accelerator.process_index)
+    own = checkpoint.load_process_state(state_dir, accelerator.process_index)
+    tensors = {**checkpoint.load_process_state(state_dir, 0), "rng": own["rng"]} if accelerator.process_index else own
     params = dict(raw_model.named_parameters())
     with torch.no_grad():
         for name, value in tensors["trained"].items():
-            distributed.local(params[name]).copy_(value)
+            params[name].copy_(value)
     optimizer.load_state_dict(tensors["optimizer"])
     if accelerator.scaler:  # fp16: the loss scale and its growth tracker
         accelerator.scaler.load_state_dict(tensors["scaler"])

@@ -348,6 +348,7 @@ def _sweep(ns) -> int:
     spec = sweep.read_sweep(ns.sweep_file)
     timeout = config.merge(spec["recipe"], config.parse_overrides(ns.overrides)).get("train", {}).get("dist_timeout")
     main = process_state(*[int(timeout)] if timeout else []).is_main_process
+    board = sweep.board(spec) if main else None  # only the main process claims cells
     if main:
         print(f"{ns.sweep_file}: {sweep.count_cells(spec):,} grid cells", flush=True)
     shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []
@@ -363,12 +364,12 @@ def _sweep(ns) -> int:
             print(f"{len(studies)} studies in this shard ({spec['search'].trials} learning rates each), "
                   f"results in {spec['output_dir']}")
         if ns.dry_run:
-            print("\n".join(search.describe(studies, spec["search"])))
+            print("\n".join(search.describe(studies, spec["search"], board)))
             return 0
         outcome, waiting, no_final = search.run_search(studies, spec["search"], ns.retry_failed,
-                                                       provenance=provenance)
+                                                       provenance=provenance, board=board)
     else:
-        cells = sweep.plan(sweep.expand(spec, ns.overrides, ns.max_cells), sweep.parse_shard(ns.shard))
+        cells = sweep.plan(sweep.expand(spec, ns.overrides, ns.max_cells), sweep.parse_shard(ns.shard), board)
         todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
         if main:
             print(f"{len(cells)} cells in this shard, {len(todo)} to run, results in {spec['output_dir']}")
@@ -377,7 +378,7 @@ def _sweep(ns) -> int:
                 task, method, seed = c.cfg.task.name, c.cfg.method.name, c.cfg.train.seed
                 print(f"{c.run_id}  {task:<12} {method:<8} seed {seed:<4} {c.status or 'to do'}")
             return 0
-        outcome = sweep.run_sweep(cells, ns.retry_failed, provenance=provenance)
+        outcome = sweep.run_sweep(cells, ns.retry_failed, provenance=provenance, board=board)
     if main:
         print(run_summary([r for r in outcome.records if r["status"] == "success"]))
         for r in outcome.records:

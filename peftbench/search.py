@@ -5,7 +5,7 @@
       lr: {full: [1e-5, 1e-3]}        # log range per method; others: the method's default (docs/methods/<name>.md)
       seeds: [1]                      # seeds per trial; a trial's value is its mean dev score
       sampler: grid                   # grid: log-spaced points, deterministic | tpe: Optuna's TPE
-      storage: null                   # SQLAlchemy URL; default sqlite:///<output_dir>/search.db
+      storage: null                   # SQLAlchemy URL; default: the sweep's, else sqlite:///<output_dir>/search.db
     final:
       seeds: [1, 2, 3]                # fresh runs at the learning rate with the best mean dev score
 
@@ -14,32 +14,31 @@ study in ``storage`` with exactly ``trials`` trials. A trial's runs are ordinary
 ``output_dir/search/``, dev only: no test score, no checkpoint); once every trial of a study has finished,
 the final runs at the chosen learning rate go to ``output_dir/final/``. Each record's ``provenance`` says its
 phase, study, trial and budget. Optuna holds what is shared between workers (the learning rate each trial
-drew, which trials are done); the records hold the results, and the tables read only the records.
+drew, which trials are done); the records hold the results, and the tables read only the records. With a
+database storage (``search.storage`` or the sweep's ``storage``), cell claims, study locks and each run's
+outcome go through that database too (:mod:`peftbench.claims`), so workers need not share a folder.
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftbench import sweep
+from peftbench.claims import Board, FolderBoard
 from peftbench.config import RunConfig, _yaml_float
 from peftbench.errors import PeftbenchError
 from peftbench.loop import process_state
 from peftbench.methods import get_method
-from peftbench.records import RECORD_NAME, read_record
 from peftbench.sweep import (
-    CLAIMS_DIR,
     MAX_CELLS,
     VARIANTS,
     Cell,
-    Claim,
     SweepOutcome,
     agree,
+    cell_outcome,
     expand,
     record_status,
     run_sweep,
@@ -47,7 +46,6 @@ from peftbench.sweep import (
 
 SAMPLERS = ("grid", "tpe")
 SEARCH_DIR, FINAL_DIR = "search", "final"  # in the sweep's output_dir
-LOCK_WAIT_S = 0.2  # between tries for a study's lock
 
 
 @dataclass
@@ -117,7 +115,8 @@ def read_search(spec: dict, path: Path) -> SearchSpec:
             raise PeftbenchError(f"{path}: field 'grid.{key}' cannot be set with a search (the search sets it)")
     if any("lr" in (v.get("train") or {}) for v in spec["grid"].get(VARIANTS, [])):
         raise PeftbenchError(f"{path}: field 'grid.{VARIANTS}' cannot set train.lr with a search (the search sets it)")
-    storage = search.get("storage") or f"sqlite:///{Path(spec['output_dir']).resolve() / 'search.db'}"
+    storage = (search.get("storage") or spec.get("storage")
+               or f"sqlite:///{Path(spec['output_dir']).resolve() / 'search.db'}")
     return SearchSpec(trials, _seeds(search.get("seeds", [42]), f"{path}: field 'search.seeds'"), lr, sampler,
                       storage, _seeds(final["seeds"], f"{path}: field 'final.seeds'") if final else [], str(path))
 
@@ -188,7 +187,7 @@ def _grid_sampler_class():
     return GridSampler
 
 
-def open_study(study: Study, search: SearchSpec):
+def open_study(study: Study, search: SearchSpec, board: Board | None = None):
     optuna = _optuna()
     if search.storage.startswith("sqlite:///"):
         Path(search.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +196,7 @@ def open_study(study: Study, search: SearchSpec):
         sampler = _grid_sampler_class()({"lr": grid_lrs(low, high, search.trials)}, seed=0)
     else:
         sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=max(1, search.trials // 2))
-    with held(study.output_dir / CLAIMS_DIR / "search-storage.json"):  # one worker creates the tables
+    with (board or FolderBoard(study.output_dir)).hold("search-storage"):  # one worker creates the tables
         optuna_study = optuna.create_study(storage=search.storage, study_name=study.name, direction="maximize",
                                            sampler=sampler, load_if_exists=True)
         _same_budget(optuna_study, study, search)
@@ -221,31 +220,19 @@ def _same_budget(optuna_study, study: Study, search: SearchSpec) -> None:
             "output_dir (or search.storage)")
 
 
-@contextmanager
-def held(path: Path):
-    """Hold the claim ``path`` alone (workers share the results folder), waiting while another worker has it."""
-    while (claim := Claim.take(path)) is None:
-        time.sleep(LOCK_WAIT_S)
-    try:
-        yield
-    finally:
-        claim.release()
-
-
-def study_lock(study: Study):
+def study_lock(study: Study, board: Board):
     """Hold ``study`` alone while looking at and adding to its trials."""
-    return held(study.output_dir / CLAIMS_DIR / f"study-{study.name}.json")
+    return board.hold(f"study-{study.name}")
 
 
-def _trial_records(study: Study, search: SearchSpec, lr: float) -> list[dict] | None:
-    """The records of a trial's runs, or None while any is missing or was cut short from outside (it runs
-    again)."""
-    paths = [Path(study.cell_cfg(SEARCH_DIR, lr, seed).output_dir) / RECORD_NAME for seed in search.seeds]
-    records = [read_record(p) for p in paths] if all(p.is_file() for p in paths) else None
-    return None if records is None or any(r.get("interrupted") for r in records) else records
+def _trial_outcomes(study: Study, search: SearchSpec, lr: float, board: Board) -> list[dict] | None:
+    """The outcomes (status, score) of a trial's runs, or None while any is missing or was cut short from
+    outside (it runs again)."""
+    outcomes = [cell_outcome(study.cell_cfg(SEARCH_DIR, lr, seed), board) for seed in search.seeds]
+    return None if any(o is None for o in outcomes) else outcomes
 
 
-def settle(optuna_study, study: Study, search: SearchSpec) -> None:
+def settle(optuna_study, study: Study, search: SearchSpec, board: Board) -> None:
     """Tell Optuna the value (mean dev score) of every running trial whose runs all have records; a trial
     with a failed run fails (a learning rate that diverges has been tried: it counts in the budget)."""
     from optuna.trial import TrialState
@@ -253,23 +240,24 @@ def settle(optuna_study, study: Study, search: SearchSpec) -> None:
     for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "lr" not in trial.params:  # not drawn yet (next_trial draws it)
             continue
-        records = _trial_records(study, search, trial.params["lr"])
-        if records is None:
+        outcomes = _trial_outcomes(study, search, trial.params["lr"], board)
+        if outcomes is None:
             continue
-        if all(r["status"] == "success" for r in records):
-            optuna_study.tell(trial.number, statistics.fmean(r["metrics"]["score"] for r in records),
+        if all(o["status"] == "success" for o in outcomes):
+            optuna_study.tell(trial.number, statistics.fmean(o["score"] for o in outcomes),
                               skip_if_finished=True)
         else:
             optuna_study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
-def next_trial(optuna_study, study: Study, search: SearchSpec, attempted: set[int]) -> tuple[int, float] | None:
+def next_trial(optuna_study, study: Study, search: SearchSpec, attempted: set[int],
+               board: Board) -> tuple[int, float] | None:
     """(trial number, learning rate) to work on: a running trial not yet attempted by this worker (another
     worker's, or a killed one's), else a new trial while the study has fewer than ``trials``; None when done."""
     from optuna.trial import TrialState
 
-    with study_lock(study):
-        settle(optuna_study, study, search)
+    with study_lock(study, board):
+        settle(optuna_study, study, search, board)
         trials = optuna_study.get_trials(deepcopy=False)
         low_high = search.lr_range(study.cfg.method.name)
         for trial in trials:
@@ -301,17 +289,19 @@ def choice(optuna_study, search: SearchSpec) -> dict | None:
 
 
 def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
-               provenance: dict | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
+               provenance: dict | None = None, board: Board | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
     """Every study's trials, then its final runs. Returns the outcome, the studies whose last trials run in
-    another worker (which runs their final seeds when they end), and the studies whose every trial failed."""
+    another worker (which runs their final seeds when they end), and the studies whose every trial failed.
+    Workers claim cells and lock studies on ``board`` (default: claim files in the study's output folder)."""
     main = process_state().is_main_process
     outcome, waiting, failed = SweepOutcome(records=[]), [], []
     for study in studies_:
         method = study.cfg.method.name
-        optuna_study = open_study(study, search) if main else None
+        on = board or FolderBoard(study.output_dir)
+        optuna_study = open_study(study, search, on) if main else None
         attempted: set[int] = set()
         refused_before = outcome.refused
-        while (trial := agree(next_trial(optuna_study, study, search, attempted) if main else None)) is not None:
+        while (trial := agree(next_trial(optuna_study, study, search, attempted, on) if main else None)) is not None:
             number, lr = trial
             attempted.add(number)
             if main:
@@ -319,12 +309,12 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
             cells = [Cell(cfg, record_status(cfg), {"phase": SEARCH_DIR, "study": study.name, "trial": number,
                                                     "budget": search.budget(method)})
                      for cfg in (study.cell_cfg(SEARCH_DIR, lr, seed) for seed in search.seeds)]
-            tried = run_sweep(cells, retry_failed, runner, provenance)
+            tried = run_sweep(cells, retry_failed, runner, provenance, on)
             tried.failed_trials, tried.failed = tried.failed, 0
             outcome.add(tried)
         if main:
-            with study_lock(study):
-                settle(optuna_study, study, search)
+            with study_lock(study, on):
+                settle(optuna_study, study, search, on)
         chosen = agree(choice(optuna_study, search) if main else None)
         if not search.final_seeds:
             continue
@@ -340,18 +330,18 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
                  "search_dev_score": chosen["dev_score"], "budget": search.budget(method)}
         cells = [Cell(cfg, record_status(cfg), final)
                  for cfg in (study.cell_cfg(FINAL_DIR, chosen["lr"], seed) for seed in search.final_seeds)]
-        outcome.add(run_sweep(cells, retry_failed, runner, provenance))
+        outcome.add(run_sweep(cells, retry_failed, runner, provenance, on))
     return outcome, waiting, failed
 
 
-def describe(studies_: list[Study], search: SearchSpec) -> list[str]:
+def describe(studies_: list[Study], search: SearchSpec, board: Board | None = None) -> list[str]:
     """One line per study: its trials so far and the chosen learning rate (``--dry-run``)."""
     lines = []
     db = search.storage.removeprefix("sqlite:///")
     if db != search.storage and not Path(db).is_file():
         return [f"{study.label}: 0/{search.trials} trials" for study in studies_]
     for study in studies_:
-        optuna_study = open_study(study, search)
+        optuna_study = open_study(study, search, board)
         trials = optuna_study.get_trials(deepcopy=False)
         tried = ", ".join(f"{t.params['lr']:.3g}" + (f"={t.value:.4f}" if t.value is not None else f" {t.state.name}")
                           for t in trials if "lr" in t.params)

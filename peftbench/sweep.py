@@ -12,29 +12,27 @@ A sweep file::
         - {method: {name: lora}, train: {lr: 5e-4}}
       train.seed: [1, 2, 3]
     output_dir: results/my-sweep
+    storage: postgresql+psycopg://host/db   # optional: workers claim cells there (peftbench.claims)
+    claim_timeout: 90                       # seconds without a heartbeat before a claim is taken over
 
 Each cell's identity is its run id (hash of the resolved config); its record is
 ``<output_dir>/<run id>/record.json``. Rerunning skips cells with a success
 record (``retry_failed`` reruns failed ones). Workers on any number of machines
-may drain one sweep folder: each claims a cell before running it. ``shard=(i, n)`` takes every n-th
-cell of the cells sorted by run id, so n machines share one results folder.
+drain one sweep: each claims a cell before running it, in the results folder they share or, with
+``storage``, in a database (each worker then writes to its own folder). ``shard=(i, n)`` takes every n-th
+cell of the cells sorted by run id.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-import socket
 import sys
-import threading
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftbench import config
+from peftbench.claims import CLAIM_TIMEOUT_S, Board, FolderBoard, open_board, outcome_of
 from peftbench.config import RunConfig
 from peftbench.errors import Interrupted, PeftbenchError, one_line
 from peftbench.loop import process_state
@@ -64,10 +62,17 @@ def _nested(key: str, value) -> dict:
 def read_sweep(path: str | Path) -> dict:
     path = Path(path)
     spec = config.read_recipe(path)
-    unknown = set(spec) - {"recipe", "grid", "output_dir", "search", "final"}
+    unknown = set(spec) - {"recipe", "grid", "output_dir", "search", "final", "storage", "claim_timeout"}
     if unknown:
         raise PeftbenchError(f"{path}: unknown sweep key '{sorted(unknown)[0]}' "
-                             "(known: final, grid, output_dir, recipe, search)")
+                             "(known: claim_timeout, final, grid, output_dir, recipe, search, storage)")
+    search = spec.get("search")
+    spec["storage"] = spec.get("storage") or (search.get("storage") if isinstance(search, dict) else None)
+    if not isinstance(spec["storage"] or "", str):
+        raise PeftbenchError(f"{path}: field 'storage' must be a database URL (e.g. postgresql+psycopg://host/db)")
+    timeout = spec.setdefault("claim_timeout", CLAIM_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 1 <= timeout <= 86_400:
+        raise PeftbenchError(f"{path}: field 'claim_timeout' must be seconds between 1 and 86400, got {timeout!r}")
     if not isinstance(spec.get("grid"), dict) or not spec["grid"]:
         raise PeftbenchError(f"{path}: field 'grid' must map keys to lists of values")
     for key, values in spec["grid"].items():
@@ -120,6 +125,12 @@ def expand(spec: dict, overrides: list[str] | None = None, max_cells: int = MAX_
     return cfgs
 
 
+def board(spec: dict) -> Board:
+    """Where the sweep's workers claim cells: the database of ``storage`` (the sweep's, else its search's), or
+    claim files in its output folder."""
+    return open_board(spec["output_dir"], spec["storage"], spec["claim_timeout"])
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -130,10 +141,13 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def plan(cfgs: list[RunConfig], shard: tuple[int, int] = (0, 1)) -> list[Cell]:
-    """This shard's cells (sorted by run id), each with the status of its existing record."""
+def plan(cfgs: list[RunConfig], shard: tuple[int, int] = (0, 1), board: Board | None = None) -> list[Cell]:
+    """This shard's cells (sorted by run id), each with its status: the board's, else its record's here."""
     i, n = shard
-    return [Cell(cfg, record_status(cfg)) for k, cfg in enumerate(sorted(cfgs, key=lambda c: c.run_id)) if k % n == i]
+    mine = [cfg for k, cfg in enumerate(sorted(cfgs, key=lambda c: c.run_id)) if k % n == i]
+    if board is None:
+        return [Cell(cfg, record_status(cfg)) for cfg in mine]
+    return [Cell(cfg, (cell_outcome(cfg, board) or {}).get("status")) for cfg in mine]
 
 
 def record_status(cfg: RunConfig) -> str | None:
@@ -142,91 +156,6 @@ def record_status(cfg: RunConfig) -> str | None:
     path = Path(cfg.output_dir) / RECORD_NAME
     record = read_record(path) if path.is_file() else None
     return None if record is None or record.get("interrupted") else record["status"]
-
-
-CLAIMS_DIR = ".claims"  # in the sweep's output_dir: one file per cell being run
-HEARTBEAT_S = 15.0  # a worker touches its claim this often
-STALE_S = 90.0  # a claim untouched this long belongs to a dead worker
-
-
-class Claim:
-    """One worker's exclusive hold on one cell, so that workers sharing a folder run each cell once.
-
-    The claim file is created exclusively (``O_EXCL``) and holds the host, pid and a token; a thread
-    touches it every ``HEARTBEAT_S`` seconds. A claim whose process is gone (same host) or whose heartbeat
-    is older than ``STALE_S`` is taken over: renamed aside (one worker's rename wins), then created anew.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    @classmethod
-    def take(cls, path: Path) -> Claim | None:
-        """The claim, or None while another live worker holds it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not cls._take_over(path):
-                    return None
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                           "claimed_at": time.time()}, fh)
-            claim = cls(path)
-            claim._thread.start()
-            return claim
-        return None
-
-    @staticmethod
-    def _take_over(path: Path) -> bool:
-        """Move a stale claim aside; False if the claim is live (or another worker moved it first)."""
-        try:
-            held = json.loads(path.read_text(encoding="utf-8") or "{}")
-            age = time.time() - path.stat().st_mtime
-        except (OSError, ValueError):  # gone meanwhile, or being written: look again later
-            return False
-        dead = held.get("host") == socket.gethostname() and not _alive(held.get("pid"))
-        if not (dead or age > STALE_S):
-            return False
-        aside = path.with_name(f"{path.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return False
-        moved = json.loads(aside.read_text(encoding="utf-8") or "{}")
-        if moved.get("token") != held.get("token"):  # a fresh claim was made meanwhile: give it back
-            os.rename(aside, path)
-            return False
-        aside.unlink()
-        return True
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                return
-
-    def release(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -260,12 +189,12 @@ def agree(value):
     return value if process_state().num_processes == 1 else broadcast_object_list([value])[0]
 
 
-def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
-              provenance: dict | None = None) -> SweepOutcome:
+def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, provenance: dict | None = None,
+              board: Board | None = None) -> SweepOutcome:
     """Run the cells still to do; a failing cell leaves a failed record and the sweep goes on.
 
-    Each cell is claimed before it runs (:class:`Claim`), so any number of workers may drain one sweep
-    folder; ``provenance`` (the sweep file and command) goes into every record.
+    Each cell is claimed on ``board`` before it runs (default: claim files beside the cells), so any number
+    of workers may drain one sweep; ``provenance`` (the sweep file and command) goes into every record.
     """
     from peftbench.train import run
 
@@ -274,18 +203,20 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
     outcome = SweepOutcome(records=[], cells=len(cells))
 
     def finished() -> str | None:  # read now: another worker may have finished the cell since planning
-        status = agree(record_status(cell.cfg) if main else None)
+        status = agree((cell_outcome(cell.cfg, cell_board) or {}).get("status") if main else None)
         return status if status == "success" or (status == "failed" and not retry_failed) else None
 
     for number, cell in enumerate(cells, 1):
+        cell_board = board or FolderBoard(Path(cell.cfg.output_dir).parent)
+        path = Path(cell.cfg.output_dir) / RECORD_NAME
         if main:
             c = cell.cfg
             print(f"cell {number}/{len(cells)}: {c.task.name} {c.method.name} seed {c.train.seed} ({cell.run_id[:8]})",
                   flush=True)
         status = finished()
-        claim = None
+        claim, record = None, None
         if status is None:
-            claim = Claim.take(Path(cell.cfg.output_dir).parent / CLAIMS_DIR / f"{cell.run_id}.json") if main else None
+            claim = cell_board.claim(cell.run_id, replace_failed=retry_failed) if main else None
             if not agree(claim is not None):
                 outcome.claimed_elsewhere += 1
                 continue
@@ -293,7 +224,7 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
         try:
             if status is not None:
                 outcome.done_before += 1
-                record = read_record(Path(cell.cfg.output_dir) / RECORD_NAME)
+                record = read_record(path) if path.is_file() else None  # None: finished in another worker's folder
             else:
                 outcome.ran += 1
                 try:
@@ -303,15 +234,25 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None,
                 except PeftbenchError as exc:  # bad input for this cell (no record: a rerun tries it again)
                     print(f"cell {cell.run_id} refused: {one_line(exc)}", file=sys.stderr)
                     outcome.refused += 1
-                    record = None
                 except Exception as exc:  # the run wrote its failed record; the sweep goes on
                     print(f"cell {cell.run_id} failed: {error_text(exc)}", file=sys.stderr)
-                    path = Path(cell.cfg.output_dir) / RECORD_NAME
                     record = read_record(path) if path.is_file() else None
         finally:
             if claim is not None:
-                claim.release()
+                claim.release(outcome_of(record) if record is not None else None)
         if record is not None:
             outcome.records.append(record)
             outcome.failed += record["status"] == "failed"
     return outcome
+
+
+def cell_outcome(cfg: RunConfig, board: Board) -> dict | None:
+    """A finished cell's status and score: what the board keeps, else its record here (which the board then
+    keeps too); None while the cell is to do."""
+    kept = board.outcome(cfg.run_id)
+    if kept is None:
+        path = Path(cfg.output_dir) / RECORD_NAME
+        kept = outcome_of(read_record(path)) if path.is_file() else None
+        if kept is not None:
+            board.publish(cfg.run_id, kept)
+    return kept

@@ -117,15 +117,16 @@ def test_two_sweep_workers_on_one_folder_run_every_cell_once(tmp_path):
 
 
 def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
-    from peftbench.sweep import Claim
+    from peftbench.claims import FolderBoard
 
-    path = tmp_path / ".claims" / "cell.json"
-    live = Claim.take(path)
-    assert live is not None and Claim.take(path) is None
+    board, path = FolderBoard(tmp_path), tmp_path / ".claims" / "cell.json"
+    live = board.claim("cell")
+    assert live is not None and board.claim("cell") is None and path.is_file()
     live.release()
+    assert not path.exists()
     path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "t"}), encoding="utf-8")
     os.utime(path, (time.time() - 3600, time.time() - 3600))  # no heartbeat for an hour
-    taken = Claim.take(path)
+    taken = board.claim("cell")
     assert taken is not None
     taken.release()
 

@@ -208,6 +208,31 @@ def fingerprint(model, pretrained_only: bool = False, new_weights=()) -> str:
     return digest.hexdigest()
 
 
+BACKBONE_FILES = ("config.json", "*.safetensors", "*.bin", "vocab.txt", "tokenizer.json", "*.model")  # what it is
+
+
+def backbone_fingerprint(name_or_path: str, model_config, random_init: bool) -> str:
+    """What a record calls its backbone, independent of how a run loads it (precision, quantisation, head):
+    a random-init architecture by its configuration (its character vocabulary follows from the task's training
+    text, which the data fingerprint covers); a local folder by its config, weight and vocabulary files; a hub
+    model by its name and the commit its files came from."""
+    digest = hashlib.sha256()
+    if random_init:
+        skip = VOLATILE_CONFIG_KEYS + LABEL_CONFIG_KEYS + ("vocab_size", "pad_token_id")
+        digest.update(json.dumps({k: v for k, v in model_config.to_dict().items() if k not in skip},
+                                 sort_keys=True, default=str).encode())
+    elif Path(name_or_path).expanduser().is_dir():
+        folder = Path(name_or_path).expanduser()
+        for path in sorted({p for pattern in BACKBONE_FILES for p in folder.glob(pattern) if p.is_file()}):
+            digest.update(f"{path.name}|{path.stat().st_size}\n".encode())
+            with path.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+    else:
+        digest.update(f"hub:{name_or_path}@{getattr(model_config, '_commit_hash', None)}".encode())
+    return digest.hexdigest()
+
+
 def pretrained_fingerprint(meta: dict) -> str:
     """The fingerprint of the pretrained base a checkpoint was trained on (checkpoints written before it was
     recorded: the fingerprint of the whole base)."""

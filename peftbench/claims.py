@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -155,34 +157,41 @@ class DatabaseBoard(Board):
     """Claims and outcomes in the table ``peftbench_cells`` of a database (an SQLAlchemy URL).
 
     A row is a key (a cell's run id, or a lock's name), its status (``running``, ``success``, ``failed``), the
-    score of a finished cell and, while running, its holder (host, pid, token) and heartbeat time (the
-    holder's clock: machines' clocks must agree to well within the claim timeout, as NTP keeps them).
-    Taking a claim is one insert, or one update of a stale row conditioned on the token read, so exactly one
-    worker wins; every later write is conditioned on the winner's token.
+    score of a finished cell, a generation (one more at every claim) and, while running, its holder (host,
+    pid, token) and heartbeat time (the holder's clock: machines' clocks must agree to well within the claim
+    timeout, as NTP keeps them). Taking a claim is one insert, or one update of a stale (or, retried, failed)
+    row conditioned on the generation read, so exactly one worker wins; every later write is conditioned on
+    the winner's token, so a worker that comes back after its claim was taken over changes nothing.
     """
 
     def __init__(self, url: str, timeout_s: float = CLAIM_TIMEOUT_S):
+        self.where = _without_password(url)
         try:
             import sqlalchemy as sa
         except ImportError:
-            raise PeftbenchError(f"storage {url!r} needs SQLAlchemy and the database's driver: pip install "
+            raise PeftbenchError(f"storage {self.where!r} needs SQLAlchemy and the database's driver: pip install "
                                  "'peftbench[postgres]' (PostgreSQL) or 'peftbench[tuning]' (SQLite)") from None
         self.sa, self.timeout_s = sa, timeout_s
+        if url.startswith("sqlite:///"):  # SQLite creates the file, not its folder
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.engine = sa.create_engine(url, pool_pre_ping=True)
+            self.engine = sa.create_engine(url, pool_pre_ping=True, connect_args=(
+                {"connect_timeout": 10} if url.startswith("postgresql") else {}))
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
-            raise PeftbenchError(f"storage {url!r}: {exc}") from None
+            raise PeftbenchError(f"storage {self.where!r}: {_first_line(exc)}") from None
         self.table = sa.Table(TABLE, sa.MetaData(), sa.Column("key", sa.String(200), primary_key=True),
                               sa.Column("status", sa.String(16), nullable=False), sa.Column("score", sa.Float),
                               sa.Column("holder", sa.Text), sa.Column("token", sa.String(32)),
-                              sa.Column("beat", sa.Float))
+                              sa.Column("beat", sa.Float), sa.Column("generation", sa.Integer, nullable=False))
         try:
-            self.table.metadata.create_all(self.engine)  # CREATE TABLE IF NOT EXISTS
-        except sa.exc.IntegrityError:  # another worker created it at the same moment
-            pass
-        except sa.exc.OperationalError as exc:
-            raise PeftbenchError(f"storage {self.engine.url!r}: cannot reach the database: "
-                                 f"{str(exc.orig).strip().splitlines()[0]}") from None
+            self.table.metadata.create_all(self.engine)  # checks first; two workers may both try
+        except sa.exc.SQLAlchemyError as exc:
+            try:
+                exists = sa.inspect(self.engine).has_table(TABLE)
+            except sa.exc.SQLAlchemyError:
+                exists = False
+            if not exists:
+                raise PeftbenchError(f"storage {self.where!r}: cannot use the database: {_first_line(exc)}") from None
 
     def _write(self, statement) -> int:
         with self.engine.begin() as conn:
@@ -194,28 +203,30 @@ class DatabaseBoard(Board):
         sa, t, me = self.sa, self.table, _holder()
         row = {"status": "running", "score": None, "holder": json.dumps(me), "token": me["token"], "beat": time.time()}
         try:
-            self._write(t.insert().values(key=key, **row))
+            self._write(t.insert().values(key=key, generation=0, **row))
         except sa.exc.IntegrityError:
             held = self.row(key)
             if held is None or not self._replaceable(held, replace_failed):
                 return None
-            if self._write(t.update().where(t.c.key == key, t.c.token.is_(None) if held["token"] is None
-                                            else t.c.token == held["token"]).values(**row)) != 1:
-                return None  # another worker took it first
+            if self._write(t.update().where(t.c.key == key, t.c.generation == held["generation"])
+                           .values(generation=held["generation"] + 1, **row)) != 1:
+                return None  # another worker took it first: every claim moves the generation on
         where = (t.c.key == key, t.c.token == me["token"])
 
         def beat() -> bool:
             try:
                 return self._write(t.update().where(*where).values(beat=time.time())) == 1
-            except sa.exc.OperationalError:  # the database is briefly unreachable: try again next beat
+            except sa.exc.SQLAlchemyError:  # the database is briefly unreachable: try again next beat
                 return True
 
         def drop(outcome: dict | None) -> None:
-            if outcome is None:
-                self._write(t.delete().where(*where))
-            else:
-                self._write(t.update().where(*where).values(status=outcome["status"], score=outcome.get("score"),
-                                                            holder=None, token=None, beat=None))
+            done = t.update().where(*where).values(status=outcome["status"], score=outcome.get("score"), holder=None,
+                                                   token=None, beat=None) if outcome else t.delete().where(*where)
+            try:
+                self._write(done)
+            except sa.exc.SQLAlchemyError as exc:  # the record is written: the claim lapses after the timeout
+                print(f"warning: storage {self.where!r}: could not release the claim on {key} "
+                      f"({_first_line(exc)}); it lapses after {self.timeout_s:g} s", file=sys.stderr)
         return Claim(beat, drop, self.timeout_s / BEATS_PER_TIMEOUT)
 
     def _replaceable(self, held: dict, replace_failed: bool) -> bool:
@@ -235,9 +246,19 @@ class DatabaseBoard(Board):
     def publish(self, key: str, outcome: dict) -> None:
         if self.row(key) is None:
             try:
-                self._write(self.table.insert().values(key=key, status=outcome["status"], score=outcome.get("score")))
+                self._write(self.table.insert().values(key=key, status=outcome["status"], score=outcome.get("score"),
+                                                       generation=0))
             except self.sa.exc.IntegrityError:
                 pass
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def open_board(output_dir: str | Path, storage: str | None = None, timeout_s: float = CLAIM_TIMEOUT_S):

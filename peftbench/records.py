@@ -29,7 +29,7 @@ REQUIRED = {
                 "eval_samples_per_s", "peak_memory_mb", "wall_s"),
     "params": ("trainable", "total", "adapter_bytes"),
 }
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
+PACKAGES = ("peftbench", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")
 
 
 def strict_json(data: dict) -> dict:

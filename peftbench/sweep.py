@@ -242,7 +242,7 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, proven
                 claim.release(outcome_of(record) if record is not None else None)
         if record is not None:
             outcome.records.append(record)
-            outcome.failed += record["status"] == "failed"
+        outcome.failed += (record["status"] if record is not None else status) == "failed"  # also in another folder
     return outcome
 
 

@@ -284,7 +284,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         "params": {**params, "adapter_bytes": adapter_bytes},
         "dev_history": history,
         "loss_curve": state.loss_curve,
-        "data": {"source": task.source, "dropped": task.dropped,
+        "data": {"source": task.source, "task_version": task.spec.version, "fingerprints": task.fingerprints,
+                 "dropped": task.dropped,
                  **({"overlapping_entities": task.overlapping_entities} if task.spec.kind.labels_per_token else {}),
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "baselines": {split: task.spec.kind.baselines(task.splits[split], task.spec) for split in data.evals},
@@ -293,9 +294,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         "precision": {"mixed_precision": t.mixed_precision, "quantization": models.quantization_name(cfg.model),
                       "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype,
                       "base_weight_bytes": params["base_weight_bytes"]},
-        "backbone": {"name_or_path": cfg.model.name_or_path,
-                     "random_init": models.is_random_init(cfg.model.name_or_path),
-                     "pretrained_by_peftbench": checkpoint.pretrained_by_peftbench(cfg.model.name_or_path)},
+        "backbone": backbone_identity(cfg, models.without_peft(raw_model).config, len(data.tokenizer)),
         "settings": cfg.changed_settings(),
         "learning_rate": {"peak": t.lr, "method_default": method.default_lr},
         "checkpoint": str(out_dir / checkpoint.CHECKPOINT_DIR) if t.save_checkpoint else None,
@@ -303,6 +302,16 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         **({"resumed_from": resumed_from} if resumed_from else {}),
     }
     return raw_model, data.tokenizer, result
+
+
+def backbone_identity(cfg: RunConfig, model_config, vocab_size: int) -> dict:
+    """The record's ``backbone``: its name, whether it is random init, its fingerprint
+    (:func:`checkpoint.backbone_fingerprint`) and, for a model ``peftbench pretrain`` made, where it came from."""
+    name, random_init = cfg.model.name_or_path, models.is_random_init(cfg.model.name_or_path)
+    arch = models.random_init_config(name, vocab_size) if random_init else model_config
+    return {"name_or_path": name, "random_init": random_init,
+            "fingerprint": checkpoint.backbone_fingerprint(name, arch, random_init),
+            "pretrained_by_peftbench": checkpoint.pretrained_by_peftbench(name)}
 
 
 def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, method: Method, state_dir: Path,

@@ -20,7 +20,7 @@ import pytest
 from peftbench import config
 from peftbench.claims import DatabaseBoard
 from peftbench.errors import PeftbenchError
-from peftbench.records import RECORD_NAME, read_record
+from peftbench.records import RECORD_NAME, make_record, read_record, write_atomic
 from peftbench.sweep import Cell, run_sweep
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
@@ -148,6 +148,51 @@ def test_workers_with_separate_folders_share_outcomes_through_the_database(tmp_p
     assert DatabaseBoard(url).outcome(ran[0]) == {"status": "success", "score": pytest.approx(0.6)}
 
 
+def test_what_a_run_leaves_in_the_database_on_every_path(tmp_path):
+    """A success or a failed record keeps its status; a refused cell, a run cut short and a crash that left no
+    record free the cell for a later worker; a failed cell counts as failed also in a worker that did not run it."""
+    from peftbench.errors import Interrupted
+
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    outcomes = {1: "success", 2: "failed", 3: "refused", 4: "interrupted", 5: "crash"}
+
+    def runner(cfg, provenance):
+        what = outcomes[cfg.train.seed]
+        if what == "refused":
+            raise PeftbenchError("bad data")
+        if what == "interrupted":
+            raise Interrupted("stopped")
+        if what == "crash":
+            raise RuntimeError("no record written")
+        if what == "failed":
+            write_atomic(Path(cfg.output_dir) / RECORD_NAME, make_record("failed", cfg.to_dict(), cfg.run_id, {},
+                                                                         error="DivergedError: nan"))
+            raise RuntimeError("diverged")
+        return SimpleNamespace(record={"status": "success", "run_id": cfg.run_id, "metrics": {"score": 0.9}})
+
+    def cell(folder, seed):
+        cfg = config.load(None, ["model.name_or_path=tiny", "task.name=synthetic", f"train.seed={seed}"])
+        cfg.output_dir = str(tmp_path / folder / cfg.run_id)
+        return Cell(cfg, None)
+
+    board = DatabaseBoard(url)
+    for seed in outcomes:
+        try:
+            run_sweep([cell("a", seed)], runner=runner, board=board)
+        except Interrupted:
+            assert outcomes[seed] == "interrupted"
+    status = {seed: (board.row(cell("a", seed).run_id) or {}).get("status") for seed in outcomes}
+    assert status == {1: "success", 2: "failed", 3: None, 4: None, 5: None}
+    elsewhere = run_sweep([cell("b", 2)], runner=runner, board=DatabaseBoard(url))
+    assert (elsewhere.ran, elsewhere.done_before, elsewhere.failed) == (0, 1, 1)
+
+
+def test_database_errors_are_one_line_without_the_password():
+    with pytest.raises(PeftbenchError) as err:
+        DatabaseBoard(f"postgresql+psycopg://user:secret@127.0.0.1:{_free_port()}/db")
+    assert "secret" not in str(err.value) and "user:***@" in str(err.value) and "\n" not in str(err.value)
+
+
 def _search_worker(spec_path: str, log: str) -> None:
     from test_search import fake_runner
 
@@ -179,6 +224,8 @@ def test_two_workers_with_separate_folders_drain_one_search_through_the_database
         w.start()
     for w in workers:
         w.join(120)
+        if w.is_alive():
+            w.kill()
     assert [w.exitcode for w in workers] == [0, 0]
     calls = [line for line in log.read_text().split()]
     assert len(calls) == len(set(calls)) == 2 * (3 * 2 + 3)  # methods x (trials x seeds + final seeds), once each
@@ -238,12 +285,17 @@ def test_two_machines_drain_a_sweep_through_postgresql_and_a_frozen_one_loses_it
     deadline, held = time.time() + 300, None
     while held is None and time.time() < deadline and frozen.poll() is None:
         with board.engine.connect() as conn:
-            for row in conn.execute(board.sa.select(t).where(t.c.status == "running")).mappings():
-                if json.loads(row["holder"])["pid"] == frozen.pid:
-                    held = row["key"]
+            running = [row["key"] for row in conn.execute(board.sa.select(t).where(t.c.status == "running")).mappings()
+                       if json.loads(row["holder"])["pid"] == frozen.pid]
+        if running:
+            os.kill(frozen.pid, signal.SIGSTOP)  # mid-cell: no heartbeat, no record, its claim in the database
+            still = board.row(running[0])
+            if still["status"] == "running" and json.loads(still["holder"])["pid"] == frozen.pid:
+                held = running[0]
+            else:  # it finished that cell just before the stop: let it go on to the next one
+                os.kill(frozen.pid, signal.SIGCONT)
         time.sleep(0.05)
     assert held is not None, "worker a never held a cell"
-    os.kill(frozen.pid, signal.SIGSTOP)  # mid-cell: no heartbeat, no record, the claim still in the database
     try:
         drained = _summary(other)
         assert drained["claimed elsewhere"] >= 1, drained  # the frozen worker's cell, while its claim was fresh

@@ -226,3 +226,19 @@ def test_record_text_cannot_break_out_of_its_markdown_cell(tmp_path):
     assert row.startswith("| x\\n## heading\\n\\[link\\](javascript:alert(2))\\r\\x1b\\[31m\\| (lr=")
     columns = next(line for line in text.splitlines() if line.startswith("|---")).count("---")
     assert len(re.findall(r"(?<!\\)\|", row)) == columns + 1  # the row's own cell borders, no more
+
+
+def test_a_run_found_in_two_folders_counts_once(tmp_path):
+    """Workers of one sweep write to separate folders; a failed cell retried by another worker leaves its failed
+    record behind: the table counts the run once, its success."""
+    failed = record(tmp_path / "a", "bert-base-chinese", "lora", "tnews", 1, 0, status="failed", error="Error: x")
+    done = record(tmp_path / "b", "bert-base-chinese", "lora", "tnews", 1, 0.6)
+    again = record(tmp_path / "c", "bert-base-chinese", "lora", "tnews", 1, 0.6)
+    assert failed["run_id"] == done["run_id"] == again["run_id"]
+    records, _ = leaderboard.collect([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    assert len(records) == 1 and records[0]["status"] == "success"
+    cell = leaderboard.build(records)[0].rows
+    assert [len(row.cells["tnews"].scores) for row in cell.values()] == [1]
+    other = record(tmp_path / "d", "bert-base-chinese", "lora", "tnews", 1, 0.6,
+                   env={"device_name": "Other GPU", "num_processes": 1})
+    assert other["run_id"] == done["run_id"] and len(leaderboard.collect([tmp_path])[0]) == 2  # another machine

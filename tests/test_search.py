@@ -11,6 +11,7 @@ import pytest
 from peftbench import leaderboard, search
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
+from peftbench.leaderboard.grouping import range_edge
 from peftbench.records import RECORD_NAME, make_record, read_record, write_atomic
 
 SWEEP = """\
@@ -79,8 +80,8 @@ def records_of(out: Path, phase: str) -> list[dict]:
 
 def test_a_chosen_rate_at_the_end_of_its_range_is_marked():
     lrs = search.grid_lrs(1e-4, 3e-2, 4)
-    assert [leaderboard._range_edge(lr, [1e-4, 3e-2]) for lr in lrs] == ["↓", "", "", "↑"]
-    assert leaderboard._range_edge(3e-2, None) == ""  # a record from before ranges were recorded
+    assert [range_edge(lr, [1e-4, 3e-2]) for lr in lrs] == ["↓", "", "", "↑"]
+    assert range_edge(3e-2, None) == ""  # a record from before ranges were recorded
 
 
 def test_grid_learning_rates_are_log_spaced_inside_the_range():

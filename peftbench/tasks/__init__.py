@@ -10,6 +10,7 @@ token-classification tasks (``tasks.ner``) add ``entities``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -63,6 +64,7 @@ class TaskSpec:
     entity_types: tuple[str, ...] = ()  # token classification
     tag_scheme: str = "bio"  # token classification: how spans become tags
     generate: Callable[[], dict[str, list[dict]]] | None = None  # split -> records, when no data_dir is given
+    version: int = 1  # bumped when what the loader produces from the same files changes (docs/tasks.md)
 
     def model_labels(self) -> list[str]:
         """What a model's ``config.id2label`` holds: the label names (``体育``), or the data's codes (``103``, kept
@@ -86,6 +88,7 @@ class TaskData:
     overlapping_entities: dict[str, int] = field(default_factory=dict)  # token classification
     lines: dict[str, list[int]] = field(default_factory=dict)  # split -> the line of each record in its file
     files: dict[str, str] = field(default_factory=dict)  # split -> where its records come from
+    fingerprints: dict[str, dict] = field(default_factory=dict)  # split -> what identifies the data read
 
     def labeled(self, split: str) -> bool:
         ds = self.splits.get(split)
@@ -121,8 +124,12 @@ def load_task(task_cfg) -> TaskData:
     if not spec.kind.labels_per_token and task_cfg.tag_scheme != "bio":
         raise PeftbenchError(f"config key 'task.tag_scheme' applies only to token classification, not '{spec.name}'")
     if task_cfg.data_dir is None and spec.generate is not None:
-        raw = {split: list(enumerate(rows, 1)) for split, rows in spec.generate().items()}
-        return _build(spec, raw, "generated (seed 0)", task_cfg, source_of=lambda split: f"<{spec.name} {split}>")
+        generated = spec.generate()
+        raw = {split: list(enumerate(rows, 1)) for split, rows in generated.items()}
+        data = _build(spec, raw, "generated (seed 0)", task_cfg, source_of=lambda split: f"<{spec.name} {split}>")
+        data.fingerprints = {split: {"generated": spec.name, "sha256": hashlib.sha256(json.dumps(
+            rows, ensure_ascii=False, sort_keys=True).encode()).hexdigest()} for split, rows in generated.items()}
+        return data
     if task_cfg.data_dir is None:
         return _load_hub(spec, task_cfg)
     return _load_dir(spec, Path(task_cfg.data_dir), task_cfg)
@@ -196,7 +203,10 @@ def _load_dir(spec: TaskSpec, data_dir: Path, task_cfg) -> TaskData:
     files = find_files(data_dir)
     _check_label_file(spec, data_dir / "labels.json")
     raw = {split: list(read_records(path)) for split, path in files.items()}
-    return _build(spec, raw, str(data_dir), task_cfg, source_of=lambda split: files[split])
+    data = _build(spec, raw, str(data_dir), task_cfg, source_of=lambda split: files[split])
+    data.fingerprints = {split: {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                         for split, path in files.items()}
+    return data
 
 
 def _load_hub(spec: TaskSpec, task_cfg) -> TaskData:
@@ -210,11 +220,12 @@ def _load_hub(spec: TaskSpec, task_cfg) -> TaskData:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftbenchError(f"task '{spec.name}': could not load {'/'.join(spec.hub)} from the hub ({first}); "
                              f"set 'task.data_dir' to a local folder") from None
-    raw = {}
+    raw, fingerprints = {}, {}
     for split, hub_split in HUB_SPLITS.items():
         if hub_split not in hub:
             continue
         ds = hub[hub_split]
+        fingerprints[split] = {"hub": "/".join(spec.hub), "split": hub_split, "fingerprint": ds._fingerprint}
         names = ds.features["label"].names if hasattr(ds.features.get("label"), "names") else None
         rows = []
         for i, row in enumerate(ds, 1):
@@ -224,7 +235,9 @@ def _load_hub(spec: TaskSpec, task_cfg) -> TaskData:
             rows.append((i, row))
         raw[split] = rows
     name = "hub:" + "/".join(spec.hub)
-    return _build(spec, raw, name, task_cfg, source_of=lambda split: f"{name}[{split}]")
+    data = _build(spec, raw, name, task_cfg, source_of=lambda split: f"{name}[{split}]")
+    data.fingerprints = fingerprints  # datasets' fingerprint of each split: its builder, revision and files
+    return data
 
 
 def _check_label_file(spec: TaskSpec, path: Path) -> None:

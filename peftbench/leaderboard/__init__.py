@@ -1,0 +1,46 @@
+"""Records -> comparable leaderboard tables (Markdown, CSV, HTML) and plots.
+
+Records are grouped into one table per (backbone, hardware, precision): numbers
+from different backbones or machines are never ranked together. A row is a
+method with its settings (everything in the config but the task and the seed);
+a cell is a task's score over seeds, mean ± std (n). The score is the task's
+headline metric (accuracy; entity F1 for NER) on the labeled test split where
+every record has one, else on dev. With at least
+3 seeds, the best mean per task is marked ★ and every row not significantly
+worse than it (Welch's t-test, p >= 0.05) ☆; rows on a random-init backbone are
+labelled and not ranked. The same records always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftbench.leaderboard.grouping import Group, build, collect
+from peftbench.leaderboard.plots import pareto, plot
+from peftbench.leaderboard.render_csv import csv_text
+from peftbench.leaderboard.render_html import html_page
+from peftbench.leaderboard.render_md import markdown, md, run_summary
+from peftbench.leaderboard.significance import significance
+from peftbench.leaderboard.table import table
+
+__all__ = ["Group", "build", "collect", "csv_text", "html_page", "markdown", "md", "pareto", "run_summary",
+           "significance", "table", "write"]
+
+
+def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> tuple[list[Path], list[str]]:
+    """Build the leaderboard of every usable record under ``dirs`` into ``out_dir``; returns the files written
+    and why each unusable record was skipped."""
+    records, skipped = collect(dirs, strict)
+    groups = build(records)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pngs, names = {}, {}
+    for group in groups:
+        group_pngs = plot(group, out_dir)
+        pngs.update(group_pngs)
+        names[group.slug] = sorted(group_pngs)
+    files = {"leaderboard.md": markdown(groups, records, names, skipped), "leaderboard.csv": csv_text(groups),
+             "leaderboard.html": html_page(groups, records, pngs)}
+    for name, text in files.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+    return [out_dir / name for name in files], skipped

@@ -1,0 +1,113 @@
+"""A group's table as rows of text, shared by the Markdown and HTML pages."""
+
+from __future__ import annotations
+
+import statistics
+
+from peftbench.leaderboard.grouping import Group, Row, Scores
+from peftbench.leaderboard.significance import ALPHA, MIN_SEEDS_FOR_TEST, pscp, significance
+
+
+def _fmt_cell(cell: Scores | None, mark: str = "") -> str:
+    if cell is None:
+        return "—"
+    if not cell.scores:
+        return "/".join(sorted(set(cell.failures)))
+    spread = f" ± {100 * cell.std:.1f}" if len(cell.scores) > 1 else ""
+    text = f"{100 * cell.mean:.1f}{spread} ({len(cell.scores)})"
+    if cell.failures:
+        text += f" +{len(cell.failures)} failed"
+    return text + (f" {mark}" if mark else "")
+
+
+def _fmt_count(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _average(row: Row, tasks: list[str]) -> str:
+    means = [row.cells[t].mean if t in row.cells else None for t in tasks]
+    return "—" if any(m is None for m in means) else f"{100 * statistics.fmean(means):.1f}"
+
+
+def table(group: Group) -> tuple[list[str], list[list[str]]]:
+    marks = significance(group)
+    head = (["method"] + [group.column(t) for t in group.tasks] + ["average", "PSCP", "trainable", "trainable %",
+            "peak MB", "train samples/s", "train tokens/s", "adapter size", "latency ms p50 (merged)",
+            "infer samples/s (merged)"])
+    rows = []
+    for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
+        pct = row.mean_of("params", "trainable_pct")
+        size = row.mean_of("params", "adapter_bytes")
+        rows.append([row.label] + [_fmt_cell(row.cells.get(t), marks.get((row.label, t), "")) for t in group.tasks]
+                    + [_average(row, group.tasks), _fmt_score(pscp(row, group.tasks)),
+                       _fmt_count(row.mean_of("params", "trainable")),
+                       "—" if pct is None else f"{pct:.2f}", _fmt_number(row.mean_of("metrics", "peak_memory_mb")),
+                       _fmt_number(row.mean_of("metrics", "train_samples_per_s")),
+                       _fmt_number(row.mean_of("metrics", "train_tokens_per_s")),
+                       "—" if size is None else f"{_fmt_count(size)}B", row.serving("latency_ms_p50", 2),
+                       row.serving("samples_per_s", 0)])
+    return head, rows + baseline_rows(group, len(head))
+
+
+BASELINES = {"chance": "chance (uniform guess)", "majority": "majority class"}
+
+
+def baseline_rows(group: Group, width: int) -> list[list[str]]:
+    """Unranked rows: the score of guessing on each task's evaluated split, from its records."""
+    if not group.baselines:
+        return []
+    rows = []
+    for key, label in BASELINES.items():
+        cells = [group.baselines.get(t, {}).get(key) for t in group.tasks]
+        rows.append([label] + ["—" if c is None else f"{100 * c:.1f}" for c in cells]
+                    + ["—"] * (width - 1 - len(group.tasks)))
+    return rows
+
+
+LR_EDGE_NOTE = "↑ / ↓: the top / bottom of the method's search range, so the best rate may lie beyond it."
+
+
+def lr_table(group: Group) -> tuple[list[str], list[list[str]]] | None:
+    """The learning rate the search chose per tuned row and task, marked where it ends the search range
+    (None: no tuned rows)."""
+    tuned = [row for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)) if row.chosen_lr]
+    if not tuned:
+        return None
+    return (["method"] + list(group.tasks),
+            [[row.label] + [f"{row.chosen_lr[t]:.3g}{row.lr_edge.get(t, '')}" if t in row.chosen_lr else "—"
+                            for t in group.tasks] for row in tuned])
+
+
+def _fmt_score(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def _fmt_number(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0f}"
+
+
+def _csv_number(x: float | None) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
+NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header says F1), mean ± std over seeds "
+         "(n seeds); split in the header (test = labeled test split). "
+         "Average: the CLUE-style mean of the task means, where a row has every task. PSCP: the average with "
+         "PEFT-Bench's soft penalties for trainable parameters, extra inference FLOPs and training memory "
+         "(docs/leaderboards.md). Trainable: parameters trained "
+         "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "
+         "Latency: one sequence of median length, median of 50 calls; infer samples/s: evaluation batches in file "
+         "order; (merged): LoRA-style updates folded into the weights. "
+         f"★ best mean per task; ☆ not significantly worse than ★ (Welch's t-test, p ≥ {ALPHA}, "
+         f"≥ {MIN_SEEDS_FOR_TEST} seeds each). Chance and majority-class rows: the score of guessing on the "
+         "evaluated split (uniformly random labels; always the most frequent label; for NER, no entity), unranked.")
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character (newlines included) written as its escape, ``\\n``: one line."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -1,10 +1,12 @@
 import csv
+import json
 import re
 import statistics
 
 import pytest
 
 from peftbench import config, leaderboard
+from peftbench.errors import PeftbenchError
 from peftbench.records import make_record, write_atomic
 
 ENV = {"device_name": "Test GPU", "num_processes": 1}
@@ -201,7 +203,7 @@ def test_section_header_names_budget_precision_backbone_and_cpu_memory(tmp_path)
     assert group.title == "zh-mini (pretrained by peftbench, run abcdef12) · cpu ×1 · bf16 mixed"
     assert group.budget == "10 epochs · batch 16 · max length afqmc 128, tnews 64 · seeds 1, 2"
     assert "peak resident memory of the CPU process" in group.memory_note
-    text = leaderboard.markdown([group], group.records, {}, [])
+    text = leaderboard.markdown([group], group.records, {}, [], leaderboard.sources([tmp_path]))
     assert f"Budget: {group.budget}." in text and group.memory_note in text and "runs/pretrain" not in text
 
 
@@ -242,3 +244,79 @@ def test_a_run_found_in_two_folders_counts_once(tmp_path):
     other = record(tmp_path / "d", "bert-base-chinese", "lora", "tnews", 1, 0.6,
                    env={"device_name": "Other GPU", "num_processes": 1})
     assert other["run_id"] == done["run_id"] and len(leaderboard.collect([tmp_path])[0]) == 2  # another machine
+
+
+def stamped(root, name, backbone_fp, data_fp="d1", version=1, seed=1, acc=0.6, env=ENV, task="tnews", **kw):
+    """A record with the fingerprints and task version a run writes now."""
+    rec = record(root / name, "runs/pretrain/zh-mini/model", "lora", task, seed, acc, env=env, **kw)
+    rec["backbone"]["fingerprint"] = backbone_fp * 8
+    rec["backbone"]["pretrained_by_peftbench"] = {"run_id": "726f3ac8aaaa", "corpus": ["a.json"], "steps": 4000,
+                                                  "mlm_loss": 3.0, "device": "cpu"}
+    if version is not None:
+        rec["data"] = {"task_version": version, "fingerprints": {"train": {"file": "train.json", "sha256": data_fp}}}
+    write_atomic(next((root / name).rglob("record.json")), rec)
+    return rec
+
+
+def test_two_backbones_saved_to_one_path_are_two_tables(tmp_path):
+    """Two pretraining runs written to one folder (the same path and pretraining run id in their records): the
+    fingerprints tell them apart, and the titles say which is which."""
+    for seed in (1, 2):
+        stamped(tmp_path, f"old-{seed}", "1fa46664", seed=seed, acc=0.5)
+        stamped(tmp_path, f"new-{seed}", "726f3ac8", seed=seed, acc=0.7)
+    groups = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    assert len(groups) == 2
+    assert sorted(g.title.split(" · ")[0] for g in groups) == [
+        "zh-mini (pretrained by peftbench, run 726f3ac8) (1fa46664)",
+        "zh-mini (pretrained by peftbench, run 726f3ac8) (726f3ac8)"]
+    assert sorted(g.rows[next(iter(g.rows))].cells["tnews"].mean for g in groups) == [0.5, 0.7]
+    assert len({g.slug for g in groups}) == 2
+
+
+def test_other_data_or_settings_or_loader_versions_are_other_columns(tmp_path):
+    stamped(tmp_path, "a", "f", data_fp="d1")
+    stamped(tmp_path, "b", "f", data_fp="d2", seed=2)
+    stamped(tmp_path, "c", "f", version=2, seed=3)
+    stamped(tmp_path, "d", "f", version=None, seed=4)  # written before records held fingerprints
+    stamped(tmp_path, "e", "f", seed=5, extra=("task.max_length=64",))
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    assert len(group.tasks) == 5 and all(t.startswith("tnews · ") for t in group.tasks)
+    (row,) = group.rows.values()
+    assert all(len(row.cells[t].scores) == 1 for t in group.tasks)  # nothing pooled
+    names = " | ".join(group.tasks)
+    assert "older records" in names and "task v2" in names and "max_length=64" in names
+    data = {t.split("data ")[1] for t in group.tasks if "data " in t}
+    assert len(data) == 2  # the two files, told apart by their fingerprints
+    head, _ = leaderboard.table(group)
+    assert sum(h.startswith("tnews · ") for h in head) == 5
+
+
+def test_a_cell_pooling_library_versions_gets_a_footnote_and_strict_refuses_it(tmp_path):
+    stamped(tmp_path, "a", "f", env={**ENV, "transformers": "5.0.0", "peftbench": "0.9.0"})
+    stamped(tmp_path, "b", "f", seed=2, env={**ENV, "transformers": "5.1.0", "peftbench": "0.9.0"})
+    files, _ = leaderboard.write([tmp_path], tmp_path / "board")
+    page = (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
+    assert "Cells pooling runs of other versions:" in page and "transformers 5.0.0, 5.1.0" in page
+    assert "peftbench 0.9.0" not in page  # the same everywhere: not named
+    with pytest.raises(PeftbenchError, match=r"transformers 5.0.0, 5.1.0 \(--strict\)"):
+        leaderboard.write([tmp_path], tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_leaderboard_json_holds_every_cell_and_the_sources(tmp_path):
+    for seed in (1, 2, 3):
+        stamped(tmp_path / "machine-a", f"r{seed}", "f", seed=seed, acc=0.5 + seed / 100)
+    stamped(tmp_path / "machine-b", "other", "f", seed=1, task="afqmc")
+    leaderboard.write([tmp_path / "machine-a", tmp_path / "machine-b"], tmp_path / "board")
+    page = json.loads((tmp_path / "board" / "leaderboard.json").read_text(encoding="utf-8"))
+    assert page["schema"] == 1 and page["records"] == 4
+    assert [(s["folder"].split("/")[-1], s["records"], s["hardware"]) for s in page["sources"]] == [
+        ("machine-a", 3, ["Test GPU ×1"]), ("machine-b", 1, ["Test GPU ×1"])]
+    (table,) = page["tables"]
+    assert table["backbone_fingerprint"] == "f" * 8 and table["columns"] == ["afqmc", "tnews"]
+    tnews = next(c for c in table["cells"] if c["column"] == "tnews")
+    assert tnews["seeds"] == [1, 2, 3] and tnews["n"] == 3 and len(tnews["run_ids"]) == 3
+    assert tnews["mean"] == pytest.approx(statistics.fmean(tnews["scores"]))
+    assert tnews["task_identity"]["version"] == 1 and tnews["data_fingerprints"]["train"]["sha256"] == "d1"
+    md_page = (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
+    assert "Sources: " in md_page and "machine-b (1 records on Test GPU ×1" in md_page

@@ -15,23 +15,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftbench.leaderboard.grouping import Group, build, collect
+from peftbench.errors import PeftbenchError
+from peftbench.leaderboard.grouping import Group, build, collect, sources
 from peftbench.leaderboard.plots import pareto, plot
 from peftbench.leaderboard.render_csv import csv_text
 from peftbench.leaderboard.render_html import html_page
+from peftbench.leaderboard.render_json import json_text
 from peftbench.leaderboard.render_md import markdown, md, run_summary
 from peftbench.leaderboard.significance import significance
 from peftbench.leaderboard.table import table
 
-__all__ = ["Group", "build", "collect", "csv_text", "html_page", "markdown", "md", "pareto", "run_summary",
-           "significance", "table", "write"]
+__all__ = ["Group", "build", "collect", "csv_text", "html_page", "json_text", "markdown", "md", "pareto",
+           "run_summary", "significance", "sources", "table", "write"]
 
 
 def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> tuple[list[Path], list[str]]:
     """Build the leaderboard of every usable record under ``dirs`` into ``out_dir``; returns the files written
-    and why each unusable record was skipped."""
+    and why each unusable record was skipped. ``strict``: an unusable record, or a cell pooling runs of other
+    versions, is an error instead."""
     records, skipped = collect(dirs, strict)
     groups = build(records)
+    if strict:
+        for group in groups:
+            if group.footnotes:
+                raise PeftbenchError(f"{group.title}: {group.footnotes[0]} (--strict)")
+    found = sources(dirs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pngs, names = {}, {}
@@ -39,8 +47,9 @@ def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> 
         group_pngs = plot(group, out_dir)
         pngs.update(group_pngs)
         names[group.slug] = sorted(group_pngs)
-    files = {"leaderboard.md": markdown(groups, records, names, skipped), "leaderboard.csv": csv_text(groups),
-             "leaderboard.html": html_page(groups, records, pngs)}
+    files = {"leaderboard.md": markdown(groups, records, names, skipped, found), "leaderboard.csv": csv_text(groups),
+             "leaderboard.html": html_page(groups, records, pngs, found),
+             "leaderboard.json": json_text(groups, records, found)}
     for name, text in files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
     return [out_dir / name for name in files], skipped

@@ -3,6 +3,7 @@ and cells (a task's scores over seeds): what may be compared with what."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -64,14 +65,20 @@ class Row:
         return f"{trained:.{digits}f}" + ("" if merged is None else f" ({merged:.{digits}f})")
 
 
+VERSIONED = ("peftbench", "torch", "transformers", "peft")  # env keys a cell's runs should share (a footnote if not)
+
+
 @dataclass
 class Group:
-    backbone: str
+    fingerprint: str | None  # the backbone's (records before fingerprints: None, grouped by path)
     hardware: str
     precision: str
+    backbone: str  # its name or path, from the first record
     random_init: bool
     rows: dict[tuple, Row] = field(default_factory=dict)
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)  # column keys: the task's name, or with what sets it apart
+    columns: dict[int, str] = field(default_factory=dict)  # id(record) -> its column key
+    tag: str = ""  # what tells this backbone from another of the same name (its fingerprint's first digits)
     split: dict[str, str] = field(default_factory=dict)  # task -> "test" or "dev"
     metric: dict[str, str] = field(default_factory=dict)  # task -> the score's name (accuracy, entity_f1)
     reproduce: set[str] = field(default_factory=set)
@@ -86,8 +93,26 @@ class Group:
         path = Path(self.backbone)
         if self.pretrained:
             name = path.parent.name if path.name == "model" else path.name
-            return f"{name} (pretrained by peftbench, run {self.pretrained['run_id'][:8]})"
-        return "/".join(path.parts[-2:]) if self.backbone.startswith(("/", ".", "~")) else self.backbone
+            return f"{name} (pretrained by peftbench, run {self.pretrained['run_id'][:8]})" + self.tag
+        return ("/".join(path.parts[-2:]) if self.backbone.startswith(("/", ".", "~")) else self.backbone) + self.tag
+
+    def task_of(self, record: dict) -> str:
+        """The column a record of this group scores in."""
+        return self.columns[id(record)]
+
+    @property
+    def footnotes(self) -> list[str]:
+        """Cells whose runs differ in a library version or the peftbench they ran (the versions named)."""
+        notes = []
+        for row in sorted(self.rows.values(), key=lambda r: (r.method, r.label)):
+            for task in self.tasks:
+                runs = [r for r in row.records if self.task_of(r) == task]
+                mixed = {key: sorted({str(r["env"].get(key)) for r in runs}) for key in VERSIONED}
+                mixed = {key: found for key, found in mixed.items() if len(found) > 1}
+                if mixed:
+                    notes.append(f"{row.label} × {task} pools runs of " + "; ".join(
+                        f"{key} {', '.join(found)}" for key, found in mixed.items()))
+        return notes
 
     @property
     def records(self) -> list[dict]:
@@ -130,6 +155,18 @@ class Group:
         return None
 
     @property
+    def older_note(self) -> str | None:
+        """What identifies the runs of a table whose records predate fingerprints."""
+        older = sum(1 for r in self.records if (r.get("data") or {}).get("fingerprints") is None)
+        if not self.fingerprint:
+            return ("These records predate fingerprints: the backbone is told by its path, each task by its "
+                    "settings (not by its data files or loader version).")
+        if older:
+            return (f"{older} of {len(self.records)} records predate data fingerprints: their tasks have columns "
+                    "of their own (older records).")
+        return None
+
+    @property
     def backbone_note(self) -> str | None:
         """Where a backbone made by ``peftbench pretrain`` came from."""
         p = self.pretrained
@@ -151,7 +188,8 @@ class Group:
 
     @property
     def slug(self) -> str:
-        text = f"{self.backbone}-{self.hardware}-{self.precision}".lower()
+        fingerprint = f"-{self.fingerprint[:8]}" if self.fingerprint else ""
+        text = f"{self.backbone}{fingerprint}-{self.hardware}-{self.precision}".lower()
         return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:80]
 
 
@@ -206,10 +244,25 @@ def collect(dirs: list[str | Path], strict: bool = False) -> tuple[list[dict], l
     return [r for r in records if best[_run(r)] is r], skipped
 
 
+def sources(dirs: list[str | Path]) -> list[dict]:
+    """Each folder given: its usable records, the hardware they ran on and their first and last finish time."""
+    found = []
+    for folder in dirs:
+        try:
+            records = collect([folder])[0]
+        except PeftbenchError:
+            records = []
+        times = sorted(str(r["finished_at"]) for r in records) or ["", ""]
+        found.append({"folder": str(folder), "records": len(records), "first": times[0], "last": times[-1],
+                      "hardware": sorted({_hardware(r["env"]) for r in records})})
+    return found
+
+
 def _run(record: dict) -> str:
-    """A run's identity: its run id, its config but where it was written, and its hardware."""
+    """A run's identity: its run id, its config but where it was written, its hardware, its backbone and data."""
     return record["run_id"] + _hardware(record["env"]) + json.dumps(
-        {k: v for k, v in record["config"].items() if k != "output_dir"}, sort_keys=True, default=str)
+        [{k: v for k, v in record["config"].items() if k != "output_dir"}, (record.get("backbone") or {}).get(
+            "fingerprint"), (record.get("data") or {}).get("fingerprints")], sort_keys=True, default=str)
 
 
 def _hardware(env: dict) -> str:
@@ -237,50 +290,105 @@ def _settings(record: dict) -> tuple[tuple, str]:
     return identity, label
 
 
+def task_identity(record: dict) -> dict:
+    """What makes a task's score comparable: the task's settings (not where its files lie), the loader's version
+    and the fingerprint of every split read (None in records from before these were recorded)."""
+    data = record.get("data") or {}
+    fingerprints = data.get("fingerprints")
+    return {"settings": {k: v for k, v in record["config"]["task"].items() if k not in ("name", "data_dir")},
+            "version": data.get("task_version"),
+            "data": None if fingerprints is None else hashlib.sha256(json.dumps(
+                fingerprints, sort_keys=True).encode()).hexdigest()[:8]}
+
+
+def _column_names(identities: dict[str, dict], task: str) -> dict[str, str]:
+    """Column keys for one task's identities: the task's name alone, or with what tells each apart."""
+    if len(identities) == 1:
+        return {key: task for key in identities}
+    settings = {k for ident in identities.values() for k in ident["settings"]
+                if len({json.dumps(i["settings"].get(k)) for i in identities.values()}) > 1}
+    names = {}
+    for key, ident in identities.items():
+        parts = [f"{k}={ident['settings'].get(k)}" for k in sorted(settings)]
+        if len({i["version"] for i in identities.values()}) > 1:
+            parts.append("older records" if ident["version"] is None else f"task v{ident['version']}")
+        if len({i["data"] for i in identities.values()}) > 1 and ident["version"] is not None:
+            parts.append(f"data {ident['data']}")
+        names[key] = f"{task} · {', '.join(parts)}"
+    return names
+
+
 def build(records: list[dict]) -> list[Group]:
+    """One group per (backbone fingerprint, hardware, precision); rows by method settings; one column per task
+    and identity (:func:`task_identity`): scores of other data, settings or loader versions never pool."""
     groups: dict[tuple, Group] = {}
     for r in records:
         cfg = r["config"]
-        backbone = cfg["model"]["name_or_path"]
-        key = (backbone, _hardware(r["env"]), cfg["train"]["mixed_precision"])
-        random_init = r.get("backbone", {}).get("random_init", backbone == "tiny")
-        group = groups.setdefault(key, Group(*key, random_init=random_init))
-        group.pretrained = group.pretrained or r.get("backbone", {}).get("pretrained_by_peftbench")
+        backbone = r.get("backbone") or {}
+        name = cfg["model"]["name_or_path"]
+        fingerprint = backbone.get("fingerprint")
+        key = (fingerprint or f"path:{name}", _hardware(r["env"]), cfg["train"]["mixed_precision"])
+        group = groups.setdefault(key, Group(fingerprint, key[1], key[2], name,
+                                             backbone.get("random_init", name == "tiny")))
+        group.pretrained = group.pretrained or backbone.get("pretrained_by_peftbench")
         if r.get("provenance", {}).get("phase") == "search":
             group.search.append(r)
-            continue
-        identity, label = _settings(r)
-        row = group.rows.setdefault(identity, Row(cfg["method"]["name"], label))
-        row.records.append(r)
-        task = cfg["task"]["name"]
-        if r.get("provenance", {}).get("phase") == "final":
-            row.chosen_lr[task] = cfg["train"]["lr"]
-            row.lr_edge[task] = range_edge(cfg["train"]["lr"], r["provenance"].get("budget", {}).get("lr_range"))
-        if task not in group.tasks:
-            group.tasks.append(task)
-        if r.get("provenance", {}).get("command"):
-            group.reproduce.add(re.sub(r" --shard \d+/\d+", "", r["provenance"]["command"]))  # shards: one sweep
+        else:
+            identity, label = _settings(r)
+            group.rows.setdefault(identity, Row(cfg["method"]["name"], label)).records.append(r)
+            if r.get("provenance", {}).get("command"):
+                group.reproduce.add(re.sub(r" --shard \d+/\d+", "", r["provenance"]["command"]))  # shards: one sweep
     for group in groups.values():
-        group.tasks.sort()
-        for task in group.tasks:
-            ok = [r for row in group.rows.values() for r in row.records
-                  if r["config"]["task"]["name"] == task and r["status"] == "success"]
-            group.split[task] = "test" if ok and all("test_score" in r["metrics"] for r in ok) else "dev"
-            group.metric[task] = ok[0]["metrics"]["score_name"] if ok else "accuracy"
-            found = [r["baselines"][group.split[task]] for r in ok if group.split[task] in r.get("baselines", {})]
-            if found:
-                group.baselines[task] = found[0]
-        for row in group.rows.values():
-            for r in row.records:
-                if r.get("interrupted"):  # cut short from outside: still to run, not a failure of the method
-                    continue
-                task = r["config"]["task"]["name"]
-                cell = row.cells.setdefault(task, Scores())
-                if r["status"] == "success":
-                    cell.scores.append(r["metrics"]["test_score" if group.split[task] == "test" else "score"])
-                else:
-                    cell.failures.append("OOM" if "out of memory" in r.get("error", "").lower() else "failed")
+        _columns(group)
+    _tell_apart(list(groups.values()))
     return [groups[k] for k in sorted(groups) if groups[k].rows]  # a search still running has no rows yet
+
+
+def _columns(group: Group) -> None:
+    """The group's columns (task and identity), each with its split, metric and baselines; every row's cells."""
+    identities: dict[str, dict[str, dict]] = {}
+    for r in group.records + group.search:
+        ident = task_identity(r)
+        identities.setdefault(r["config"]["task"]["name"], {})[json.dumps(ident, sort_keys=True)] = ident
+    names = {(task, key): name for task, found in identities.items()
+             for key, name in _column_names(found, task).items()}
+    for r in group.records + group.search:
+        group.columns[id(r)] = names[r["config"]["task"]["name"], json.dumps(task_identity(r), sort_keys=True)]
+    group.tasks = sorted({group.task_of(r) for r in group.records})
+    for row in group.rows.values():
+        for r in row.records:
+            if r.get("provenance", {}).get("phase") == "final":
+                lr = r["config"]["train"]["lr"]
+                row.chosen_lr[group.task_of(r)] = lr
+                row.lr_edge[group.task_of(r)] = range_edge(lr, r["provenance"].get("budget", {}).get("lr_range"))
+    for task in group.tasks:
+        ok = [r for r in group.records if group.task_of(r) == task and r["status"] == "success"]
+        group.split[task] = "test" if ok and all("test_score" in r["metrics"] for r in ok) else "dev"
+        group.metric[task] = ok[0]["metrics"]["score_name"] if ok else "accuracy"
+        found = [r["baselines"][group.split[task]] for r in ok if group.split[task] in r.get("baselines", {})]
+        if found:
+            group.baselines[task] = found[0]
+    for row in group.rows.values():
+        for r in row.records:
+            if r.get("interrupted"):  # cut short from outside: still to run, not a failure of the method
+                continue
+            task = group.task_of(r)
+            cell = row.cells.setdefault(task, Scores())
+            if r["status"] == "success":
+                cell.scores.append(r["metrics"]["test_score" if group.split[task] == "test" else "score"])
+            else:
+                cell.failures.append("OOM" if "out of memory" in r.get("error", "").lower() else "failed")
+
+
+def _tell_apart(groups: list[Group]) -> None:
+    """Backbones of one name but other fingerprints (two pretraining runs saved to one folder) get the first
+    digits of their fingerprints after their names."""
+    by_name: dict[str, set] = {}
+    for group in groups:
+        by_name.setdefault(group.display_name, set()).add(group.fingerprint)
+    for group in groups:
+        if len(by_name[group.display_name]) > 1:
+            group.tag = f" ({group.fingerprint[:8] if group.fingerprint else 'no fingerprint'})"
 
 
 def range_edge(lr: float, lr_range: list[float] | None) -> str:

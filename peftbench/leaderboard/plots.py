@@ -55,7 +55,7 @@ def plot(group: Group, out_dir: Path) -> dict[str, bytes]:
             for row in rows:
                 cell = row.cells.get(task)
                 x = statistics.fmean([r[section][x_key] for r in row.records if r["status"] == "success"
-                                      and r["config"]["task"]["name"] == task] or [math.nan])
+                                      and group.task_of(r) == task] or [math.nan])
                 if cell and cell.scores and not math.isnan(x):
                     ax.errorbar(x, 100 * cell.mean, yerr=100 * cell.std, fmt="o", capsize=3, label=tex(row.label))
                     points.append((x, 100 * cell.mean))
@@ -88,14 +88,14 @@ def sensitivity_figure(group: Group, plt):
     with its settings), the chosen learning rate starred."""
     label = {r["provenance"]["study"]: row.label for row in group.rows.values() for r in row.records
              if r.get("provenance", {}).get("study")}
-    chosen = {(r["provenance"]["study"], r["config"]["task"]["name"]): r["config"]["train"]["lr"]
+    chosen = {(r["provenance"]["study"], group.task_of(r)): r["config"]["train"]["lr"]
               for row in group.rows.values() for r in row.records if r.get("provenance", {}).get("phase") == "final"}
-    tasks = sorted({r["config"]["task"]["name"] for r in group.search})
+    tasks = sorted({group.task_of(r) for r in group.search})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         trials: dict[str, dict[float, list[float]]] = {}
         for r in group.search:
-            if r["config"]["task"]["name"] == task and r["status"] == "success":
+            if group.task_of(r) == task and r["status"] == "success":
                 study = r["provenance"]["study"]
                 trials.setdefault(study, {}).setdefault(r["config"]["train"]["lr"], []).append(r["metrics"]["score"])
         for study in sorted(trials, key=lambda s: label.get(s, s)):

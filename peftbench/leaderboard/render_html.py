@@ -6,7 +6,7 @@ import base64
 import html
 
 from peftbench.leaderboard.grouping import Group
-from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, table
+from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, source_line, table
 
 SORT_SCRIPT = """
 document.querySelectorAll("table").forEach(t => t.querySelectorAll("th").forEach((th, i) => th.onclick = () => {
@@ -17,21 +17,25 @@ document.querySelectorAll("table").forEach(t => t.querySelectorAll("th").forEach
 """
 
 
-def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes]) -> str:
+def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes], sources: list[dict]) -> str:
     newest = max(r["finished_at"] for r in records)
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>peftbench leaderboard</title><style>",
              "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}th{cursor:pointer;"
              "background:#eee}img{max-width:100%}</style></head><body>",
              "<h1>peftbench leaderboard</h1>", f"<p>{len(records)} records, newest {html.escape(newest)}. "
-             f"{html.escape(NOTES)} Click a header to sort.</p>"]
+             f"{html.escape(NOTES)} Click a header to sort.</p>",
+             "<p>Sources: " + "; ".join(html.escape(source_line(s)) for s in sources) + ".</p>"]
     for group in groups:
         head, rows = table(group)
         parts.append(f"<h2>{html.escape(group.title)}</h2><p>Budget: {html.escape(group.budget)}.</p>")
-        for note in (group.backbone_note, group.memory_note):
+        for note in (group.backbone_note, group.older_note, group.memory_note):
             if note:
                 parts.append(f"<p>{html.escape(note)}</p>")
         parts.append(html_table(head, rows))
+        if group.footnotes:
+            parts.append("<p>Cells pooling runs of other versions:</p><ul>"
+                         + "".join(f"<li>{html.escape(n)}</li>" for n in group.footnotes) + "</ul>")
         chosen = lr_table(group)
         if chosen:
             parts += ["<p>Learning rate chosen on dev by the search:</p>", html_table(*chosen),

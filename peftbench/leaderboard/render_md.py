@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 from peftbench.leaderboard.grouping import Group
-from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, table, visible
+from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, source_line, table, visible
 
 
 def md(text: str) -> str:
@@ -45,20 +45,24 @@ def backbone_label(backbone: dict) -> str:
     return "/".join(Path(name).parts[-2:]) if name.startswith(("/", ".", "~")) else name
 
 
-def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str]], skipped: list[str]) -> str:
+def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str]], skipped: list[str],
+             sources: list[dict]) -> str:
     newest = max(str(r["finished_at"]) for r in records)
     note = f" {len(skipped)} unreadable records skipped." if skipped else ""
-    lines = ["# Leaderboard", "", f"{len(records)} records, newest {md(newest)}.{note} {NOTES}", ""]
+    lines = ["# Leaderboard", "", f"{len(records)} records, newest {md(newest)}.{note} {NOTES}", "",
+             "Sources: " + "; ".join(md(source_line(s)) for s in sources) + ".", ""]
     for group in groups:
         head, rows = table(group)
         lines += [f"## {md(group.title)}", "", f"Budget: {md(group.budget)}.", ""]
         if group.random_init:
             lines += ["Random-init backbone: these numbers test the machinery; they do not rank the methods.", ""]
-        for note in (group.backbone_note, group.memory_note):
+        for note in (group.backbone_note, group.older_note, group.memory_note):
             if note:
                 lines += [md(note), ""]
         lines.append(markdown_table(head, rows))
         lines.append("")
+        if group.footnotes:
+            lines += ["Cells pooling runs of other versions:", ""] + [f"- {md(n)}" for n in group.footnotes] + [""]
         chosen = lr_table(group)
         if chosen:
             lines += ["Learning rate chosen on dev by the search:", "", markdown_table(*chosen), "", LR_EDGE_NOTE, ""]

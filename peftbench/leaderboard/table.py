@@ -111,3 +111,9 @@ NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header 
 def visible(text: str) -> str:
     """``text`` with every control character (newlines included) written as its escape, ``\\n``: one line."""
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def source_line(source: dict) -> str:
+    """One record folder in words: where, how many records, on what hardware, from when to when."""
+    return (f"{source['folder']} ({source['records']} records on {', '.join(source['hardware'])}, "
+            f"{source['first'][:10]} to {source['last'][:10]})")

@@ -1,0 +1,40 @@
+"""``leaderboard.json``: every cell with what it pools, so another site or notebook can rebuild the tables without
+peftbench (schema in docs/leaderboards.md)."""
+
+from __future__ import annotations
+
+import json
+
+from peftbench.leaderboard.grouping import Group, task_identity
+from peftbench.leaderboard.significance import significance
+
+SCHEMA = 1
+
+
+def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> str:
+    tables = []
+    for group in groups:
+        marks = significance(group)
+        cells = []
+        for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
+            for task in group.tasks:
+                runs = sorted((r for r in row.records if group.task_of(r) == task and not r.get("interrupted")),
+                              key=lambda r: (r["config"]["train"]["seed"], r["run_id"]))
+                if not runs:
+                    continue
+                cell, done = row.cells[task], [r for r in runs if r["status"] == "success"]
+                key = "test_score" if group.split[task] == "test" else "score"
+                cells.append({"row": row.label, "method": row.method, "column": task,
+                              "task": runs[0]["config"]["task"]["name"], "split": group.split[task],
+                              "metric": group.metric[task], "mean": cell.mean, "std": cell.std, "n": len(done),
+                              "failed": len(cell.failures), "seeds": [r["config"]["train"]["seed"] for r in done],
+                              "scores": [r["metrics"][key] for r in done], "run_ids": [r["run_id"] for r in runs],
+                              "mark": marks.get((row.label, task), ""), "task_identity": task_identity(runs[0]),
+                              "data_fingerprints": (runs[0].get("data") or {}).get("fingerprints")})
+        tables.append({"backbone": group.backbone, "backbone_name": group.display_name,
+                       "backbone_fingerprint": group.fingerprint, "hardware": group.hardware,
+                       "precision": group.precision, "random_init": group.random_init, "columns": group.tasks,
+                       "footnotes": group.footnotes, "cells": cells})
+    page = {"schema": SCHEMA, "records": len(records), "newest": max(str(r["finished_at"]) for r in records),
+            "sources": sources, "tables": tables}
+    return json.dumps(page, ensure_ascii=False, indent=1, sort_keys=True, allow_nan=False) + "\n"

@@ -320,3 +320,27 @@ def test_leaderboard_json_holds_every_cell_and_the_sources(tmp_path):
     assert tnews["task_identity"]["version"] == 1 and tnews["data_fingerprints"]["train"]["sha256"] == "d1"
     md_page = (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
     assert "Sources: " in md_page and "machine-b (1 records on Test GPU ×1" in md_page
+
+
+COMMITTED = {"fewclue": ["leaderboards/fewclue-tiny/records", "leaderboards/fewclue-zh-mini-tuned/records"],
+             "fewclue-zh-mini-ranges": ["leaderboards/fewclue-zh-mini-ranges/records"],
+             "prefix-study": ["leaderboards/prefix-study/records"]}  # the commands of leaderboards/README.md
+
+
+@pytest.mark.parametrize("board", COMMITTED)
+def test_committed_leaderboards_regenerate_from_their_records(board, monkeypatch):
+    """The committed tables are what the current code makes of the committed records (plots aside: the pages
+    name the committed files)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    dirs, out = COMMITTED[board], root / "leaderboards" / board
+    records, skipped = leaderboard.collect(dirs)
+    groups = leaderboard.build(records)
+    plots = {g.slug: sorted(p.stem for p in out.glob(f"{g.slug}-*.png")) for g in groups}
+    found = leaderboard.sources(dirs)
+    assert leaderboard.markdown(groups, records, plots, skipped, found) == \
+        (out / "leaderboard.md").read_text(encoding="utf-8")
+    assert leaderboard.csv_text(groups) == (out / "leaderboard.csv").read_text(encoding="utf-8")
+    assert leaderboard.json_text(groups, records, found) == (out / "leaderboard.json").read_text(encoding="utf-8")

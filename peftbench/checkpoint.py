@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -208,29 +209,45 @@ def fingerprint(model, pretrained_only: bool = False, new_weights=()) -> str:
     return digest.hexdigest()
 
 
-BACKBONE_FILES = ("config.json", "*.safetensors", "*.bin", "vocab.txt", "tokenizer.json", "*.model")  # what it is
+BACKBONE_FILES = ("config.json", "*.safetensors", "*.bin", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "*.model")  # what a backbone folder is
 
 
-def backbone_fingerprint(name_or_path: str, model_config, random_init: bool) -> str:
-    """What a record calls its backbone, independent of how a run loads it (precision, quantisation, head):
-    a random-init architecture by its configuration (its character vocabulary follows from the task's training
-    text, which the data fingerprint covers); a local folder by its config, weight and vocabulary files; a hub
-    model by its name and the commit its files came from."""
-    digest = hashlib.sha256()
+def backbone_fingerprint(name_or_path: str, architecture, random_init: bool) -> str:
+    """What a record calls its backbone, independent of how a run loads it (precision, quantisation, head),
+    taken when the run loads it: a random-init backbone by its architecture (a dict: its character vocabulary
+    follows from the task's training text, which the data fingerprint covers); a local folder by its config,
+    weight and tokenizer files; a hub model by its name and the commit its cached files came from."""
     if random_init:
-        skip = VOLATILE_CONFIG_KEYS + LABEL_CONFIG_KEYS + ("vocab_size", "pad_token_id")
-        digest.update(json.dumps({k: v for k, v in model_config.to_dict().items() if k not in skip},
-                                 sort_keys=True, default=str).encode())
-    elif Path(name_or_path).expanduser().is_dir():
-        folder = Path(name_or_path).expanduser()
-        for path in sorted({p for pattern in BACKBONE_FILES for p in folder.glob(pattern) if p.is_file()}):
-            digest.update(f"{path.name}|{path.stat().st_size}\n".encode())
-            with path.open("rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    digest.update(chunk)
-    else:
-        digest.update(f"hub:{name_or_path}@{getattr(model_config, '_commit_hash', None)}".encode())
+        return hashlib.sha256(json.dumps(architecture, sort_keys=True, default=str).encode()).hexdigest()
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        files = sorted({p for pattern in BACKBONE_FILES for p in folder.glob(pattern) if p.is_file()})
+        return _files_digest(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    return hashlib.sha256(f"hub:{name_or_path}@{_hub_commit(name_or_path)}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _files_digest(files: tuple) -> str:
+    """SHA-256 over files' names and bytes; cached by (path, size, mtime): a sweep hashes a backbone once."""
+    digest = hashlib.sha256()
+    for path, size, _ in files:
+        digest.update(f"{Path(path).name}|{size}\n".encode())
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+def _hub_commit(name: str) -> str | None:
+    """The commit of the hub model's cached files (the snapshot folder its config.json lies in)."""
+    try:
+        from transformers.utils import cached_file
+
+        path = cached_file(name, "config.json", local_files_only=True)
+    except Exception:  # not cached, or an older layout: the name alone
+        return None
+    return Path(path).parent.name if path and Path(path).parent.parent.name == "snapshots" else None
 
 
 def pretrained_fingerprint(meta: dict) -> str:

@@ -82,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     pre_p = sub.add_parser("pretrain", help="masked-LM pretraining (resumes an interrupted run in the same output_dir)",
                            keys=_pretrain_keys)
     pre_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
-    lb_p = sub.add_parser("leaderboard", help="tables (md/csv/html) and plots from result records")
+    lb_p = sub.add_parser("leaderboard", help="tables (md/csv/html/json) and plots from result records")
     lb_p.add_argument("results", nargs="+", help="folders searched for record.json files")
     lb_p.add_argument("--out", required=True, help="output folder")
-    lb_p.add_argument("--strict", action="store_true", help="an unreadable record is an error, not skipped")
+    lb_p.add_argument("--strict", action="store_true",
+                      help="an unreadable record, or a cell pooling runs of other library versions, is an error")
     pred_p = sub.add_parser("predict", help="predict a split with a trained checkpoint")
     pred_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
     pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])

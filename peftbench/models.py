@@ -309,6 +309,15 @@ def _attention_kwargs(model_cfg) -> dict:
     return {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
 
 
+def random_init_architecture(name: str) -> dict:
+    """A random-init backbone's architecture as a plain dict, independent of the transformers version's config
+    defaults: a built-in one's fields, or the differences from its config class's defaults."""
+    arch = TINY if name == TINY else name.removeprefix(RANDOM)
+    if arch in ARCHITECTURES:
+        return {"builtin": arch, **ARCHITECTURES[arch]}
+    return random_init_config(name, 0).to_diff_dict()
+
+
 def random_init_config(name: str, vocab_size: int):
     """``tiny``, ``random:<name in ARCHITECTURES>`` (no hub) or ``random:<hub name or directory>`` (its config)."""
     arch = TINY if name == TINY else name.removeprefix(RANDOM)

@@ -98,7 +98,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
         with failed_record_on_error(stage / RECORD_NAME, cfg.to_dict(), cfg.run_id, env, main, extra) as phase, \
                 distributed.naming_lost_processes(accelerator.process_index, accelerator.num_processes,
                                                   cfg.train.dist_timeout):
-            model, tokenizer, result = _fine_tune(cfg, accelerator, launch, stage, out_dir, phase)
+            model, tokenizer, result = _fine_tune(cfg, accelerator, launch, stage, out_dir, phase, extra)
     except Exception:
         stop_tracking(accelerator)
         if main:  # publish the failed record alone (no half-written checkpoint), or keep the old run
@@ -113,7 +113,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
                     step=result["total_steps"])
     stop_tracking(accelerator)
     record = make_record("success", cfg.to_dict(), cfg.run_id, env, result.pop("metrics"), result.pop("params"),
-                         extra={**result, **extra})
+                         extra={**extra, **result})
     if main:
         write_atomic(stage / RECORD_NAME, record)
         checkpoint.publish(stage, out_dir)
@@ -187,16 +187,19 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
 
 
 def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, work_dir: Path, out_dir: Path,
-               phase: RunPhase) -> tuple[torch.nn.Module, object, dict]:
+               phase: RunPhase, identity: dict) -> tuple[torch.nn.Module, object, dict]:
     """Everything of a run but its record; files go to ``work_dir``, which will become ``out_dir``. ``phase``
-    learns when training begins (bad input found before leaves no record)."""
+    learns when training begins (bad input found before leaves no record); ``identity`` (what a failed record
+    holds too) gets the data's and the backbone's identity as soon as they are loaded."""
     t = cfg.train
     data = setup_data(cfg, accelerator)
+    identity["data"] = {"task_version": data.task.spec.version, "fingerprints": data.task.fingerprints}
     steps_per_epoch = math.ceil(len(data.train) / t.grad_accum_steps)
     total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs  # as HF Trainer: max_steps wins
     epochs = math.ceil(total_steps / steps_per_epoch)
     ckpt_dir = work_dir / checkpoint.CHECKPOINT_DIR
     model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir, launch)
+    identity["backbone"] = backbone_identity(cfg, models.without_peft(model).config)
     optimizer = build_optimizer(model, t)
     model, optimizer = distributed.prepare(accelerator, launch, model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -284,8 +287,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         "params": {**params, "adapter_bytes": adapter_bytes},
         "dev_history": history,
         "loss_curve": state.loss_curve,
-        "data": {"source": task.source, "task_version": task.spec.version, "fingerprints": task.fingerprints,
-                 "dropped": task.dropped,
+        "data": {"source": task.source, **identity["data"], "dropped": task.dropped,
                  **({"overlapping_entities": task.overlapping_entities} if task.spec.kind.labels_per_token else {}),
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "baselines": {split: task.spec.kind.baselines(task.splits[split], task.spec) for split in data.evals},
@@ -294,7 +296,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         "precision": {"mixed_precision": t.mixed_precision, "quantization": models.quantization_name(cfg.model),
                       "stored_dtype": base.stored_dtype, "loaded_dtype": base.loaded_dtype,
                       "base_weight_bytes": params["base_weight_bytes"]},
-        "backbone": backbone_identity(cfg, models.without_peft(raw_model).config, len(data.tokenizer)),
+        "backbone": identity["backbone"],
         "settings": cfg.changed_settings(),
         "learning_rate": {"peak": t.lr, "method_default": method.default_lr},
         "checkpoint": str(out_dir / checkpoint.CHECKPOINT_DIR) if t.save_checkpoint else None,
@@ -304,11 +306,11 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     return raw_model, data.tokenizer, result
 
 
-def backbone_identity(cfg: RunConfig, model_config, vocab_size: int) -> dict:
+def backbone_identity(cfg: RunConfig, model_config) -> dict:
     """The record's ``backbone``: its name, whether it is random init, its fingerprint
     (:func:`checkpoint.backbone_fingerprint`) and, for a model ``peftbench pretrain`` made, where it came from."""
     name, random_init = cfg.model.name_or_path, models.is_random_init(cfg.model.name_or_path)
-    arch = models.random_init_config(name, vocab_size) if random_init else model_config
+    arch = models.random_init_architecture(name) if random_init else model_config
     return {"name_or_path": name, "random_init": random_init,
             "fingerprint": checkpoint.backbone_fingerprint(name, arch, random_init),
             "pretrained_by_peftbench": checkpoint.pretrained_by_peftbench(name)}

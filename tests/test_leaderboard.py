@@ -344,3 +344,51 @@ def test_committed_leaderboards_regenerate_from_their_records(board, monkeypatch
         (out / "leaderboard.md").read_text(encoding="utf-8")
     assert leaderboard.csv_text(groups) == (out / "leaderboard.csv").read_text(encoding="utf-8")
     assert leaderboard.json_text(groups, records, found) == (out / "leaderboard.json").read_text(encoding="utf-8")
+
+
+def test_a_backbone_fingerprint_follows_the_files_not_the_seed_or_how_it_loads(tmp_path):
+    from peftbench import checkpoint, models
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}', encoding="utf-8")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "README.md").write_text("a model card", encoding="utf-8")
+    first = checkpoint.backbone_fingerprint(str(folder), None, False)
+    (folder / "README.md").write_text("another card", encoding="utf-8")
+    assert checkpoint.backbone_fingerprint(str(folder), None, False) == first  # not what the model is
+    (folder / "model.safetensors").write_bytes(b"weightz")
+    assert checkpoint.backbone_fingerprint(str(folder), None, False) != first  # retrained into the same folder
+    tiny = checkpoint.backbone_fingerprint("tiny", models.random_init_architecture("tiny"), True)
+    assert tiny != checkpoint.backbone_fingerprint("random:mini", models.random_init_architecture("random:mini"), True)
+    assert tiny == checkpoint.backbone_fingerprint("tiny", models.random_init_architecture("tiny"), True)
+
+
+def test_a_task_fingerprints_the_bytes_of_each_split_it_reads(tmp_path):
+    import hashlib
+
+    from conftest import fewclue_dir
+
+    from peftbench.tasks import load_task
+
+    rows = [{"sentence": "好", "label": "Positive", "id": i} for i in range(4)]
+    folder = fewclue_dir(tmp_path / "eprstmt", rows, rows)
+    data = load_task(config.load(None, ["task.name=eprstmt", f"task.data_dir={folder}"]).task)
+    train = folder / "train_few_all.json"
+    assert data.fingerprints["train"] == {"file": train.name, "sha256": hashlib.sha256(train.read_bytes()).hexdigest()}
+    assert set(data.fingerprints) == {"train", "dev"} and data.spec.version == 1
+
+
+def test_a_run_that_failed_before_loading_joins_its_backbones_table_and_one_model_at_two_paths_is_one_row(tmp_path):
+    stamped(tmp_path, "ok", "f", seed=1, acc=0.6)
+    stamped(tmp_path, "ok2", "f", seed=2, acc=0.62)
+    failed = record(tmp_path / "oom", "runs/pretrain/zh-mini/model", "lora", "tnews", 3, 0, status="failed",
+                    error="OutOfMemoryError: CUDA out of memory")  # no fingerprints: it failed while loading
+    assert "fingerprint" not in failed["backbone"] and "data" not in failed
+    moved = stamped(tmp_path, "moved", "f", seed=4, acc=0.64)  # the same files, copied to another folder
+    moved["config"]["model"]["name_or_path"] = moved["backbone"]["name_or_path"] = "leaderboards/zh-mini"
+    write_atomic(next((tmp_path / "moved").rglob("record.json")), moved)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    assert group.tasks == ["tnews"] and group.older_note is None
+    (row,) = group.rows.values()
+    assert len(row.cells["tnews"].scores) == 3 and row.cells["tnews"].failures == ["OOM"]

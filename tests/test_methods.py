@@ -96,6 +96,7 @@ def test_trainable_count_matches_formula(trained, variant):
     assert trained[variant].record["params"]["trainable"] == expected_trainable(variant, trained[variant])
 
 
+@pytest.mark.slow  # a new process
 def test_reload_in_a_new_process_gives_identical_logits(trained, tmp_path):
     texts = ["股钱债涨跌", "星影歌剧综艺的", "今天芯片与网络"]
     reloaded = logits_in_new_process({v: r.record["checkpoint"] for v, r in trained.items()}, texts, tmp_path)
@@ -141,6 +142,19 @@ def test_merged_model_equals_unmerged(trained, variant):
     enc = tok(["股钱债涨跌", "星影歌剧综艺的芯片"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**enc).logits, unmerged(**enc).logits, atol=1e-5, rtol=0)
+
+
+def test_every_record_names_the_backbone_and_data_it_read(trained):
+    """One tiny architecture and one generated task: every variant's record holds the same fingerprints (the
+    method, its seed and its head change none), taken when the run loaded them."""
+    from peftbench import checkpoint, models
+
+    records = [run.record for run in trained.values()]
+    expected = checkpoint.backbone_fingerprint("tiny", models.random_init_architecture("tiny"), True)
+    assert {r["backbone"]["fingerprint"] for r in records} == {expected}
+    assert all(r["data"]["task_version"] == 1 for r in records)
+    assert len({json.dumps(r["data"]["fingerprints"], sort_keys=True) for r in records}) == 1
+    assert set(records[0]["data"]["fingerprints"]) == {"train", "dev", "test"}
 
 
 def test_merge_refused_where_nothing_merges(trained):
@@ -236,6 +250,7 @@ torch.save(out, sys.argv[3])
 """
 
 
+@pytest.mark.slow  # export, and a new process
 def test_export_writes_folders_that_transformers_alone_loads(trained, tmp_path):
     import subprocess
     import sys

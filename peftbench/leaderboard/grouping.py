@@ -157,7 +157,8 @@ class Group:
     @property
     def older_note(self) -> str | None:
         """What identifies the runs of a table whose records predate fingerprints."""
-        older = sum(1 for r in self.records if (r.get("data") or {}).get("fingerprints") is None)
+        older = sum(1 for r in self.records
+                    if r["status"] == "success" and not (r.get("data") or {}).get("fingerprints"))
         if not self.fingerprint:
             return ("These records predate fingerprints: the backbone is told by its path, each task by its "
                     "settings (not by its data files or loader version).")
@@ -188,8 +189,10 @@ class Group:
 
     @property
     def slug(self) -> str:
-        fingerprint = f"-{self.fingerprint[:8]}" if self.fingerprint else ""
-        text = f"{self.backbone}{fingerprint}-{self.hardware}-{self.precision}".lower()
+        name = self.backbone  # before fingerprints: the whole path (the committed plots keep their names)
+        if self.fingerprint:  # a short name, so that the fingerprint survives the cut to 80 characters
+            name = "/".join(Path(self.backbone).parts[-2:]) + f"-{self.fingerprint[:8]}"
+        text = f"{name}-{self.hardware}-{self.precision}".lower()
         return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:80]
 
 
@@ -235,13 +238,19 @@ def collect(dirs: list[str | Path], strict: bool = False) -> tuple[list[dict], l
             skipped.append(str(exc))
     if not records:
         raise PeftbenchError(f"no usable {RECORD_NAME} under {', '.join(map(str, dirs))} ({len(skipped)} skipped)")
-    best: dict[str, dict] = {}
+    buckets: dict[str, list[dict]] = {}
     for r in records:
-        run = _run(r)
-        if run not in best or (r["status"] == "success", r["finished_at"]) > (best[run]["status"] == "success",
-                                                                              best[run]["finished_at"]):
-            best[run] = r
-    return [r for r in records if best[_run(r)] is r], skipped
+        buckets.setdefault(_run(r), []).append(r)
+    kept: dict[int, dict] = {}
+    for found in buckets.values():
+        parts: dict[str, list[dict]] = {}
+        for r in found:
+            parts.setdefault(_made_of(r), []).append(r)
+        bare = parts.pop("", [])  # failed before the backbone and data loaded: a duplicate of any part
+        for part in parts.values() or [[]]:
+            best = max(part + bare, key=lambda r: (r["status"] == "success", bool(_made_of(r)), r["finished_at"]))
+            kept[id(best)] = best
+    return [r for r in records if id(r) in kept], skipped
 
 
 def sources(dirs: list[str | Path]) -> list[dict]:
@@ -259,10 +268,15 @@ def sources(dirs: list[str | Path]) -> list[dict]:
 
 
 def _run(record: dict) -> str:
-    """A run's identity: its run id, its config but where it was written, its hardware, its backbone and data."""
+    """A run's identity but what it was made of: its run id, its config but where it was written, its hardware."""
     return record["run_id"] + _hardware(record["env"]) + json.dumps(
-        [{k: v for k, v in record["config"].items() if k != "output_dir"}, (record.get("backbone") or {}).get(
-            "fingerprint"), (record.get("data") or {}).get("fingerprints")], sort_keys=True, default=str)
+        {k: v for k, v in record["config"].items() if k != "output_dir"}, sort_keys=True, default=str)
+
+
+def _made_of(record: dict) -> str:
+    """The backbone and data a run read ("" where its record does not say)."""
+    backbone, data = (record.get("backbone") or {}).get("fingerprint"), (record.get("data") or {}).get("fingerprints")
+    return "" if backbone is None and data is None else json.dumps([backbone, data], sort_keys=True)
 
 
 def _hardware(env: dict) -> str:
@@ -279,8 +293,9 @@ def _settings(record: dict) -> tuple[tuple, str]:
     name = method.pop("name")
     train = {k: v for k, v in config["train"].items()  # keys that change no result (NOT_IDENTITY) split no row
              if k != "seed" and k not in NOT_IDENTITY and not (tuned and k == "lr")}
+    model = {k: v for k, v in config["model"].items() if k not in ("name_or_path", "tokenizer")}  # the group's
     identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
-                json.dumps({k: v for k, v in config["model"].items()}, sort_keys=True), tuned)
+                json.dumps(model, sort_keys=True), tuned)
     settings = record.get("settings") or {"method": method, "model": {}}  # older records: every method key
     model = dict(settings["model"])
     words = [QUANTIZATION_WORDS[model.pop("quantization")]] if model.get("quantization") in QUANTIZATION_WORDS else []
@@ -322,11 +337,17 @@ def build(records: list[dict]) -> list[Group]:
     """One group per (backbone fingerprint, hardware, precision); rows by method settings; one column per task
     and identity (:func:`task_identity`): scores of other data, settings or loader versions never pool."""
     groups: dict[tuple, Group] = {}
+    known: dict[tuple, set] = {}  # (name, hardware, precision) -> the fingerprints its records hold
+    for r in records:
+        if (r.get("backbone") or {}).get("fingerprint"):
+            known.setdefault(_where(r), set()).add(r["backbone"]["fingerprint"])
     for r in records:
         cfg = r["config"]
         backbone = r.get("backbone") or {}
         name = cfg["model"]["name_or_path"]
         fingerprint = backbone.get("fingerprint")
+        if fingerprint is None and len(known.get(_where(r), ())) == 1:  # failed before the backbone loaded
+            fingerprint = next(iter(known[_where(r)]))
         key = (fingerprint or f"path:{name}", _hardware(r["env"]), cfg["train"]["mixed_precision"])
         group = groups.setdefault(key, Group(fingerprint, key[1], key[2], name,
                                              backbone.get("random_init", name == "tiny")))
@@ -344,16 +365,32 @@ def build(records: list[dict]) -> list[Group]:
     return [groups[k] for k in sorted(groups) if groups[k].rows]  # a search still running has no rows yet
 
 
+def _where(record: dict) -> tuple:
+    """The group of a record before fingerprints: backbone path, hardware, precision."""
+    config = record["config"]
+    return config["model"]["name_or_path"], _hardware(record["env"]), config["train"]["mixed_precision"]
+
+
 def _columns(group: Group) -> None:
     """The group's columns (task and identity), each with its split, metric and baselines; every row's cells."""
     identities: dict[str, dict[str, dict]] = {}
+    unread = [r for r in group.records if r["status"] == "failed" and "data" not in r]  # failed before its data
     for r in group.records + group.search:
-        ident = task_identity(r)
-        identities.setdefault(r["config"]["task"]["name"], {})[json.dumps(ident, sort_keys=True)] = ident
+        if not any(r is u for u in unread):
+            ident = task_identity(r)
+            identities.setdefault(r["config"]["task"]["name"], {})[json.dumps(ident, sort_keys=True)] = ident
+    for r in unread:
+        ident, task = task_identity(r), r["config"]["task"]["name"]
+        same = [k for k, i in identities.get(task, {}).items() if i["settings"] == ident["settings"]]
+        if len(same) != 1:
+            identities.setdefault(task, {})[json.dumps(ident, sort_keys=True)] = ident
     names = {(task, key): name for task, found in identities.items()
              for key, name in _column_names(found, task).items()}
     for r in group.records + group.search:
-        group.columns[id(r)] = names[r["config"]["task"]["name"], json.dumps(task_identity(r), sort_keys=True)]
+        task, key = r["config"]["task"]["name"], json.dumps(task_identity(r), sort_keys=True)
+        if (task, key) not in names:  # a run that failed before its data loaded: the column of its settings
+            key = next(k for k, i in identities[task].items() if i["settings"] == task_identity(r)["settings"])
+        group.columns[id(r)] = names[task, key]
     group.tasks = sorted({group.task_of(r) for r in group.records})
     for row in group.rows.values():
         for r in row.records:

@@ -15,7 +15,7 @@ def csv_text(groups: list[Group]) -> str:
     writer.writerow(["backbone", "hardware", "precision", "random_init", "method", "settings", "task", "split",
                      "mean", "std", "n", "failed", "trainable", "peak_memory_mb", "train_samples_per_s",
                      "latency_ms_p50", "latency_ms_p95", "infer_samples_per_s", "merged_latency_ms_p50",
-                     "merged_infer_samples_per_s"])
+                     "merged_infer_samples_per_s", "backbone_name", "backbone_fingerprint"])
     for group in groups:
         for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
             for task in group.tasks:
@@ -32,5 +32,6 @@ def csv_text(groups: list[Group]) -> str:
                                    for state, key in (("as_trained", "latency_ms_p50"),
                                                       ("as_trained", "latency_ms_p95"),
                                                       ("as_trained", "samples_per_s"), ("merged", "latency_ms_p50"),
-                                                      ("merged", "samples_per_s")))])
+                                                      ("merged", "samples_per_s"))),
+                                 group.display_name, group.fingerprint or ""])
     return out.getvalue()

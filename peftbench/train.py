@@ -210,7 +210,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
 
     def on_eval(state: LoopState) -> None:
         try:
-            dev = evaluate(model, data.evals["dev"], accelerator, task, "dev")[0]
+            dev, ids, preds = evaluate(model, data.evals["dev"], accelerator, task, "dev")
         except DivergedError as exc:
             raise DivergedError(f"{exc} after step {state.step}") from None
         history.append({"epoch": state.epoch + (state.batch_in_epoch > 0), "step": state.step, **dev})
@@ -224,7 +224,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         shards = distributed.reshard(raw_model).named_parameters()  # each process its shard, also after evaluation
         if not best or dev["score"] > best["metrics"]["score"]:
             best.update(metrics=history[-1], state={n: distributed.local(p).detach().to("cpu", copy=True)
-                                                    for n, p in shards if p.requires_grad})
+                                                    for n, p in shards if p.requires_grad},
+                        per_example=task.spec.kind.per_example(ids, preds, task.splits["dev"]))
 
     state_dir = checkpoint.training_state_dir(out_dir)
     state, rng, resumed_from = LoopState(planned_steps=total_steps), None, []
@@ -259,18 +260,22 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     throughput = fit(accelerator, model, optimizer, batches, t, state, hooks, trainable, save_every=t.save_state_every,
                      desc=f"{cfg.task.name}/{cfg.method.name}")
 
-    if best["metrics"] is history[-1]:  # training ended in its best state: that evaluation stands
+    kind = task.spec.kind
+    if best["metrics"] is history[-1] and "per_example" in best:  # training ended in its best state: it stands
         metrics = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
+        per_example = {"dev": best["per_example"]}
     else:
         with torch.no_grad():
             for name, param in distributed.reshard(raw_model).named_parameters():
                 if name in best["state"]:
                     distributed.local(param).copy_(best["state"][name])
-        metrics = evaluate(model, data.evals["dev"], accelerator, task, "dev")[0]
+        metrics, ids, preds = evaluate(model, data.evals["dev"], accelerator, task, "dev")
+        per_example = {"dev": kind.per_example(ids, preds, task.splits["dev"])}
     metrics["best_epoch"] = best["metrics"]["epoch"]
     if "test" in data.evals:
-        test = evaluate(model, data.evals["test"], accelerator, task, "test")[0]
+        test, ids, preds = evaluate(model, data.evals["test"], accelerator, task, "test")
         metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("eval_samples_per_s", "score_name")})
+        per_example["test"] = kind.per_example(ids, preds, task.splits["test"])
     metrics.update(throughput)
     metrics["stopped_by"] = "max_steps" if t.max_steps > 0 else "epochs"
     held = accelerator.gather(torch.tensor([list(distributed.held_bytes(raw_model, optimizer).values())],
@@ -291,6 +296,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
                  **({"overlapping_entities": task.overlapping_entities} if task.spec.kind.labels_per_token else {}),
                  **{f"n_{split}": len(ds) for split, ds in task.splits.items()}},
         "baselines": {split: task.spec.kind.baselines(task.splits[split], task.spec) for split in data.evals},
+        "per_example": {split: found for split, found in per_example.items() if found is not None},
         "method_summary": method.summary(raw_model),
         **({"inference": inference} if inference else {}),
         "precision": {"mixed_precision": t.mixed_precision, "quantization": models.quantization_name(cfg.model),

@@ -246,9 +246,10 @@ def test_a_run_found_in_two_folders_counts_once(tmp_path):
     assert other["run_id"] == done["run_id"] and len(leaderboard.collect([tmp_path])[0]) == 2  # another machine
 
 
-def stamped(root, name, backbone_fp, data_fp="d1", version=1, seed=1, acc=0.6, env=ENV, task="tnews", **kw):
+def stamped(root, name, backbone_fp, data_fp="d1", version=1, seed=1, acc=0.6, env=ENV, task="tnews", method="lora",
+            **kw):
     """A record with the fingerprints and task version a run writes now."""
-    rec = record(root / name, "runs/pretrain/zh-mini/model", "lora", task, seed, acc, env=env, **kw)
+    rec = record(root / name, "runs/pretrain/zh-mini/model", method, task, seed, acc, env=env, **kw)
     rec["backbone"]["fingerprint"] = backbone_fp * 8
     rec["backbone"]["pretrained_by_peftbench"] = {"run_id": "726f3ac8aaaa", "corpus": ["a.json"], "steps": 4000,
                                                   "mlm_loss": 3.0, "device": "cpu"}
@@ -392,3 +393,45 @@ def test_a_run_that_failed_before_loading_joins_its_backbones_table_and_one_mode
     assert group.tasks == ["tnews"] and group.older_note is None
     (row,) = group.rows.values()
     assert len(row.cells["tnews"].scores) == 3 and row.cells["tnews"].failures == ["OOM"]
+
+
+def with_examples(root, name, method, seed, correct: list[int], **kw):
+    """A record of ``method`` holding its per-example results on one 1,772-example test split (bustm's size)."""
+    acc = sum(correct) / len(correct)
+    rec = stamped(root, name, "f", seed=seed, acc=acc, method=method, **kw)
+    rec["per_example"] = {"test": {"metric": "accuracy", "n": len(correct), "ids_sha256": "same examples",
+                                   "values": "".join(map(str, correct))}}
+    write_atomic(next((root / name).rglob("record.json")), rec)
+    return rec
+
+
+def test_a_gap_the_test_sample_alone_can_make_is_not_marked(tmp_path):
+    """bustm's case: two rows 2 points apart whose seeds agree within 0.5 points. Welch's t-test over the seeds
+    calls the gap significant; the paired bootstrap over the 1,772 test examples and the seeds does not. A gap
+    of 15 points stays significant under both."""
+    import random
+
+    rng, n = random.Random(0), 1772
+    def draws(p):  # noqa: E306
+        return [int(rng.random() < p) for _ in range(n)]
+    rows = {"lora": draws(0.608), "adapter": draws(0.587), "prefix": draws(0.46)}
+    for method, base in rows.items():
+        for seed in (1, 2, 3):  # each seed flips a few examples of the method's own pattern
+            correct = [1 - c if rng.random() < 0.004 else c for c in base]
+            with_examples(tmp_path / method, f"s{seed}", method, seed, correct)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    cells = {row.method: row.cells["tnews"] for row in group.rows.values()}
+    assert cells["lora"].mean - cells["adapter"].mean > 0.01 and max(c.std for c in cells.values()) < 0.006
+    from peftbench.leaderboard.significance import examples, interval, welch_p
+
+    assert welch_p(cells["lora"].scores, cells["adapter"].scores) < 0.05  # seeds alone: "significant"
+    marks = {label.split(" ")[0]: mark for (label, _), mark in leaderboard.significance(group).items()}
+    assert marks == {"lora": "★", "adapter": "☆"}  # adapter not shown worse; prefix 15 points below: no mark
+    by_method = {row.method: row for row in group.rows.values()}
+    low, high = interval(group, by_method["lora"], "tnews")
+    assert low < cells["lora"].mean < high and 0.03 < high - low < 0.06  # about ±1.2 points on 1,772 examples
+    assert examples(group, by_method["lora"], "tnews")[1].shape == (3, n)
+    lines = list(csv.DictReader(leaderboard.csv_text([group]).splitlines()))
+    assert len(lines) == 3 and all(float(r["ci95_low"]) < float(r["mean"]) < float(r["ci95_high"]) for r in lines)
+    page = leaderboard.html_page([group], group.records, {}, leaderboard.sources([tmp_path]))
+    assert page.count("title='95 % interval") == 3

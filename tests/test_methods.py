@@ -155,6 +155,12 @@ def test_every_record_names_the_backbone_and_data_it_read(trained):
     assert all(r["data"]["task_version"] == 1 for r in records)
     assert len({json.dumps(r["data"]["fingerprints"], sort_keys=True) for r in records}) == 1
     assert set(records[0]["data"]["fingerprints"]) == {"train", "dev", "test"}
+    for r in records:  # each example's part of the score, for the leaderboard's paired bootstrap
+        for split, key in (("dev", "accuracy"), ("test", "test_accuracy")):
+            part = r["per_example"][split]
+            assert part["n"] == len(part["values"]) == 300
+            assert part["values"].count("1") / 300 == pytest.approx(r["metrics"][key], abs=1e-12)
+    assert len({r["per_example"]["test"]["ids_sha256"] for r in records}) == 1
 
 
 def test_merge_refused_where_nothing_merges(trained):

@@ -213,6 +213,12 @@ def test_every_method_learns_ner(ner_runs, method):
     assert set(m["per_type_f1"]) == {"name", "address", "company"}
     assert m["n_eval"] == 200 and m["n_gold_entities"] > 200
     assert ner_runs[method].record["baselines"]["test"] == {"chance": None, "majority": 0.0}  # all O: no entity
+    for split, f1 in (("dev", m["entity_f1"]), ("test", m["test_entity_f1"])):  # what the bootstrap resamples
+        part = ner_runs[method].record["per_example"][split]
+        hits, pred_only, gold_only = (sum(v[k] for v in part["values"]) for k in range(3))
+        assert part["n"] == 200 and part["metric"] == "entity_f1" and hits + gold_only == m[
+            "n_gold_entities" if split == "dev" else "test_n_gold_entities"]
+        assert 2 * hits / (2 * hits + pred_only + gold_only) == pytest.approx(f1, abs=1e-9)
 
 
 def test_ner_checkpoint_reloads_and_predicts_clue_format(ner_runs, tmp_path):

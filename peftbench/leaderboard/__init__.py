@@ -7,7 +7,8 @@ a cell is a task's score over seeds, mean ± std (n). The score is the task's
 headline metric (accuracy; entity F1 for NER) on the labeled test split where
 every record has one, else on dev. With at least
 3 seeds, the best mean per task is marked ★ and every row not significantly
-worse than it (Welch's t-test, p >= 0.05) ☆; rows on a random-init backbone are
+worse than it (a paired bootstrap over examples and seeds, or Welch's t-test over seeds where
+records lack per-example results; p >= 0.05) ☆; rows on a random-init backbone are
 labelled and not ranked. The same records always give byte-identical files.
 """
 

@@ -6,6 +6,7 @@ import csv
 import io
 
 from peftbench.leaderboard.grouping import Group
+from peftbench.leaderboard.significance import interval
 from peftbench.leaderboard.table import _csv_number, _fmt_number
 
 
@@ -15,7 +16,7 @@ def csv_text(groups: list[Group]) -> str:
     writer.writerow(["backbone", "hardware", "precision", "random_init", "method", "settings", "task", "split",
                      "mean", "std", "n", "failed", "trainable", "peak_memory_mb", "train_samples_per_s",
                      "latency_ms_p50", "latency_ms_p95", "infer_samples_per_s", "merged_latency_ms_p50",
-                     "merged_infer_samples_per_s", "backbone_name", "backbone_fingerprint"])
+                     "merged_infer_samples_per_s", "backbone_name", "backbone_fingerprint", "ci95_low", "ci95_high"])
     for group in groups:
         for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)):
             for task in group.tasks:
@@ -33,5 +34,6 @@ def csv_text(groups: list[Group]) -> str:
                                                       ("as_trained", "latency_ms_p95"),
                                                       ("as_trained", "samples_per_s"), ("merged", "latency_ms_p50"),
                                                       ("merged", "samples_per_s"))),
-                                 group.display_name, group.fingerprint or ""])
+                                 group.display_name, group.fingerprint or "",
+                                 *(_csv_number(x) for x in (interval(group, row, task) or (None, None)))])
     return out.getvalue()

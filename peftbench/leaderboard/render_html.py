@@ -6,6 +6,7 @@ import base64
 import html
 
 from peftbench.leaderboard.grouping import Group
+from peftbench.leaderboard.significance import interval
 from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, source_line, table
 
 SORT_SCRIPT = """
@@ -32,7 +33,11 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes], 
         for note in (group.backbone_note, group.older_note, group.memory_note):
             if note:
                 parts.append(f"<p>{html.escape(note)}</p>")
-        parts.append(html_table(head, rows))
+        ordered = sorted(group.rows.values(), key=lambda r: (r.method, r.label))  # as table() orders them
+        titles = {(i, j): f"95 % interval {100 * ci[0]:.1f} to {100 * ci[1]:.1f} (bootstrap over examples and seeds)"
+                  for i, row in enumerate(ordered) for j, task in enumerate(group.tasks, 1)
+                  if (ci := interval(group, row, task)) is not None}
+        parts.append(html_table(head, rows, titles))
         if group.footnotes:
             parts.append("<p>Cells pooling runs of other versions:</p><ul>"
                          + "".join(f"<li>{html.escape(n)}</li>" for n in group.footnotes) + "</ul>")
@@ -49,7 +54,13 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes], 
     return "\n".join(parts)
 
 
-def html_table(head: list[str], rows: list[list[str]]) -> str:
+def html_table(head: list[str], rows: list[list[str]], titles: dict[tuple[int, int], str] | None = None) -> str:
+    """A table; ``titles``: (row, column) -> the text a cell shows on hover."""
     header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+
+    def cell(i: int, j: int, text: str) -> str:
+        title = (titles or {}).get((i, j))
+        opening = f"<td title='{html.escape(title)}'>" if title else "<td>"
+        return f"{opening}{html.escape(text)}</td>"
+    body = "".join("<tr>" + "".join(cell(i, j, c) for j, c in enumerate(r)) + "</tr>" for i, r in enumerate(rows))
     return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from peftbench.leaderboard.grouping import Group, task_identity
-from peftbench.leaderboard.significance import significance
+from peftbench.leaderboard.significance import interval, significance
 
 SCHEMA = 1
 
@@ -29,7 +29,8 @@ def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> 
                               "metric": group.metric[task], "mean": cell.mean, "std": cell.std, "n": len(done),
                               "failed": len(cell.failures), "seeds": [r["config"]["train"]["seed"] for r in done],
                               "scores": [r["metrics"][key] for r in done], "run_ids": [r["run_id"] for r in runs],
-                              "mark": marks.get((row.label, task), ""), "task_identity": task_identity(runs[0]),
+                              "mark": marks.get((row.label, task), ""), "ci95": interval(group, row, task),
+                              "task_identity": task_identity(runs[0]),
                               "data_fingerprints": (runs[0].get("data") or {}).get("fingerprints")})
         tables.append({"backbone": group.backbone, "backbone_name": group.display_name,
                        "backbone_fingerprint": group.fingerprint, "hardware": group.hardware,

@@ -15,10 +15,13 @@ PSCP_C = {"params": 5e8, "tflops": 10.0, "memory_gb": 94.0}
 PSCP_BETA = {"params": 1.0, "tflops": 1.0, "memory_gb": 1.0}
 
 
-def significance(group: Group) -> dict[tuple[str, str], str]:
-    """(row label, task) -> '★' for the best mean, '☆' for rows not significantly worse (Welch, p >= ALPHA)."""
-    from scipy.stats import ttest_ind
+RESAMPLES = 1000  # bootstrap resamples of examples and seeds together
 
+
+def significance(group: Group) -> dict[tuple[str, str], str]:
+    """(row label, task) -> '★' for the best mean, '☆' for rows not significantly worse (two-sided, p >= ALPHA):
+    a paired bootstrap over the evaluated examples and the seeds together where every run of both rows holds
+    its per-example results on the same examples (:func:`paired_bootstrap_p`), else Welch's t-test over seeds."""
     marks = {}
     if group.random_init:
         return marks
@@ -32,15 +35,93 @@ def significance(group: Group) -> dict[tuple[str, str], str]:
         for row in candidates:
             if row is best:
                 continue
-            a, b = best.cells[task].scores, row.cells[task].scores
-            with warnings.catch_warnings():  # identical seeds (a constant cell) are handled just below
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p = ttest_ind(a, b, equal_var=False).pvalue
-            if math.isnan(p):  # both without variance
-                p = 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
+            paired = examples(group, best, task), examples(group, row, task)
+            if paired[0] is not None and paired[1] is not None and paired[0][0] == paired[1][0]:
+                p = paired_bootstrap_p(paired[0][1], paired[1][1], paired[0][2])
+            else:
+                p = welch_p(best.cells[task].scores, row.cells[task].scores)
             if p >= ALPHA:
                 marks[(row.label, task)] = "☆"
     return marks
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    from scipy.stats import ttest_ind
+
+    with warnings.catch_warnings():  # identical seeds (a constant cell) are handled just below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = ttest_ind(a, b, equal_var=False).pvalue
+    if math.isnan(p):  # both without variance
+        p = 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
+    return p
+
+
+def examples(group: Group, row: Row, task: str):
+    """(examples' digest, per-seed per-example array, metric) of a cell's successful runs on the table's split,
+    or None where a run lacks them or the runs were scored on other examples."""
+    import numpy as np
+
+    split, found = group.split[task], []
+    for r in row.records:
+        if group.task_of(r) != task or r["status"] != "success" or r.get("interrupted"):
+            continue
+        part = (r.get("per_example") or {}).get(split)
+        if part is None:
+            return None
+        found.append(part)
+    if not found or len({(p["ids_sha256"], p["metric"]) for p in found}) != 1:
+        return None
+    metric = found[0]["metric"]
+    values = [[int(c) for c in p["values"]] if metric == "accuracy" else p["values"] for p in found]
+    return found[0]["ids_sha256"], np.asarray(values, dtype=np.float64), metric
+
+
+def _scores(values, weights, metric: str):
+    """Each seed's score on examples weighted by how often a resample drew them: ``values`` is (seeds, n) for
+    accuracy, (seeds, n, 3) hit/predicted-only/gold-only counts for entity F1; ``weights`` is (resamples, n)."""
+    import numpy as np
+
+    if metric == "accuracy":
+        return weights @ values.T / weights.sum(axis=1, keepdims=True)  # (resamples, seeds)
+    hits, pred_only, gold_only = (np.einsum("rn,sn->rs", weights, values[:, :, k]) for k in range(3))
+    denominator = 2 * hits + pred_only + gold_only
+    return np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
+
+
+def _resampled_means(values, metric: str, weights, rng):
+    """The cell's mean over resampled seeds for each resample of the examples."""
+    import numpy as np
+
+    per_seed = _scores(values, weights, metric)
+    seeds = rng.integers(0, values.shape[0], size=per_seed.shape)
+    return np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1)
+
+
+def paired_bootstrap_p(a, b, metric: str) -> float:
+    """Two-sided p-value of mean(a) = mean(b): both cells' seed means recomputed on the same resamples of the
+    examples (paired), each with its seeds resampled too (Dror et al. 2018; Bouthillier et al. 2021)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = a.shape[1]
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    diff = _resampled_means(a, metric, weights, rng) - _resampled_means(b, metric, weights, rng)
+    return float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
+
+
+def interval(group: Group, row: Row, task: str) -> tuple[float, float] | None:
+    """95 % bootstrap interval of a cell's mean over examples and seeds (None without per-example results)."""
+    import numpy as np
+
+    found = examples(group, row, task)
+    if found is None:
+        return None
+    _, values, metric = found
+    rng = np.random.default_rng(0)
+    n = values.shape[1]
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    low, high = np.quantile(_resampled_means(values, metric, weights, rng), [0.025, 0.975])
+    return float(low), float(high)
 
 
 def pscp(row: Row, tasks: list[str]) -> float | None:

@@ -103,8 +103,9 @@ NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header 
          "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "
          "Latency: one sequence of median length, median of 50 calls; infer samples/s: evaluation batches in file "
          "order; (merged): LoRA-style updates folded into the weights. "
-         f"★ best mean per task; ☆ not significantly worse than ★ (Welch's t-test, p ≥ {ALPHA}, "
-         f"≥ {MIN_SEEDS_FOR_TEST} seeds each). Chance and majority-class rows: the score of guessing on the "
+         f"★ best mean per task; ☆ not significantly worse than ★ (p ≥ {ALPHA}, ≥ {MIN_SEEDS_FOR_TEST} seeds "
+         "each: a paired bootstrap over evaluated examples and seeds together where the records hold per-example "
+         "results, else Welch's t-test over seeds). Chance and majority-class rows: the score of guessing on the "
          "evaluated split (uniformly random labels; always the most frequent label; for NER, no entity), unranked.")
 
 

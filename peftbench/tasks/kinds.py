@@ -8,6 +8,7 @@ tests a kind's name.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -62,6 +63,11 @@ class TaskKind:
         """One output row per record of a predicted batch."""
         raise NotImplementedError
 
+    def per_example(self, ids: torch.Tensor, preds: list, ds: Dataset) -> dict | None:
+        """Each example's part of the headline score, in id order (what a paired bootstrap resamples):
+        ``{"metric", "n", "ids_sha256", "values"}``; None where ids repeat (examples cannot be paired)."""
+        raise NotImplementedError
+
     def baselines(self, ds: Dataset, spec) -> dict:
         """The headline score of guessing on this split: ``chance`` (uniformly random labels, expected) and
         ``majority`` (always the most frequent label); None where it has no meaning."""
@@ -104,6 +110,15 @@ class Classification(TaskKind):
         ids = torch.cat([r[0].cpu() for r in rows])
         preds, golds = torch.cat([r[1].cpu() for r in rows]), torch.cat([r[2].cpu() for r in rows])
         return self._scored(classification_metrics(golds.tolist(), preds.tolist())), ids, preds.tolist()
+
+    def per_example(self, ids, preds, ds):
+        """``values``: one character per example, ``1`` where the prediction is right (accuracy: their mean)."""
+        gold = dict(zip(ds["id"], ds["label"]))
+        pairs = sorted(zip(ids.tolist(), preds))
+        if len(gold) != len(ds) or len(pairs) != len(gold):
+            return None
+        return {"metric": self.metric, "n": len(pairs), "ids_sha256": _ids_digest([i for i, _ in pairs]),
+                "values": "".join("1" if p == gold[i] else "0" for i, p in pairs)}
 
     def prediction_rows(self, logits, batch, texts, labels, label_names):
         probs = logits.float().softmax(-1).cpu()
@@ -186,6 +201,19 @@ class TokenClassification(TaskKind):
         metrics["token_accuracy"] = correct / max(counted, 1)
         return self._scored(metrics), ids, pred_spans
 
+    def per_example(self, ids, preds, ds):
+        """``values``: per example ``[hits, predicted only, gold only]`` entity counts (entity F1 from their sums)."""
+        gold = {i: {Span(e["start"], e["end"], e["type"]) for e in ents} for i, ents in zip(ds["id"], ds["entities"])}
+        pairs = sorted(zip(ids.tolist(), preds), key=lambda pair: pair[0])
+        if len(pairs) != len(gold):
+            return None
+        values = []
+        for i, spans in pairs:
+            hits = len(gold[i] & set(spans))
+            values.append([hits, len(set(spans)) - hits, len(gold[i]) - hits])
+        return {"metric": self.metric, "n": len(pairs), "ids_sha256": _ids_digest([i for i, _ in pairs]),
+                "values": values}
+
     def prediction_rows(self, logits, batch, texts, labels, label_names):
         preds = self._token_predictions(logits, batch["labels"]).cpu()
         rows = []
@@ -209,3 +237,8 @@ class TokenClassification(TaskKind):
 CLASSIFICATION = Classification()
 TOKEN_CLASSIFICATION = TokenClassification()
 KINDS = {kind.name: kind for kind in (CLASSIFICATION, TOKEN_CLASSIFICATION)}
+
+
+def _ids_digest(ids: list[int]) -> str:
+    """Which examples, in which order: records whose digests agree can be compared example by example."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]

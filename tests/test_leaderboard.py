@@ -319,6 +319,9 @@ def test_leaderboard_json_holds_every_cell_and_the_sources(tmp_path):
     assert tnews["seeds"] == [1, 2, 3] and tnews["n"] == 3 and len(tnews["run_ids"]) == 3
     assert tnews["mean"] == pytest.approx(statistics.fmean(tnews["scores"]))
     assert tnews["task_identity"]["version"] == 1 and tnews["data_fingerprints"]["train"]["sha256"] == "d1"
+    (row,) = table["rows"]
+    assert row["row"] == tnews["row"] and row["trainable"] == 10_000 and row["train_samples_per_s"] == 200.0
+    assert table["baselines"]["tnews"] == BASELINES["tnews"] and table["title"].startswith("zh-mini")
     md_page = (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
     assert "Sources: " in md_page and "machine-b (1 records on Test GPU ×1" in md_page
 

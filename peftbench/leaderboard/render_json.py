@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 from peftbench.leaderboard.grouping import Group, task_identity
-from peftbench.leaderboard.significance import interval, significance
+from peftbench.leaderboard.significance import interval, pscp, significance
 
 SCHEMA = 1
+ROW_COSTS = (("params", "trainable"), ("params", "trainable_pct"), ("params", "adapter_bytes"),
+             ("metrics", "peak_memory_mb"), ("metrics", "train_samples_per_s"), ("metrics", "train_tokens_per_s"))
 
 
 def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> str:
@@ -32,7 +34,13 @@ def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> 
                               "mark": marks.get((row.label, task), ""), "ci95": interval(group, row, task),
                               "task_identity": task_identity(runs[0]),
                               "data_fingerprints": (runs[0].get("data") or {}).get("fingerprints")})
-        tables.append({"backbone": group.backbone, "backbone_name": group.display_name,
+        rows = [{"row": row.label, "method": row.method, "pscp": pscp(row, group.tasks),
+                 **{key: row.mean_of(section, key) for section, key in ROW_COSTS},
+                 **{f"{key}_{state}": row.mean_of(f"inference.{state}", key)
+                    for state in ("as_trained", "merged") for key in ("latency_ms_p50", "samples_per_s")}}
+                for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label))]
+        tables.append({"backbone": group.backbone, "backbone_name": group.display_name, "title": group.title,
+                       "budget": group.budget, "baselines": group.baselines, "rows": rows,
                        "backbone_fingerprint": group.fingerprint, "hardware": group.hardware,
                        "precision": group.precision, "random_init": group.random_init, "columns": group.tasks,
                        "footnotes": group.footnotes, "cells": cells})

@@ -88,6 +88,13 @@ def _scores(values, weights, metric: str):
     return np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
 
 
+def _example_weights(n: int, rng):
+    """How often each of ``n`` examples is drawn in each of ``RESAMPLES`` resamples: (resamples, n)."""
+    import numpy as np
+
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+
+
 def _resampled_means(values, metric: str, weights, rng):
     """The cell's mean over resampled seeds for each resample of the examples."""
     import numpy as np
@@ -103,8 +110,7 @@ def paired_bootstrap_p(a, b, metric: str) -> float:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    n = a.shape[1]
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    weights = _example_weights(a.shape[1], rng)
     diff = _resampled_means(a, metric, weights, rng) - _resampled_means(b, metric, weights, rng)
     return float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
 
@@ -118,8 +124,7 @@ def interval(group: Group, row: Row, task: str) -> tuple[float, float] | None:
         return None
     _, values, metric = found
     rng = np.random.default_rng(0)
-    n = values.shape[1]
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    weights = _example_weights(values.shape[1], rng)
     low, high = np.quantile(_resampled_means(values, metric, weights, rng), [0.025, 0.975])
     return float(low), float(high)
 

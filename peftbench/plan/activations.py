@@ -1,19 +1,9 @@
-"""Before a run: will it fit, and how fast will it go (``peftbench plan``; formulas in docs/planning.md).
-
-Memory of a training step = base weights + trained weights + gradients + optimizer state + activations.
-The weights, gradients and AdamW state come from the model itself, built on the meta device (shapes, no
-memory) with the method applied and the dtypes the run would settle on, so they are exact. Activations
-(what autograd keeps for the backward pass) come from a formula per architecture family, walked layer by
-layer: which tensors each operation saves depends on whether its inputs and weights need gradients, so the
-same layer costs more under full fine-tuning than under LoRA, and the first layer above frozen embeddings
-costs least. Step time is the FLOP formula of docs/performance.md over the task's real length distribution
-(padded the way peftbench batches), divided by the device's dense matmul rate: a lower bound.
-"""
+"""Activation bytes from a per-layer formula (BERT and decoder families), walked layer by layer: which
+tensors each operation saves depends on whether its inputs and weights need gradients."""
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,80 +11,6 @@ from torch import nn
 
 from peftbench.errors import PeftbenchError
 from peftbench.models import without_peft
-
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Device:
-    name: str
-    memory_bytes: int
-    dense_flops: dict  # precision ("no" = fp32, "bf16", "fp16") -> published dense matmul FLOP/s
-
-
-# Published dense (not sparse) tensor-core peaks; fp32 without TF32 (PyTorch's default for matmuls).
-DEVICES = {
-    "h200": Device("NVIDIA H200 SXM", 141 * 10**9, {"no": 67e12, "bf16": 989e12, "fp16": 989e12}),
-    "h100": Device("NVIDIA H100 SXM", 80 * GIB, {"no": 67e12, "bf16": 989e12, "fp16": 989e12}),
-    "a100": Device("NVIDIA A100 80GB", 80 * GIB, {"no": 19.5e12, "bf16": 312e12, "fp16": 312e12}),
-    "a100-40gb": Device("NVIDIA A100 40GB", 40 * GIB, {"no": 19.5e12, "bf16": 312e12, "fp16": 312e12}),
-    "l4": Device("NVIDIA L4", 24 * GIB, {"no": 30.3e12, "bf16": 121e12, "fp16": 121e12}),
-    "a10": Device("NVIDIA A10", 24 * GIB, {"no": 31.2e12, "bf16": 125e12, "fp16": 125e12}),
-    "rtx4090": Device("NVIDIA RTX 4090", 24 * GIB, {"no": 82.6e12, "bf16": 165e12, "fp16": 165e12}),
-    "v100": Device("NVIDIA V100 32GB", 32 * GIB, {"no": 15.7e12, "fp16": 125e12}),
-    "t4": Device("NVIDIA T4", 16 * GIB, {"no": 8.1e12, "fp16": 65e12}),
-}
-
-
-def parse_bytes(text: str) -> int:
-    """``80GiB``, ``24GB``, ``512MiB`` or a plain number of bytes."""
-    units = {"gib": GIB, "gb": 10**9, "mib": 2**20, "mb": 10**6, "kib": 2**10, "kb": 10**3, "b": 1, "": 1}
-    s = text.strip().lower().replace(" ", "")
-    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(number):]
-    if unit not in units or not number:
-        raise PeftbenchError(f"--memory: {text!r} is not a size (examples: 80GiB, 24GB, 512MiB)")
-    return int(float(number) * units[unit])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Weights, gradients, optimizer state: exact, from the model built on the meta device
-
-
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")  # what each process holds: docs/planning.md
-
-
-def static_bytes(model: nn.Module, processes: int = 1, strategy: str = "ddp", whole_trained: bool = False) -> dict:
-    """Bytes of the frozen (base) weights, the trained weights, their gradients (the trained dtype) and the
-    optimizer state (AdamW: two moments in the trained dtype, plus a step count per tensor), held by one
-    process of ``processes`` under ``strategy``: ``ddp`` keeps everything whole on each; ``zero2`` splits the
-    gradients and optimizer state; ``fsdp`` (FSDP2) and ``zero3`` split the weights too, each tensor by rows
-    (the first process holds the rounded-up share). ``whole_trained``: the trained tensors stay whole under
-    ``fsdp`` (a method that reads whole gradients, e.g. AdaLoRA)."""
-    from peftbench.measure import stored_bytes, unique_parameters
-
-    def share(p: torch.Tensor, size: int, split: bool) -> int:
-        if not split or processes == 1 or p.dim() == 0:
-            return size
-        return size // p.shape[0] * math.ceil(p.shape[0] / processes)
-
-    weights_split = strategy in ("fsdp", "zero3")
-    state_split = strategy != "ddp"
-    base = trained = grads = state = 0
-    for p in unique_parameters(model):
-        if p.requires_grad:
-            size = p.numel() * p.element_size()
-            whole = whole_trained and strategy == "fsdp"
-            trained += share(p, size, weights_split and not whole)
-            grads += share(p, size, state_split and not whole)
-            state += 2 * share(p, size, state_split and not whole) + 4  # exp_avg, exp_avg_sq, a float32 step
-        else:
-            base += share(p, stored_bytes(p), weights_split)
-    return {"base_weights": base, "trained_weights": trained, "gradients": grads, "optimizer_state": state}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Activations: what autograd saves in one training forward pass; the operations' rules, then BERT-style encoders
 
 
 @dataclass
@@ -348,9 +264,6 @@ def _head(tape: Tape, base, x: T, batch: int, h: int) -> None:
     tape.keep(T(batch, 8, False))  # targets
 
 
-# Pre-norm decoders (Llama, Qwen2, Mistral: RMSNorm, rotary positions, gated MLP, grouped KV heads)
-
-
 def rms_norm(tape: Tape, x: T, tokens: int, module: nn.Module) -> T:
     """x * rsqrt(mean(x²) + eps) in fp32, times the weight: keeps the fp32 input and the per-token 1/rms when
     the input needs a gradient, the normalised tensor when the weight is trained."""
@@ -449,6 +362,16 @@ def is_decoder_family(model: nn.Module) -> bool:
             and hasattr(getattr(base, "score", None), "out_features"))
 
 
+def is_bert_family(model: nn.Module) -> bool:
+    """A post-LN encoder with BERT's layer names and BERT's pooler + linear classifier head."""
+    base = without_peft(model)
+    backbone = getattr(base, base.base_model_prefix, None)
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    return (layers is not None and hasattr(getattr(layers[0], "attention", None), "self")
+            and getattr(backbone, "pooler", None) is not None
+            and hasattr(getattr(base, "classifier", None), "out_features"))  # a linear (PEFT may wrap it)
+
+
 def activations(model: nn.Module, batch: int, seq_len: int, kind: str, precision: str,
                 checkpointing: bool = False, padded: bool = True) -> dict:
     """The activation formula of the model's family (BERT-style encoders, Llama-style decoders)."""
@@ -479,258 +402,3 @@ def _prefix_encoder(tape: Tape, encoder) -> None:
     hidden = T(tokens * first.out_features, tape.compute, True)
     tape.keep(hidden)
     tape.weight_copy(second.weight, hidden)
-
-
-def count_saved(model: nn.Module, inputs: dict, autocast_dtype: torch.dtype | None = None) -> int:
-    """Bytes of the tensors autograd actually saves in one forward pass of ``model`` on ``inputs``
-    (``saved_tensors_hooks``), each storage once, parameters left out: the check of the formula."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[tuple[int, int], int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params and storage.nbytes():
-            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        # kept alive (no address reused while counting), without its grad_fn: a saved output returned as it is
-        # would hold its own node, a cycle that keeps the graph, the model included, alive after the pass
-        return t.detach()
-
-    device = next(model.parameters()).device
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            out = model(**inputs)
-    del out
-    return sum(seen.values())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A plan for a recipe
-
-
-def quantized_bytes(model: nn.Module, quantization: str) -> int:
-    """Base-weight bytes once bitsandbytes quantises the encoder's linear weights (not embeddings, norms, the
-    head): LLM.int8 one byte per weight plus an fp32 scale per row; NF4 half a byte plus, per 64-weight block,
-    an 8-bit scale (double quantisation) and per 256 blocks an fp32 constant. Biases stay 16/32-bit."""
-    from peftbench.methods import is_head
-
-    total = 0
-    for name, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                continue
-            linear = isinstance(module, nn.Linear) and pname == "weight" and not is_head(name)
-            if not linear:
-                total += p.numel() * p.element_size()
-            elif quantization == "8bit":
-                total += p.numel() + 4 * p.shape[0]
-            else:
-                blocks = math.ceil(p.numel() / 64)
-                total += math.ceil(p.numel() / 2) + blocks + 4 * math.ceil(blocks / 256)
-    return total
-
-
-def meta_model(cfg, vocab_size: int, num_labels: int, total_steps: int):
-    """The recipe's model with its method applied, on the meta device, dtypes settled as the run would."""
-    from transformers import AutoConfig
-
-    from peftbench import models
-    from peftbench.methods import RunContext, get_method, set_trainable, settle_dtypes
-    from peftbench.tasks import get_spec
-
-    name = cfg.model.name_or_path
-    if models.is_random_init(name):
-        config = models.random_init_config(name, vocab_size)
-    else:
-        config = AutoConfig.from_pretrained(name)
-    config.num_labels = num_labels
-    kind = get_spec(cfg.task).kind
-    method = get_method(cfg.method.name)(cfg.method)
-    with torch.device("meta"):
-        model = kind.auto_class.from_config(config)
-        model = method.apply(model, RunContext(total_steps, num_labels, kind.peft_task_type, kind.labels_per_token))
-    set_trainable(model, method)
-    settle_dtypes(model, cfg.train.mixed_precision)
-    activations(model, 1, 8, "cpu", cfg.train.mixed_precision)  # a family without a formula fails here, early
-    return model
-
-
-def is_bert_family(model: nn.Module) -> bool:
-    """A post-LN encoder with BERT's layer names and BERT's pooler + linear classifier head."""
-    base = without_peft(model)
-    backbone = getattr(base, base.base_model_prefix, None)
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    return (layers is not None and hasattr(getattr(layers[0], "attention", None), "self")
-            and getattr(backbone, "pooler", None) is not None
-            and hasattr(getattr(base, "classifier", None), "out_features"))  # a linear (PEFT may wrap it)
-
-
-@dataclass
-class Setting:
-    """What the recommendation may change: the micro-batch, accumulation, checkpointing, the base's bits."""
-
-    batch_size: int
-    grad_accum_steps: int
-    gradient_checkpointing: bool
-    quantization: str
-
-    def overrides(self) -> str:
-        return (f"train.batch_size={self.batch_size} train.grad_accum_steps={self.grad_accum_steps} "
-                f"train.gradient_checkpointing={str(self.gradient_checkpointing).lower()} "
-                f"model.quantization={self.quantization}")
-
-
-@dataclass(frozen=True)
-class Sharding:
-    """How the run's processes hold the model (``static_bytes``)."""
-
-    processes: int = 1
-    strategy: str = "ddp"
-    whole_trained: bool = False  # the method's trained tensors stay whole under fsdp (AdaLoRA)
-
-
-def estimate(model: nn.Module, setting: Setting, seq_len: int, kind: str, precision: str,
-             sharding: Sharding = Sharding()) -> dict:
-    """Bytes one process holds in a training step at ``setting`` with micro-batches padded to ``seq_len``
-    (``train.batch_size`` is per process: so are the activations)."""
-    parts = static_bytes(model, sharding.processes, sharding.strategy, sharding.whole_trained)
-    if setting.quantization != "none":
-        split = sharding.processes if sharding.strategy in ("fsdp", "zero3") else 1
-        parts["base_weights"] = math.ceil(quantized_bytes(model, setting.quantization) / split)
-    acts = activations(model, setting.batch_size, seq_len, kind, precision, setting.gradient_checkpointing)
-    parts["activations"] = acts["saved"] + acts["recompute"]
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def step_seconds(model: nn.Module, method: str, batches: list[list[int]], flops_per_s: float) -> float:
-    """Mean seconds per optimizer step at ``flops_per_s``: the FLOP formula of docs/performance.md over each
-    batch padded to its longest sequence (padding costs compute too)."""
-    from peftbench.measure import model_shape, train_flops
-    from peftbench.methods import get_method
-
-    shape = model_shape(model, get_method(method).virtual_token_modules)
-    per_batch = [train_flops(shape, [max(b)] * len(b)) for b in batches]
-    return sum(per_batch) / len(per_batch) / flops_per_s
-
-
-def candidates(setting: Setting, can_quantize: bool):
-    """The configured setting, then ever cheaper ones with the same effective batch."""
-    yield setting
-    bits = ["none"] + (["8bit", "4bit"] if can_quantize and setting.quantization == "none" else [])
-    for quantization in bits:
-        batch, accum = setting.batch_size, setting.grad_accum_steps
-        while True:
-            for ckpt in (False, True):
-                yield Setting(batch, accum, ckpt or setting.gradient_checkpointing, quantization)
-            if batch == 1:
-                break
-            batch, accum = math.ceil(batch / 2), accum * 2
-
-
-def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind: str, flops_per_s: float,
-                budget: int | None, processes: int = 1, strategy: str = "ddp") -> dict:
-    """One method's plan: the memory breakdown at the recipe's setting, the step time, and (with a budget) the
-    first setting that fits."""
-    from peftbench.data import LengthGroupedBatchSampler
-    from peftbench.methods import get_method
-
-    t = cfg.train
-    steps_per_epoch = math.ceil(len(lengths) / t.batch_size / t.grad_accum_steps)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    model = meta_model(cfg, vocab_size, num_labels, total_steps)
-    multiple = 8 if kind == "cuda" else 1
-    longest = math.ceil(max(lengths) / multiple) * multiple
-    setting = Setting(t.batch_size, t.grad_accum_steps, t.gradient_checkpointing, cfg.model.quantization)
-    sharding = Sharding(processes, strategy, get_method(cfg.method.name).reads_gradients)
-    parts = estimate(model, setting, longest, kind, t.mixed_precision, sharding)
-    order = LengthGroupedBatchSampler(lengths, t.batch_size, t.seed, t.group_by_length)
-    batches = [[math.ceil(lengths[i] / multiple) * multiple for i in b] for b in order]
-    seconds = step_seconds(model, cfg.method.name, batches, flops_per_s) * t.grad_accum_steps
-    out = {"method": cfg.method.name, "memory": parts, "longest": longest,
-           "ms_per_step": 1000 * seconds, "samples_per_s": t.batch_size * t.grad_accum_steps / seconds}
-    if budget is not None:
-        out["fits"] = parts["total"] <= budget
-        can_quantize = not get_method(cfg.method.name).trains_base_weights
-        for option in candidates(setting, can_quantize):
-            option_parts = parts if option == setting else estimate(model, option, longest, kind, t.mixed_precision,
-                                                                    sharding)
-            if option_parts["total"] <= budget:
-                out["recommend"] = None if option == setting else option.overrides()
-                out["recommend_total"] = option_parts["total"]
-                break
-        else:
-            out["recommend"] = "nothing fits: a smaller backbone or shorter task.max_length"
-    return out
-
-
-def plan(cfg, methods: list[str], device: str | None = None, memory: int | None = None, processes: int = 1,
-         strategy: str = "ddp") -> dict:
-    """Plans for ``methods`` under the recipe ``cfg`` on ``device`` (a name of :data:`DEVICES`, ``cpu``, or
-    None: this machine's device, its matmul rate measured now), per process of ``processes`` under ``strategy``
-    (one of :data:`STRATEGIES`)."""
-    if strategy not in STRATEGIES or processes < 1:
-        raise PeftbenchError(f"--strategy {strategy} --processes {processes}: a strategy of {', '.join(STRATEGIES)} "
-                             "and at least one process")
-    from peftbench import config as config_module
-    from peftbench.measure import peak_matmul_flops
-    from peftbench.train import encode_task
-
-    precision = cfg.train.mixed_precision
-    if device in DEVICES:
-        spec = DEVICES[device]
-        if precision not in spec.dense_flops:
-            raise PeftbenchError(f"--device {device}: {spec.name} has no {precision} tensor cores "
-                                 f"(train.mixed_precision: {', '.join(spec.dense_flops)})")
-        kind, rate, where = "cuda", spec.dense_flops[precision], f"{spec.name} (published dense peak)"
-        memory = memory if memory is not None else spec.memory_bytes
-    elif device in (None, "cpu", "here"):
-        here = "cuda" if torch.cuda.is_available() and device != "cpu" else "cpu"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        kind, rate, where = here, peak_matmul_flops(dtype), f"this machine's {here} (matmul rate measured now)"
-    else:
-        raise PeftbenchError(f"--device {device!r}: one of cpu, {', '.join(DEVICES)}")
-    task, tokenizer, _, encoded = encode_task(cfg, ("train",))
-    lengths = list(encoded["train"]["length"])
-    labels = len(task.spec.model_labels())
-    base = cfg.to_dict()
-    rows = []
-    for name in methods:
-        method_cfg = cfg if name == cfg.method.name else config_module.resolve({**base, "method": {"name": name}})
-        rows.append(plan_method(method_cfg, lengths, labels, len(tokenizer), kind, rate, memory, processes, strategy))
-    return {"device": where, "kind": kind, "flops_per_s": rate, "memory_budget": memory, "precision": precision,
-            "task": cfg.task.name, "examples": len(lengths), "base_weights": base_words(cfg), "rows": rows,
-            "processes": processes, "strategy": strategy}
-
-
-def base_words(cfg) -> str:
-    """How the frozen base weights are stored, in words."""
-    if cfg.model.quantization != "none":
-        return {"8bit": "8-bit (LLM.int8)", "4bit": "4-bit NF4"}[cfg.model.quantization]
-    return {"bf16": "bf16", "fp16": "fp16"}.get(cfg.train.mixed_precision, "fp32")
-
-
-def format_plan(result: dict) -> str:
-    mib = 2**20
-    budget = result["memory_budget"]
-    head = (f"{result['task']}: {result['examples']} training examples; {result['device']}, "
-            f"{result['flops_per_s'] / 1e12:.2f} TFLOP/s; precision {result['precision']}, base weights "
-            f"{result['base_weights']}"
-            + (f"; budget {budget / GIB:.1f} GiB" if budget and budget >= GIB else
-               f"; budget {budget / mib:.0f} MiB" if budget else "")
-            + (f"; per process of {result['processes']} ({result['strategy']})" if result.get("processes", 1) > 1
-               else ""))
-    lines = [head, "", "| method | base MiB | trained MiB | gradients MiB | optimizer MiB | activations MiB | "
-             "total MiB | ms/step ≥ | samples/s ≤ |" + (" fits | recommendation |" if budget else ""),
-             "|---" * (11 if budget else 9) + "|"]
-    for row in result["rows"]:
-        m = row["memory"]
-        cells = [row["method"], *(f"{m[k] / mib:.1f}" for k in ("base_weights", "trained_weights", "gradients",
-                                                                  "optimizer_state", "activations", "total")),
-                 f"{row['ms_per_step']:.1f}", f"{row['samples_per_s']:.0f}"]
-        if budget:
-            cells += ["yes" if row["fits"] else "no", row["recommend"] or "as is"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Activations at the longest batch ({result['rows'][0]['longest']} tokens); step time at the "
-                 "dense matmul rate, a lower bound (docs/planning.md).")
-    return "\n".join(lines)

@@ -50,7 +50,8 @@ def cell(backbone: str, method: str, precision: str, quantization: str, args, ou
             f"task.max_length={args.seq_len}", f"model.name_or_path={backbone}", f"method.name={method}",
             f"model.quantization={quantization}", f"train.mixed_precision='{precision}'", "train.epochs=1",
             f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.lr=1e-4",
-            "train.timing_warmup_steps=2", "train.save_checkpoint=false", f"output_dir={out_dir}"])
+            "train.timing_warmup_steps=2", "train.save_checkpoint=false", "train.measure_inference=false",
+            "train.evaluate_test=false", f"output_dir={out_dir}"])
         rec = run(cfg).record
     except PeftbenchError as exc:  # refused by design (full fine-tuning of a quantised base), before any work
         return {**row, "status": "refused", "error": str(exc)}

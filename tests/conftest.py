@@ -259,7 +259,8 @@ def trained_variants(tmp_path_factory):
 
 
 # Every method on the synthetic NER task (test_ner; a LoRA run is served by test_serve).
-NER_SETTINGS = {"full": ["train.lr=1e-3"], "lora": ["train.lr=1e-2"], "adalora": ["train.lr=3e-2", "train.epochs=8"],
+NER_SETTINGS = {"full": ["train.lr=1e-3", "train.epochs=3"], "lora": ["train.lr=1e-2"],
+                "adalora": ["train.lr=3e-2", "train.epochs=8"],
                 "adapter": ["train.lr=1e-2", "method.bottleneck=64"], "prefix": ["train.lr=3e-3"],
                 "prompt": ["train.lr=5e-2"], "ia3": ["train.lr=3e-2"], "bitfit": ["train.lr=5e-2", "train.epochs=10"]}
 NER_ARGS = ["task.name=synthetic_ner", "task.max_length=40", "train.epochs=6"]

@@ -39,7 +39,7 @@ def inputs(batch, length, padded):
 
 @pytest.mark.parametrize("arch,shapes", [("tiny", ((2, 16), (2, 64), (8, 16), (8, 64))),
                                          ("random:mini", ((2, 16), (2, 64), (8, 16), (8, 64))),
-                                         pytest.param("random:bert-base-chinese", ((2, 16), (2, 32), (4, 16), (4, 32)),
+                                         pytest.param("random:bert-base-chinese", ((2, 8), (2, 16), (4, 8), (4, 16)),
                                                       marks=pytest.mark.slow)])
 def test_activation_formula_matches_autograd(arch, shapes):
     """Every method, two batch sizes, two lengths (batch 2 padded): the formula within 15 % of the saved bytes."""

@@ -1,8 +1,10 @@
 import json
+import random
 
 import pytest
 
 from peftbench import config
+from peftbench.metrics import classification_metrics
 from peftbench.records import read_record
 from peftbench.train import run
 
@@ -58,6 +60,22 @@ def test_record_schema_and_counts(trained, method):
 
     assert rec["learning_rate"] == {"peak": rec["config"]["train"]["lr"],
                                     "method_default": get_method(method).default_lr}
+
+
+def test_classification_metrics_agree_with_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(0)
+    cases = [([0, 1, 2, 2], [0, 2, 2, 3]), ([5, 5, 5], [5, 5, 5]), ([1, 1], [0, 0])]  # a class only predicted
+    cases += [([rng.randrange(k) for _ in range(n)], [rng.randrange(k + 1) for _ in range(n)])
+              for k, n in ((2, 10), (4, 300), (15, 57), (119, 1000))]
+    for labels, preds in cases:
+        m = classification_metrics(labels, preds)
+        assert m["accuracy"] == pytest.approx(sklearn.accuracy_score(labels, preds), abs=1e-12)
+        assert m["macro_f1"] == pytest.approx(sklearn.f1_score(labels, preds, average="macro", zero_division=0),
+                                              abs=1e-12)
+        assert m["n_eval"] == len(labels)
+    with pytest.raises(ValueError, match="3 labels and 2 predictions"):
+        classification_metrics([0, 1, 2], [0, 1])
 
 
 def test_an_unset_learning_rate_trains_at_the_methods_rate(quick_overrides):

@@ -323,7 +323,7 @@ def _run(args: list[str]) -> int:
 
 def _pretrain(args: list[str]) -> int:
     from peftbench.loop import process_state
-    from peftbench.pretrain import load_config, pretrain
+    from peftbench.pretrain import describe_reference, load_config, pretrain
     from peftbench.records import PRETRAIN_RECORD_NAME
 
     cfg = load_config(*_recipe_and_overrides(args))
@@ -335,6 +335,8 @@ def _pretrain(args: list[str]) -> int:
         print(f"MLM loss {m['mlm_loss']:.4f} (perplexity {m['mlm_perplexity']:.1f}) after {m['steps']} steps "
               f"({m['stopped_by']}), {m['train_tokens_per_s']:.0f} tokens/s, peak {m['peak_memory_mb']:.0f} MB")
         print(f"model: {Path(cfg.output_dir) / 'model'}")
+        if "reference" in record:
+            print(describe_reference(record["reference"]))
         print(f"record: {Path(cfg.output_dir) / PRETRAIN_RECORD_NAME}")
     return 0
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from peftbench import checkpoint, distributed
 from peftbench import config as config_lib
 from peftbench.data import LengthGroupedBatchSampler
-from peftbench.errors import PeftbenchError, where
+from peftbench.errors import PeftbenchError, clip, where
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -105,6 +105,8 @@ class PretrainConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     output_dir: str = "runs/pretrain"  # model/ (the result), pretrain_record.json, checkpoint/ while running
+    # a backbone folder this recipe rebuilds (the committed zh-mini): at the end, whether model/ matches it
+    reference: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,6 +115,7 @@ class PretrainConfig:
     def run_id(self) -> str:
         body = self.to_dict()
         body.pop("output_dir")
+        body.pop("reference")  # what the result is compared with, not what makes it
         for key in ("report_to", "dist_timeout"):  # how the run is watched or waits changes no result
             body["train"].pop(key)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
@@ -140,7 +143,41 @@ def load_config(recipe: str | None, overrides: list[str]) -> PretrainConfig:
         raise PeftbenchError(f"config key 'mask.block_size' must be >= 8, got {cfg.mask.block_size}")
     if not 0 < cfg.corpus.eval_fraction < 0.5:
         raise PeftbenchError(f"config key 'corpus.eval_fraction' must be in (0, 0.5), got {cfg.corpus.eval_fraction}")
+    if cfg.reference is not None and not (Path(cfg.reference) / "config.json").is_file():
+        raise PeftbenchError(f"config key 'reference': {clip(cfg.reference)} is not a model folder (no config.json)")
     return cfg
+
+
+def compare_with_reference(model_dir: Path, reference: Path, mlm_loss: float) -> dict:
+    """Whether a rebuilt backbone is the reference one: equal fingerprints (config, weights, tokenizer files);
+    otherwise how far apart their weights lie (a rebuild on other hardware or library versions rounds
+    differently) and their held-out MLM losses."""
+    from safetensors.torch import load_file
+
+    ours, theirs = (checkpoint.backbone_fingerprint(str(d), None, random_init=False) for d in (model_dir, reference))
+    out = {"folder": str(reference), "fingerprint": theirs, "rebuilt_fingerprint": ours, "matches": ours == theirs,
+           "mlm_loss": mlm_loss, "reference_mlm_loss": (checkpoint.pretrained_by_peftbench(str(reference)) or {}).get(
+               "mlm_loss")}
+    if not out["matches"]:
+        weights = [{k: v for d in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(d)).items()}
+                   for folder in (model_dir, reference)]
+        same_shapes = weights[0].keys() == weights[1].keys() and all(
+            weights[0][k].shape == weights[1][k].shape for k in weights[0])
+        out["max_abs_weight_diff"] = max((float((weights[0][k].float() - weights[1][k].float()).abs().max())
+                                          for k in weights[0]), default=0.0) if same_shapes else None
+    return out
+
+
+def describe_reference(ref: dict) -> str:
+    """One line: the rebuild matches the reference, or how it differs."""
+    if ref["matches"]:
+        return f"rebuild matches {ref['folder']} (fingerprint {ref['fingerprint'][:12]})"
+    diff = ("other tensor names or shapes" if ref["max_abs_weight_diff"] is None
+            else f"max |weight difference| {ref['max_abs_weight_diff']:.2e}")
+    loss = "" if ref["reference_mlm_loss"] is None else \
+        f"; held-out MLM loss {ref['mlm_loss']:.4f} (reference {ref['reference_mlm_loss']:.4f})"
+    return (f"rebuild differs from {ref['folder']}: fingerprint {ref['rebuilt_fingerprint'][:12]}, "
+            f"reference {ref['fingerprint'][:12]}; {diff}{loss}")
 
 
 # ---------------------------------------------------------------- corpus
@@ -416,6 +453,8 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
         summary = {k: record[k] for k in ("run_id", "config", "env")} | {"metrics": metrics, "data": data}
         checkpoint.save_pretrained_model(accelerator.unwrap_model(model), tokenizer, out_dir / checkpoint.MODEL_DIR,
                                          summary)
+        if cfg.reference is not None:
+            record["reference"] = compare_with_reference(out_dir / checkpoint.MODEL_DIR, Path(cfg.reference), final)
         write_atomic(out_dir / PRETRAIN_RECORD_NAME, record)
         shutil.rmtree(ckpt, ignore_errors=True)
     return record

@@ -148,6 +148,26 @@ def test_pretraining_lowers_mlm_loss_and_the_model_fine_tunes(corpus, tmp_path):
     assert result["backbone"]["pretrained_by_peftbench"]["run_id"] == record["run_id"]
 
 
+def test_a_rebuild_says_whether_it_matches_the_reference_backbone(corpus, tmp_path):
+    first = pretrain.pretrain(quick_cfg(corpus, tmp_path / "a", "train.max_steps=8"))
+    reference = tmp_path / "a" / "model"
+    again = quick_cfg(corpus, tmp_path / "b", "train.max_steps=8", f"reference={reference}")
+    assert again.run_id == first["run_id"]  # what it is compared with is no part of what it is
+    same = pretrain.pretrain(again)["reference"]
+    assert same["matches"] and same["fingerprint"] == same["rebuilt_fingerprint"] == \
+        checkpoint.backbone_fingerprint(str(reference), None, random_init=False)
+    assert pretrain.describe_reference(same) == f"rebuild matches {reference} (fingerprint {same['fingerprint'][:12]})"
+    other = pretrain.pretrain(quick_cfg(corpus, tmp_path / "c", "train.max_steps=8", "train.seed=7",
+                                        f"reference={reference}"))["reference"]
+    assert not other["matches"] and other["max_abs_weight_diff"] > 1e-3
+    assert other["reference_mlm_loss"] == first["metrics"]["mlm_loss"] != other["mlm_loss"]
+    line = pretrain.describe_reference(other)
+    assert line.startswith(f"rebuild differs from {reference}: fingerprint ") and "max |weight difference| " in line
+    assert f"(reference {first['metrics']['mlm_loss']:.4f})" in line
+    with pytest.raises(PeftbenchError, match="config key 'reference': .* is not a model folder"):
+        quick_cfg(corpus, tmp_path / "d", f"reference={tmp_path / 'nowhere'}")
+
+
 def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
     """Make a run die (as on Ctrl-C) right after writing its checkpoint of ``step``."""
     real_save = checkpoint.save_training_state

@@ -22,7 +22,7 @@ DEMO = {
     "lora": {"method": {"name": "lora", "r": 8, "alpha": 16}, "train": {"lr": 5e-3}},
 }
 DEMO_BASE = {"task": {"name": "synthetic", "max_length": 64}, "model": {"name_or_path": "tiny"},
-             "train": {"epochs": 8, "batch_size": 32}}
+             "train": {"epochs": 4, "batch_size": 32}}
 
 
 class _Parser(argparse.ArgumentParser):

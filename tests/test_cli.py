@@ -115,7 +115,7 @@ def test_demo_end_to_end(tmp_path):
     assert messages(proc.stderr, bars=("synthetic/full:", "synthetic/lora:")) == []
     for method in ("full", "lora"):
         epochs = [line for line in proc.stdout.splitlines() if line.startswith(f"synthetic/{method} epoch ")]
-        assert [line.split()[2] for line in epochs] == [f"{e}/8" for e in range(1, 9)]
+        assert [line.split()[2] for line in epochs] == [f"{e}/4" for e in range(1, 5)]
         assert all(" dev accuracy " in line and " samples/s, " in line for line in epochs)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| synthetic")]
     assert [line.split("|")[2].strip() for line in lines] == ["full", "lora"]

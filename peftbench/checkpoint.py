@@ -412,11 +412,21 @@ def read_training_state(ckpt: Path, run_id: str) -> dict | None:
 CARD_FILE = "README.md"
 
 
+def model_name(meta: dict) -> str:
+    """What a checkpoint's model card (and its model-index) calls the model: task, method and run id."""
+    return f"{meta['task']}-{meta['method']}-{meta['run_id']}"
+
+
 def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict, params: dict, auto: str,
-                     peft_format: bool) -> None:
+                     peft_format: bool, hub_dataset: tuple[str, str] | None = None) -> None:
     """``README.md`` of a checkpoint written in ``ckpt_dir`` that will be used from ``final_dir``: what it is (base,
     task, method, scores, trainable parameters) and how to load it with peftbench and, where the format allows,
-    with transformers and PEFT alone (``auto``: the task kind's class, e.g. AutoModelForSequenceClassification)."""
+    with transformers and PEFT alone (``auto``: the task kind's class, e.g. AutoModelForSequenceClassification).
+    Its front matter holds the scores as a ``model-index`` (``hub_dataset``: the task's hub dataset and config)."""
+    from huggingface_hub import ModelCardData
+
+    from peftbench.model_index import eval_results
+
     base = meta["base"]
     where = str(final_dir)
     source = base and (str(final_dir / BASE_DIR) if base["source"] == BASE_DIR else base["source"])
@@ -432,9 +442,10 @@ def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict,
             (f"dev {score}", f"{metrics['score']:.4f} (best epoch {metrics['best_epoch']})")]
     if f"test_{score}" in metrics:
         rows.append((f"test {score}", f"{metrics[f'test_{score}']:.4f}"))
-    lines = ["---", "library_name: " + ("peft" if peft_format else "transformers"),
-             *([f"base_model: {hub_base}"] if hub_base else []), "tags:", "- peftbench", f"- {meta['method']}",
-             f"- {meta['task']}", "---", "", f"# {meta['task']} · {meta['method']}", "",
+    card = ModelCardData(library_name="peft" if peft_format else "transformers", base_model=hub_base,
+                         tags=["peftbench", meta["method"], meta["task"]], model_name=model_name(meta),
+                         eval_results=eval_results(meta["task"], hub_dataset, meta["kind"], metrics))
+    lines = ["---", card.to_yaml(), "---", "", f"# {meta['task']} · {meta['method']}", "",
              f"Fine-tuned with peftbench (run `{meta['run_id']}`).", "", "| | |", "|---|---|",
              *[f"| {k} | {v} |" for k, v in rows], "", "## Load with peftbench", "", "```python", "import peftbench",
              "", f'model, tokenizer, meta = peftbench.load("{where}")  # base= for the same base elsewhere',

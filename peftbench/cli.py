@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     lb_p.add_argument("--out", required=True, help="output folder")
     lb_p.add_argument("--strict", action="store_true",
                       help="an unreadable record, or a cell pooling runs of other library versions, is an error")
+    lb_p.add_argument("--model-index", action="store_true",
+                      help="also model-index.yaml: each row's cell means as a model card's model-index entry")
     pred_p = sub.add_parser("predict", help="predict a split with a trained checkpoint")
     pred_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
     pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "leaderboard":
             from peftbench.leaderboard import write
 
-            paths, skipped = write(ns.results, ns.out, ns.strict)
+            paths, skipped = write(ns.results, ns.out, ns.strict, ns.model_index)
             for reason in skipped:
                 print(f"warning: skipped {reason}", file=sys.stderr)
             for path in paths:

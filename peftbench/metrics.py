@@ -3,6 +3,7 @@ NER scores, all offline."""
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 
 
@@ -39,3 +40,10 @@ def entity_metrics(gold: list[list], pred: list[list], types: tuple[str, ...]) -
         "per_type_f1": {t: f1(hits[t], n_gold[t], n_pred[t])[2] for t in types},
         "n_gold_entities": sum(n_gold.values()), "n_pred_entities": sum(n_pred.values()), "n_eval": len(gold),
     }
+
+
+def clue_average(scores: dict[str, float]) -> float:
+    """The CLUE-style average: the unweighted mean of the tasks' scores (a leaderboard's average column)."""
+    if not scores:
+        raise ValueError("no task scores to average")
+    return statistics.fmean(scores.values())

@@ -193,7 +193,9 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     holds too) gets the data's and the backbone's identity as soon as they are loaded."""
     t = cfg.train
     data = setup_data(cfg, accelerator)
-    identity["data"] = {"task_version": data.task.spec.version, "fingerprints": data.task.fingerprints}
+    identity["data"] = {"task_version": data.task.spec.version, "fingerprints": data.task.fingerprints,
+                        # the hub dataset and config read (a model-index names it), when not a local folder
+                        "hub": None if cfg.task.data_dir or not data.task.spec.hub else list(data.task.spec.hub)}
     steps_per_epoch = math.ceil(len(data.train) / t.grad_accum_steps)
     total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs  # as HF Trainer: max_steps wins
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -405,7 +407,8 @@ def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, bas
                                      None if method.saves_full_model else base.new_weights,
                                      base_name=base.source or str(final / checkpoint.BASE_DIR))
     checkpoint.write_model_card(ckpt_dir, final, meta, results["metrics"], results["params"],
-                                spec.kind.auto_class_name, peft_format=hasattr(raw_model, "peft_config"))
+                                spec.kind.auto_class_name, peft_format=hasattr(raw_model, "peft_config"),
+                                hub_dataset=None if cfg.task.data_dir else spec.hub)  # local files: maybe other splits
     return size
 
 

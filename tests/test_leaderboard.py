@@ -2,8 +2,10 @@ import csv
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pytest
+import yaml
 
 from peftbench import config, leaderboard
 from peftbench.errors import PeftbenchError
@@ -324,6 +326,65 @@ def test_leaderboard_json_holds_every_cell_and_the_sources(tmp_path):
     assert table["baselines"]["tnews"] == BASELINES["tnews"] and table["title"].startswith("zh-mini")
     md_page = (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
     assert "Sources: " in md_page and "machine-b (1 records on Test GPU ×1" in md_page
+
+
+def test_model_index_holds_every_row_and_the_hub_parser_reads_its_cell_means(tmp_path):
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    for seed in (1, 2):
+        stamped(tmp_path / "runs", f"t{seed}", "f", seed=seed, acc=0.5 + seed / 100)
+        stamped(tmp_path / "runs", f"a{seed}", "f", seed=seed, acc=0.7 + seed / 100, task="afqmc", method="full")
+    leaderboard.write([tmp_path / "runs"], tmp_path / "board", with_model_index=True)
+    page = json.loads((tmp_path / "board" / "leaderboard.json").read_text(encoding="utf-8"))
+    index = yaml.safe_load((tmp_path / "board" / "model-index.yaml").read_text(encoding="utf-8"))["model-index"]
+    (table,) = page["tables"]
+    expected = {(f"{c['row']} · {table['title']}", c["task"], {"dev": "validation"}.get(c["split"], c["split"])):
+                c["mean"] for c in table["cells"]}
+    assert len(index) == len(table["rows"]) == 2 and len(expected) == 2
+    got = {}
+    for entry in index:
+        name, results = model_index_to_eval_results([entry])
+        got |= {(name, r.dataset_name, r.dataset_split): r.metric_value for r in results}
+        assert {(r.task_type, r.metric_type) for r in results} == {("text-classification", "accuracy")}
+    assert got == expected
+    leaderboard.write([tmp_path / "runs"], tmp_path / "plain")
+    assert not (tmp_path / "plain" / "model-index.yaml").exists()
+
+
+def printed_averages(page: str) -> list[dict[str, str]]:
+    """Each Markdown table with an average column, in page order: row label -> its average cell."""
+    tables, lines = [], page.splitlines() + [""]
+    for i, line in enumerate(lines):
+        if line.startswith("| method |") and "| average |" in line:
+            column = [c.strip() for c in line.split("|")].index("average")
+            end = next(j for j in range(i + 2, len(lines)) if not lines[j].startswith("| "))
+            tables.append({cells[1].strip(): cells[column].strip() for cells in
+                           (row.split("|") for row in lines[i + 2:end])})
+    return tables
+
+
+def test_the_clue_average_module_gives_every_committed_rows_average(tmp_path):
+    """Every row of every committed table that has all its columns: the clue_average evaluate module over the
+    row's cell means prints as the table's average column."""
+    evaluate = pytest.importorskip("evaluate")
+    from peftbench.evaluate_modules import module_path
+
+    metric, checked = evaluate.load(module_path("clue_average")), 0
+    for page in sorted((Path(__file__).resolve().parents[1] / "leaderboards").glob("*/leaderboard.json")):
+        tables = json.loads(page.read_text(encoding="utf-8"))["tables"]
+        printed = printed_averages(page.with_suffix(".md").read_text(encoding="utf-8"))
+        assert len(printed) == len(tables), page
+        for table, averages in zip(tables, printed):
+            for row in table["rows"]:
+                means = {c["column"]: c["mean"] for c in table["cells"] if c["row"] == row["row"]}
+                if len(means) < len(table["columns"]) or None in means.values():
+                    continue
+                result = metric.compute(predictions=list(means.values()), references=list(means))
+                assert f"{100 * result['clue_average']:.1f}" == averages[row["row"]], (page, row["row"])
+                checked += 1
+    assert checked >= 20
+    with pytest.raises(ValueError, match="each task once"):
+        metric.compute(predictions=[0.5, 0.6], references=["tnews", "tnews"])
 
 
 COMMITTED = {"fewclue": ["leaderboards/fewclue-tiny/records", "leaderboards/fewclue-zh-mini-tuned/records"],

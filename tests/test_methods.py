@@ -2,6 +2,7 @@
 
 import json
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +362,65 @@ def test_records_hold_the_scores_of_guessing(trained):
         majority = max(labels.count(k) for k in range(4)) / len(labels)
         assert record["baselines"][split] == {"chance": CHANCE, "majority": majority}
         assert majority < record["metrics"]["test_accuracy"]  # the trained model beats both
+
+
+@pytest.mark.parametrize("variant", ["full", "lora", "adapter"])
+def test_the_model_card_holds_the_records_scores_as_a_model_index(trained, variant):
+    """The hub's own card parser reads every dev and test metric of the record back from the front matter."""
+    from huggingface_hub import ModelCard
+
+    record = trained[variant].record
+    data = ModelCard.load(Path(record["checkpoint"]) / "README.md").data
+    assert data.model_name == f"synthetic-{variant}-{record['run_id']}"
+    assert data.library_name == ("peft" if variant == "lora" else "transformers") and "peftbench" in data.tags
+    assert record["data"]["hub"] is None  # generated, not read from the hub: the dataset is named by the task
+    m = record["metrics"]
+    assert {(e.dataset_split, e.metric_type, e.metric_config): e.metric_value for e in data.eval_results} == {
+        ("validation", "accuracy", None): m["accuracy"], ("validation", "f1", "macro"): m["macro_f1"],
+        ("test", "accuracy", None): m["test_accuracy"], ("test", "f1", "macro"): m["test_macro_f1"]}
+    assert {(e.task_type, e.dataset_type, e.dataset_name, e.dataset_config) for e in data.eval_results} == {
+        ("text-classification", "synthetic", "synthetic", None)}
+
+
+def test_a_hub_task_names_its_dataset_in_the_model_index():
+    from peftbench.model_index import eval_results, model_index
+    from peftbench.tasks import get_spec
+
+    hub = get_spec(config.TaskConfig(name="tnews")).hub
+    results = eval_results("tnews", hub, "classification", {"accuracy": 0.5, "macro_f1": 0.25, "n_eval": 10})
+    assert [(e.dataset_type, e.dataset_config, e.dataset_split, e.metric_type, e.metric_value) for e in results] == [
+        ("clue/clue", "tnews", "validation", "accuracy", 0.5), ("clue/clue", "tnews", "validation", "f1", 0.25)]
+    index = model_index([("a", results), ("b", []), ("c", results[:1])])
+    assert [entry["name"] for entry in index] == ["a", "c"]
+    assert index[0]["results"][0]["dataset"] == {"name": "tnews", "type": "clue/clue", "config": "tnews",
+                                                 "split": "validation"}
+
+
+def test_evaluate_modules_and_evaluators_pipeline_give_the_records_scores(trained, tmp_path):
+    """peftbench predict + the accuracy_macro_f1 module, and evaluate's own evaluator on the exported model (a
+    transformers pipeline), score the test split exactly as the run did."""
+    evaluate = pytest.importorskip("evaluate")
+    from datasets import Dataset
+
+    from peftbench.cli import main
+    from peftbench.evaluate_modules import module_path
+    from peftbench.export import export
+    from peftbench.tasks.synthetic import generate_splits
+
+    record = trained["lora"].record
+    m, gold = record["metrics"], generate_splits()["test"]
+    labels = json.loads((Path(record["checkpoint"]) / "peftbench.json").read_text(encoding="utf-8"))["labels"]
+    assert main(["predict", record["checkpoint"], "--split", "test", "--out", f"{tmp_path}/test.jsonl"]) == 0
+    predicted = [labels.index(json.loads(line)["label"]) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    references = [labels.index(str(g["label"])) for g in gold]
+    metric = evaluate.load(module_path("accuracy_macro_f1"))
+    assert metric.compute(predictions=predicted, references=references) == {
+        "accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "n_eval": 300}
+    folder = export(record["checkpoint"], tmp_path / "hf", "hf")
+    names = AutoModelForSequenceClassification.from_pretrained(str(folder)).config.id2label
+    data = Dataset.from_list([{"sentence": g["sentence"], "label": i} for g, i in zip(gold, references)])
+    scores = evaluate.evaluator("text-classification").compute(
+        model_or_pipeline=str(folder), data=data, metric=metric, input_column="sentence", label_column="label",
+        label_mapping={name: i for i, name in names.items()})
+    assert scores["accuracy"] == pytest.approx(m["test_accuracy"], abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(m["test_macro_f1"], abs=1e-12)

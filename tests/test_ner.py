@@ -276,3 +276,36 @@ def test_real_cluener_run(tmp_path):
     assert rec["metrics"]["n_gold_entities"] == 3072
     assert "test_score" not in rec["metrics"]  # test.json is unlabeled
     assert rec["metrics"]["token_accuracy"] > 0.5
+
+
+def test_the_ner_model_card_holds_entity_scores_as_a_model_index(ner_runs):
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+
+    record = ner_runs["lora"].record
+    data = ModelCard.load(Path(record["checkpoint"]) / "README.md").data
+    m = record["metrics"]
+    assert {(e.dataset_split, e.metric_type, e.metric_config): e.metric_value for e in data.eval_results} == {
+        (split, kind, "micro"): m[f"{prefix}entity_{name}"] for split, prefix in (("validation", ""), ("test", "test_"))
+        for kind, name in (("f1", "f1"), ("precision", "precision"), ("recall", "recall"))}
+    assert {e.task_type for e in data.eval_results} == {"token-classification"}
+
+
+def test_the_cluener_evaluate_module_scores_predictions_as_the_run_did(ner_runs, tmp_path):
+    """``peftbench predict``'s entities (their spans) through the cluener_f1 module: the record's test scores."""
+    evaluate = pytest.importorskip("evaluate")
+    from peftbench.evaluate_modules import module_path
+    from peftbench.tasks.synthetic import generate_ner_splits
+
+    record = ner_runs["lora"].record
+    out = predict(record["checkpoint"], "test", None, tmp_path / "test.jsonl")
+    predicted = [[{k: e[k] for k in ("start", "end", "type")} for e in json.loads(line)["entities"]]
+                 for line in out.read_text(encoding="utf-8").splitlines()]
+    gold = [[{"start": s, "end": e, "type": t} for t, ents in r.get("label", {}).items() for spans in ents.values()
+             for s, e in spans] for r in generate_ner_splits()["test"]]
+    scores = evaluate.load(module_path("cluener_f1")).compute(predictions=predicted, references=gold)
+    m = record["metrics"]
+    assert {k: scores[k] for k in ("entity_f1", "entity_precision", "entity_recall")} == {
+        k: m[f"test_{k}"] for k in ("entity_f1", "entity_precision", "entity_recall")}
+    assert scores["n_eval"] == 200 and scores["n_gold_entities"] == m["test_n_gold_entities"]

@@ -23,17 +23,20 @@ from peftbench.leaderboard.render_csv import csv_text
 from peftbench.leaderboard.render_html import html_page
 from peftbench.leaderboard.render_json import json_text
 from peftbench.leaderboard.render_md import markdown, md, run_summary
+from peftbench.leaderboard.render_model_index import model_index_text
 from peftbench.leaderboard.significance import significance
 from peftbench.leaderboard.table import table
 
-__all__ = ["Group", "build", "collect", "csv_text", "html_page", "json_text", "markdown", "md", "pareto",
-           "run_summary", "significance", "sources", "table", "write"]
+__all__ = ["Group", "build", "collect", "csv_text", "html_page", "json_text", "markdown", "md", "model_index_text",
+           "pareto", "run_summary", "significance", "sources", "table", "write"]
 
 
-def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> tuple[list[Path], list[str]]:
+def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False,
+          with_model_index: bool = False) -> tuple[list[Path], list[str]]:
     """Build the leaderboard of every usable record under ``dirs`` into ``out_dir``; returns the files written
     and why each unusable record was skipped. ``strict``: an unusable record, or a cell pooling runs of other
-    versions, is an error instead."""
+    versions, is an error instead. ``with_model_index``: also ``model-index.yaml``, every row as a model-index
+    entry."""
     records, skipped = collect(dirs, strict)
     groups = build(records)
     if strict:
@@ -51,6 +54,8 @@ def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False) -> 
     files = {"leaderboard.md": markdown(groups, records, names, skipped, found), "leaderboard.csv": csv_text(groups),
              "leaderboard.html": html_page(groups, records, pngs, found),
              "leaderboard.json": json_text(groups, records, found)}
+    if with_model_index:
+        files["model-index.yaml"] = model_index_text(groups)
     for name, text in files.items():
         (out_dir / name).write_text(text, encoding="utf-8")
     return [out_dir / name for name in files], skipped

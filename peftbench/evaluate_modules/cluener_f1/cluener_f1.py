@@ -1,0 +1,27 @@
+"""Entity-level precision, recall and F1 over exact (start, end, type) spans, micro-averaged, with F1 per type:
+CLUENER's metric, as peftbench scores a token-classification run."""
+
+import datasets
+import evaluate
+
+from peftbench.metrics import entity_metrics
+from peftbench.tasks.spans import Span
+
+SPAN = {"start": datasets.Value("int64"), "end": datasets.Value("int64"), "type": datasets.Value("string")}
+
+
+class ClueNerF1(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=__doc__, citation="", reference_urls=[],
+            inputs_description="predictions, references: per example, a list of entities {start, end "
+                               "(inclusive), type} over characters (`peftbench predict`'s entities without their "
+                               "text). Returns entity_precision, entity_recall, entity_f1, per_type_f1 and counts.",
+            features=datasets.Features({"predictions": datasets.List(SPAN), "references": datasets.List(SPAN)}))
+
+    def _compute(self, predictions, references):
+        def spans(rows):
+            return [[Span(e["start"], e["end"], e["type"]) for e in row] for row in rows]
+
+        types = tuple(sorted({e["type"] for rows in (predictions, references) for row in rows for e in row}))
+        return entity_metrics(spans(references), spans(predictions), types)

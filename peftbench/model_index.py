@@ -16,8 +16,10 @@ METRICS = {"accuracy": ("accuracy", "Accuracy", None), "macro_f1": ("f1", "Macro
            "entity_recall": ("recall", "Entity recall", "micro")}
 
 
-def eval_results(task: str, hub: tuple[str, str] | list | None, kind: str, metrics: dict) -> list:
-    """``huggingface_hub.EvalResult``s of the metrics a record (or a table's cell means) holds."""
+def eval_results(task: str, hub: tuple[str, str] | list | None, kind: str, metrics: dict,
+                 dataset_name: str | None = None) -> list:
+    """``huggingface_hub.EvalResult``s of the metrics a record (or a table's cell means) holds; ``dataset_name``:
+    what the dataset is shown as (default: the task's name; a table passes its column)."""
     from huggingface_hub import EvalResult
 
     dataset_type, dataset_config = (hub[0], hub[1]) if hub else (task, None)
@@ -26,7 +28,8 @@ def eval_results(task: str, hub: tuple[str, str] | list | None, kind: str, metri
         for key, (metric_type, metric_name, metric_config) in METRICS.items():
             value = metrics.get(prefix + key)
             if value is not None:
-                out.append(EvalResult(task_type=HUB_TASK_TYPES[kind], dataset_type=dataset_type, dataset_name=task,
+                out.append(EvalResult(task_type=HUB_TASK_TYPES[kind], dataset_type=dataset_type,
+                                      dataset_name=dataset_name or task,
                                       dataset_config=dataset_config, dataset_split=split, metric_type=metric_type,
                                       metric_name=metric_name, metric_config=metric_config,
                                       metric_value=float(value)))

@@ -334,11 +334,13 @@ def test_model_index_holds_every_row_and_the_hub_parser_reads_its_cell_means(tmp
     for seed in (1, 2):
         stamped(tmp_path / "runs", f"t{seed}", "f", seed=seed, acc=0.5 + seed / 100)
         stamped(tmp_path / "runs", f"a{seed}", "f", seed=seed, acc=0.7 + seed / 100, task="afqmc", method="full")
-    leaderboard.write([tmp_path / "runs"], tmp_path / "board", with_model_index=True)
+    from peftbench.cli import main
+
+    assert main(["leaderboard", str(tmp_path / "runs"), "--out", str(tmp_path / "board"), "--model-index"]) == 0
     page = json.loads((tmp_path / "board" / "leaderboard.json").read_text(encoding="utf-8"))
     index = yaml.safe_load((tmp_path / "board" / "model-index.yaml").read_text(encoding="utf-8"))["model-index"]
     (table,) = page["tables"]
-    expected = {(f"{c['row']} · {table['title']}", c["task"], {"dev": "validation"}.get(c["split"], c["split"])):
+    expected = {(f"{c['row']} · {table['title']}", c["column"], {"dev": "validation"}.get(c["split"], c["split"])):
                 c["mean"] for c in table["cells"]}
     assert len(index) == len(table["rows"]) == 2 and len(expected) == 2
     got = {}

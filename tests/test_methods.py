@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import set_seed
-from conftest import CHANCE, VARIANTS, logits_here, logits_in_new_process, variant_config
+from conftest import CHANCE, VARIANTS, logits_here, logits_in_new_process, tnews_folder, variant_config
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
@@ -396,15 +396,11 @@ def test_a_hub_task_names_its_dataset_in_the_model_index():
                                                  "split": "validation"}
 
 
-def test_evaluate_modules_and_evaluators_pipeline_give_the_records_scores(trained, tmp_path):
-    """peftbench predict + the accuracy_macro_f1 module, and evaluate's own evaluator on the exported model (a
-    transformers pipeline), score the test split exactly as the run did."""
+def test_the_accuracy_evaluate_module_scores_predictions_as_the_run_did(trained, tmp_path):
+    """``peftbench predict`` + the accuracy_macro_f1 module: exactly the record's test scores."""
     evaluate = pytest.importorskip("evaluate")
-    from datasets import Dataset
-
     from peftbench.cli import main
     from peftbench.evaluate_modules import module_path
-    from peftbench.export import export
     from peftbench.tasks.synthetic import generate_splits
 
     record = trained["lora"].record
@@ -413,14 +409,33 @@ def test_evaluate_modules_and_evaluators_pipeline_give_the_records_scores(traine
     assert main(["predict", record["checkpoint"], "--split", "test", "--out", f"{tmp_path}/test.jsonl"]) == 0
     predicted = [labels.index(json.loads(line)["label"]) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     references = [labels.index(str(g["label"])) for g in gold]
-    metric = evaluate.load(module_path("accuracy_macro_f1"))
-    assert metric.compute(predictions=predicted, references=references) == {
+    assert evaluate.load(module_path("accuracy_macro_f1")).compute(predictions=predicted, references=references) == {
         "accuracy": m["test_accuracy"], "macro_f1": m["test_macro_f1"], "n_eval": 300}
+
+
+@pytest.mark.slow
+def test_evaluates_evaluator_scores_an_exported_model_on_a_clue_split_as_the_run_did(tmp_path):
+    """TNEWS in CLUE's layout: a LoRA run, its export (a transformers folder), and evaluate's text-classification
+    evaluator (a transformers pipeline) with the accuracy_macro_f1 module on the dev split: the record's scores."""
+    evaluate = pytest.importorskip("evaluate")
+    from datasets import Dataset
+
+    from peftbench.evaluate_modules import module_path
+    from peftbench.export import export
+
+    data = tnews_folder(tmp_path / "tnews")
+    record = run(config.load(None, ["task.name=tnews", f"task.data_dir={data}", "method.name=lora", "train.lr=5e-3",
+                                    "train.epochs=3", "train.batch_size=16", "train.measure_inference=false",
+                                    f"output_dir={tmp_path / 'run'}"])).record
+    labels = json.loads((Path(record["checkpoint"]) / "peftbench.json").read_text(encoding="utf-8"))["labels"]
     folder = export(record["checkpoint"], tmp_path / "hf", "hf")
-    names = AutoModelForSequenceClassification.from_pretrained(str(folder)).config.id2label
-    data = Dataset.from_list([{"sentence": g["sentence"], "label": i} for g, i in zip(gold, references)])
+    names = AutoModelForSequenceClassification.from_pretrained(str(folder)).config.id2label  # 体育, not 103
+    dev = [json.loads(line) for line in (data / "dev.json").read_text(encoding="utf-8").splitlines()]
     scores = evaluate.evaluator("text-classification").compute(
-        model_or_pipeline=str(folder), data=data, metric=metric, input_column="sentence", label_column="label",
-        label_mapping={name: i for i, name in names.items()})
-    assert scores["accuracy"] == pytest.approx(m["test_accuracy"], abs=1e-12)
-    assert scores["macro_f1"] == pytest.approx(m["test_macro_f1"], abs=1e-12)
+        model_or_pipeline=str(folder), metric=evaluate.load(module_path("accuracy_macro_f1")),
+        data=Dataset.from_list([{"sentence": r["sentence"], "label": labels.index(r["label"])} for r in dev]),
+        input_column="sentence", label_column="label", label_mapping={name: i for i, name in names.items()})
+    m = record["metrics"]
+    assert m["accuracy"] > 0.5 and m["n_eval"] == len(dev) == 90  # 15 classes: chance 1/15
+    assert scores["accuracy"] == pytest.approx(m["accuracy"], abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(m["macro_f1"], abs=1e-12)

@@ -304,8 +304,10 @@ def test_the_cluener_evaluate_module_scores_predictions_as_the_run_did(ner_runs,
                  for line in out.read_text(encoding="utf-8").splitlines()]
     gold = [[{"start": s, "end": e, "type": t} for t, ents in r.get("label", {}).items() for spans in ents.values()
              for s, e in spans] for r in generate_ner_splits()["test"]]
-    scores = evaluate.load(module_path("cluener_f1")).compute(predictions=predicted, references=gold)
-    m = record["metrics"]
-    assert {k: scores[k] for k in ("entity_f1", "entity_precision", "entity_recall")} == {
-        k: m[f"test_{k}"] for k in ("entity_f1", "entity_precision", "entity_recall")}
+    metric, m = evaluate.load(module_path("cluener_f1")), record["metrics"]
+    scores = metric.compute(predictions=predicted, references=gold, entity_types=["name", "address", "company"])
+    assert {k: scores[k] for k in ("entity_f1", "entity_precision", "entity_recall", "per_type_f1")} == {
+        k: m[f"test_{k}"] for k in ("entity_f1", "entity_precision", "entity_recall", "per_type_f1")}
     assert scores["n_eval"] == 200 and scores["n_gold_entities"] == m["test_n_gold_entities"]
+    alone = metric.compute(predictions=[[{"start": 0, "end": 1, "type": "name"}]], references=[[]])
+    assert alone["per_type_f1"] == {"name": 0.0} and alone["entity_precision"] == 0.0  # types seen, by default

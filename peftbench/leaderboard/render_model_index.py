@@ -23,6 +23,7 @@ def model_index_text(groups: list[Group]) -> str:
                 hub = (runs[0].get("data") or {}).get("hub")  # what the run read from the hub, if anything
                 kind = "token_classification" if metric.startswith("entity_") else "classification"
                 prefix = "test_" if group.split[task] == "test" else ""
-                results += eval_results(name, hub, kind, {prefix + metric: row.cells[task].mean})
+                results += eval_results(name, hub, kind, {prefix + metric: row.cells[task].mean},
+                                        dataset_name=task)  # the column: one task may fill several
             entries.append((f"{row.label} · {group.title}", results))
     return yaml.safe_dump({"model-index": model_index(entries)}, allow_unicode=True, sort_keys=False)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
-
 from peftbench.leaderboard.grouping import Group, Row, Scores
 from peftbench.leaderboard.significance import ALPHA, MIN_SEEDS_FOR_TEST, pscp, significance
+from peftbench.metrics import clue_average
 
 
 def _fmt_cell(cell: Scores | None, mark: str = "") -> str:
@@ -31,7 +30,7 @@ def _fmt_count(n: float | None) -> str:
 
 def _average(row: Row, tasks: list[str]) -> str:
     means = {t: row.cells[t].mean if t in row.cells else None for t in tasks}
-    return "—" if None in means.values() else f"{100 * statistics.fmean(means.values()):.1f}"  # metrics.clue_average
+    return "—" if None in means.values() else f"{100 * clue_average(means):.1f}"
 
 
 def table(group: Group) -> tuple[list[str], list[list[str]]]:

@@ -16,12 +16,15 @@ class ClueNerF1(evaluate.Metric):
             description=__doc__, citation="", reference_urls=[],
             inputs_description="predictions, references: per example, a list of entities {start, end "
                                "(inclusive), type} over characters (`peftbench predict`'s entities without their "
-                               "text). Returns entity_precision, entity_recall, entity_f1, per_type_f1 and counts.",
+                               "text); entity_types (optional): the task's types. Returns entity_precision, "
+                               "entity_recall, entity_f1, per_type_f1 and counts.",
             features=datasets.Features({"predictions": datasets.List(SPAN), "references": datasets.List(SPAN)}))
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, entity_types=None):
+        """``entity_types``: the task's types, each with a per-type F1 (0 where never seen); by default the types
+        the inputs hold."""
         def spans(rows):
             return [[Span(e["start"], e["end"], e["type"]) for e in row] for row in rows]
 
-        types = tuple(sorted({e["type"] for rows in (predictions, references) for row in rows for e in row}))
-        return entity_metrics(spans(references), spans(predictions), types)
+        seen = {e["type"] for rows in (predictions, references) for row in rows for e in row}
+        return entity_metrics(spans(references), spans(predictions), tuple(entity_types or sorted(seen)))

@@ -412,11 +412,6 @@ def read_training_state(ckpt: Path, run_id: str) -> dict | None:
 CARD_FILE = "README.md"
 
 
-def model_name(meta: dict) -> str:
-    """What a checkpoint's model card (and its model-index) calls the model: task, method and run id."""
-    return f"{meta['task']}-{meta['method']}-{meta['run_id']}"
-
-
 def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict, params: dict, auto: str,
                      peft_format: bool, hub_dataset: tuple[str, str] | None = None) -> None:
     """``README.md`` of a checkpoint written in ``ckpt_dir`` that will be used from ``final_dir``: what it is (base,
@@ -443,7 +438,8 @@ def write_model_card(ckpt_dir: Path, final_dir: Path, meta: dict, metrics: dict,
     if f"test_{score}" in metrics:
         rows.append((f"test {score}", f"{metrics[f'test_{score}']:.4f}"))
     card = ModelCardData(library_name="peft" if peft_format else "transformers", base_model=hub_base,
-                         tags=["peftbench", meta["method"], meta["task"]], model_name=model_name(meta),
+                         tags=["peftbench", meta["method"], meta["task"]],
+                         model_name=f"{meta['task']}-{meta['method']}-{meta['run_id']}",
                          eval_results=eval_results(meta["task"], hub_dataset, meta["kind"], metrics))
     lines = ["---", card.to_yaml(), "---", "", f"# {meta['task']} · {meta['method']}", "",
              f"Fine-tuned with peftbench (run `{meta['run_id']}`).", "", "| | |", "|---|---|",

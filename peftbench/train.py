@@ -186,6 +186,12 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
     return model, method, params, base
 
 
+def hub_read(cfg: RunConfig, spec) -> list[str] | None:
+    """The hub dataset and config the run read its task from (a model-index names it); None for a local folder,
+    which may hold other splits (FewCLUE's are not CLUE's), or a task with no hub dataset."""
+    return None if cfg.task.data_dir or not spec.hub else list(spec.hub)
+
+
 def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, work_dir: Path, out_dir: Path,
                phase: RunPhase, identity: dict) -> tuple[torch.nn.Module, object, dict]:
     """Everything of a run but its record; files go to ``work_dir``, which will become ``out_dir``. ``phase``
@@ -194,8 +200,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     t = cfg.train
     data = setup_data(cfg, accelerator)
     identity["data"] = {"task_version": data.task.spec.version, "fingerprints": data.task.fingerprints,
-                        # the hub dataset and config read (a model-index names it), when not a local folder
-                        "hub": None if cfg.task.data_dir or not data.task.spec.hub else list(data.task.spec.hub)}
+                        "hub": hub_read(cfg, data.task.spec)}
     steps_per_epoch = math.ceil(len(data.train) / t.grad_accum_steps)
     total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs  # as HF Trainer: max_steps wins
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -408,7 +413,7 @@ def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, bas
                                      base_name=base.source or str(final / checkpoint.BASE_DIR))
     checkpoint.write_model_card(ckpt_dir, final, meta, results["metrics"], results["params"],
                                 spec.kind.auto_class_name, peft_format=hasattr(raw_model, "peft_config"),
-                                hub_dataset=None if cfg.task.data_dir else spec.hub)  # local files: maybe other splits
+                                hub_dataset=hub_read(cfg, spec))
     return size
 
 

@@ -21,3 +21,12 @@ def module_path(name: str) -> str:
     if name not in MODULES:
         raise ValueError(f"no evaluate module {name!r}: one of {', '.join(MODULES)}")
     return str(Path(__file__).resolve().parent / name)
+
+
+def metric_info(description: str, inputs: str, **features):
+    """The ``evaluate.MetricInfo`` of a module here: its docstring, what it takes and returns, its input features."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(description=description, citation="", reference_urls=[], inputs_description=inputs,
+                               features=datasets.Features(features))

@@ -3,17 +3,15 @@
 import datasets
 import evaluate
 
+from peftbench.evaluate_modules import metric_info
 from peftbench.metrics import clue_average
 
 
 class ClueAverage(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__, citation="", reference_urls=[],
-            inputs_description="predictions: each task's score (0-1); references: the task's name, each once. "
-                               "Returns clue_average (0-1) and tasks.",
-            features=datasets.Features({"predictions": datasets.Value("float64"),
-                                        "references": datasets.Value("string")}))
+        return metric_info(__doc__, "predictions: each task's score (0-1); references: the task's name, each once. "
+                                    "Returns clue_average (0-1) and tasks.",
+                           predictions=datasets.Value("float64"), references=datasets.Value("string"))
 
     def _compute(self, predictions, references):
         if len(set(references)) != len(references):

@@ -4,6 +4,7 @@ CLUENER's metric, as peftbench scores a token-classification run."""
 import datasets
 import evaluate
 
+from peftbench.evaluate_modules import metric_info
 from peftbench.metrics import entity_metrics
 from peftbench.tasks.spans import Span
 
@@ -12,13 +13,11 @@ SPAN = {"start": datasets.Value("int64"), "end": datasets.Value("int64"), "type"
 
 class ClueNerF1(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=__doc__, citation="", reference_urls=[],
-            inputs_description="predictions, references: per example, a list of entities {start, end "
-                               "(inclusive), type} over characters (`peftbench predict`'s entities without their "
-                               "text); entity_types (optional): the task's types. Returns entity_precision, "
-                               "entity_recall, entity_f1, per_type_f1 and counts.",
-            features=datasets.Features({"predictions": datasets.List(SPAN), "references": datasets.List(SPAN)}))
+        return metric_info(__doc__, "predictions, references: per example, a list of entities {start, end "
+                                    "(inclusive), type} over characters (`peftbench predict`'s entities without "
+                                    "their text); entity_types (optional): the task's types. Returns "
+                                    "entity_precision, entity_recall, entity_f1, per_type_f1 and counts.",
+                           predictions=datasets.List(SPAN), references=datasets.List(SPAN))
 
     def _compute(self, predictions, references, entity_types=None):
         """``entity_types``: the task's types, each with a per-type F1 (0 where never seen); by default the types

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import traceback
+from importlib.metadata import version
 from pathlib import Path
 
 from peftbench.errors import DivergedError, PeftbenchError, Stopped, one_line
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     plan_p = sub.add_parser("plan", help="memory and speed of a recipe before running it, and what fits a budget",
                             keys=_run_keys)
     plan_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
-    plan_p.add_argument("--methods", help="comma list, or all (default: the recipe's method)")
+    plan_p.add_argument("--methods", help="comma list, or all (one per implementation; default: the recipe's method)")
     plan_p.add_argument("--memory", help="memory budget, e.g. 80GiB (default: the --device's memory)")
     plan_p.add_argument("--device", help="cpu, or a GPU: h200, h100, a100, a100-40gb, l4, a10, rtx4090, v100, t4 "
                                          "(default: this machine's device, its matmul rate measured now)")
@@ -132,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="how the processes hold the model: whole (ddp), gradients and optimizer state split "
                              "(zero2), weights split too (fsdp, zero3)")
     sub.add_parser("tasks", help="list registered tasks")
-    sub.add_parser("methods", help="list registered methods")
+    methods_p = sub.add_parser("methods", help="list registered methods")
+    methods_p.add_argument("--all", action="store_true", help="also every tuner type of the installed PEFT "
+                                                              "(method.name=peft) with its status per task kind")
     ns = parser.parse_args(argv)
     try:
         if ns.command == "tasks":
             return _list_tasks()
         if ns.command == "methods":
-            return _list_methods()
+            return _list_methods(ns.all)
         _quiet_libraries()
         if ns.command in ("sweep", "pretrain", "run"):
             _stop_on_sigterm()
@@ -268,7 +271,8 @@ def _plan(ns) -> int:
     from peftbench.plan import format_plan, parse_bytes, plan
 
     cfg = config.load(*_recipe_and_overrides(ns.args))
-    methods = method_names() if ns.methods == "all" else ns.methods.split(",") if ns.methods else [cfg.method.name]
+    methods = (method_names(presets=False) if ns.methods == "all" else ns.methods.split(",") if ns.methods
+               else [cfg.method.name])
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
         raise PeftbenchError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(method_names())})")
@@ -405,12 +409,25 @@ def _list_tasks() -> int:
     return 0
 
 
-def _list_methods() -> int:
+def _list_methods(every_tuner: bool = False) -> int:
     from peftbench.methods import get_method, method_names
 
+    width = max(map(len, method_names()))
     for name in method_names():
         cls = get_method(name)
-        print(f"{name:<8} {(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+        print(f"{name:<{width}} {(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+    if every_tuner:
+        from peftbench.methods.peft_tuner import KINDS, peft_types, status
+
+        types = peft_types()
+        print(f"\nmethod.name=peft method.peft_type=TYPE: the {len(types)} tuner types of PEFT {version('peft')} "
+              "(tested: by tests/test_tuners.py)")
+        print(f"{'TYPE':<24}  {KINDS[0]:<14}  {KINDS[1]:<20}  why refused")
+        for t in types:
+            cells = [status(t, k) for k in KINDS]
+            reasons = dict.fromkeys(c.removeprefix("refused: ") for c in cells if c.startswith("refused"))
+            shown = [c.split(":")[0] for c in cells]
+            print(f"{t:<24}  {shown[0]:<14}  {shown[1]:<20}  {'; '.join(reasons)}".rstrip())
     return 0
 
 

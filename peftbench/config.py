@@ -28,7 +28,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
 LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (any depth); append every new key
     "model.quantization", "model.quant_4bit_type", "model.quant_4bit_compute_dtype", "model.quant_4bit_double",
-    "train.evaluate_test", "method.init", "train.sharding")
+    "train.evaluate_test", "method.init", "train.sharding", "method.b_lr_ratio", "method.train_a")
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 SHARDING = ("auto", "ddp", "fsdp2")  # auto: as the launch asks (an Accelerate FSDP config: fsdp2)
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
@@ -371,7 +371,10 @@ def _field_comments(cls: type) -> dict[str, str]:
     found = {}
     for klass in reversed(cls.__mro__):  # a subclass's comment replaces its base's
         if dataclasses.is_dataclass(klass):
-            source = inspect.getsource(klass)
+            try:
+                source = inspect.getsource(klass)
+            except OSError:  # made at run time (make_dataclass): its fields are its bases'
+                continue
             for text, name in re.findall(r"^ +# *(.+)\n +(\w+) *:", source, re.M):  # a comment line above
                 found[name] = text.strip()
             for name, text in re.findall(r"^ +(\w+) *:[^\n=]*=[^\n#]*# *(.+)$", source, re.M):  # or at the end
@@ -444,4 +447,9 @@ def _check_quantization(cfg: RunConfig) -> None:
         raise PeftbenchError(f"config keys 'method.name={cfg.method.name}' and 'model.quantization={m.quantization}' "
                              f"conflict: {cfg.method.name} trains the base weights, and {m.quantization} base weights "
                              "are frozen integer storage without gradients; use a PEFT method or "
+                             "model.quantization=none")
+    if m.quantization != "none" and getattr(cfg.method, "init", None) in ("pissa", "olora"):
+        raise PeftbenchError(f"config keys 'method.init={cfg.method.init}' and 'model.quantization={m.quantization}' "
+                             f"conflict: {cfg.method.init} rewrites the base weights, which {m.quantization} storage "
+                             "holds only approximately, so the saved LoRA would not reload to the trained model; use "
                              "model.quantization=none")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from peftbench.config import resolve
 from peftbench.errors import PeftbenchError
 from peftbench.inference import SplitBatches, load, loading, open_checkpoint
 from peftbench.methods import get_method, method_names
@@ -70,8 +71,8 @@ def export(ckpt_dir: str | Path, out_dir: str | Path, fmt: str = "hf", quantize:
 
 
 def _check_plain(ckpt_dir: Path, meta: dict) -> None:
-    method = get_method(meta["method"])
-    if not method.plain_model:
+    method = get_method(meta["method"])(resolve(meta["config"]).method)
+    if not method.makes_plain_model():
         plain = ", ".join(n for n in method_names() if get_method(n).plain_model)
         raise PeftbenchError(f"method '{meta['method']}' adds modules transformers does not have, so it cannot be a "
                              f"plain Hugging Face model (methods that can: {plain}); export it with --format onnx, "

@@ -102,7 +102,7 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
     _check_head(ckpt_dir, meta, model)
     guard_padding(without_peft(model))
     if merge:
-        if not hasattr(model, "merge_and_unload"):
+        if not (hasattr(model, "merge_and_unload") and method.makes_plain_model()):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
         model = model.merge_and_unload()
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put

@@ -99,13 +99,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: LoopConfig,
+                    lr_scale: Callable[[str], float] = lambda name: 1.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases and norms (tensors of < 2 dims).
-    Fused (one kernel for all tensors) on GPU."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=torch.cuda.is_available())
+    ``lr_scale(name)`` multiplies a parameter's learning rate (a method's per-group rates: LoRA+'s B); each
+    group keeps its ``lr_scale``, which the loop applies to the schedule's rate. Fused (one kernel for all
+    tensors) on GPU."""
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, float(lr_scale(name))), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                               "lr_scale": scale} for (decay, scale), params in groups.items()],
+                             lr=cfg.lr, fused=torch.cuda.is_available())
 
 
 def linear_schedule(step: int, planned: int, warmup_ratio: float) -> float:
@@ -202,7 +208,7 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
                 with accelerator.accumulate(model):
                     state.lr = cfg.lr * linear_schedule(state.lr_steps, state.planned_steps, cfg.warmup_ratio)
                     for group in optimizer.param_groups:
-                        group["lr"] = state.lr
+                        group["lr"] = state.lr * group.get("lr_scale", 1.0)
                     loss = model(**batch["inputs"], labels=batch["labels"]).loss  # with any regulariser the model adds
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:

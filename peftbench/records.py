@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -239,3 +240,25 @@ def _git_revision() -> dict:
         return {"git_sha": sha.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None}
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(method: str) -> dict:
+    """A run's config at every default, for ``method`` (empty for a method this peftbench does not know)."""
+    from peftbench.config import RunConfig
+    from peftbench.registry import METHODS
+
+    try:
+        return RunConfig(method=METHODS.get(method, "method.name").Config()).to_dict()
+    except PeftbenchError:
+        return {}
+
+
+def comparable_config(config: dict) -> dict:
+    """A copy of a record's config without the keys added after records were first written (``LATER_KEYS``)
+    where they hold their default: what run ids count, so that an older record compares with a newer one."""
+    from peftbench.config import LATER_KEYS, drop_defaults
+
+    config = json.loads(json.dumps(config))
+    drop_defaults(config, _defaults(config["method"]["name"]), LATER_KEYS)
+    return config

@@ -34,9 +34,10 @@ from peftbench import checkpoint
 from peftbench.data import Collator
 from peftbench.errors import PeftbenchError, clip
 from peftbench.inference import load, loading, open_checkpoint
+from peftbench.methods import get_method
 from peftbench.tasks.kinds import KINDS, TaskKind
 
-SHARED_METHODS = ("lora",)  # PEFT adapters that load onto one base and switch per request
+SHARED_METHODS = ("lora",)  # PEFT adapters that load onto one base and switch per request (and their presets)
 NO_TOKEN = "no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)"
 
 
@@ -75,7 +76,7 @@ def load_adapters(checkpoints: dict[str, str | Path], device: str = "cpu") -> di
         with loading(Path(ckpt)):
             meta = open_checkpoint(Path(ckpt))
         kind = KINDS[meta["kind"]]
-        shared = meta["method"] in SHARED_METHODS
+        shared = meta["method"] in SHARED_METHODS or get_method(meta["method"]).preset_of in SHARED_METHODS
         group = (checkpoint.pretrained_fingerprint(meta), meta["kind"], len(meta["labels"])) if shared else None
         if group in hosts:
             host = hosts[group]

@@ -207,7 +207,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     ckpt_dir = work_dir / checkpoint.CHECKPOINT_DIR
     model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir, launch)
     identity["backbone"] = backbone_identity(cfg, models.without_peft(model).config)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, method.lr_scale)
     model, optimizer = distributed.prepare(accelerator, launch, model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters it shards
@@ -293,7 +293,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     adapter_bytes = save(cfg, accelerator, launch, model, data, method, base, ckpt_dir,
                          {"metrics": metrics, "params": params})
     sharded = launch.sharded  # a sharded model runs only with all its processes
-    inference = measure_inference(raw_model, data, cfg, accelerator) if t.measure_inference and not sharded else None
+    inference = (measure_inference(raw_model, method, data, cfg, accelerator) if t.measure_inference and not sharded
+                 else None)
     result = {
         "metrics": metrics,
         "params": {**params, "adapter_bytes": adapter_bytes},
@@ -420,7 +421,7 @@ def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, bas
 INFERENCE_BATCHES = 8  # throughput is timed over this many evaluation batches (or the whole split)
 
 
-def measure_inference(model, data: Data, cfg: RunConfig, accelerator: Accelerator) -> dict | None:
+def measure_inference(model, method: Method, data: Data, cfg: RunConfig, accelerator: Accelerator) -> dict | None:
     """Serving cost, measured on the main process (:func:`measure.inference_cost`): the model as trained and,
     for a method that merges into the base weights (float base), merged, on a copy. The split evaluated last,
     in file order (traffic is not sorted by length); the single sequence is its median-length example.
@@ -439,7 +440,7 @@ def measure_inference(model, data: Data, cfg: RunConfig, accelerator: Accelerato
     cost = {"split": split, "as_trained": inference_cost(model, single, batches, accelerator.device,
                                                           autocast=accelerator.autocast)}
     merged = None
-    if hasattr(model, "merge_and_unload") and cfg.model.quantization == "none":
+    if hasattr(model, "merge_and_unload") and method.makes_plain_model() and cfg.model.quantization == "none":
         merged = copy.deepcopy(model).merge_and_unload()
         cost["merged"] = inference_cost(merged, single, batches, accelerator.device, autocast=accelerator.autocast)
     served = model if merged is None else merged  # what a deployment runs: merged where it can be

@@ -233,12 +233,13 @@ def torchrun(nproc: int, *args: str, cwd=None):
 CHANCE = 0.25
 # Learning rates for the random-init tiny backbone (variants share their method's rate).
 LR = {"full": 5e-4, "lora": 5e-3, "adalora": 1e-2, "adapter": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
-      "bitfit": 1e-2}
+      "bitfit": 1e-2, "peft": 5e-3}
 LONGER = ["task.max_train_samples=null", "train.batch_size=32", "train.epochs=3"]  # 96 steps over 1000 examples
 VARIANTS = {  # name -> overrides: method settings, and a longer run for prefix's reparameterised prompt
     "full": [], "lora": [], "lora-rslora": ["method.use_rslora=true"], "lora-dora": ["method.use_dora=true"],
     "adalora": [], "adapter": [], "adapter-pfeiffer": ["method.variant=pfeiffer"], "prefix": LONGER,
     "prefix-no-mlp": ["method.reparameterize=false"], "prompt": [], "ia3": [], "bitfit": [],
+    "peft": ["method.peft_type=LOHA"],  # the bridge to every PEFT tuner, with one that is not LoRA
 }
 
 

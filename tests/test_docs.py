@@ -110,6 +110,9 @@ def known_keys() -> set[str]:
     keys = {k for k in _keys(config.RunConfig) if "." in k} | {f"pretrain.{k}" for k in _keys(PretrainConfig)}
     keys |= {k.removeprefix("pretrain.") for k in keys if k.startswith("pretrain.")}
     keys |= {f"method.{k}" for name in method_names() for k in _keys(get_method(name).Config)}
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # method.options: a PEFT tuner's config keys
+
+    keys |= {f"method.options.{f.name}" for c in PEFT_TYPE_TO_CONFIG_MAPPING.values() for f in dataclasses.fields(c)}
     return keys
 
 
@@ -125,6 +128,7 @@ def test_every_config_key_a_page_names_exists():
 
 
 @pytest.mark.parametrize("key, ok", [("train.lr", True), ("method.r", True), ("corpus.files", True),
-                                     ("train.lrr", False), ("method.rank", False)])
+                                     ("method.options.n_frequency", True), ("train.lrr", False),
+                                     ("method.rank", False), ("method.options.n_freq", False)])
 def test_the_key_check_can_fail(key, ok):
     assert (key in known_keys()) is ok

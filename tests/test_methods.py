@@ -19,7 +19,7 @@ from peftbench.train import run
 
 
 def test_every_method_is_covered():
-    assert {v.split("-")[0] for v in VARIANTS} == set(method_names())
+    assert {v.split("-")[0] for v in VARIANTS} == set(method_names(presets=False))
 
 
 @pytest.fixture
@@ -86,6 +86,8 @@ def expected_trainable(variant, result):
         return 20 * d + head
     if variant == "ia3":
         return L * (d + d + d + ff) + head  # key, value, attention output (input side), feed-forward output input
+    if variant == "peft":  # LoHa on query and value: 2 r (d_in + d_out) per module
+        return L * 2 * 2 * 8 * (d + d) + head
     if variant == "bitfit":
         per_layer = 3 * d + d + d + ff + d + d  # q,k,v; attention out; its norm; intermediate; output; its norm
         return L * per_layer + d + d + head  # + embedding norm, pooler
@@ -109,7 +111,7 @@ def test_reload_in_a_new_process_gives_identical_logits(trained, tmp_path):
             assert torch.equal(reloaded[variant], expected), variant
 
 
-@pytest.mark.parametrize("variant", ["lora", "lora-rslora", "lora-dora", "adalora", "ia3", "prompt"])
+@pytest.mark.parametrize("variant", ["lora", "lora-rslora", "lora-dora", "adalora", "ia3", "prompt", "peft"])
 def test_peft_methods_save_standard_peft_adapters(trained, variant):
     result = trained[variant]
     ckpt = result.record["checkpoint"]
@@ -134,7 +136,7 @@ def test_own_methods_save_only_what_they_trained(trained, variant):
         assert n_saved == result.record["params"]["trainable"]
 
 
-@pytest.mark.parametrize("variant", ["lora", "lora-rslora", "adalora", "ia3"])
+@pytest.mark.parametrize("variant", ["lora", "lora-rslora", "adalora", "ia3", "peft"])
 def test_merged_model_equals_unmerged(trained, variant):
     ckpt = trained[variant].record["checkpoint"]
     unmerged, tok, _ = peftbench.load(ckpt)
@@ -229,7 +231,7 @@ def test_predict_writes_clue_submission_and_matches_the_record(trained, tmp_path
     assert set(first) == {"id", "label", "label_name", "score"} and 0 < first["score"] <= 1
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", method_names(presets=False))
 def test_gradient_checkpointing_trains_identically(method, tmp_path):
     """Recomputing activations (with the same dropout masks) saves memory and leaves training unchanged."""
     results = [run(variant_config(method, tmp_path / gc, "train.max_steps=6", "train.save_checkpoint=false",
@@ -242,7 +244,7 @@ def test_gradient_checkpointing_trains_identically(method, tmp_path):
     assert results[1].record["metrics"]["accuracy"] == results[0].record["metrics"]["accuracy"]
 
 
-PLAIN = ["full", "lora", "lora-rslora", "lora-dora", "adalora", "ia3", "bitfit"]
+PLAIN = ["full", "lora", "lora-rslora", "lora-dora", "adalora", "ia3", "bitfit", "peft"]
 EXPORT_CHECK = """
 import json, sys, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -284,7 +286,7 @@ def test_export_writes_folders_that_transformers_alone_loads(trained, tmp_path):
             export(trained[variant].record["checkpoint"], tmp_path / variant)
 
 
-ONNX = ["full", "lora", "adalora", "adapter", "prefix", "prompt", "ia3", "bitfit"]  # one variant per method
+ONNX = ["full", "lora", "adalora", "adapter", "prefix", "prompt", "ia3", "bitfit", "peft"]  # one variant per method
 
 
 @pytest.mark.slow
@@ -292,7 +294,7 @@ def test_onnx_export_of_every_method_runs_in_onnxruntime_as_peftbench_load(train
     onnxruntime = pytest.importorskip("onnxruntime")
     from peftbench.export import REPORT_FILE, export
 
-    assert {v.split("-")[0] for v in ONNX} == set(method_names())
+    assert {v.split("-")[0] for v in ONNX} == set(method_names(presets=False))
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)  # onnxruntime's tools write temporary files: never where the user stands
@@ -320,7 +322,7 @@ def test_onnx_export_of_every_method_runs_in_onnxruntime_as_peftbench_load(train
     assert list(work.iterdir()) == []
 
 
-MERGES = {"lora", "lora-rslora", "lora-dora", "adalora", "ia3"}
+MERGES = {"lora", "lora-rslora", "lora-dora", "adalora", "ia3", "peft"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

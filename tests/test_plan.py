@@ -14,7 +14,7 @@ from peftbench.train import run
 
 METHODS = [("full", []), ("lora", []), ("adalora", []), ("ia3", []), ("prompt", []), ("prefix", []),
            ("prefix", ["method.reparameterize=false"]), ("adapter", []), ("adapter", ["method.variant=pfeiffer"]),
-           ("adapter", ["method.variant=ffn"]), ("bitfit", [])]
+           ("adapter", ["method.variant=ffn"]), ("bitfit", []), ("lorafa", [])]
 TOKENIZER = models.char_tokenizer(["北京欢迎你来上海看看"] * 3)
 
 

@@ -13,7 +13,7 @@ from peftbench.methods import get_method, method_names
 from peftbench.train import run
 
 pytest.importorskip("bitsandbytes")
-PEFT_METHODS = [m for m in method_names() if not get_method(m).trains_base_weights]
+PEFT_METHODS = [m for m in method_names(presets=False) if not get_method(m).trains_base_weights]
 TEXTS = ["股钱债涨跌", "星影歌剧综艺的"]
 
 

@@ -1,5 +1,6 @@
 import math
 import multiprocessing
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,7 @@ from peftbench import leaderboard, search
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.leaderboard.grouping import range_edge
+from peftbench.leaderboard.table import lr_table
 from peftbench.records import RECORD_NAME, make_record, read_record, write_atomic
 
 SWEEP = """\
@@ -275,3 +277,101 @@ def test_every_method_documents_its_default_learning_rate_and_range():
         assert f"default range {low:g} to {high:g}" in page and f"Default learning rate {default:g}:" in page
         assert config.load(None, [f"method.name={name}"]).train.lr == default  # unset: the method's own rate
         assert config.load(None, [f"method.name={name}", "train.lr=0.123"]).train.lr == 0.123
+
+
+SPACE = """\
+  space:
+    lora: {method.r: [4, 8, 16], train.warmup_ratio: {low: 0.0, high: 0.2}}
+"""
+
+
+def test_a_search_space_beyond_the_rate_is_drawn_recorded_chosen_and_tabled(tmp_path):
+    """LoRA searches its rank and warm-up beside the rate, full only the rate, each with 5 trials; the fake dev
+    score peaks at rank 8. The final runs take the best trial's every setting, and the table shows them."""
+    spec = spec_at(tmp_path, trials=5, sampler="tpe", **{"  sampler: tpe\n": "  sampler: tpe\n" + SPACE})
+    runner = fake_runner(tmp_path / "calls")
+
+    def ranked(cfg, provenance=None):
+        result = runner(cfg, provenance)
+        if cfg.method.name == "lora":  # the rank matters too
+            result.record["metrics"]["score"] -= 0.05 * abs(math.log2(cfg.method.r / 8))
+            write_atomic(f"{cfg.output_dir}/{RECORD_NAME}", result.record)
+        return result
+
+    outcome, waiting, no_final = search.run_search(search.studies(spec), spec["search"], runner=ranked)
+    assert waiting == no_final == [] and outcome.failed == 0
+    out = Path(spec["output_dir"])
+    tried = [r for r in records_of(out, "search") if r["config"]["method"]["name"] == "lora"]
+    assert len(tried) == 5 * 2 and {r["config"]["method"]["r"] for r in tried} <= {4, 8, 16}
+    assert all(0.0 <= r["config"]["train"]["warmup_ratio"] <= 0.2 for r in tried)
+    assert all(r["provenance"]["budget"]["space"] == {"method.r": {"choices": [4, 8, 16]}, "train.warmup_ratio": {
+        "low": 0.0, "high": 0.2, "log": False, "int": False}} for r in tried)
+    trials = {}
+    for r in tried:
+        key = (r["config"]["train"]["lr"], r["config"]["method"]["r"], r["config"]["train"]["warmup_ratio"])
+        trials.setdefault(key, []).append(r["metrics"]["score"])
+    best = max(trials, key=lambda k: (sum(trials[k]) / len(trials[k]), -k[0]))
+    final = [r for r in records_of(out, "final") if r["config"]["method"]["name"] == "lora"]
+    assert len(final) == 3 and all((r["config"]["train"]["lr"], r["config"]["method"]["r"],
+                                    r["config"]["train"]["warmup_ratio"]) == best for r in final)
+    assert final[0]["provenance"]["chosen_settings"] == {"method.r": best[1], "train.warmup_ratio": best[2]}
+    full = [r for r in records_of(out, "final") if r["config"]["method"]["name"] == "full"]
+    assert "space" not in full[0]["provenance"]["budget"] and "chosen_settings" not in full[0]["provenance"]
+    (group,) = leaderboard.build(leaderboard.collect([out])[0])
+    full_row, lora_row = sorted(group.rows.values(), key=lambda row: row.method)  # one row each: r splits none
+    assert full_row.label == "full (lr tuned)" and len(lora_row.records) == 3
+    assert lora_row.label.endswith("lr, r, warmup_ratio tuned)") and " r=" not in lora_row.label
+    assert "learning rate and r, warmup_ratio searched: 5 trials per method (tpe" in group.budget
+    title, header, rows = lr_table(group)
+    assert title.startswith("Settings chosen on dev by the search") and header == ["method", "synthetic"]
+    assert rows[1] == [lora_row.label, f"{best[0]:.3g}; r={best[1]}; warmup_ratio={best[2]:.3g}"]
+    dropped = spec_at(tmp_path, trials=5, sampler="tpe")  # the same search without its space: refused
+    with pytest.raises(PeftbenchError, match="field 'search' sets space None for synthetic-lora-"):
+        search.run_search(search.studies(dropped), dropped["search"], runner=ranked)
+
+
+@pytest.mark.parametrize("space, message", [
+    ("  space:\n    lora: {method.r: [4, 8]}\n", "field 'search.space' needs sampler: tpe"),
+    ("  space:\n    lora: {train.lr: [1e-3]}\n", "'search.space.lora.train.lr': not a searchable key"),
+    ("  space:\n    lora: {method.rank: [4]}\n", "'search.space.lora.method.rank': not a searchable key"),
+    ("  space:\n    lora: {method.r: {low: 8, high: 4}}\n", "'search.space.lora.method.r' must be a list of values"),
+    ("  space:\n    lora: {method.dropout: {low: 0, high: 0.3, log: true}}\n", "log: true needs low > 0"),
+    ("  space:\n    lora: {method.r: [0, 8]}\n", "'search.space.lora.method.r': 0 does not make a valid run"),
+    ("  space:\n    lora: {train.epochs: [1, 2]}\n", "'search.space.lora.train.epochs': not a searchable key"),
+])
+def test_bad_search_spaces_name_the_field(tmp_path, space, message):
+    sampler = "grid" if "needs sampler" in message else "tpe"
+    with pytest.raises(PeftbenchError, match=re.escape(message)):
+        spec_at(tmp_path, sampler=sampler, **{f"  sampler: {sampler}\n": f"  sampler: {sampler}\n" + space})
+
+
+def test_a_searched_key_the_sweep_sets_is_refused(tmp_path):
+    spec = spec_at(tmp_path, sampler="tpe", **{"  sampler: tpe\n": "  sampler: tpe\n" + SPACE,
+                                               "  method.name: [full, lora]": "  method: [{name: lora, r: 4}]"})
+    with pytest.raises(PeftbenchError, match=r"field 'search.space.lora.method.r': the sweep sets it too \(4 in "):
+        search.studies(spec)
+
+
+def test_a_float_key_searched_between_integers_draws_floats(tmp_path):
+    spec = spec_at(tmp_path, sampler="tpe", **{"  sampler: tpe\n": "  sampler: tpe\n  space:\n    lora: "
+                                                                    "{method.dropout: {low: 0, high: 0}}\n"})
+    assert spec["search"].space["lora"]["method.dropout"] == {"low": 0.0, "high": 0.0, "log": False, "int": False}
+
+
+def test_a_record_from_before_a_key_existed_shares_the_row_of_one_at_its_default(tmp_path):
+    """LoRA records written before method.b_lr_ratio and method.train_a existed pool with new ones at their
+    defaults (LATER_KEYS), as their run ids do."""
+    from peftbench import config
+
+    for seed, old in ((1, True), (2, False)):
+        cfg = config.load(None, ["method.name=lora", f"train.seed={seed}", f"output_dir={tmp_path / str(seed)}"])
+        body = cfg.to_dict()
+        if old:
+            del body["method"]["b_lr_ratio"], body["method"]["train_a"]
+        fake_runner(tmp_path / "calls")(config.resolve(body), {})
+        if old:  # the record as an older peftbench wrote it
+            record = read_record(tmp_path / str(seed) / RECORD_NAME)
+            del record["config"]["method"]["b_lr_ratio"], record["config"]["method"]["train_a"]
+            write_atomic(tmp_path / str(seed) / RECORD_NAME, record)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    assert [len(row.records) for row in group.rows.values()] == [2]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import NER_ARGS, NER_SETTINGS
+from conftest import NER_ARGS, NER_SETTINGS, variant_config
 from transformers import AutoTokenizer
 
 from peftbench import config
@@ -22,7 +22,8 @@ from peftbench.inference import SplitBatches, predict
 from peftbench.train import run
 
 TOKEN = "s3cret-token"
-SERVED = {"lora": "lora", "rslora": "lora-rslora", "dora": "lora-dora", "adapter": "adapter", "full": "full"}
+SERVED = {"lora": "lora", "rslora": "lora-rslora", "dora": "lora-dora", "adapter": "adapter", "full": "full",
+          "loha": "peft"}
 
 
 def free_port() -> int:
@@ -39,6 +40,9 @@ def server(trained_variants, tmp_path_factory):
     ner = config.load(None, [*NER_ARGS, "method.name=lora", *NER_SETTINGS["lora"], "train.max_steps=40",
                              "train.measure_inference=false", f"output_dir={root / 'ner'}"])
     ckpts["ner"] = run(ner).record["checkpoint"]  # a few steps: entities or not, predict and serve agree
+    pissa = variant_config("lora", root / "pissa", "method.name=pissa", "train.lr=1e-3", "train.max_steps=20",
+                           "train.measure_inference=false")
+    ckpts["pissa"] = run(pissa).record["checkpoint"]  # saved as plain LoRA: it shares the LoRA base
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
     proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", *(f"{n}={c}" for n, c in ckpts.items()),
@@ -87,8 +91,8 @@ def test_predictions_equal_peftbench_predict(server, tmp_path):
 def test_lora_adapters_share_one_base_and_mix_in_a_batch(server):
     _, client, _ = server
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
-    assert set(listed) == {*SERVED, "ner"}
-    assert [n for n, a in listed.items() if a["shares_base"]] == ["lora", "rslora", "dora", "ner"]
+    assert set(listed) == {*SERVED, "ner", "pissa"}
+    assert [n for n, a in listed.items() if a["shares_base"]] == ["lora", "rslora", "dora", "ner", "pissa"]
     assert len({a["base"] for n, a in listed.items() if n in SERVED and n != "full"}) == 1
     assert listed["full"]["base"] is None  # a whole fine-tuned model
     alone = {name: classify(client, name, ["股钱债涨跌"]).json()["predictions"] for name in ("lora", "rslora", "dora")}
@@ -309,4 +313,4 @@ def test_sigterm_finishes_requests_in_flight(server):  # last: it stops the serv
     assert answer[0].status_code == 200
     out = proc.stdout.read()
     assert "Waiting for application shutdown" in out and "Finished server process" in out, out
-    assert "6 adapters in 4 models (4 LoRA adapters on 2 shared bases)" in out, out
+    assert "8 adapters in 5 models (5 LoRA adapters on 2 shared bases)" in out, out

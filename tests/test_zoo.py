@@ -30,7 +30,7 @@ def zoo_config(path, method, out_dir, *extra):
 def zoo_runs(zoo, tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo_runs")
     return {(name, method): run(zoo_config(path, method, root / name / method))
-            for name, path in zoo.items() for method in method_names()}
+            for name, path in zoo.items() for method in method_names(presets=False)}
 
 
 def test_every_method_trains_in_fp32_on_every_checkpoint(zoo_runs):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftbench.errors import PeftbenchError
-from peftbench.records import NOT_IDENTITY, RECORD_NAME, read_record
+from peftbench.records import NOT_IDENTITY, RECORD_NAME, comparable_config, read_record
 
 PRECISION_WORDS = {"no": "fp32", "fp16": "fp16 mixed", "bf16": "bf16 mixed"}  # train.mixed_precision
 QUANTIZATION_WORDS = {"8bit": "8-bit base", "4bit": "4-bit base"}  # model.quantization
@@ -40,6 +40,7 @@ class Row:
     records: list[dict] = field(default_factory=list)
     chosen_lr: dict[str, float] = field(default_factory=dict)  # task -> learning rate a search chose (tuned rows)
     lr_edge: dict[str, str] = field(default_factory=dict)  # task -> "↑"/"↓" where that rate ends the search range
+    chosen_settings: dict[str, dict] = field(default_factory=dict)  # task -> other searched keys' chosen values
 
     @property
     def label(self) -> str:
@@ -142,8 +143,10 @@ class Group:
         if budgets:
             trials = "/".join(sorted({str(b["trials"]) for b in budgets}))
             seeds = "/".join(sorted({", ".join(map(str, b["seeds"])) for b in budgets}))
-            parts.append(f"learning rate searched: {trials} trials per method ({budgets[0]['sampler']}, mean dev "
-                         f"score of seed{'s' if ',' in seeds else ''} {seeds})")
+            space = sorted({key.split(".", 1)[1] for b in budgets for key in b.get("space", {})})
+            parts.append(f"learning rate{' and ' + ', '.join(space) if space else ''} searched: {trials} trials per "
+                         f"method ({budgets[0]['sampler']}, mean dev score of seed{'s' if ',' in seeds else ''} "
+                         f"{seeds})")
         parts.append(f"seeds {values(lambda r: train(r)['seed']).replace('/', ', ')}")
         return " · ".join(parts)
 
@@ -285,10 +288,13 @@ def _hardware(env: dict) -> str:
 
 
 def _settings(record: dict) -> tuple[tuple, str]:
-    """The row identity (all but task and seed, and the learning rate where a search chose it) and its short
-    label (the settings the run recorded as away from their defaults, and the learning rate)."""
+    """The row identity (all but task and seed, and the keys a search chose: the learning rate and its space)
+    and its short label (the settings the run recorded as away from their defaults, and what was tuned)."""
     config = record["config"]
     tuned = record.get("provenance", {}).get("phase") == "final"
+    searched = list(record["provenance"].get("budget", {}).get("space", {})) if tuned else []
+    config = _without(config, searched)
+    config = comparable_config(config)  # keys older records lack count at their defaults
     method = dict(config["method"])
     name = method.pop("name")
     train = {k: v for k, v in config["train"].items()  # keys that change no result (NOT_IDENTITY) split no row
@@ -296,13 +302,26 @@ def _settings(record: dict) -> tuple[tuple, str]:
     model = {k: v for k, v in config["model"].items() if k not in ("name_or_path", "tokenizer")}  # the group's
     identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
                 json.dumps(model, sort_keys=True), tuned)
-    settings = record.get("settings") or {"method": method, "model": {}}  # older records: every method key
+    settings = _without(record.get("settings") or {"method": method, "model": {}}, searched)  # older: every key
     model = dict(settings["model"])
     words = [QUANTIZATION_WORDS[model.pop("quantization")]] if model.get("quantization") in QUANTIZATION_WORDS else []
     changed = {**settings["method"], **model}
-    lr = "lr tuned" if tuned else f"lr={train['lr']:g}"
+    lr = ", ".join(["lr", *(k.split(".", 1)[1] for k in searched)]) + " tuned" if tuned else f"lr={train['lr']:g}"
     label = ", ".join(words + [f"{k}={v}" for k, v in sorted(changed.items())] + [lr])
     return identity, label
+
+
+def _without(tree: dict, dotted: list[str]) -> dict:
+    """A copy of ``tree`` without the dotted keys (``method.r``, ``method.options.r``) that it holds."""
+    tree = json.loads(json.dumps(tree))
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return tree
 
 
 def task_identity(record: dict) -> dict:
@@ -398,6 +417,7 @@ def _columns(group: Group) -> None:
                 lr = r["config"]["train"]["lr"]
                 row.chosen_lr[group.task_of(r)] = lr
                 row.lr_edge[group.task_of(r)] = range_edge(lr, r["provenance"].get("budget", {}).get("lr_range"))
+                row.chosen_settings[group.task_of(r)] = r["provenance"].get("chosen_settings", {})
     for task in group.tasks:
         ok = [r for r in group.records if group.task_of(r) == task and r["status"] == "success"]
         group.split[task] = "test" if ok and all("test_score" in r["metrics"] for r in ok) else "dev"

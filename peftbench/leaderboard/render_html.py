@@ -43,7 +43,7 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes], 
                          + "".join(f"<li>{html.escape(n)}</li>" for n in group.footnotes) + "</ul>")
         chosen = lr_table(group)
         if chosen:
-            parts += ["<p>Learning rate chosen on dev by the search:</p>", html_table(*chosen),
+            parts += [f"<p>{html.escape(chosen[0])}</p>", html_table(*chosen[1:]),
                       f"<p>{html.escape(LR_EDGE_NOTE)}</p>"]
         for command in sorted(group.reproduce):
             parts.append(f"<p>Reproduce: <code>{html.escape(command)}</code></p>")

@@ -65,7 +65,7 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
             lines += ["Cells pooling runs of other versions:", ""] + [f"- {md(n)}" for n in group.footnotes] + [""]
         chosen = lr_table(group)
         if chosen:
-            lines += ["Learning rate chosen on dev by the search:", "", markdown_table(*chosen), "", LR_EDGE_NOTE, ""]
+            lines += [chosen[0], "", markdown_table(*chosen[1:]), "", LR_EDGE_NOTE, ""]
         for command in sorted(group.reproduce):
             command = visible(command.replace("`", ""))  # a code span: no backtick, one line
             lines.append(f"Reproduce: `{command}`, then `peftbench leaderboard RESULTS_DIR --out DIR`.")

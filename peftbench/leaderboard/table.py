@@ -71,15 +71,23 @@ def baseline_rows(group: Group, width: int) -> list[list[str]]:
 LR_EDGE_NOTE = "↑ / ↓: the top / bottom of the method's search range, so the best rate may lie beyond it."
 
 
-def lr_table(group: Group) -> tuple[list[str], list[list[str]]] | None:
-    """The learning rate the search chose per tuned row and task, marked where it ends the search range
-    (None: no tuned rows)."""
+def lr_table(group: Group) -> tuple[str, list[str], list[list[str]]] | None:
+    """What the search chose per tuned row and task: the learning rate, marked where it ends the search range,
+    then every other searched key's value (None: no tuned rows); first the table's title."""
     tuned = [row for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label)) if row.chosen_lr]
     if not tuned:
         return None
-    return (["method"] + list(group.tasks),
-            [[row.label] + [f"{row.chosen_lr[t]:.3g}{row.lr_edge.get(t, '')}" if t in row.chosen_lr else "—"
-                            for t in group.tasks] for row in tuned])
+    more = any(chosen for row in tuned for chosen in row.chosen_settings.values())
+    title = ("Settings chosen on dev by the search (the learning rate, then the other searched keys):" if more
+             else "Learning rate chosen on dev by the search:")
+    return (title, ["method"] + list(group.tasks),
+            [[row.label] + [_chosen(row, t) if t in row.chosen_lr else "—" for t in group.tasks] for row in tuned])
+
+
+def _chosen(row, task: str) -> str:
+    others = [f"{k.split('.', 1)[1]}={f'{v:.3g}' if isinstance(v, float) else v}"
+              for k, v in sorted(row.chosen_settings.get(task, {}).items())]
+    return "; ".join([f"{row.chosen_lr[task]:.3g}{row.lr_edge.get(task, '')}", *others])
 
 
 def _fmt_score(x: float | None) -> str:

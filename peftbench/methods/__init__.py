@@ -61,6 +61,7 @@ class Method:
     virtual_token_modules: ClassVar[tuple[str, ...]] = ()  # modules run once per step, not per token (FLOP counts)
     lr_range: ClassVar[tuple[float, float]]  # (low, high): the default range of a learning-rate search (docs/methods)
     default_lr: ClassVar[float]  # train.lr when a recipe leaves it unset; inside lr_range (docs/methods)
+    preset_of: ClassVar[str | None] = None  # a first-class name for another method with other defaults
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -73,8 +74,17 @@ class Method:
         """Whether the parameter called ``name`` (in the applied model) is trained."""
         raise NotImplementedError
 
+    def lr_scale(self, name: str) -> float:
+        """The factor on the learning rate of the trained parameter called ``name`` (LoRA+: B's is larger)."""
+        return 1.0
+
     def on_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called once after every optimizer step (not per micro-batch)."""
+
+    def makes_plain_model(self) -> bool:
+        """Whether the trained model is a plain transformers model once merged (``plain_model``; a bridge to
+        several tuners answers per tuner)."""
+        return self.plain_model
 
     def summary(self, model: nn.Module) -> dict:
         """Method-specific facts for the result record."""
@@ -188,8 +198,10 @@ def register_method(cls: type[Method]) -> type[Method]:
     return METHODS.register(cls.name, cls)
 
 
-def method_names() -> list[str]:
-    return METHODS.names()
+def method_names(presets: bool = True) -> list[str]:
+    """Registered method names; ``presets=False``: one per implementation (no first-class name of a PEFT
+    tuner or LoRA variant, which are their implementation with other defaults)."""
+    return [n for n in METHODS.names() if presets or get_method(n).preset_of is None]
 
 
 def get_method(name: str) -> type[Method]:
@@ -246,4 +258,4 @@ def settle_dtypes(model: torch.nn.Module, mixed_precision: str) -> dict:
     return {"frozen_weight_bytes": frozen, "trained_weight_bytes": trained}
 
 
-from peftbench.methods import adalora, adapter, bitfit, full, ia3, lora, prefix, prompt  # noqa: E402,F401  (registration)
+from peftbench.methods import adalora, adapter, bitfit, full, ia3, lora, peft_tuner, prefix, prompt, tuner_names  # noqa: E402,E501,F401  (registration)

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685) through PEFT.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) through PEFT, and the variants that change how it starts or learns.
 
 Each targeted linear layer W gets a low-rank update: h = W x + (alpha / r) * B A x,
 with A (r x d_in, Kaiming-uniform) and B (d_out x r, zeros) trained and W frozen,
@@ -7,14 +7,31 @@ so training starts from the base model. ``use_rslora`` scales by alpha / sqrt(r)
 (Liu et al. 2024). The classification head is trained in full (PEFT's
 ``modules_to_save``). Trainable parameters: sum over targeted layers of
 r * (d_in + d_out), plus the head.
+
+Variants, each also a method name of its own with its defaults (docs/methods/<name>.md):
+``b_lr_ratio`` (LoRA+, Hayou et al. 2024, arXiv:2402.12354: B learns ``b_lr_ratio`` times faster than A);
+``train_a=false`` (LoRA-FA, Zhang et al. 2023, arXiv:2308.03303: A stays at its random init, only B
+trains: r * d_out per layer); ``init=pissa`` (Meng et al. 2024, arXiv:2404.02948: A, B from the top r
+singular vectors of W, which keeps the rest) and ``init=olora`` (Büyükakyüz 2024, arXiv:2406.01775: from
+W's QR decomposition). PiSSA and OLoRA rewrite the frozen W to W - B0 A0; the checkpoint is converted
+by PEFT into a plain LoRA of rank 2r on the unmodified base (B A - B0 A0), so it reloads on, and is
+served with, the same base as every other adapter. ``init=loftq`` (Li et al. 2023) is refused: see docs.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from peftbench.config import require
+from peftbench.errors import PeftbenchError
 from peftbench.methods import MethodConfig, PeftMethod, register_method
+
+INITS = ("default", "pissa", "olora", "loftq")  # how A and B start: PEFT's init_lora_weights
+REWRITES_BASE = ("pissa", "olora")
 
 
 @dataclass
@@ -26,11 +43,20 @@ class LoraConfig(MethodConfig):
     target_modules: list[str] | None = None  # None = PEFT's default for the architecture (BERT: query, value)
     use_rslora: bool = False  # scale by alpha / sqrt(r) (rsLoRA)
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output (DoRA)
+    b_lr_ratio: float = 1.0  # B's learning rate over A's (LoRA+: 16)
+    train_a: bool = True  # false: A stays at its random init and only B trains (LoRA-FA)
+    init: str = "default"  # how A and B start: default (B = 0), pissa, olora (from W: saved as plain LoRA), loftq
 
     def __post_init__(self):
         require(self.r >= 1, "method.r", ">= 1", self.r)
         require(self.alpha > 0, "method.alpha", "> 0", self.alpha)
         require(0 <= self.dropout < 1, "method.dropout", "in [0, 1)", self.dropout)
+        require(self.b_lr_ratio > 0, "method.b_lr_ratio", "> 0", self.b_lr_ratio)
+        require(self.init in INITS, "method.init", f"one of {', '.join(INITS)}", self.init)
+        require(self.train_a or self.init == "default", "method.train_a", "true with init other than default "
+                "(a frozen A must be random)", self.train_a)
+        require(not self.use_dora or self.init == "default", "method.use_dora", "false with init other than "
+                "default (a magnitude vector of the rewritten base does not carry to the original)", self.use_dora)
 
 
 @register_method
@@ -41,10 +67,129 @@ class Lora(PeftMethod):
     Config = LoraConfig
     plain_model = True
     trainable_markers = ("lora_",)
+    initial = None  # PiSSA/OLoRA: lora_A/B as initialised, which turn the trained adapter into a plain LoRA
 
     def peft_config(self, ctx):
         cfg = self.cfg
         from peft import LoraConfig as PeftLoraConfig
 
+        if cfg.init == "loftq":
+            raise PeftbenchError("config key 'method.init': loftq is not available: PEFT computes it with "
+                                 f"bitsandbytes on CUDA ({'present' if torch.cuda.is_available() else 'absent here'})"
+                                 " and its adapter reloads only on the base weights LoftQ rewrites, which a "
+                                 "peftbench checkpoint does not hold; use pissa or olora")
         return PeftLoraConfig(task_type=ctx.peft_task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+                              target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                              init_lora_weights={"default": True}.get(cfg.init, cfg.init))
+
+    def apply(self, model, ctx):
+        from peft.utils import get_peft_model_state_dict
+
+        model = super().apply(model, ctx)
+        if self.cfg.init in REWRITES_BASE:
+            self.initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
+                            if ".lora_A." in k or ".lora_B." in k}
+        return model
+
+    def is_trainable(self, name: str) -> bool:
+        return super().is_trainable(name) and (self.cfg.train_a or "lora_A" not in name)
+
+    def lr_scale(self, name: str) -> float:
+        return self.cfg.b_lr_ratio if "lora_B" in name else 1.0
+
+    def save(self, model, out_dir, state=None):
+        super().save(model, out_dir, state)
+        if self.initial is not None:
+            to_plain_lora(Path(out_dir), self.initial)
+
+    def summary(self, model):
+        return {"saved_as": "plain LoRA of rank 2r (B A - B0 A0)"} if self.initial is not None else {}
+
+
+def to_plain_lora(adapter_dir: Path, initial: dict[str, torch.Tensor]) -> None:
+    """Rewrite a PiSSA/OLoRA adapter saved in ``adapter_dir`` as a plain LoRA on the unmodified base: with
+    W = W_res + B0 A0, the trained W_res + B A is W + [B, -B0] [A; A0], a LoRA of rank 2r at the same scale
+    (alpha doubled; with rsLoRA times sqrt 2). As PEFT's ``path_initial_model_for_weight_conversion``,
+    which drops the head a classifier trains beside the adapter."""
+    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter_dir / SAFETENSORS_WEIGHTS_NAME
+    tensors = load_file(str(weights))
+    for name, start in initial.items():
+        trained = tensors[name]
+        tensors[name] = torch.cat([trained, start], 0) if ".lora_A." in name else torch.cat([trained, -start], 1)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    config_file = adapter_dir / CONFIG_NAME
+    config = json.loads(config_file.read_text())
+    config.update(r=2 * config["r"], init_lora_weights=True,
+                  lora_alpha=config["lora_alpha"] * (2 ** 0.5 if config["use_rslora"] else 2))
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+@dataclass
+class LoraPlusConfig(LoraConfig):
+    name: str = "loraplus"
+    b_lr_ratio: float = 16.0  # B's learning rate over A's (Hayou et al. 2024: 2^4)
+
+
+@register_method
+class LoraPlus(Lora):
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): LoRA whose B learns 16 times faster than A."""
+
+    name = "loraplus"
+    preset_of = "lora"
+    Config = LoraPlusConfig
+    lr_range = (1e-5, 3e-3)  # A's rate: B's is 16 times larger
+    default_lr = 1e-4  # train.lr when unset: A's rate, below LoRA's (B's is 16 times larger)
+
+
+@dataclass
+class LoraFAConfig(LoraConfig):
+    name: str = "lorafa"
+    train_a: bool = False  # A frozen at its random init
+
+
+@register_method
+class LoraFA(Lora):
+    """LoRA-FA (Zhang et al. 2023, arXiv:2308.03303): LoRA with A frozen at its random init, only B trained."""
+
+    name = "lorafa"
+    preset_of = "lora"
+    Config = LoraFAConfig
+    lr_range = (1e-4, 3e-2)  # as LoRA's
+    default_lr = 5e-4  # train.lr when unset: as LoRA's
+
+
+@dataclass
+class PissaConfig(LoraConfig):
+    name: str = "pissa"
+    init: str = "pissa"  # A, B from the top r singular vectors of W
+
+
+@register_method
+class Pissa(Lora):
+    """PiSSA (Meng et al. 2024, arXiv:2404.02948): LoRA started from W's principal singular vectors."""
+
+    name = "pissa"
+    preset_of = "lora"
+    Config = PissaConfig
+    lr_range = (1e-5, 1e-2)  # a learning-rate search's default range: PiSSA trains W's largest directions
+    default_lr = 2e-5  # train.lr when unset: Meng et al. 2024 (2e-5, as full fine-tuning)
+
+
+@dataclass
+class OloraConfig(LoraConfig):
+    name: str = "olora"
+    init: str = "olora"  # A, B from W's QR decomposition
+
+
+@register_method
+class Olora(Lora):
+    """OLoRA (Büyükakyüz 2024, arXiv:2406.01775): LoRA started from an orthonormal basis of W (QR)."""
+
+    name = "olora"
+    preset_of = "lora"
+    Config = OloraConfig
+    lr_range = (1e-5, 1e-2)  # a learning-rate search's default range
+    default_lr = 1e-4  # train.lr when unset: below LoRA's (the adapter starts on W's own directions)

@@ -46,12 +46,16 @@ class Prompt(PeftMethod):
     def apply(self, model, ctx):
         model = super().apply(model, ctx)
         if ctx.labels_per_token:
-            n = self.cfg.num_virtual_tokens
-
-            def label_virtual_tokens(module, args, kwargs):
-                if kwargs.get("labels") is not None:
-                    kwargs["labels"] = torch.nn.functional.pad(kwargs["labels"], (n, 0), value=-100)
-                return args, kwargs
-
-            model.base_model.register_forward_pre_hook(label_virtual_tokens, with_kwargs=True)
+            label_virtual_tokens(model, self.cfg.num_virtual_tokens)
         return model
+
+
+def label_virtual_tokens(model, n: int) -> None:
+    """Token classification under ``n`` prepended virtual tokens: their labels are -100 (no loss)."""
+
+    def pad_labels(module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = torch.nn.functional.pad(kwargs["labels"], (n, 0), value=-100)
+        return args, kwargs
+
+    model.base_model.register_forward_pre_hook(pad_labels, with_kwargs=True)

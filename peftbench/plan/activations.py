@@ -95,7 +95,8 @@ def _lora_like(tape: Tape, module, x: T) -> T:
     a, b = module.lora_A[name], module.lora_B[name]
     a_weight = a.weight if isinstance(a, nn.Module) else a  # AdaLoRA keeps A, E and B as bare parameters
     b_weight = b.weight if isinstance(b, nn.Module) else b
-    tape.keep(tape.cast(dropped))  # the input of A (trained)
+    if a_weight.requires_grad:  # the input of A, when A trains (LoRA-FA freezes it: the r-wide A x is all it keeps)
+        tape.keep(tape.cast(dropped))
     tape.weight_copy(a_weight, dropped)
     low = T(x.elems // module.base_layer.in_features * rank, tape.compute, True)
     tape.keep(low)  # the input of B (trained)
@@ -375,6 +376,7 @@ def is_bert_family(model: nn.Module) -> bool:
 def activations(model: nn.Module, batch: int, seq_len: int, kind: str, precision: str,
                 checkpointing: bool = False, padded: bool = True) -> dict:
     """The activation formula of the model's family (BERT-style encoders, Llama-style decoders)."""
+    _check_modelled(model)
     if is_bert_family(model):
         return bert_activations(model, batch, seq_len, kind, precision, checkpointing, padded)
     if is_decoder_family(model):
@@ -382,6 +384,23 @@ def activations(model: nn.Module, batch: int, seq_len: int, kind: str, precision
     base = without_peft(model)
     raise PeftbenchError(f"peftbench plan: no activation formula for model type {base.config.model_type!r} (it "
                          "covers BERT-style encoders with a pooler and Llama-style decoders)")
+
+
+def _check_modelled(model: nn.Module) -> None:
+    """Refuse a PEFT tuner whose layers the formula does not know (a layer it took for a frozen linear would
+    keep nothing, and the plan would be silently low): it covers LoRA, AdaLoRA, IA3 and prompt tuning."""
+    from peft.tuners.adalora.layer import AdaLoraLayer
+    from peft.tuners.ia3.layer import IA3Layer
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.p_tuning.model import PromptEncoder
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in model.named_modules():
+        known = isinstance(module, (LoraLayer, AdaLoraLayer, IA3Layer)) or not isinstance(module, BaseTunerLayer)
+        if not known or isinstance(module, PromptEncoder):
+            raise PeftbenchError(f"peftbench plan: no activation formula for {type(module).__module__.split('.')[2]}"
+                                 f" layers ({name}): it covers full, LoRA and its variants, AdaLoRA, IA3, adapters, "
+                                 "prefix, prompt tuning and BitFit")
 
 
 def _prompt_tokens(model) -> int:

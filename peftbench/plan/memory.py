@@ -102,9 +102,12 @@ def meta_model(cfg, vocab_size: int, num_labels: int, total_steps: int):
     config.num_labels = num_labels
     kind = get_spec(cfg.task).kind
     method = get_method(cfg.method.name)(cfg.method)
-    with torch.device("meta"):
-        model = kind.auto_class.from_config(config)
-        model = method.apply(model, RunContext(total_steps, num_labels, kind.peft_task_type, kind.labels_per_token))
+    ctx = RunContext(total_steps, num_labels, kind.peft_task_type, kind.labels_per_token)
+    try:
+        with torch.device("meta"):
+            model = method.apply(kind.auto_class.from_config(config), ctx)
+    except (RuntimeError, NotImplementedError):  # a tuner whose set-up computes with the weights (PiSSA's SVD)
+        model = method.apply(kind.auto_class.from_config(config), ctx)
     set_trainable(model, method)
     settle_dtypes(model, cfg.train.mixed_precision)
     activations(model, 1, 8, "cpu", cfg.train.mixed_precision)  # a family without a formula fails here, early

@@ -28,7 +28,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 QUANTIZATION = ("none", "8bit", "4bit")
 LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (any depth); append every new key
     "model.quantization", "model.quant_4bit_type", "model.quant_4bit_compute_dtype", "model.quant_4bit_double",
-    "train.evaluate_test", "method.init", "train.sharding", "method.b_lr_ratio", "method.train_a")
+    "train.evaluate_test", "method.init", "train.sharding", "method.b_lr_ratio", "method.train_a", "train.scheduler",
+    "train.scheduler_cycles", "train.scheduler_power")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "inverse_sqrt")
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 SHARDING = ("auto", "ddp", "fsdp2")  # auto: as the launch asks (an Accelerate FSDP config: fsdp2)
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio",  # Accelerate's
@@ -67,9 +69,12 @@ class LoopConfig:
     batch_size: int = 32  # per process, per micro-batch
     eval_batch_size: int = 128  # evaluation batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-5  # peak learning rate (linear warm-up, then linear decay to 0)
+    lr: float = 2e-5  # peak learning rate (linear warm-up, then the scheduler's decay)
     weight_decay: float = 0.01  # AdamW decay on matrices (not on biases and norms)
     warmup_ratio: float = 0.1  # share of steps spent warming up the learning rate
+    scheduler: str = "linear"  # after warm-up: linear, cosine, cosine_with_restarts, polynomial, constant, inverse_sqrt
+    scheduler_cycles: int = 1  # cosine_with_restarts: hard restarts over the run
+    scheduler_power: float = 1.0  # polynomial: the decay's power (to 1e-7 at the end)
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     seed: int = 42  # model init, dropout and data order
     mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; frozen weights stored in that dtype)
@@ -407,6 +412,10 @@ def check_loop(t: LoopConfig, section: str = "train") -> None:
     require(finite(t.lr) and t.lr > 0, f"{section}.lr", "a finite number > 0", t.lr)
     require(finite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1, f"{section}.warmup_ratio", "in [0, 1)",
             t.warmup_ratio)
+    require(t.scheduler in SCHEDULERS, f"{section}.scheduler", f"one of {', '.join(SCHEDULERS)}", t.scheduler)
+    require(t.scheduler_cycles >= 1, f"{section}.scheduler_cycles", ">= 1", t.scheduler_cycles)
+    require(finite(t.scheduler_power) and t.scheduler_power > 0, f"{section}.scheduler_power", "a finite number > 0",
+            t.scheduler_power)
     for key in ("weight_decay", "max_grad_norm"):
         require(finite(getattr(t, key)) and getattr(t, key) >= 0, f"{section}.{key}", "a finite number >= 0",
                 getattr(t, key))

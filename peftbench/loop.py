@@ -114,13 +114,32 @@ def build_optimizer(model: torch.nn.Module, cfg: LoopConfig,
                              lr=cfg.lr, fused=torch.cuda.is_available())
 
 
-def linear_schedule(step: int, planned: int, warmup_ratio: float) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup_ratio`` of the planned steps, then linear decay to 0
-    at the planned end (``transformers.get_linear_schedule_with_warmup``; the end may be re-planned)."""
-    warmup = int(warmup_ratio * planned)
+POLYNOMIAL_END = 1e-7  # the polynomial schedule's last rate (transformers' lr_end)
+
+
+def lr_factor(step: int, planned: int, cfg: LoopConfig) -> float:
+    """Learning-rate factor at ``step`` of ``planned`` (the end may be re-planned): linear warm-up over
+    ``warmup_ratio`` of the steps, then ``cfg.scheduler``'s decay, each as transformers' ``get_scheduler``
+    computes it (linear to 0, half a cosine, cosine with hard restarts, polynomial to 1e-7, constant,
+    inverse square root with the warm-up as timescale)."""
+    warmup = int(cfg.warmup_ratio * planned)
     if step < warmup:
         return float(step) / float(max(1, warmup))
-    return max(0.0, float(planned - step) / float(max(1, planned - warmup)))
+    progress = float(step - warmup) / float(max(1, planned - warmup))
+    if cfg.scheduler == "linear":
+        return max(0.0, float(planned - step) / float(max(1, planned - warmup)))
+    if cfg.scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if cfg.scheduler == "cosine_with_restarts":
+        return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * (cfg.scheduler_cycles * progress
+                                                                                       % 1.0))))
+    if cfg.scheduler == "polynomial":
+        end = POLYNOMIAL_END / cfg.lr
+        return end if step > planned else (1.0 - end) * (1.0 - progress) ** cfg.scheduler_power + end
+    if cfg.scheduler == "constant":
+        return 1.0
+    timescale = warmup or 10_000  # inverse_sqrt
+    return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
 
 
 @dataclass
@@ -206,7 +225,7 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
                 state.samples += len(batch["labels"])
                 timer.count(len(batch["labels"]), batch["num_tokens"])
                 with accelerator.accumulate(model):
-                    state.lr = cfg.lr * linear_schedule(state.lr_steps, state.planned_steps, cfg.warmup_ratio)
+                    state.lr = cfg.lr * lr_factor(state.lr_steps, state.planned_steps, cfg)
                     for group in optimizer.param_groups:
                         group["lr"] = state.lr * group.get("lr_scale", 1.0)
                     loss = model(**batch["inputs"], labels=batch["labels"]).loss  # with any regulariser the model adds

@@ -118,6 +118,7 @@ class PretrainConfig:
         body.pop("reference")  # what the result is compared with, not what makes it
         for key in ("report_to", "dist_timeout"):  # how the run is watched or waits changes no result
             body["train"].pop(key)
+        config_lib.drop_defaults(body, PretrainConfig().to_dict(), config_lib.LATER_KEYS)  # ids of older runs
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

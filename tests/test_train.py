@@ -2,8 +2,10 @@ import json
 import random
 
 import pytest
+import torch
 
 from peftbench import config
+from peftbench.errors import PeftbenchError
 from peftbench.metrics import classification_metrics
 from peftbench.records import read_record
 from peftbench.train import run
@@ -116,3 +118,53 @@ def test_nan_loss_fails_the_run(quick_overrides):
     with pytest.raises(FloatingPointError, match="loss is nan"):
         run(cfg)
     assert read_record(f"{cfg.output_dir}/record.json")["status"] == "failed"
+
+
+@pytest.mark.parametrize("scheduler, extra", [("linear", {}), ("cosine", {}), ("cosine_with_restarts", {"cycles": 3}),
+                                              ("polynomial", {"power": 2.0}), ("constant", {}),
+                                              ("inverse_sqrt", {})])
+def test_every_schedule_follows_transformers(scheduler, extra):
+    """The loop's factor, step by step, against transformers' get_scheduler on a real optimizer."""
+    from transformers import get_scheduler
+
+    from peftbench.loop import lr_factor
+
+    cfg = config.LoopConfig(lr=1e-3, warmup_ratio=0.1, scheduler=scheduler, scheduler_cycles=extra.get("cycles", 1),
+                            scheduler_power=extra.get("power", 1.0))
+    planned = 60
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    name = {"constant": "constant_with_warmup"}.get(scheduler, scheduler)
+    kwargs = {"cosine_with_restarts": {"num_cycles": cfg.scheduler_cycles},
+              "polynomial": {"power": cfg.scheduler_power}}.get(scheduler, {})
+    reference = get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * planned),
+                              num_training_steps=planned, scheduler_specific_kwargs=kwargs)
+    ours = []
+    for step in range(planned):
+        assert cfg.lr * lr_factor(step, planned, cfg) == pytest.approx(reference.get_last_lr()[0], rel=1e-9, abs=1e-15)
+        ours.append(lr_factor(step, planned, cfg))
+        optimizer.step()
+        reference.step()
+    assert len(set(ours)) > (2 if scheduler == "constant" else 20)  # it moves (constant: warm-up, then flat)
+
+
+def test_a_schedule_is_a_later_key_and_names_its_row(tmp_path):
+    """Records that leave the schedule at linear keep their ids; a cosine run is its own row, labelled so."""
+    from peftbench import leaderboard
+    from peftbench.records import RECORD_NAME, make_record, write_atomic
+
+    plain = config.load(None, ["method.name=lora", "train.lr=1e-3"])
+    body = plain.to_dict()
+    for key in ("scheduler", "scheduler_cycles", "scheduler_power"):
+        del body["train"][key]
+    assert config.resolve(body).run_id == plain.run_id
+    with pytest.raises(PeftbenchError, match="config key 'train.scheduler' must be one of linear, cosine"):
+        config.load(None, ["train.scheduler=warmup_stable_decay"])
+    for name, overrides in (("plain", []), ("cosine", ["train.scheduler=cosine"])):
+        cfg = config.load(None, ["method.name=lora", "train.lr=1e-3", *overrides])
+        metrics = dict.fromkeys(["n_eval", "train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s",
+                                 "peak_memory_mb", "wall_s"], 1.0) | {"score": 0.5, "score_name": "accuracy"}
+        record = make_record("success", cfg.to_dict(), cfg.run_id, {}, metrics,
+                             {"trainable": 1, "total": 2, "adapter_bytes": 4}, extra={"provenance": {}})
+        write_atomic(tmp_path / name / RECORD_NAME, record)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    assert sorted(row.label.split(", ")[-1] for row in group.rows.values()) == ["lr=0.001)", "scheduler=cosine)"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftbench.errors import PeftbenchError
-from peftbench.records import NOT_IDENTITY, RECORD_NAME, comparable_config, read_record
+from peftbench.records import NOT_IDENTITY, RECORD_NAME, comparable_config, later_train_settings, read_record
 
 PRECISION_WORDS = {"no": "fp32", "fp16": "fp16 mixed", "bf16": "bf16 mixed"}  # train.mixed_precision
 QUANTIZATION_WORDS = {"8bit": "8-bit base", "4bit": "4-bit base"}  # model.quantization
@@ -307,7 +307,8 @@ def _settings(record: dict) -> tuple[tuple, str]:
     words = [QUANTIZATION_WORDS[model.pop("quantization")]] if model.get("quantization") in QUANTIZATION_WORDS else []
     changed = {**settings["method"], **model}
     lr = ", ".join(["lr", *(k.split(".", 1)[1] for k in searched)]) + " tuned" if tuned else f"lr={train['lr']:g}"
-    label = ", ".join(words + [f"{k}={v}" for k, v in sorted(changed.items())] + [lr])
+    tricks = [f"{k}={v}" for k, v in later_train_settings(config).items()]  # the schedule, ...
+    label = ", ".join(words + [f"{k}={v}" for k, v in sorted(changed.items())] + [lr] + tricks)
     return identity, label
 
 

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="an unreadable record, or a cell pooling runs of other library versions, is an error")
     lb_p.add_argument("--model-index", action="store_true",
                       help="also model-index.yaml: each row's cell means as a model card's model-index entry")
+    lb_p.add_argument("--reference", metavar="ROW",
+                      help="a row's label: every other row of its table shows its difference to it, with a 95 %% "
+                           "interval (default: each trick row against its method's plain row)")
     pred_p = sub.add_parser("predict", help="predict a split with a trained checkpoint")
     pred_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
     pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "leaderboard":
             from peftbench.leaderboard import write
 
-            paths, skipped = write(ns.results, ns.out, ns.strict, ns.model_index)
+            paths, skipped = write(ns.results, ns.out, ns.strict, ns.model_index, ns.reference)
             for reason in skipped:
                 print(f"warning: skipped {reason}", file=sys.stderr)
             for path in paths:

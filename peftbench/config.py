@@ -29,7 +29,10 @@ QUANTIZATION = ("none", "8bit", "4bit")
 LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (any depth); append every new key
     "model.quantization", "model.quant_4bit_type", "model.quant_4bit_compute_dtype", "model.quant_4bit_double",
     "train.evaluate_test", "method.init", "train.sharding", "method.b_lr_ratio", "method.train_a", "train.scheduler",
-    "train.scheduler_cycles", "train.scheduler_power")
+    "train.scheduler_cycles", "train.scheduler_power", "train.layer_decay", "train.label_smoothing",
+    "train.rdrop_alpha", "train.adversarial", "train.adversarial_epsilon", "train.adversarial_steps",
+    "train.adversarial_alpha", "train.ema_decay", "train.swa_last", "train.early_stopping_patience")
+ADVERSARIAL = ("none", "fgm", "pgd")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "inverse_sqrt")
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 SHARDING = ("auto", "ddp", "fsdp2")  # auto: as the launch asks (an Accelerate FSDP config: fsdp2)
@@ -97,6 +100,17 @@ class TrainConfig(LoopConfig):
     sharding: str = "auto"  # auto (the launch config decides) | ddp (whole copies) | fsdp2 (shard every weight)
     save_state_every: int = 0  # optimizer steps between resumable training states (0: none)
     resume: bool = False  # continue from the training state a killed run of this configuration left
+    # training tricks (peftbench/tricks, docs/tricks.md); each is off at its default
+    layer_decay: float = 1.0  # layer-wise rate decay: layer i of n trains at lr * layer_decay ** (n - i)
+    label_smoothing: float = 0.0  # share of each target spread evenly over the classes
+    rdrop_alpha: float = 0.0  # R-Drop: two dropout passes, this weight on their symmetric KL
+    adversarial: str = "none"  # none | fgm | pgd: perturb the input embeddings' output along the loss gradient
+    adversarial_epsilon: float = 0.1  # fgm: the perturbation's L2 norm per example; pgd: the ball it stays in
+    adversarial_steps: int = 3  # pgd: ascent steps
+    adversarial_alpha: float = 0.04  # pgd: each step's L2 norm per example
+    ema_decay: float = 0.0  # > 0: evaluate and save the exponential moving average of the trained weights
+    swa_last: int = 0  # >= 2: evaluate and save the mean of the trained weights at the last k evaluations
+    early_stopping_patience: int = 0  # > 0: stop after this many evaluations without a better dev score
 
 
 @dataclass
@@ -111,13 +125,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def changed_settings(self) -> dict:
-        """Method and model settings away from their defaults (the backbone aside): what tells a leaderboard
-        row apart, written into the record so that tables read records only."""
+        """Method and model settings away from their defaults (the backbone aside), and the training settings
+        added since records were first written (tricks, schedules) away from theirs: what tells a leaderboard row
+        apart, written into the record so that tables read records only."""
         method_defaults = dataclasses.asdict(type(self.method)())
         model_defaults = dataclasses.asdict(ModelConfig())
+        train_defaults = dataclasses.asdict(TrainConfig())
+        later = [key.split(".", 1)[1] for key in LATER_KEYS if key.startswith("train.")]
         return {"method": {k: v for k, v in dataclasses.asdict(self.method).items() if method_defaults[k] != v},
                 "model": {k: v for k, v in dataclasses.asdict(self.model).items()
-                          if k not in ("name_or_path", "tokenizer") and model_defaults[k] != v}}
+                          if k not in ("name_or_path", "tokenizer") and model_defaults[k] != v},
+                "train": {k: getattr(self.train, k) for k in later if getattr(self.train, k) != train_defaults[k]}}
 
     @property
     def run_id(self) -> str:
@@ -431,6 +449,7 @@ def _check_values(cfg: RunConfig) -> None:
     require(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
     require(t.sharding in SHARDING, "train.sharding", f"one of {SHARDING}", t.sharding)
     require(t.save_state_every >= 0, "train.save_state_every", ">= 0 (0: never)", t.save_state_every)
+    _check_tricks(t)
     _check_quantization(cfg)
     require(cfg.task.max_length >= 8, "task.max_length", ">= 8", cfg.task.max_length)
     require(cfg.task.max_train_samples is None or cfg.task.max_train_samples >= 1, "task.max_train_samples",
@@ -439,6 +458,27 @@ def _check_values(cfg: RunConfig) -> None:
         for key in ("text_fields", "label_field", "labels"):
             if getattr(cfg.task, key) is not None:
                 raise PeftbenchError(f"config key 'task.{key}' applies only to task.name=custom or custom_ner")
+
+
+def _check_tricks(t: TrainConfig) -> None:
+    require(finite(t.layer_decay) and 0 < t.layer_decay <= 1, "train.layer_decay", "in (0, 1] (1: off)",
+            t.layer_decay)
+    require(finite(t.label_smoothing) and 0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)",
+            t.label_smoothing)
+    require(finite(t.rdrop_alpha) and t.rdrop_alpha >= 0, "train.rdrop_alpha", "a finite number >= 0",
+            t.rdrop_alpha)
+    require(t.adversarial in ADVERSARIAL, "train.adversarial", f"one of {', '.join(ADVERSARIAL)}", t.adversarial)
+    for key in ("adversarial_epsilon", "adversarial_alpha"):
+        require(finite(getattr(t, key)) and getattr(t, key) > 0, f"train.{key}", "a finite number > 0",
+                getattr(t, key))
+    require(t.adversarial_steps >= 1, "train.adversarial_steps", ">= 1", t.adversarial_steps)
+    require(finite(t.ema_decay) and 0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0: off)", t.ema_decay)
+    require(t.swa_last == 0 or t.swa_last >= 2, "train.swa_last", "0 (off) or >= 2", t.swa_last)
+    if t.ema_decay and t.swa_last:
+        raise PeftbenchError("config keys 'train.ema_decay' and 'train.swa_last' conflict: each chooses the weights "
+                             "that are evaluated and saved; set one")
+    require(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0 (0: off)",
+            t.early_stopping_patience)
 
 
 def _check_quantization(cfg: RunConfig) -> None:

@@ -5,8 +5,10 @@ the recipe hands in the prepared model, optimizer and batches, and the loop
 accumulates, clips, steps, schedules the learning rate, logs the loss (one host
 sync every ``log_every`` steps, reduced over processes), times the steps and
 calls the recipe's hooks: ``on_optimizer_step`` (a method's per-step update),
-``on_eval`` and ``on_save``. This is the only place in the package that calls
-``backward``.
+``on_eval`` and ``on_save``. A micro-batch's loss comes from the tricks' objective
+(the model's own loss unless label smoothing or R-Drop is on), and an adversary's
+losses are back-propagated after it. This is the only place in the package that
+calls ``backward``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from peftbench.config import LoopConfig
 from peftbench.distributed import local
 from peftbench.errors import DivergedError, PeftbenchError
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
+from peftbench.tricks import LoopTricks
 
 TRACKING_PROJECT = "peftbench"  # the MLflow experiment; TensorBoard events go to <trackers dir>/peftbench/
 
@@ -169,7 +172,7 @@ class Hooks:
 
 def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int], Iterable[dict]], cfg: LoopConfig,
         state: LoopState, hooks: Hooks, clip: list[torch.nn.Parameter], *, eval_every: int = 0, save_every: int = 0,
-        max_minutes: float = 0.0, desc: str = "train") -> dict:
+        max_minutes: float = 0.0, desc: str = "train", tricks: LoopTricks = LoopTricks()) -> dict:
     """Train until ``state.planned_steps``; returns the throughput summary of the timed steps.
 
     ``batches(epoch, skip)`` yields the micro-batches of an epoch after the first ``skip``, each
@@ -228,8 +231,10 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
                     state.lr = cfg.lr * lr_factor(state.lr_steps, state.planned_steps, cfg)
                     for group in optimizer.param_groups:
                         group["lr"] = state.lr * group.get("lr_scale", 1.0)
-                    loss = model(**batch["inputs"], labels=batch["labels"]).loss  # with any regulariser the model adds
+                    loss = tricks.objective(model, batch)
                     accelerator.backward(loss)
+                    for adversarial in tricks.adversarial_losses(model, batch):
+                        accelerator.backward(adversarial)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(clip, cfg.max_grad_norm)  # before clipping
                     optimizer.step()

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from peftbench import checkpoint, distributed, models
+from peftbench import checkpoint, distributed, models, tricks
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
 from peftbench.errors import DivergedError, PeftbenchError
@@ -207,15 +207,25 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     ckpt_dir = work_dir / checkpoint.CHECKPOINT_DIR
     model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir, launch)
     identity["backbone"] = backbone_identity(cfg, models.without_peft(model).config)
-    optimizer = build_optimizer(model, t, method.lr_scale)
+    lr_scale = method.lr_scale
+    if t.layer_decay < 1:
+        layer_scale = tricks.layer_scales(model, t.layer_decay)
+        lr_scale = lambda name: method.lr_scale(name) * layer_scale(name)  # noqa: E731
+    optimizer = build_optimizer(model, t, lr_scale)
     model, optimizer = distributed.prepare(accelerator, launch, model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters it shards
+    loop_tricks = tricks.loop_tricks(t, models.without_peft(raw_model), trainable)
+    averager = tricks.averager(t, {n: distributed.local(p) for n, p in distributed.reshard(raw_model).named_parameters()
+                                   if p.requires_grad})
     task = data.task
 
     history, best = [], {}
 
     def on_eval(state: LoopState) -> None:
+        if averager:  # evaluate, keep as the best and save the averaged weights
+            averager.on_eval()
+            averager.swap()
         try:
             dev, ids, preds = evaluate(model, data.evals["dev"], accelerator, task, "dev")
         except DivergedError as exc:
@@ -233,12 +243,16 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
             best.update(metrics=history[-1], state={n: distributed.local(p).detach().to("cpu", copy=True)
                                                     for n, p in shards if p.requires_grad},
                         per_example=task.spec.kind.per_example(ids, preds, task.splits["dev"]))
+        if averager:
+            averager.swap()
+        if tricks.should_stop(len(history), history.index(best["metrics"]), t.early_stopping_patience):
+            state.planned_steps = state.step
 
     state_dir = checkpoint.training_state_dir(out_dir)
     state, rng, resumed_from = LoopState(planned_steps=total_steps), None, []
     if t.resume:
-        state, rng, resumed_from = (_resume(cfg, accelerator, raw_model, optimizer, method, state_dir, history, best)
-                                    or (state, rng, resumed_from))
+        state, rng, resumed_from = (_resume(cfg, accelerator, raw_model, optimizer, method, averager, state_dir,
+                                            history, best) or (state, rng, resumed_from))
 
     def batches(epoch: int, skip: int):
         nonlocal rng
@@ -256,16 +270,23 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
             shared = {"trained": {n: p.detach().cpu() for n, p in raw_model.named_parameters() if p.requires_grad},
                       "optimizer": optimizer.state_dict(), "best": best.get("state"),
                       "method": method.training_state(raw_model),
+                      "averager": averager.state_dict() if averager else None,
                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
         checkpoint.save_process_states(
             accelerator, {"loop": s.to_dict(), "history": history, "best": history.index(best["metrics"]) if best
                           else None, "resumed_from": resumed_from}, shared, cfg.run_id, state_dir)
 
-    hooks = Hooks(on_optimizer_step=lambda step: method.on_optimizer_step(raw_model, step), on_eval=on_eval,
-                  on_save=save_state)
+    def on_optimizer_step(step: int) -> None:
+        method.on_optimizer_step(raw_model, step)
+        if averager:
+            averager.on_optimizer_step()
+
+    hooks = Hooks(on_optimizer_step=on_optimizer_step, on_eval=on_eval, on_save=save_state)
     phase.training = True
     throughput = fit(accelerator, model, optimizer, batches, t, state, hooks, trainable, save_every=t.save_state_every,
-                     desc=f"{cfg.task.name}/{cfg.method.name}")
+                     desc=f"{cfg.task.name}/{cfg.method.name}", tricks=loop_tricks)
+    if averager:  # the weights the last evaluation saw
+        averager.swap()
 
     kind = task.spec.kind
     if best["metrics"] is history[-1] and "per_example" in best:  # training ended in its best state: it stands
@@ -284,7 +305,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
         metrics.update({f"test_{k}": v for k, v in test.items() if k not in ("eval_samples_per_s", "score_name")})
         per_example["test"] = kind.per_example(ids, preds, task.splits["test"])
     metrics.update(throughput)
-    metrics["stopped_by"] = "max_steps" if t.max_steps > 0 else "epochs"
+    metrics["stopped_by"] = ("early_stopping" if state.step < total_steps else "max_steps" if t.max_steps > 0
+                             else "epochs")
     held = accelerator.gather(torch.tensor([list(distributed.held_bytes(raw_model, optimizer).values())],
                                            dtype=torch.float64, device=accelerator.device))
     params["held_bytes_per_process"] = dict(zip(("weights", "gradients", "optimizer"),
@@ -330,11 +352,12 @@ def backbone_identity(cfg: RunConfig, model_config) -> dict:
             "pretrained_by_peftbench": checkpoint.pretrained_by_peftbench(name)}
 
 
-def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, method: Method, state_dir: Path,
-            history: list, best: dict) -> tuple[LoopState, dict, list[int]] | None:
+def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, method: Method,
+            averager: tricks.Averager | None, state_dir: Path, history: list,
+            best: dict) -> tuple[LoopState, dict, list[int]] | None:
     """Load the training state a killed run of this configuration left in ``state_dir`` into the model, the
-    optimizer, the method, the dev history and the best state; returns (loop state, this process's RNG states,
-    the steps each session resumed from), or None when there is none."""
+    optimizer, the method, the averager, the dev history and the best state; returns (loop state, this process's
+    RNG states, the steps each session resumed from), or None when there is none."""
     state_dir = checkpoint.whole_state_dir(state_dir)
     saved = checkpoint.read_training_state(state_dir, cfg.run_id)
     if saved is None:
@@ -353,6 +376,8 @@ def _resume(cfg: RunConfig, accelerator: Accelerator, raw_model, optimizer, meth
     if accelerator.scaler:  # fp16: the loss scale and its growth tracker
         accelerator.scaler.load_state_dict(tensors["scaler"])
     method.load_training_state(raw_model, tensors["method"])
+    if averager:
+        averager.load_state_dict(tensors["averager"])
     history.extend(saved["history"])
     if saved["best"] is not None:
         best.update(metrics=history[saved["best"]], state=tensors["best"])

@@ -10,6 +10,7 @@ FLOORS = {  # top-level module or sub-package -> floor (higher may import lower)
     "errors": 0, "config": 0, "records": 0, "measure": 0, "registry": 0, "metrics": 0, "noise": 0,
     "model_index": 0,
     "methods": 1, "tasks": 1, "models": 1, "data": 1, "checkpoint": 1, "leaderboard": 1, "distributed": 1, "claims": 1,
+    "tricks": 1,
     "loop": 2, "evaluate_modules": 2,
     "train": 3, "pretrain": 3, "inference": 3,
     "export": 4, "plan": 4,

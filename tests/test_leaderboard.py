@@ -501,3 +501,55 @@ def test_a_gap_the_test_sample_alone_can_make_is_not_marked(tmp_path):
     assert len(lines) == 3 and all(float(r["ci95_low"]) < float(r["mean"]) < float(r["ci95_high"]) for r in lines)
     page = leaderboard.html_page([group], group.records, {}, leaderboard.sources([tmp_path]))
     assert page.count("title='95 % interval") == 3
+
+
+def test_each_trick_row_shows_its_difference_to_its_methods_plain_row(tmp_path):
+    """A trick that changes nothing has an interval around 0 and no mark; one that lifts every seed by ten points
+    is marked ▲ with an interval above 0; a row's time per example is shown against the plain row's."""
+    import random
+
+    rng, n = random.Random(1), 1772
+    plain = [int(rng.random() < 0.6) for _ in range(n)]
+    better = [1 if c or rng.random() < 0.25 else 0 for c in plain]  # about +10 points, on the same examples
+    rows = {"plain": ([], plain), "smooth": (["train.label_smoothing=0.1"], plain),
+            "fgm": (["train.adversarial=fgm", "train.lr=1e-3"], better)}
+    for name, (extra, base) in rows.items():
+        for seed in (1, 2, 3):
+            correct = [1 - c if rng.random() < 0.004 else c for c in base]
+            with_examples(tmp_path / name, f"s{seed}", "lora", seed, correct, extra=extra)
+    (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+    by_name = {("fgm" if "adversarial" in r.label else "smooth" if "smoothing" in r.label else "plain"): r
+               for r in group.rows.values()}
+    assert {label: ref.label for label, ref in group.references.items()} == {
+        by_name["smooth"].label: by_name["plain"].label, by_name["fgm"].label: by_name["plain"].label}
+    from peftbench.leaderboard.significance import difference
+
+    same = difference(group, by_name["smooth"], by_name["plain"], "tnews")
+    lifted = difference(group, by_name["fgm"], by_name["plain"], "tnews")
+    assert same["test"] == lifted["test"] == "paired bootstrap"
+    assert same["low"] < 0 < same["high"] and same["high"] - same["low"] < 0.02 and same["p"] > 0.05
+    assert 0.08 < lifted["low"] < lifted["diff"] < lifted["high"] < 0.12 and lifted["p"] < 0.01
+    page = leaderboard.markdown([group], group.records, {}, [], leaderboard.sources([tmp_path]))
+    against = page.split("Against a reference row")[1]
+    assert f"{100 * lifted['diff']:+.1f} \\[{100 * lifted['low']:+.1f}, {100 * lifted['high']:+.1f}\\] ▲" in against
+    table = against.split("| method | against |")[1]
+    assert "×1.00" in table and "▼" not in table
+    lines = {r["settings"]: r for r in csv.DictReader(leaderboard.csv_text([group]).splitlines())}
+    assert lines[by_name["plain"].settings]["reference"] == ""
+    assert float(lines[by_name["fgm"].settings]["diff_ci95_low"]) > 0.08
+    cells = json.loads(leaderboard.json_text([group], group.records, []))["tables"][0]["cells"]
+    assert {c["row"]: (c["against"] or {}).get("row") for c in cells}[by_name["smooth"].label] == by_name["plain"].label
+
+
+def test_a_chosen_reference_row_compares_every_other_row_and_an_unknown_one_is_refused(tmp_path):
+    for method, acc in (("lora", 0.6), ("full", 0.7)):
+        for seed in (1, 2, 3):
+            record(tmp_path / "r", "bert-base-chinese", method, "tnews", seed, acc + seed / 100)
+    out = tmp_path / "board"
+    label = "lora (lr=0.0005)"
+    leaderboard.write([tmp_path / "r"], out, reference=label)
+    page = (out / "leaderboard.md").read_text(encoding="utf-8")
+    table = page.split("| method | against |")[1]
+    assert "| full (lr=2e-05) | lora (lr=0.0005) | +10.0 \\[" in table and "▲" in table  # Welch over seeds
+    with pytest.raises(PeftbenchError, match="--reference 'lora': no table has a row of this label.*lora \\(lr"):
+        leaderboard.write([tmp_path / "r"], out, reference="lora")

@@ -53,21 +53,23 @@ def timing_aside(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in entry.items() if k != "eval_samples_per_s"} for entry in history]
 
 
-@pytest.mark.parametrize("method", ["lora", *(pytest.param(m, marks=pytest.mark.slow) for m in ("adalora", "prefix",
-                                                                                           "full"))])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(method, tmp_path, monkeypatch):
-    whole = run(cfg(method, tmp_path / "whole")).record
+@pytest.mark.parametrize("method, tricks", [
+    ("lora", []), ("lora", ["train.ema_decay=0.9"]), ("lora", ["train.swa_last=2"]),  # averages are resumed too
+    *(pytest.param(m, [], marks=pytest.mark.slow) for m in ("adalora", "prefix", "full"))],
+    ids=lambda v: v if isinstance(v, str) else "+".join(k.split("=")[0].removeprefix("train.") for k in v) or "plain")
+def test_a_killed_run_resumes_to_the_uninterrupted_result(method, tricks, tmp_path, monkeypatch):
+    whole = run(cfg(method, tmp_path / "whole", *tricks)).record
     step = random.Random(f"{method}{KILLS}").randint(EVERY + 1, 29)  # one per method, the same every session
     kill_at(monkeypatch, step)
     with pytest.raises(Killed):
-        run(cfg(method, tmp_path / "cut"))
+        run(cfg(method, tmp_path / "cut", *tricks))
     monkeypatch.undo()
     saved_at = (step - 1) // EVERY * EVERY  # the last state written before the kill
     state_dir = checkpoint.training_state_dir(tmp_path / "cut")
     assert json.loads((state_dir / checkpoint.LOOP_STATE_FILE).read_text())["loop"]["step"] == saved_at
     assert not (tmp_path / "cut").exists()  # nothing published by the killed run
 
-    resumed = run(cfg(method, tmp_path / "cut", "train.resume=true")).record
+    resumed = run(cfg(method, tmp_path / "cut", "train.resume=true", *tricks)).record
     assert resumed["run_id"] == whole["run_id"] and resumed["resumed_from"] == [saved_at] and \
         "resumed_from" not in whole
     assert resumed["loss_curve"] == whole["loss_curve"], (step, saved_at)

@@ -9,7 +9,9 @@ every record has one, else on dev. With at least
 3 seeds, the best mean per task is marked ★ and every row not significantly
 worse than it (a paired bootstrap over examples and seeds, or Welch's t-test over seeds where
 records lack per-example results; p >= 0.05) ☆; rows on a random-init backbone are
-labelled and not ranked. The same records always give byte-identical files.
+labelled and not ranked. A row trained with a trick is compared with its method's plain row (or every row
+with a chosen ``reference`` row): the difference per task with its 95 % interval. The same records always give
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -31,14 +33,18 @@ __all__ = ["Group", "build", "collect", "csv_text", "html_page", "json_text", "m
            "pareto", "run_summary", "significance", "sources", "table", "write"]
 
 
-def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False,
-          with_model_index: bool = False) -> tuple[list[Path], list[str]]:
+def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False, with_model_index: bool = False,
+          reference: str | None = None) -> tuple[list[Path], list[str]]:
     """Build the leaderboard of every usable record under ``dirs`` into ``out_dir``; returns the files written
     and why each unusable record was skipped. ``strict``: an unusable record, or a cell pooling runs of other
     versions, is an error instead. ``with_model_index``: also ``model-index.yaml``, every row as a model-index
-    entry."""
+    entry. ``reference``: a row label that every other row of its table is compared with."""
     records, skipped = collect(dirs, strict)
-    groups = build(records)
+    groups = build(records, reference)
+    if reference is not None and not any(group.references for group in groups):
+        labels = sorted({row.label for group in groups for row in group.rows.values()})
+        raise PeftbenchError(f"--reference {reference!r}: no table has a row of this label and another row; rows: "
+                             + "; ".join(labels[:20]))
     if strict:
         for group in groups:
             if group.footnotes:

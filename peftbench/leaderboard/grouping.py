@@ -41,6 +41,8 @@ class Row:
     chosen_lr: dict[str, float] = field(default_factory=dict)  # task -> learning rate a search chose (tuned rows)
     lr_edge: dict[str, str] = field(default_factory=dict)  # task -> "↑"/"↓" where that rate ends the search range
     chosen_settings: dict[str, dict] = field(default_factory=dict)  # task -> other searched keys' chosen values
+    plain: str = ""  # the method and its settings without the learning rate and the training tricks
+    tricks: bool = False  # trained with train.* settings added since records were first written (a trick, ...)
 
     @property
     def label(self) -> str:
@@ -86,6 +88,7 @@ class Group:
     pretrained: dict | None = None  # backbone.pretrained_by_peftbench of its records
     baselines: dict[str, dict] = field(default_factory=dict)  # task -> {"chance", "majority"} on its split
     search: list[dict] = field(default_factory=list)  # records of learning-rate search trials (dev only)
+    references: dict[str, Row] = field(default_factory=dict)  # row label -> the row its differences are taken to
 
     @property
     def display_name(self) -> str:
@@ -287,7 +290,7 @@ def _hardware(env: dict) -> str:
     return f"{env.get('device_name', 'unknown')} ×{procs}"
 
 
-def _settings(record: dict) -> tuple[tuple, str]:
+def _settings(record: dict) -> tuple[tuple, str, str, bool]:
     """The row identity (all but task and seed, and the keys a search chose: the learning rate and its space)
     and its short label (the settings the run recorded as away from their defaults, and what was tuned)."""
     config = record["config"]
@@ -309,7 +312,7 @@ def _settings(record: dict) -> tuple[tuple, str]:
     lr = ", ".join(["lr", *(k.split(".", 1)[1] for k in searched)]) + " tuned" if tuned else f"lr={train['lr']:g}"
     tricks = [f"{k}={v}" for k, v in later_train_settings(config).items()]  # the schedule, ...
     label = ", ".join(words + [f"{k}={v}" for k, v in sorted(changed.items())] + [lr] + tricks)
-    return identity, label
+    return identity, label, json.dumps([name, method, model], sort_keys=True), bool(tricks)
 
 
 def _without(tree: dict, dotted: list[str]) -> dict:
@@ -353,9 +356,11 @@ def _column_names(identities: dict[str, dict], task: str) -> dict[str, str]:
     return names
 
 
-def build(records: list[dict]) -> list[Group]:
+def build(records: list[dict], reference: str | None = None) -> list[Group]:
     """One group per (backbone fingerprint, hardware, precision); rows by method settings; one column per task
-    and identity (:func:`task_identity`): scores of other data, settings or loader versions never pool."""
+    and identity (:func:`task_identity`): scores of other data, settings or loader versions never pool. Each row
+    trained with a trick is compared with its method's plain row (:func:`_references`), or, with ``reference``
+    (a row label), every row with that row."""
     groups: dict[tuple, Group] = {}
     known: dict[tuple, set] = {}  # (name, hardware, precision) -> the fingerprints its records hold
     for r in records:
@@ -375,12 +380,14 @@ def build(records: list[dict]) -> list[Group]:
         if r.get("provenance", {}).get("phase") == "search":
             group.search.append(r)
         else:
-            identity, label = _settings(r)
-            group.rows.setdefault(identity, Row(cfg["method"]["name"], label)).records.append(r)
+            identity, label, plain, tricks = _settings(r)
+            row = group.rows.setdefault(identity, Row(cfg["method"]["name"], label, plain=plain, tricks=tricks))
+            row.records.append(r)
             if r.get("provenance", {}).get("command"):
                 group.reproduce.add(re.sub(r" --shard \d+/\d+", "", r["provenance"]["command"]))  # shards: one sweep
     for group in groups.values():
         _columns(group)
+        _references(group, reference)
     _tell_apart(list(groups.values()))
     return [groups[k] for k in sorted(groups) if groups[k].rows]  # a search still running has no rows yet
 
@@ -436,6 +443,21 @@ def _columns(group: Group) -> None:
                 cell.scores.append(r["metrics"]["test_score" if group.split[task] == "test" else "score"])
             else:
                 cell.failures.append("OOM" if "out of memory" in r.get("error", "").lower() else "failed")
+
+
+def _references(group: Group, chosen: str | None) -> None:
+    """Which row each row's differences are taken to: the row labelled ``chosen`` for every other row, or, for a
+    row trained with a trick, the one row of the same method and settings without any (at any learning rate:
+    a trick row runs at the rate the search chose for the plain row)."""
+    rows = list(group.rows.values())
+    if chosen is not None:
+        reference = next((row for row in rows if row.label == chosen), None)
+        group.references = {row.label: reference for row in rows if reference and row is not reference}
+        return
+    for row in rows:
+        plain = [other for other in rows if other.plain == row.plain and not other.tricks]
+        if row.tricks and len(plain) == 1:
+            group.references[row.label] = plain[0]
 
 
 def _tell_apart(groups: list[Group]) -> None:

@@ -7,7 +7,7 @@ import html
 
 from peftbench.leaderboard.grouping import Group
 from peftbench.leaderboard.significance import interval
-from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, source_line, table
+from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, reference_table, source_line, table
 
 SORT_SCRIPT = """
 document.querySelectorAll("table").forEach(t => t.querySelectorAll("th").forEach((th, i) => th.onclick = () => {
@@ -41,6 +41,9 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes], 
         if group.footnotes:
             parts.append("<p>Cells pooling runs of other versions:</p><ul>"
                          + "".join(f"<li>{html.escape(n)}</li>" for n in group.footnotes) + "</ul>")
+        against = reference_table(group)
+        if against:
+            parts += [f"<p>{html.escape(against[0])}</p>", html_table(*against[1:])]
         chosen = lr_table(group)
         if chosen:
             parts += [f"<p>{html.escape(chosen[0])}</p>", html_table(*chosen[1:]),

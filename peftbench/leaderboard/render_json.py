@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from peftbench.leaderboard.grouping import Group, task_identity
-from peftbench.leaderboard.significance import interval, pscp, significance
+from peftbench.leaderboard.significance import difference, interval, pscp, significance
 
 SCHEMA = 1
 ROW_COSTS = (("params", "trainable"), ("params", "trainable_pct"), ("params", "adapter_bytes"),
@@ -32,6 +32,7 @@ def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> 
                               "failed": len(cell.failures), "seeds": [r["config"]["train"]["seed"] for r in done],
                               "scores": [r["metrics"][key] for r in done], "run_ids": [r["run_id"] for r in runs],
                               "mark": marks.get((row.label, task), ""), "ci95": interval(group, row, task),
+                              "against": _against(group, row, task),
                               "task_identity": task_identity(runs[0]),
                               "data_fingerprints": (runs[0].get("data") or {}).get("fingerprints")})
         rows = [{"row": row.label, "method": row.method, "pscp": pscp(row, group.tasks),
@@ -47,3 +48,10 @@ def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> 
     page = {"schema": SCHEMA, "records": len(records), "newest": max(str(r["finished_at"]) for r in records),
             "sources": sources, "tables": tables}
     return json.dumps(page, ensure_ascii=False, indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _against(group: Group, row, task: str) -> dict | None:
+    """The reference row and the difference to it (mean, 95 % interval, p-value, test), or None."""
+    reference = group.references.get(row.label)
+    found = difference(group, row, reference, task) if reference else None
+    return None if found is None else {"row": reference.label, **found}

@@ -6,7 +6,15 @@ import html
 from pathlib import Path
 
 from peftbench.leaderboard.grouping import Group
-from peftbench.leaderboard.table import LR_EDGE_NOTE, NOTES, lr_table, source_line, table, visible
+from peftbench.leaderboard.table import (
+    LR_EDGE_NOTE,
+    NOTES,
+    lr_table,
+    reference_table,
+    source_line,
+    table,
+    visible,
+)
 
 
 def md(text: str) -> str:
@@ -63,6 +71,9 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
         lines.append("")
         if group.footnotes:
             lines += ["Cells pooling runs of other versions:", ""] + [f"- {md(n)}" for n in group.footnotes] + [""]
+        against = reference_table(group)
+        if against:
+            lines += [md(against[0]), "", markdown_table(*against[1:]), ""]
         chosen = lr_table(group)
         if chosen:
             lines += [chosen[0], "", markdown_table(*chosen[1:]), "", LR_EDGE_NOTE, ""]

@@ -115,6 +115,38 @@ def paired_bootstrap_p(a, b, metric: str) -> float:
     return float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
 
 
+def difference(group: Group, row: Row, reference: Row, task: str) -> dict | None:
+    """``row``'s mean minus ``reference``'s on ``task``, with a 95 % interval and a two-sided p-value: a paired
+    bootstrap over the evaluated examples and the seeds where every run of both holds per-example results on
+    the same examples, else Welch's t over seeds (>= 2 each); None where neither applies."""
+    import numpy as np
+
+    cells = row.cells.get(task, Scores()), reference.cells.get(task, Scores())
+    if not cells[0].scores or not cells[1].scores:
+        return None
+    diff = cells[0].mean - cells[1].mean
+    paired = examples(group, row, task), examples(group, reference, task)
+    if paired[0] is not None and paired[1] is not None and paired[0][0] == paired[1][0]:
+        rng = np.random.default_rng(0)
+        weights = _example_weights(paired[0][1].shape[1], rng)
+        resampled = (_resampled_means(paired[0][1], paired[0][2], weights, rng)
+                     - _resampled_means(paired[1][1], paired[1][2], weights, rng))
+        low, high = np.quantile(resampled, [0.025, 0.975])
+        p = float(min(1.0, 2 * min((resampled <= 0).mean(), (resampled >= 0).mean())))
+        return {"diff": diff, "low": float(low), "high": float(high), "p": p, "test": "paired bootstrap"}
+    if min(len(c.scores) for c in cells) < 2:
+        return None
+    from scipy.stats import t as student
+
+    (a, b) = (np.asarray(c.scores, dtype=np.float64) for c in cells)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return {"diff": diff, "low": diff, "high": diff, "p": 1.0 if diff == 0 else 0.0, "test": "welch"}
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(student.ppf(0.975, dof) * math.sqrt(va + vb))
+    return {"diff": diff, "low": diff - half, "high": diff + half, "p": welch_p(list(a), list(b)), "test": "welch"}
+
+
 def interval(group: Group, row: Row, task: str) -> tuple[float, float] | None:
     """95 % bootstrap interval of a cell's mean over examples and seeds (None without per-example results)."""
     import numpy as np

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peftbench.leaderboard.grouping import Group, Row, Scores
-from peftbench.leaderboard.significance import ALPHA, MIN_SEEDS_FOR_TEST, pscp, significance
+from peftbench.leaderboard.significance import ALPHA, MIN_SEEDS_FOR_TEST, difference, pscp, significance
 from peftbench.metrics import clue_average
 
 
@@ -67,6 +67,35 @@ def baseline_rows(group: Group, width: int) -> list[list[str]]:
                     + ["—"] * (width - 1 - len(group.tasks)))
     return rows
 
+
+def reference_table(group: Group) -> tuple[str, list[str], list[list[str]]] | None:
+    """Each row with a reference row (:attr:`Group.references`) against it: per task the difference of the means
+    in points with its 95 % interval (▲ / ▼ where the interval leaves out 0), and its training time relative to
+    the reference's (from train samples/s); None when no row has one. First the table's title."""
+    compared = [row for row in sorted(group.rows.values(), key=lambda r: (r.method, r.label))
+                if row.label in group.references]
+    if not compared:
+        return None
+    rows = []
+    for row in compared:
+        reference = group.references[row.label]
+        cells = []
+        for task in group.tasks:
+            d = difference(group, row, reference, task)
+            mark = "" if d is None or d["low"] <= 0 <= d["high"] else " ▲" if d["low"] > 0 else " ▼"
+            cells.append("—" if d is None else
+                         f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}")
+        speeds = row.mean_of("metrics", "train_samples_per_s"), reference.mean_of("metrics", "train_samples_per_s")
+        time = "—" if None in speeds or not speeds[0] else f"×{speeds[1] / speeds[0]:.2f}"
+        rows.append([row.label, reference.label, *cells, time])
+    return (REFERENCE_NOTE, ["method", "against"] + list(group.tasks) + ["train time"], rows)
+
+
+REFERENCE_NOTE = ("Against a reference row (a trick row against its method's plain row, or every row against the "
+                  "row named by --reference): the difference of the means in points, [95 % interval] (a paired "
+                  "bootstrap over evaluated examples and seeds where the records hold per-example results, else "
+                  "Welch's t over seeds); ▲ / ▼ where the interval leaves out 0. Train time: time per training "
+                  "example relative to the reference row's.")
 
 LR_EDGE_NOTE = "↑ / ↓: the top / bottom of the method's search range, so the best rate may lie beyond it."
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftbench.config import TrainConfig
 from peftbench.errors import PeftbenchError
 from peftbench.plan.activations import activations
 from peftbench.plan.devices import DEVICES
@@ -79,6 +80,10 @@ def candidates(setting: Setting, can_quantize: bool):
             batch, accum = math.ceil(batch / 2), accum * 2
 
 
+UNMODELLED_TRICKS = ("rdrop_alpha", "adversarial", "ema_decay", "swa_last")  # extra passes or weight copies
+TRICK_DEFAULTS = {key: getattr(TrainConfig, key) for key in UNMODELLED_TRICKS}
+
+
 def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind: str, flops_per_s: float,
                 budget: int | None, processes: int = 1, strategy: str = "ddp") -> dict:
     """One method's plan: the memory breakdown at the recipe's setting, the step time, and (with a budget) the
@@ -123,6 +128,10 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
     if strategy not in STRATEGIES or processes < 1:
         raise PeftbenchError(f"--strategy {strategy} --processes {processes}: a strategy of {', '.join(STRATEGIES)} "
                              "and at least one process")
+    unmodelled = [f"train.{key}" for key in UNMODELLED_TRICKS if getattr(cfg.train, key) != TRICK_DEFAULTS[key]]
+    if unmodelled:
+        raise PeftbenchError(f"{', '.join(unmodelled)}: peftbench plan does not model this trick's extra passes and "
+                             "copies yet; plan the recipe without it")
     from peftbench import config as config_module
     from peftbench.measure import peak_matmul_flops
     from peftbench.train import encode_task

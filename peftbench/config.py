@@ -31,7 +31,8 @@ LATER_KEYS = (  # dotted keys added after leaderboards/ records were written (an
     "train.evaluate_test", "method.init", "train.sharding", "method.b_lr_ratio", "method.train_a", "train.scheduler",
     "train.scheduler_cycles", "train.scheduler_power", "train.layer_decay", "train.label_smoothing",
     "train.rdrop_alpha", "train.adversarial", "train.adversarial_epsilon", "train.adversarial_steps",
-    "train.adversarial_alpha", "train.ema_decay", "train.swa_last", "train.early_stopping_patience")
+    "train.adversarial_alpha", "train.ema_decay", "train.swa_last", "train.early_stopping_patience",
+    "train.distill.teacher", "train.distill.temperature", "train.distill.alpha")
 ADVERSARIAL = ("none", "fgm", "pgd")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "inverse_sqrt")
 QUANT_COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
@@ -88,6 +89,15 @@ class LoopConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015) from a fine-tuned teacher checkpoint."""
+
+    teacher: str | None = None  # a checkpoint/ directory of the same task and tokenizer; null = no distillation
+    temperature: float = 2.0  # both distributions are softened by it; the KL term is scaled by its square
+    alpha: float = 0.5  # the KL term's share of the loss; the labels' cross-entropy takes 1 - alpha
+
+
+@dataclass
 class TrainConfig(LoopConfig):
     lr: float | None = None  # peak learning rate; null = the method's own default (docs/methods/<name>.md)
     epochs: int = 3  # passes over the training split (when max_steps is -1)
@@ -111,6 +121,7 @@ class TrainConfig(LoopConfig):
     ema_decay: float = 0.0  # > 0: evaluate and save the exponential moving average of the trained weights
     swa_last: int = 0  # >= 2: evaluate and save the mean of the trained weights at the last k evaluations
     early_stopping_patience: int = 0  # > 0: stop after this many evaluations without a better dev score
+    distill: DistillConfig = field(default_factory=DistillConfig)  # train.distill.teacher=CKPT: learn its soft labels
 
 
 @dataclass
@@ -130,12 +141,12 @@ class RunConfig:
         apart, written into the record so that tables read records only."""
         method_defaults = dataclasses.asdict(type(self.method)())
         model_defaults = dataclasses.asdict(ModelConfig())
-        train_defaults = dataclasses.asdict(TrainConfig())
+        train, train_defaults = dataclasses.asdict(self.train), dataclasses.asdict(TrainConfig())
         later = [key.split(".", 1)[1] for key in LATER_KEYS if key.startswith("train.")]
         return {"method": {k: v for k, v in dataclasses.asdict(self.method).items() if method_defaults[k] != v},
                 "model": {k: v for k, v in dataclasses.asdict(self.model).items()
                           if k not in ("name_or_path", "tokenizer") and model_defaults[k] != v},
-                "train": {k: getattr(self.train, k) for k in later if getattr(self.train, k) != train_defaults[k]}}
+                "train": {k: dotted(train, k) for k in later if dotted(train, k) != dotted(train_defaults, k)}}
 
     @property
     def run_id(self) -> str:
@@ -151,6 +162,13 @@ class RunConfig:
         drop_defaults(body, RunConfig(method=type(self.method)()).to_dict(), LATER_KEYS)
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dotted(tree: dict, key: str) -> Any:
+    """``tree``'s value at dotted ``key`` (``distill.teacher``), or None where a part is missing."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def drop_defaults(body: dict, defaults: dict, keys: tuple[str, ...]) -> None:
@@ -479,6 +497,12 @@ def _check_tricks(t: TrainConfig) -> None:
                              "that are evaluated and saved; set one")
     require(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0 (0: off)",
             t.early_stopping_patience)
+    d = t.distill
+    require(finite(d.temperature) and d.temperature > 0, "train.distill.temperature", "a finite number > 0",
+            d.temperature)
+    require(finite(d.alpha) and 0 <= d.alpha <= 1, "train.distill.alpha", "in [0, 1]", d.alpha)
+    require(d.teacher is None or d.teacher.strip() != "", "train.distill.teacher", "a checkpoint directory or null",
+            d.teacher)
 
 
 def _check_quantization(cfg: RunConfig) -> None:

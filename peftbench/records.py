@@ -267,8 +267,8 @@ def comparable_config(config: dict) -> dict:
 def later_train_settings(config: dict) -> dict:
     """The ``train.*`` keys added after records were first written (training tricks: the schedule, ...) that
     ``config`` sets away from their defaults: what a leaderboard row names beside the method's settings."""
-    from peftbench.config import LATER_KEYS
+    from peftbench.config import LATER_KEYS, dotted
 
     train = comparable_config(config)["train"]
     later = [key.split(".", 1)[1] for key in LATER_KEYS if key.startswith("train.")]
-    return {k: train[k] for k in later if k in train and k not in NOT_IDENTITY}
+    return {k: dotted(train, k) for k in later if dotted(train, k) is not None and k not in NOT_IDENTITY}

@@ -215,7 +215,8 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     model, optimizer = distributed.prepare(accelerator, launch, model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces the parameters it shards
-    loop_tricks = tricks.loop_tricks(t, models.without_peft(raw_model), trainable)
+    teacher, identity["teacher"] = load_teacher(cfg, data, accelerator.device) if t.distill.teacher else (None, None)
+    loop_tricks = tricks.loop_tricks(t, models.without_peft(raw_model), trainable, teacher)
     averager = tricks.averager(t, {n: distributed.local(p) for n, p in distributed.reshard(raw_model).named_parameters()
                                    if p.requires_grad})
     task = data.task
@@ -334,12 +335,32 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
                       "base_weight_bytes": params["base_weight_bytes"]},
         "backbone": identity["backbone"],
         "settings": cfg.changed_settings(),
+        **({"teacher": identity["teacher"]} if identity["teacher"] else {}),
         "learning_rate": {"peak": t.lr, "method_default": method.default_lr},
         "checkpoint": str(out_dir / checkpoint.CHECKPOINT_DIR) if t.save_checkpoint else None,
         "total_steps": total_steps,
         **({"resumed_from": resumed_from} if resumed_from else {}),
     }
     return raw_model, data.tokenizer, result
+
+
+def load_teacher(cfg: RunConfig, data: Data, device) -> tuple[torch.nn.Module, dict]:
+    """The frozen model of ``train.distill.teacher`` and what the record says of it; a teacher of another task,
+    label set or tokenizer is refused in one line (its logits would not line up with the student's)."""
+    from peftbench.inference import load
+
+    path = cfg.train.distill.teacher
+    model, tokenizer, meta = load(path, device)
+    where = f"config key 'train.distill.teacher': {path}"
+    if meta["task"] != cfg.task.name or meta["model_labels"] != data.task.spec.model_labels():
+        raise PeftbenchError(f"{where} was trained on task '{meta['task']}' with labels {meta['model_labels']}; the "
+                             f"student trains '{cfg.task.name}' with {data.task.spec.model_labels()}")
+    if tokenizer.get_vocab() != data.tokenizer.get_vocab():
+        raise PeftbenchError(f"{where} has another tokenizer ({len(tokenizer)} tokens) than the student's backbone "
+                             f"({len(data.tokenizer)}): its inputs would be other token ids; distil into a backbone "
+                             "that shares the teacher's tokenizer")
+    return model, {"checkpoint": str(Path(path).resolve()), "run_id": meta["run_id"], "method": meta["method"],
+                   "backbone": meta["config"]["model"]["name_or_path"]}
 
 
 def backbone_identity(cfg: RunConfig, model_config) -> dict:

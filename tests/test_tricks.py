@@ -334,3 +334,72 @@ def test_the_planner_refuses_tricks_it_does_not_model():
 
     with pytest.raises(PeftbenchError, match="train.rdrop_alpha: peftbench plan does not model"):
         plan(config.load(None, ["train.rdrop_alpha=1"]), ["lora"], device="cpu")
+
+
+def test_distillation_term_is_t_squared_kl_of_the_softened_teacher():
+    from peftbench.tricks import distill
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher, labels = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g), torch.tensor(
+        [0, 1, 2, -100, 1])
+    t = 2.0
+    p, q = torch.softmax(teacher[[0, 1, 2, 4]] / t, -1), torch.softmax(student[[0, 1, 2, 4]] / t, -1)
+    expected = t * t * (p * (p / q).log()).sum(-1).mean()
+    assert torch.allclose(distill.soft_term(student, teacher, labels, t), expected, atol=1e-6)
+    model, b = tiny().eval(), batch()
+    teacher_model = tiny(seed=3)
+    plain = tricks.plain_loss(model, b)
+    assert torch.allclose(tricks.objective(0, 0, tricks.Teacher(teacher_model, t, 0.0))(model, b), plain)
+    soft_only = tricks.objective(0, 0, tricks.Teacher(teacher_model, t, 1.0))(model, b)
+    with torch.no_grad():
+        reference = distill.soft_term(model(**b["inputs"]).logits, teacher_model(**b["inputs"]).logits, b["labels"], t)
+    assert torch.allclose(soft_only, reference, atol=1e-6) and not torch.allclose(soft_only, plain)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A fully fine-tuned tiny teacher on the synthetic task."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    return run(config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48",
+                                  "train.measure_inference=false", "method.name=full", "train.lr=5e-4",
+                                  "train.epochs=4", f"output_dir={out}"]))
+
+
+@pytest.mark.slow
+def test_a_lora_learns_from_a_teachers_soft_labels(teacher, quick_overrides):
+    """Nearly all of the student's loss is the teacher's softened predictions; it learns the task, and its
+    record names the teacher."""
+    assert teacher.record["metrics"]["accuracy"] > 0.6
+    ckpt = teacher.record["checkpoint"]
+    cfg = config.load(None, [*quick_overrides, "method.name=lora", "train.lr=5e-3", "train.epochs=4",
+                             f"train.distill.teacher={ckpt}", "train.distill.alpha=0.9"])
+    rec = run(cfg).record
+    assert rec["metrics"]["accuracy"] > 0.25 + 0.25, rec["metrics"]
+    assert rec["teacher"]["run_id"] == teacher.record["run_id"] and rec["teacher"]["method"] == "full"
+    assert rec["settings"]["train"] == {"distill.teacher": ckpt, "distill.alpha": 0.9}
+
+
+@pytest.mark.slow
+def test_a_teacher_of_another_task_or_tokenizer_is_refused(teacher, quick_overrides):
+    ckpt = teacher.record["checkpoint"]
+    few = config.load(None, [*quick_overrides, "method.name=lora", "task.max_train_samples=8",
+                             f"train.distill.teacher={ckpt}"])  # the tiny backbone's vocabulary: 8 texts' characters
+    with pytest.raises(PeftbenchError, match="has another tokenizer .* distil into a backbone that shares"):
+        run(few)
+    other = config.load(None, [*quick_overrides, "method.name=lora", "task.name=synthetic_ner",
+                               f"train.distill.teacher={ckpt}"])
+    with pytest.raises(PeftbenchError, match="was trained on task 'synthetic' with labels"):
+        run(other)
+
+
+def test_layer_decay_finds_a_decoders_layers_and_embeddings():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=2, num_attention_heads=2,
+                                                       num_key_value_heads=1, num_labels=3, pad_token_id=0))
+    scale = tricks.layer_scales(model, 0.5)
+    got = {name: scale(name) for name, _ in model.named_parameters()}
+    assert got["model.embed_tokens.weight"] == 0.5 ** 3
+    assert got["model.layers.0.self_attn.q_proj.weight"] == 0.25 and got["model.layers.1.mlp.up_proj.weight"] == 0.5
+    assert got["model.norm.weight"] == got["score.weight"] == 1.0

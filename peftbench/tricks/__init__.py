@@ -1,6 +1,6 @@
 """Training tricks: loop plug-ins, one file each, every one off at its default (``train.*`` keys, docs/tricks.md).
 
-- the objective (what one micro-batch's loss is): label smoothing, R-Drop;
+- the objective (what one micro-batch's loss is): label smoothing, R-Drop, distillation from a teacher;
 - an adversary (losses back-propagated after the clean one): FGM, PGD;
 - an averager (the weights evaluated and saved): EMA, SWA;
 - per-layer rates for the optimizer: layer-wise learning-rate decay;
@@ -14,9 +14,10 @@ from typing import Callable, Iterable
 
 import torch
 
-from peftbench.tricks import label_smoothing, rdrop
+from peftbench.tricks import distill, label_smoothing, rdrop
 from peftbench.tricks.adversarial import Adversary
 from peftbench.tricks.averaging import EMA, Averager, SnapshotMean
+from peftbench.tricks.distill import Teacher
 from peftbench.tricks.layer_decay import layer_scales
 
 
@@ -37,9 +38,11 @@ class LoopTricks:
         return self.adversary.losses(model, batch, self.objective) if self.adversary else ()
 
 
-def objective(smoothing: float, rdrop_alpha: float) -> Callable:
-    """The micro-batch loss with label smoothing and R-Drop as configured (the model's own loss when both are off)."""
-    if not smoothing and not rdrop_alpha:
+def objective(smoothing: float, rdrop_alpha: float, teacher: Teacher | None = None) -> Callable:
+    """The micro-batch loss with label smoothing, R-Drop and distillation from ``teacher`` as configured (the
+    model's own loss when all are off): ``(1 - alpha) * (loss + smoothing term) + alpha * distillation term
+    + rdrop_alpha * R-Drop's KL``."""
+    if not smoothing and not rdrop_alpha and teacher is None:
         return plain_loss
 
     def loss(model, batch: dict) -> torch.Tensor:
@@ -50,6 +53,11 @@ def objective(smoothing: float, rdrop_alpha: float) -> Callable:
         total = out.loss
         if smoothing:
             total = total + label_smoothing.smoothing_term(out.logits, labels, smoothing)
+        if teacher is not None:
+            soft = teacher.logits(batch["inputs"])
+            soft = torch.cat([soft, soft]) if rdrop_alpha else soft
+            total = (1 - teacher.alpha) * total + teacher.alpha * distill.soft_term(out.logits, soft, labels,
+                                                                                   teacher.temperature)
         if rdrop_alpha:
             total = total + rdrop_alpha * rdrop.symmetric_kl(out.logits, labels)
         return total
@@ -57,14 +65,17 @@ def objective(smoothing: float, rdrop_alpha: float) -> Callable:
     return loss
 
 
-def loop_tricks(t, embedding_model: torch.nn.Module, trained: list[torch.nn.Parameter]) -> LoopTricks:
+def loop_tricks(t, embedding_model: torch.nn.Module, trained: list[torch.nn.Parameter],
+                teacher: torch.nn.Module | None = None) -> LoopTricks:
     """The loop's tricks for train config ``t``; the adversary watches ``embedding_model``'s input embeddings and
-    sets aside and restores the gradients of the ``trained`` parameters."""
+    sets aside and restores the gradients of the ``trained`` parameters; ``teacher``: the loaded model of
+    ``t.distill.teacher``."""
     adversary = None
     if t.adversarial != "none":
         adversary = Adversary(embedding_model.get_input_embeddings(), trained, t.adversarial, t.adversarial_epsilon,
                               t.adversarial_steps, t.adversarial_alpha)
-    return LoopTricks(objective(t.label_smoothing, t.rdrop_alpha), adversary)
+    distilled = Teacher(teacher, t.distill.temperature, t.distill.alpha) if teacher is not None else None
+    return LoopTricks(objective(t.label_smoothing, t.rdrop_alpha, distilled), adversary)
 
 
 def averager(t, named: dict[str, torch.Tensor]) -> Averager | None:
@@ -82,5 +93,5 @@ def should_stop(evaluations: int, best_at: int, patience: int) -> bool:
     return patience > 0 and evaluations - 1 - best_at >= patience
 
 
-__all__ = ["Adversary", "EMA", "SnapshotMean", "LoopTricks", "averager", "layer_scales", "loop_tricks", "objective",
-           "plain_loss", "should_stop"]
+__all__ = ["Adversary", "EMA", "SnapshotMean", "LoopTricks", "Teacher", "averager", "layer_scales", "loop_tricks",
+           "objective", "plain_loss", "should_stop"]

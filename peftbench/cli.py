@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="a row's label: every other row of its table shows its difference to it, with a 95 %% "
                            "interval (default: each trick row against its method's plain row)")
     pred_p = sub.add_parser("predict", help="predict a split with a trained checkpoint")
-    pred_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
+    pred_p.add_argument("checkpoint", nargs="+", help="a run's checkpoint/ directory; several of one task: an "
+                                                      "ensemble (their probabilities averaged)")
     pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])
     pred_p.add_argument("--data-dir", help="task folder (default: the one the checkpoint was trained on)")
     pred_p.add_argument("--out", required=True, help="output file (with --format clue: a file or a directory)")
@@ -102,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
     pred_p.add_argument("--batch-size", type=int, default=128)
     pred_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    ens_p = sub.add_parser("ensemble", help="score several checkpoints of one task as one model and write its "
+                                            "record (the leaderboard shows it as its own row)")
+    ens_p.add_argument("checkpoints", nargs="+", help="checkpoint/ directories of one task")
+    ens_p.add_argument("--out", required=True, help="output folder for record.json")
+    ens_p.add_argument("--data-dir", help="task folder (default: the one the first checkpoint was trained on)")
+    ens_p.add_argument("--batch-size", type=int, default=128)
+    ens_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     exp_p = sub.add_parser("export", help="a checkpoint as a standalone Hugging Face or ONNX model folder")
     exp_p.add_argument("checkpoint", help="a run's checkpoint/ directory")
     exp_p.add_argument("--out", required=True, help="output folder (new or empty)")
@@ -177,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command == "plan":
             return _plan(ns)
+        if ns.command == "ensemble":
+            from peftbench.ensemble import evaluate
+
+            record = evaluate(ns.checkpoints, ns.out, ns.data_dir, ns.batch_size, ns.device or
+                              ("cuda" if _cuda() else "cpu"))
+            m = record["metrics"]
+            test = f", test {m['test_score']:.4f}" if "test_score" in m else ""
+            print(f"ensemble of {len(ns.checkpoints)}: dev {m['score_name']} {m['score']:.4f}{test}; record: "
+                  f"{Path(ns.out) / 'record.json'}")
+            return 0
         if ns.command == "predict":
             from peftbench.inference import predict
 

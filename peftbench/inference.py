@@ -159,8 +159,12 @@ class SplitBatches:
 
     def score(self, logits_per_batch: list[torch.Tensor]) -> dict:
         """The task's metrics (with ``score``) from one logits tensor per batch, in this object's batch order."""
+        return self.scored(logits_per_batch)[0]
+
+    def scored(self, logits_per_batch: list[torch.Tensor]) -> tuple[dict, torch.Tensor, list]:
+        """The metrics, the record ids and the predictions (what a record's ``per_example`` is made of)."""
         rows = [self.kind.gather(ONE_PROCESS, logits, batch) for logits, batch in zip(logits_per_batch, self)]
-        return self.kind.score(rows, self.data.spec, self.ds)[0]
+        return self.kind.score(rows, self.data.spec, self.ds)
 
 
 class _OneProcess:
@@ -179,9 +183,10 @@ ONE_PROCESS = _OneProcess()
 
 
 @torch.inference_mode()
-def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | Path, fmt: str = "jsonl",
+def predict(ckpt_dir: str | Path | list, split: str, data_dir: str | None, out: str | Path, fmt: str = "jsonl",
             batch_size: int = 128, device: str = "cpu") -> Path:
-    """Predict a split of the checkpoint's task and write one JSON line per record, in file order.
+    """Predict a split of the checkpoint's task and write one JSON line per record, in file order. Several
+    checkpoints of one task (a list) predict as an ensemble: their probabilities averaged (:class:`Ensemble`).
 
     Classification: ``{"id", "label", "label_name", "score"}``; token classification:
     ``{"id", "text", "entities": [{"start", "end", "type", "text"}]}`` (``end`` inclusive).
@@ -189,16 +194,16 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     NER, ``{"id": ..., "label": {TYPE: {ENTITY: [[start, end]]}}}``, to the file name the leaderboard expects
     (:func:`submission_file`: e.g. ``tnews11_predict.json``; inside ``out`` if it is a directory).
     """
-    model, tokenizer, meta = load(ckpt_dir, device)
-    batches = SplitBatches(meta, tokenizer, split, data_dir, batch_size)
+    ensemble = Ensemble(ckpt_dir if isinstance(ckpt_dir, list) else [ckpt_dir], device)
+    ckpt_dir, meta = ensemble.ckpts[0], ensemble.meta
+    batches, logits = ensemble.split_logits(split, data_dir, batch_size)
     data, ds, kind = batches.data, batches.ds, batches.kind
     if fmt == "clue":
         check_unique_ids(ds["id"], data.lines[split], data.files[split])
     texts = dict(zip(ds["id"], ds["text_a"]))
     rows = []
-    for batch in batches:
-        logits = model(**{k: v.to(device) for k, v in batch["inputs"].items()}).logits.cpu()
-        rows += kind.prediction_rows(logits, batch, texts, meta["labels"], meta["label_names"])
+    for part, batch in zip(logits, batches):
+        rows += kind.prediction_rows(part, batch, texts, meta["labels"], meta["label_names"])
     as_dir = str(out).endswith("/") or Path(out).is_dir()
     out = Path(out)
     if fmt == "clue":
@@ -212,3 +217,42 @@ def predict(ckpt_dir: str | Path, split: str, data_dir: str | None, out: str | P
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+class Ensemble:
+    """Several checkpoints of one task whose predicted probabilities are averaged, example by example (token by
+    token for NER). Members may differ in method and backbone; they must share the task, its labels and its
+    kind, and for token classification also the tokenizer and ``max_length`` (their tokens must line up). One
+    checkpoint is an ensemble of one: its own predictions."""
+
+    def __init__(self, ckpts: list[str | Path], device: str = "cpu"):
+        self.ckpts, self.device = [Path(c) for c in ckpts], device
+        self.members = [load(c, device) for c in self.ckpts]  # (model, tokenizer, meta)
+        self.meta = self.members[0][2]
+        first = self.meta
+        for ckpt, (_, tokenizer, meta) in zip(self.ckpts[1:], self.members[1:]):
+            for key in ("task", "kind", "labels"):
+                if meta[key] != first[key]:
+                    raise PeftbenchError(f"{ckpt}: field '{key}' is {clip(repr(meta[key]), 80)}, but {self.ckpts[0]} "
+                                         f"has {clip(repr(first[key]), 80)}: an ensemble's members predict one task")
+            if KINDS[first["kind"]].labels_per_token and (
+                    meta["max_length"] != first["max_length"]
+                    or tokenizer.get_vocab() != self.members[0][1].get_vocab()):
+                raise PeftbenchError(f"{ckpt}: another tokenizer or max_length than {self.ckpts[0]}: a token "
+                                     "classification ensemble averages token by token, so its members share both")
+
+    def split_logits(self, split: str | None, data_dir: str | None, batch_size: int = 128,
+                     labeled_only: bool = False):
+        """The first member's :class:`SplitBatches` of ``split`` (of ``data_dir``, else the first member's data
+        for every member) and, per batch, the log of the members' mean probabilities (None when ``labeled_only``
+        and the split has no labels)."""
+        data_dir = data_dir if data_dir is not None else self.meta["data_dir"]
+        splits = [SplitBatches(meta, tokenizer, split, data_dir, batch_size) for _, tokenizer, meta in self.members]
+        if labeled_only and not splits[0].labeled():
+            return splits[0], None
+        mean = None
+        for (model, _, _), batches in zip(self.members, splits):
+            probs = [model(**{k: v.to(self.device) for k, v in b["inputs"].items()}).logits.float().softmax(-1).cpu()
+                     for b in batches]
+            mean = probs if mean is None else [m + p for m, p in zip(mean, probs)]
+        return splits[0], [(m / len(self.members)).log() for m in mean]

@@ -25,7 +25,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,26 +49,52 @@ class Adapter:
     model: torch.nn.Module  # shared by the LoRA adapters of one group
     tokenizer: object
     peft_name: str | None = None  # its name inside a shared PEFT model
+    members: list["Adapter"] = field(default_factory=list)  # an ensemble's: their probabilities are averaged
 
     @property
     def batch_key(self) -> tuple:
         """Jobs with one key run in one forward pass: one model, and one adapter unless PEFT can mix it
-        (``adapter_names`` does not take DoRA)."""
+        (``adapter_names`` does not take DoRA); an ensemble's jobs run together, one pass per member."""
+        if self.members:
+            return ("ensemble", self.name)
         mixable = self.peft_name is not None and not self.model.peft_config[self.peft_name].use_dora
         return (id(self.model), None if mixable else self.peft_name)
 
     def describe(self) -> dict:
         m = self.meta
-        return {"name": self.name, "task": m["task"], "method": m["method"], "kind": m["kind"],
-                "labels": m["labels"], "label_names": m["label_names"], "text_pairs": m["pair"],
+        return {"name": self.name, "task": m["task"], "method": "ensemble" if self.members else m["method"],
+                "kind": m["kind"], "labels": m["labels"], "label_names": m["label_names"], "text_pairs": m["pair"],
                 "shares_base": self.peft_name is not None, "run_id": m["run_id"],
-                "base": checkpoint.pretrained_fingerprint(m)[:12] if m["base"] else None}
+                "base": checkpoint.pretrained_fingerprint(m)[:12] if m["base"] else None,
+                **({"members": [a.describe() for a in self.members]} if self.members else {})}
 
 
-def load_adapters(checkpoints: dict[str, str | Path], device: str = "cpu") -> dict[str, Adapter]:
-    """Load every checkpoint (name -> directory). A LoRA adapter joins the model of an earlier one when both
-    were trained on one pretrained base (checked by fingerprint) for the same kind and number of labels;
-    every other checkpoint gets a model of its own."""
+def load_adapters(checkpoints: dict[str, str | Path | list], device: str = "cpu") -> dict[str, Adapter]:
+    """Load every checkpoint (name -> directory, or a list of directories: an ensemble). A LoRA adapter joins
+    the model of an earlier one when both were trained on one pretrained base (checked by fingerprint) for the
+    same kind and number of labels; every other checkpoint gets a model of its own."""
+    singles = {}
+    for name, ckpt in checkpoints.items():
+        for i, path in enumerate(ckpt if isinstance(ckpt, list) else [ckpt]):
+            singles[f"{name}#{i}" if isinstance(ckpt, list) else name] = path
+    loaded = _load_singles(singles, device)
+    adapters = {}
+    for name, ckpt in checkpoints.items():
+        if not isinstance(ckpt, list):
+            adapters[name] = loaded[name]
+            continue
+        members = [loaded[f"{name}#{i}"] for i in range(len(ckpt))]
+        first = members[0]
+        for path, member in zip(ckpt[1:], members[1:]):
+            same = all(member.meta[k] == first.meta[k] for k in ("task", "kind", "labels", "max_length", "pair"))
+            if not same or member.tokenizer.get_vocab() != first.tokenizer.get_vocab():
+                raise PeftbenchError(f"ensemble '{name}': {path} has another task, labels, tokenizer or max_length "
+                                     f"than {ckpt[0]}; a served ensemble's members share all of them")
+        adapters[name] = Adapter(name, first.meta, first.kind, first.model, first.tokenizer, members=members)
+    return adapters
+
+
+def _load_singles(checkpoints: dict[str, str | Path], device: str) -> dict[str, Adapter]:
     from transformers import AutoTokenizer
 
     adapters, hosts = {}, {}
@@ -191,10 +217,28 @@ class Batcher:
             spans.append((len(examples), len(examples) + len(job.examples)))
             examples += [{**ex, "id": len(examples) + i} for i, ex in enumerate(job.examples)]
         batch = Collator(jobs[0].adapter.tokenizer.pad_token_id)(examples)
-        model = jobs[0].adapter.model
-        names = [job.adapter.peft_name for job, (s, e) in zip(jobs, spans) for _ in range(e - s)]
+        members = jobs[0].adapter.members
+        if members:  # an ensemble: the members' mean probabilities, as their log
+            probs = [self._logits(m.model, batch, [m.peft_name] * len(examples)).softmax(-1) for m in members]
+            logits = (sum(probs) / len(members)).log()
+        else:
+            logits = self._logits(jobs[0].adapter.model, batch, [job.adapter.peft_name for job, (s, e)
+                                                                 in zip(jobs, spans) for _ in range(e - s)])
+        results = []
+        for job, (s, e) in zip(jobs, spans):
+            a = job.adapter
+            part = {k: batch[k][s:e] for k in ("id", "labels", "char_index") if k in batch}
+            rows = a.kind.prediction_rows(logits[s:e], part, dict(zip(range(s, e), job.texts)), a.meta["labels"],
+                                          a.meta["label_names"])
+            results.append([_public(a.kind.jsonl_row(r)) for r in rows])
+        return results
+
+
+    def _logits(self, model, batch: dict, names: list[str | None]) -> torch.Tensor:
+        """One model's float logits for a collated batch, in passes of at most ``max_batch`` texts; ``names``:
+        each text's adapter inside a shared PEFT model (several: mixed in one pass), or None."""
         logits = []
-        for start in range(0, len(examples), self.max_batch):
+        for start in range(0, len(names), self.max_batch):
             inputs = {k: v[start:start + self.max_batch].to(self.device) for k, v in batch["inputs"].items()}
             rows = names[start:start + self.max_batch]
             if len(set(names)) > 1:  # LoRA adapters of one base, mixed in a batch
@@ -204,15 +248,7 @@ class Batcher:
                     model.set_adapter(names[0])
                 logits.append(model(**inputs).logits)
             self.on_forward(len(rows), len(set(rows)))
-        logits = torch.cat(logits).float().cpu()
-        results = []
-        for job, (s, e) in zip(jobs, spans):
-            a = job.adapter
-            part = {k: batch[k][s:e] for k in ("id", "labels", "char_index") if k in batch}
-            rows = a.kind.prediction_rows(logits[s:e], part, dict(zip(range(s, e), job.texts)), a.meta["labels"],
-                                          a.meta["label_names"])
-            results.append([_public(a.kind.jsonl_row(r)) for r in rows])
-        return results
+        return torch.cat(logits).float().cpu()
 
 
 def _public(row: dict) -> dict:
@@ -390,8 +426,9 @@ def _check(texts: list[str], pairs: list[str] | None, adapter: Adapter, limits: 
     return None
 
 
-def parse_checkpoints(specs: list[str]) -> dict[str, str]:
-    """``[NAME=]CKPT`` arguments as name -> directory (a bare path is named after its run folder)."""
+def parse_checkpoints(specs: list[str]) -> dict[str, str | list[str]]:
+    """``[NAME=]CKPT`` arguments as name -> directory (a bare path is named after its run folder);
+    ``NAME=CKPT+CKPT+...`` names an ensemble (a list)."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -399,7 +436,7 @@ def parse_checkpoints(specs: list[str]) -> dict[str, str]:
             path, name = spec, Path(spec).resolve().parent.name if Path(spec).name == "checkpoint" else Path(spec).name
         if name in out:
             raise PeftbenchError(f"adapter name '{name}' given twice: name them, NAME=CKPT")
-        out[name] = path
+        out[name] = path.split("+") if sep and "+" in path else path
     return out
 
 

@@ -12,7 +12,7 @@ FLOORS = {  # top-level module or sub-package -> floor (higher may import lower)
     "methods": 1, "tasks": 1, "models": 1, "data": 1, "checkpoint": 1, "leaderboard": 1, "distributed": 1, "claims": 1,
     "tricks": 1,
     "loop": 2, "evaluate_modules": 2, "inference": 2,
-    "train": 3, "pretrain": 3,
+    "train": 3, "pretrain": 3, "ensemble": 3,
     "export": 4, "plan": 4,
     "serve": 4,
     "sweep": 4,

@@ -312,7 +312,19 @@ def _settings(record: dict) -> tuple[tuple, str, str, bool]:
     lr = ", ".join(["lr", *(k.split(".", 1)[1] for k in searched)]) + " tuned" if tuned else f"lr={train['lr']:g}"
     tricks = [f"{k}={v}" for k, v in later_train_settings(config).items()]  # the schedule, ...
     label = ", ".join(words + [f"{k}={v}" for k, v in sorted(changed.items())] + [lr] + tricks)
+    members = (record.get("ensemble") or {}).get("members")
+    if members:  # its own row: the members' labels, not the first member's config
+        labels = sorted(m["label"] for m in members)
+        label = (f"{len(labels)} × {labels[0]}" if len(set(labels)) == 1 else " + ".join(labels))
+        return ("ensemble", label), label, "", False
     return identity, label, json.dumps([name, method, model], sort_keys=True), bool(tricks)
+
+
+def row_label(record: dict) -> str:
+    """The label of the leaderboard row a record joins: its method and settings."""
+    name = record["config"]["method"]["name"]
+    settings = _settings(record)[1]
+    return f"{name} ({settings})" if settings else name
 
 
 def _without(tree: dict, dotted: list[str]) -> dict:
@@ -381,7 +393,8 @@ def build(records: list[dict], reference: str | None = None) -> list[Group]:
             group.search.append(r)
         else:
             identity, label, plain, tricks = _settings(r)
-            row = group.rows.setdefault(identity, Row(cfg["method"]["name"], label, plain=plain, tricks=tricks))
+            method = "ensemble" if identity[0] == "ensemble" else cfg["method"]["name"]
+            row = group.rows.setdefault(identity, Row(method, label, plain=plain, tricks=tricks))
             row.records.append(r)
             if r.get("provenance", {}).get("command"):
                 group.reproduce.add(re.sub(r" --shard \d+/\d+", "", r["provenance"]["command"]))  # shards: one sweep

@@ -10,6 +10,9 @@
       storage: null                   # SQLAlchemy URL; default: the sweep's, else sqlite:///<output_dir>/search.db
     final:
       seeds: [1, 2, 3]                # fresh runs at the settings with the best mean dev score
+      variants:                       # optional: each also runs at those settings, with its train.* keys set
+        cosine: {train.scheduler: cosine}
+        fgm: {train.adversarial: fgm}
 
 A ``space`` key is any ``method.*`` or ``train.*`` key but the rate, the seed and the training budget
 (``method.options.r`` for a PEFT tuner's own option); its distribution is a list (one of these values) or
@@ -66,6 +69,7 @@ class SearchSpec:
     final_seeds: list[int]  # empty: search only
     source: str = "sweep"  # the sweep file, for messages
     space: dict[str, dict[str, dict]] = field(default_factory=dict)  # method -> key -> distribution (read_space)
+    final_variants: dict[str, dict] = field(default_factory=dict)  # name -> train.* keys, at the chosen settings
 
     def lr_range(self, method: str) -> tuple[float, float]:
         low, high = self.lr.get(method) or get_method(method).lr_range
@@ -136,8 +140,9 @@ def read_search(spec: dict, path: Path) -> SearchSpec:
     sampler = search.get("sampler", "grid")
     if sampler not in SAMPLERS:
         raise PeftbenchError(f"{path}: field 'search.sampler' must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if final is not None and (not isinstance(final, dict) or set(final) != {"seeds"}):
-        raise PeftbenchError(f"{path}: field 'final' must hold exactly 'seeds'")
+    if final is not None and (not isinstance(final, dict) or "seeds" not in final or set(final) - {"seeds",
+                                                                                                  "variants"}):
+        raise PeftbenchError(f"{path}: field 'final' must hold 'seeds' (and optionally 'variants')")
     for key in ("train.lr", "train.seed"):
         if key in spec["grid"]:
             raise PeftbenchError(f"{path}: field 'grid.{key}' cannot be set with a search (the search sets it)")
@@ -151,10 +156,37 @@ def read_search(spec: dict, path: Path) -> SearchSpec:
                or f"sqlite:///{Path(spec['output_dir']).resolve() / 'search.db'}")
     return SearchSpec(trials, _seeds(search.get("seeds", [42]), f"{path}: field 'search.seeds'"), lr, sampler,
                       storage, _seeds(final["seeds"], f"{path}: field 'final.seeds'") if final else [], str(path),
-                      space)
+                      space, read_variants((final or {}).get("variants"), space, path))
 
 
 BUDGET_KEYS = ("train.lr", "train.seed", "train.epochs", "train.max_steps", "train.max_minutes")  # never searched
+
+
+def read_variants(variants, space: dict, path: Path) -> dict[str, dict]:
+    """``final.variants``: name -> ``{train.key: value}``, each run at a study's chosen settings (a training
+    trick at the rate the search chose for the plain run); every key a ``train.*`` key the search does not set."""
+    if variants is None:
+        return {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) and v for v in variants.values()):
+        raise PeftbenchError(f"{path}: field 'final.variants' must map names to {{train.key: value}}")
+    searched = {key for keys in space.values() for key in keys}
+    for name, keys in variants.items():
+        for key, value in keys.items():
+            where = f"{path}: field 'final.variants.{name}.{key}'"
+            if not str(key).startswith("train.") or key in BUDGET_KEYS or key in searched:
+                raise PeftbenchError(f"{where}: a variant sets train.* keys other than the rate, the seed, the "
+                                     "training budget and the searched keys")
+            tree: dict = {}
+            node = tree
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+            try:
+                resolve(tree)
+            except PeftbenchError as err:
+                raise PeftbenchError(f"{where}: {value!r} does not make a valid run ({err})") from None
+    return variants
 
 
 def read_space(space, spec: dict, path: Path) -> dict[str, dict[str, dict]]:
@@ -446,8 +478,10 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
                  "search_dev_score": chosen["dev_score"], "budget": search.budget(method)}
         if len(chosen["settings"]) > 1:
             final["chosen_settings"] = {k: v for k, v in chosen["settings"].items() if k != "lr"}
-        cells = [Cell(cfg, record_status(cfg), final)
-                 for cfg in (study.cell_cfg(FINAL_DIR, chosen["settings"], seed) for seed in search.final_seeds)]
+        cells = [Cell(cfg, record_status(cfg), final if name is None else {**final, "variant": name})
+                 for name, keys in [(None, {}), *search.final_variants.items()]
+                 for cfg in (study.cell_cfg(FINAL_DIR, {**chosen["settings"], **keys}, seed)
+                             for seed in search.final_seeds)]
         outcome.add(run_sweep(cells, retry_failed, runner, provenance, on))
     return outcome, waiting, failed
 

@@ -215,7 +215,7 @@ def test_a_diverged_trial_counts_in_the_budget_and_all_failed_leaves_the_study_o
     (("seeds: [1, 2]\n", "seeds: [1, 1]\n"), "'search.seeds' must be a list of distinct integers"),
     (("  sampler: grid\n", "  sampler: grid\n  budget: 3\n"), "unknown key 'search.budget'"),
     (("method.name: [full, lora]", "method.name: [full, lora]\n  train.lr: [1e-3]"), "'grid.train.lr' cannot be set"),
-    (("final:\n  seeds: [1, 2, 3]", "final:\n  seeds: [1, 2, 3]\n  trials: 2"), "'final' must hold exactly 'seeds'"),
+    (("final:\n  seeds: [1, 2, 3]", "final:\n  seeds: [1, 2, 3]\n  trials: 2"), "'final' must hold 'seeds' \\(and"),
 ])
 def test_bad_search_sections_name_the_field(tmp_path, edit, message):
     with pytest.raises(PeftbenchError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
@@ -375,3 +375,33 @@ def test_a_record_from_before_a_key_existed_shares_the_row_of_one_at_its_default
             write_atomic(tmp_path / str(seed) / RECORD_NAME, record)
     (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
     assert [len(row.records) for row in group.rows.values()] == [2]
+
+
+def test_final_variants_run_at_the_chosen_rate_and_are_compared_with_the_plain_row(tmp_path):
+    """A study's training tricks run at the rate its search chose for the plain run: one row per trick, each
+    with its difference to the plain tuned row."""
+    variants = "final:\n  seeds: [1, 2, 3]\n  variants:\n    smooth: {train.label_smoothing: 0.1}\n" \
+               "    ema: {train.ema_decay: 0.99, train.scheduler: cosine}"
+    spec = spec_at(tmp_path, **{"final:\n  seeds: [1, 2, 3]": variants})
+    assert spec["search"].final_variants == {"smooth": {"train.label_smoothing": 0.1},
+                                             "ema": {"train.ema_decay": 0.99, "train.scheduler": "cosine"}}
+    out = Path(spec["output_dir"])
+    search.run_search(search.studies(spec), spec["search"], runner=fake_runner(tmp_path / "calls"))
+    final = records_of(out, "final")
+    assert len(final) == 2 * 3 * 3  # methods x (plain + 2 variants) x seeds
+    for method in ("full", "lora"):
+        mine = [r for r in final if r["config"]["method"]["name"] == method]
+        assert len({r["config"]["train"]["lr"] for r in mine}) == 1  # every variant at the chosen rate
+        assert Counter(r["provenance"].get("variant") for r in mine) == {None: 3, "smooth": 3, "ema": 3}
+        assert all(r["config"]["train"]["label_smoothing"] == 0.1 for r in mine if r["provenance"].get("variant")
+                   == "smooth")
+    (group,) = leaderboard.build(leaderboard.collect([out / "final"])[0])
+    assert len(group.rows) == 6
+    plain = {row.method: row.label for row in group.rows.values() if not row.tricks}
+    assert {label: ref.label for label, ref in group.references.items()} == {
+        row.label: plain[row.method] for row in group.rows.values() if row.tricks}
+    with pytest.raises(PeftbenchError, match="final.variants.bad.train.lr'.*other than the rate"):
+        spec_at(tmp_path, **{"final:\n  seeds: [1, 2, 3]": "final:\n  seeds: [1]\n  variants: {bad: {train.lr: 1}}"})
+    with pytest.raises(PeftbenchError, match="final.variants.bad.train.adversarial'.*does not make a valid run"):
+        spec_at(tmp_path, **{"final:\n  seeds: [1, 2, 3]":
+                             "final:\n  seeds: [1]\n  variants: {bad: {train.adversarial: fgsm}}"})

@@ -468,6 +468,11 @@ def _check_values(cfg: RunConfig) -> None:
     require(t.sharding in SHARDING, "train.sharding", f"one of {SHARDING}", t.sharding)
     require(t.save_state_every >= 0, "train.save_state_every", ">= 0 (0: never)", t.save_state_every)
     _check_tricks(t)
+    if (t.ema_decay or t.swa_last) and METHODS.get(cfg.method.name, "method.name").masks_trained_weights:
+        raise PeftbenchError(f"config keys 'train.{'ema_decay' if t.ema_decay else 'swa_last'}' and 'method.name="
+                             f"{cfg.method.name}' conflict: {cfg.method.name} masks its trained tensors as it trains "
+                             "(its rank budget), and an average would bring masked entries back that its checkpoint "
+                             "then drops; train without weight averaging")
     _check_quantization(cfg)
     require(cfg.task.max_length >= 8, "task.max_length", ">= 8", cfg.task.max_length)
     require(cfg.task.max_train_samples is None or cfg.task.max_train_samples >= 1, "task.max_train_samples",
@@ -495,6 +500,19 @@ def _check_tricks(t: TrainConfig) -> None:
     if t.ema_decay and t.swa_last:
         raise PeftbenchError("config keys 'train.ema_decay' and 'train.swa_last' conflict: each chooses the weights "
                              "that are evaluated and saved; set one")
+    idle = []  # (key, what it needs): a key that changes nothing would still make a row and a run id of its own
+    if t.distill.teacher is None:
+        idle += [(key, "train.distill.teacher") for key in ("distill.temperature", "distill.alpha")]
+    if t.adversarial == "none":
+        idle += [(key, "train.adversarial=fgm or pgd") for key in ("adversarial_epsilon", "adversarial_steps",
+                                                                    "adversarial_alpha")]
+    elif t.adversarial == "fgm":
+        idle += [(key, "train.adversarial=pgd") for key in ("adversarial_steps", "adversarial_alpha")]
+    ours, defaults = dataclasses.asdict(t), dataclasses.asdict(TrainConfig())
+    for key, needs in idle:
+        if dotted(ours, key) != dotted(defaults, key):
+            raise PeftbenchError(f"config key 'train.{key}' is set ({dotted(ours, key)!r}) but does nothing without "
+                                 f"{needs}; leave it at its default")
     require(t.early_stopping_patience >= 0, "train.early_stopping_patience", ">= 0 (0: off)",
             t.early_stopping_patience)
     d = t.distill

@@ -128,6 +128,11 @@ def check(cfg, run: Launch, cuda: bool, reads_gradients: bool, accelerator=None)
             raise PeftbenchError(f"method '{cfg.method.name}' cannot run under DeepSpeed ZeRO: it reads whole "
                                  "gradients after the backward pass, which ZeRO partitions across processes; "
                                  "launch with recipes/accelerate/fsdp.yaml or multi_gpu.yaml")
+        if cfg.train.adversarial != "none":
+            raise PeftbenchError(f"train.adversarial={cfg.train.adversarial} cannot run under DeepSpeed: its engine "
+                                 "steps the optimizer inside every backward pass and keeps the gradients in its own "
+                                 "buffers, so the adversarial passes would be steps of their own; launch with "
+                                 "recipes/accelerate/fsdp.yaml or multi_gpu.yaml")
         ds = accelerator.state.deepspeed_plugin
         if ds.zero_stage == 3:
             raise PeftbenchError("DeepSpeed ZeRO-3 cannot run peftbench's loop: it partitions every weight, and a run "

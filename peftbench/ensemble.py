@@ -62,8 +62,9 @@ def evaluate(ckpts: list[str | Path], out_dir: str | Path, data_dir: str | None 
     first = records[0] or {}
     params = {key: sum((r or {}).get("params", {}).get(key, 0) for r in records)
               for key in ("trainable", "total", "adapter_bytes")}
-    record = make_record("success", config, run_id, environment(), metrics, params, extra={
-        "ensemble": {"members": members}, "per_example": per_example, "baselines": baselines,
+    here = environment()  # the members' hardware (the table the ensemble joins); where it was scored beside
+    record = make_record("success", config, run_id, first.get("env") or here, metrics, params, extra={
+        "ensemble": {"members": members, "scored_on": here}, "per_example": per_example, "baselines": baselines,
         "backbone": first.get("backbone"), "settings": first.get("settings"),
         "data": {**(first.get("data") or {}), **n}, "provenance": {"command": "peftbench ensemble " + " ".join(
             str(c) for c in ckpts)}})

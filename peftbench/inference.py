@@ -252,7 +252,14 @@ class Ensemble:
             return splits[0], None
         mean = None
         for (model, _, _), batches in zip(self.members, splits):
-            probs = [model(**{k: v.to(self.device) for k, v in b["inputs"].items()}).logits.float().softmax(-1).cpu()
-                     for b in batches]
+            probs = [_token_aligned(model(**{k: v.to(self.device) for k, v in b["inputs"].items()}).logits, b)
+                     .float().softmax(-1).cpu() for b in batches]
             mean = probs if mean is None else [m + p for m, p in zip(mean, probs)]
         return splits[0], [(m / len(self.members)).log() for m in mean]
+
+
+def _token_aligned(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Token logits cut to the batch's tokens (prompt and P-tuning put their virtual tokens first), so that
+    members of a token classification ensemble line up; sequence logits as they are."""
+    length = batch["inputs"]["input_ids"].shape[1]
+    return logits[:, -length:] if logits.dim() == 3 and logits.shape[1] != length else logits

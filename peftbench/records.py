@@ -264,6 +264,13 @@ def comparable_config(config: dict) -> dict:
     return config
 
 
+def later_train_keys() -> set[str]:
+    """The ``train.*`` keys (their top-level names: ``distill``) added after records were first written."""
+    from peftbench.config import LATER_KEYS
+
+    return {key.split(".")[1] for key in LATER_KEYS if key.startswith("train.")}
+
+
 def later_train_settings(config: dict) -> dict:
     """The ``train.*`` keys added after records were first written (training tricks: the schedule, ...) that
     ``config`` sets away from their defaults: what a leaderboard row names beside the method's settings."""

@@ -183,9 +183,11 @@ def read_variants(variants, space: dict, path: Path) -> dict[str, dict]:
                 node = node.setdefault(part, {})
             node[leaf] = value
             try:
-                resolve(tree)
+                resolved = resolve(tree)
             except PeftbenchError as err:
                 raise PeftbenchError(f"{where}: {value!r} does not make a valid run ({err})") from None
+            if resolved.to_dict() == resolve({}).to_dict():
+                raise PeftbenchError(f"{where}: {value!r} is its default, which changes nothing")
     return variants
 
 
@@ -478,7 +480,9 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
                  "search_dev_score": chosen["dev_score"], "budget": search.budget(method)}
         if len(chosen["settings"]) > 1:
             final["chosen_settings"] = {k: v for k, v in chosen["settings"].items() if k != "lr"}
-        cells = [Cell(cfg, record_status(cfg), final if name is None else {**final, "variant": name})
+        if search.final_variants:  # the plain row is the variant None
+            final["variant"] = None
+        cells = [Cell(cfg, record_status(cfg), {**final, "variant": name} if name else final)
                  for name, keys in [(None, {}), *search.final_variants.items()]
                  for cfg in (study.cell_cfg(FINAL_DIR, {**chosen["settings"], **keys}, seed)
                              for seed in search.final_seeds)]

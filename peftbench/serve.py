@@ -219,8 +219,11 @@ class Batcher:
         batch = Collator(jobs[0].adapter.tokenizer.pad_token_id)(examples)
         members = jobs[0].adapter.members
         if members:  # an ensemble: the members' mean probabilities, as their log
-            probs = [self._logits(m.model, batch, [m.peft_name] * len(examples)).softmax(-1) for m in members]
-            logits = (sum(probs) / len(members)).log()
+            length, probs = batch["inputs"]["input_ids"].shape[1], []
+            for m in members:
+                logits = self._logits(m.model, batch, [m.peft_name] * len(examples))
+                probs.append((logits[:, -length:] if logits.dim() == 3 else logits).softmax(-1))  # prompt tuning's
+            logits = (sum(probs) / len(members)).log()                                             # virtual tokens
         else:
             logits = self._logits(jobs[0].adapter.model, batch, [job.adapter.peft_name for job, (s, e)
                                                                  in zip(jobs, spans) for _ in range(e - s)])
@@ -232,7 +235,6 @@ class Batcher:
                                           a.meta["label_names"])
             results.append([_public(a.kind.jsonl_row(r)) for r in rows])
         return results
-
 
     def _logits(self, model, batch: dict, names: list[str | None]) -> torch.Tensor:
         """One model's float logits for a collated batch, in passes of at most ``max_batch`` texts; ``names``:

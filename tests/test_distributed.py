@@ -34,6 +34,8 @@ def fake_accelerator(accum=1, stage=2):
     ("deepspeed", ["method.name=adalora"], True, "'adalora' cannot run under DeepSpeed ZeRO: it reads whole gradients"),
     ("deepspeed", ["method.name=lora", "train.grad_accum_steps=4"], True, "gradient_accumulation_steps=1 but"),
     ("deepspeed", ["method.name=lora"], False, "a DeepSpeed launch config needs GPUs"),
+    ("deepspeed", ["method.name=lora", "train.adversarial=fgm"], True, "train.adversarial=fgm cannot run under "
+                                                                       "DeepSpeed: its engine steps the optimizer"),
     ("fsdp2", ["method.name=lora", "model.quantization=8bit"], True, "8bit cannot run under FSDP"),
     ("fsdp2", ["method.name=lora", "train.gradient_checkpointing=false"], True, "fsdp_activation_checkpointing"),
     ("fsdp2", ["method.name=lora", "model.quantization=4bit", "train.mixed_precision=fp16",

@@ -60,6 +60,7 @@ def test_an_ensemble_is_a_record_of_its_own_and_a_row_of_its_own(members, tmp_pa
         assert rec["metrics"][key] == pytest.approx(float((mean.argmax(-1) == gold).float().mean()))
     assert rec["per_example"]["test"]["n"] == rec["data"]["n_test"]
     assert rec["params"]["trainable"] == sum(m["params"]["trainable"] for m in members)
+    assert rec["env"] == members[0]["env"] and rec["ensemble"]["scored_on"]["device"] == "cpu"  # the members' table
     rates = [m["metrics"]["train_samples_per_s"] for m in members]
     assert rec["metrics"]["train_samples_per_s"] == pytest.approx(1 / sum(1 / r for r in rates))
     for m in members:  # the members' own records beside it

@@ -3,6 +3,7 @@ BERT; end-to-end runs check that they reach the loop, the saved checkpoint and t
 
 import json
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -226,6 +227,45 @@ def test_a_bad_trick_setting_is_one_line_naming_its_key(key, value, rule):
         config.load(None, [f"train.{key}={value}"])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.distill.alpha=0.3"], "'train.distill.alpha' is set [(]0.3[)] but does nothing without "
+                                  "train.distill.teacher"),
+    (["train.adversarial_epsilon=0.3"], "'train.adversarial_epsilon' is set .* without train.adversarial=fgm or pgd"),
+    (["train.adversarial=fgm", "train.adversarial_steps=2"],
+     "'train.adversarial_steps' .* without train.adversarial=pgd"),
+    (["method.name=adalora", "train.ema_decay=0.9"], "'train.ema_decay' and 'method.name=adalora' conflict: adalora "
+                                                     "masks its trained tensors")])
+def test_a_setting_that_would_change_nothing_or_break_the_average_is_refused(overrides, message):
+    with pytest.raises(PeftbenchError, match=message):
+        config.load(None, overrides)
+
+
+def test_layer_decay_refuses_a_method_that_trains_nothing_inside_the_layers():
+    from peft import PromptTuningConfig
+
+    model = get_peft_model(tiny(), PromptTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"))
+    for p in model.base_model.classifier.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(PeftbenchError, match="'train.layer_decay': none of the trained parameters lies in a layer"):
+        tricks.layer_scales(model, 0.8)
+
+
+def test_token_terms_skip_the_virtual_tokens_a_prompt_puts_first():
+    """Prompt tuning's token logits hold its virtual tokens first: the terms use the labelled tokens' only."""
+    from peftbench.tricks import distill, label_smoothing, rdrop
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[1, 0, -100], [2, 2, 1]])
+    logits = torch.randn(2, 3 + 4, 3, generator=g)  # 4 virtual tokens, then 3 real ones
+    assert torch.equal(label_smoothing.smoothing_term(logits, labels, 0.1),
+                       label_smoothing.smoothing_term(logits[:, 4:], labels, 0.1))
+    doubled = torch.cat([labels, labels])
+    pair = torch.randn(4, 7, 3, generator=g)
+    assert torch.equal(rdrop.symmetric_kl(pair, doubled), rdrop.symmetric_kl(pair[:, 4:], doubled))
+    assert torch.equal(distill.soft_term(logits, logits.flip(0), labels, 2.0),
+                       distill.soft_term(logits[:, 4:], logits.flip(0)[:, 4:], labels, 2.0))
+
+
 def test_ema_and_swa_together_are_refused():
     with pytest.raises(PeftbenchError, match="'train.ema_decay' and 'train.swa_last' conflict"):
         config.load(None, ["train.ema_decay=0.9", "train.swa_last=2"])
@@ -238,8 +278,9 @@ def test_tricks_at_their_defaults_keep_run_ids():
     body = plain.to_dict()
     for key in config.LATER_KEYS:  # a record written before the tricks existed keeps its id
         if key.startswith("train.") and key not in ("train.evaluate_test", "train.sharding"):
-            body["train"].pop(key.split(".")[1])
-    assert "label_smoothing" not in body["train"] and config.resolve(body).run_id == plain.run_id
+            body["train"].pop(key.split(".")[1], None)  # distill.*: the whole section
+    assert "label_smoothing" not in body["train"] and "distill" not in body["train"]
+    assert config.resolve(body).run_id == plain.run_id
     assert smoothed.changed_settings()["train"] == {"label_smoothing": 0.1, "adversarial": "fgm"}
 
 
@@ -310,16 +351,46 @@ def test_early_stopping_ends_the_run_and_says_so(quick_overrides, monkeypatch):
     assert rec["dev_history"][-1]["step"] == 8 and rec["total_steps"] == 12
 
 
-def test_every_trick_at_once_trains_a_lora_above_chance(quick_overrides):
+def test_every_trick_at_once_trains_a_lora_above_chance(quick_overrides, monkeypatch):
     """They compose: a LoRA with layer decay, smoothing, R-Drop, PGD and EMA learns the synthetic task, and the
     row says which tricks it used."""
     from peftbench import leaderboard
+    from peftbench import train as train_module
+    from peftbench.tricks import label_smoothing, rdrop
 
+    calls = Counter()
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+    counted(label_smoothing, "smoothing_term")
+    counted(rdrop, "symmetric_kl")
+    losses = tricks.Adversary.losses
+
+    def adversarial(self, *args):
+        for loss in losses(self, *args):
+            calls["adversarial"] += 1
+            yield loss
+
+    monkeypatch.setattr(tricks.Adversary, "losses", adversarial)
+    groups = []
+    build = train_module.build_optimizer
+    monkeypatch.setattr(train_module, "build_optimizer",
+                        lambda *a: groups.extend(build(*a).param_groups) or build(*a))
     tricks_on = ["train.layer_decay=0.9", "train.label_smoothing=0.1", "train.rdrop_alpha=1.0",
                  "train.adversarial=pgd", "train.adversarial_steps=2", "train.ema_decay=0.9"]
     cfg = config.load(None, [*quick_overrides, "method.name=lora", "train.lr=2e-2", "train.epochs=4",
                              "task.max_train_samples=160", *tricks_on])
     rec = run(cfg).record
+    steps = rec["total_steps"]  # each step: one clean and two PGD passes, each smoothed and R-Dropped
+    assert calls["smoothing_term"] == calls["symmetric_kl"] == 3 * steps and calls["adversarial"] == 2 * steps, calls
+    assert sorted({round(g["lr_scale"], 6) for g in groups}) == [0.9 ** 2, 0.9, 1.0]  # 2 layers (LoRA), the head
     assert rec["metrics"]["accuracy"] > 0.25 + 0.2, rec["metrics"]
     assert json.loads(json.dumps(rec["settings"]["train"])) == {
         "layer_decay": 0.9, "label_smoothing": 0.1, "rdrop_alpha": 1.0, "adversarial": "pgd", "adversarial_steps": 2,
@@ -366,14 +437,18 @@ def teacher(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_lora_learns_from_a_teachers_soft_labels(teacher, quick_overrides):
+def test_a_lora_learns_from_a_teachers_soft_labels(teacher, quick_overrides, monkeypatch):
     """Nearly all of the student's loss is the teacher's softened predictions; it learns the task, and its
     record names the teacher."""
     assert teacher.record["metrics"]["accuracy"] > 0.6
     ckpt = teacher.record["checkpoint"]
     cfg = config.load(None, [*quick_overrides, "method.name=lora", "train.lr=5e-3", "train.epochs=4",
                              f"train.distill.teacher={ckpt}", "train.distill.alpha=0.9"])
+    soft = []
+    original = tricks.distill.soft_term
+    monkeypatch.setattr(tricks.distill, "soft_term", lambda *a: soft.append(1) or original(*a))
     rec = run(cfg).record
+    assert len(soft) == rec["total_steps"]  # the teacher's term is in every step's loss
     assert rec["metrics"]["accuracy"] > 0.25 + 0.25, rec["metrics"]
     assert rec["teacher"]["run_id"] == teacher.record["run_id"] and rec["teacher"]["method"] == "full"
     assert rec["settings"]["train"] == {"distill.teacher": ckpt, "distill.alpha": 0.9}

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftbench.errors import PeftbenchError
-from peftbench.records import NOT_IDENTITY, RECORD_NAME, comparable_config, later_train_settings, read_record
+from peftbench.records import (
+    NOT_IDENTITY,
+    RECORD_NAME,
+    comparable_config,
+    later_train_keys,
+    later_train_settings,
+    read_record,
+)
 
 PRECISION_WORDS = {"no": "fp32", "fp16": "fp16 mixed", "bf16": "bf16 mixed"}  # train.mixed_precision
 QUANTIZATION_WORDS = {"8bit": "8-bit base", "4bit": "4-bit base"}  # model.quantization
@@ -305,6 +312,9 @@ def _settings(record: dict) -> tuple[tuple, str, str, bool]:
     model = {k: v for k, v in config["model"].items() if k not in ("name_or_path", "tokenizer")}  # the group's
     identity = (name, json.dumps(method, sort_keys=True), json.dumps(train, sort_keys=True),
                 json.dumps(model, sort_keys=True), tuned)
+    later = later_train_keys()  # a trick row's plain row: the same but for the rate and the later train keys
+    plain = json.dumps([name, method, {k: v for k, v in train.items() if k != "lr" and k not in later}, model],
+                       sort_keys=True)
     settings = _without(record.get("settings") or {"method": method, "model": {}}, searched)  # older: every key
     model = dict(settings["model"])
     words = [QUANTIZATION_WORDS[model.pop("quantization")]] if model.get("quantization") in QUANTIZATION_WORDS else []
@@ -317,7 +327,8 @@ def _settings(record: dict) -> tuple[tuple, str, str, bool]:
         labels = sorted(m["label"] for m in members)
         label = (f"{len(labels)} × {labels[0]}" if len(set(labels)) == 1 else " + ".join(labels))
         return ("ensemble", label), label, "", False
-    return identity, label, json.dumps([name, method, model], sort_keys=True), bool(tricks)
+    provenance = record.get("provenance") or {}  # a sweep's final.variants say which rows are plain
+    return identity, label, plain, provenance["variant"] is not None if "variant" in provenance else bool(tricks)
 
 
 def row_label(record: dict) -> str:

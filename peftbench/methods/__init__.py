@@ -58,6 +58,7 @@ class Method:
     plain_model: ClassVar[bool] = False  # True: the trained model is a plain transformers model (once merged)
     trains_base_weights: ClassVar[bool] = False  # True: cannot run on a quantised (frozen integer) base
     reads_gradients: ClassVar[bool] = False  # True: on_optimizer_step reads whole gradients (not under ZeRO/FSDP)
+    masks_trained_weights: ClassVar[bool] = False  # True: on_optimizer_step zeroes trained entries (no averaging)
     virtual_token_modules: ClassVar[tuple[str, ...]] = ()  # modules run once per step, not per token (FLOP counts)
     lr_range: ClassVar[tuple[float, float]]  # (low, high): the default range of a learning-rate search (docs/methods)
     default_lr: ClassVar[float]  # train.lr when a recipe leaves it unset; inside lr_range (docs/methods)

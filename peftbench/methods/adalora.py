@@ -58,6 +58,7 @@ class AdaLora(PeftMethod):
     lr_range = (1e-4, 3e-2)  # a learning-rate search's default (log-spaced) range
     default_lr = 1e-3  # train.lr when unset: AdaLoRA on DeBERTaV3-base GLUE (Zhang et al. 2023: 5e-4..1.2e-3)
     reads_gradients = True  # the rank allocation scores every LoRA weight by its gradient
+    masks_trained_weights = True  # the budget masks the singular values of pruned ranks
     Config = AdaLoraConfig
     plain_model = True
     trainable_markers = ("lora_",)

@@ -129,6 +129,7 @@ def plan(cfg, methods: list[str], device: str | None = None, memory: int | None 
         raise PeftbenchError(f"--strategy {strategy} --processes {processes}: a strategy of {', '.join(STRATEGIES)} "
                              "and at least one process")
     unmodelled = [f"train.{key}" for key in UNMODELLED_TRICKS if getattr(cfg.train, key) != TRICK_DEFAULTS[key]]
+    unmodelled += ["train.distill.teacher"] if cfg.train.distill.teacher else []
     if unmodelled:
         raise PeftbenchError(f"{', '.join(unmodelled)}: peftbench plan does not model this trick's extra passes and "
                              "copies yet; plan the recipe without it")

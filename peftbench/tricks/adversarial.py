@@ -23,7 +23,7 @@ class Adversary:
 
     def __init__(self, embedding: torch.nn.Module, params: list[torch.nn.Parameter], kind: str, epsilon: float,
                  steps: int, alpha: float):
-        self.params, self.kind, self.epsilon = params, kind, epsilon
+        self.params, self.epsilon = params, epsilon
         self.steps, self.alpha = (1, epsilon) if kind == "fgm" else (steps, alpha)
         self.delta: torch.Tensor | None = None  # added to the embeddings' output in the next training forward
         self.embedded: torch.Tensor | None = None  # the last training forward's embeddings output

@@ -40,7 +40,11 @@ class Averager:
         return {"average": self.average}
 
     def load_state_dict(self, state: dict) -> None:
-        self.average = state["average"]
+        self.average = self._placed(state["average"])
+
+    def _placed(self, average: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A saved average (read onto the CPU) on its parameters' devices."""
+        return {n: t.to(self.params[n].device) for n, t in average.items()}
 
 
 class EMA(Averager):
@@ -59,7 +63,7 @@ class EMA(Averager):
         return {"average": self.average, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.average, self.updates = state["average"], state["updates"]
+        self.average, self.updates = self._placed(state["average"]), state["updates"]
 
 
 class SnapshotMean(Averager):
@@ -77,5 +81,5 @@ class SnapshotMean(Averager):
         return {"average": self.average, "snapshots": list(self.snapshots)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.average = state["average"]
+        self.average = self._placed(state["average"])
         self.snapshots.extend(state["snapshots"])

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftbench.tricks.label_smoothing import IGNORED
+from peftbench.tricks.label_smoothing import IGNORED, aligned
 
 
 def soft_term(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * KL(teacher || student)`` of the softened distributions, over the positions that take a loss."""
     kept = labels.reshape(-1) != IGNORED
-    s, t = (x.float().reshape(-1, x.shape[-1])[kept] / temperature for x in (student, teacher))
+    s, t = (aligned(x, labels).float().reshape(-1, x.shape[-1])[kept] / temperature for x in (student, teacher))
     return temperature ** 2 * F.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
                                        reduction="batchmean")
 
@@ -26,7 +26,11 @@ class Teacher:
 
     def __init__(self, model: torch.nn.Module, temperature: float, alpha: float):
         self.model, self.temperature, self.alpha = model.eval().requires_grad_(False), temperature, alpha
+        self._last: tuple[dict, torch.Tensor] | None = None
 
     @torch.no_grad()
     def logits(self, inputs: dict) -> torch.Tensor:
-        return self.model(**inputs).logits
+        """The teacher's logits for ``inputs``; the adversarial passes of a micro-batch reuse the clean pass's."""
+        if self._last is None or self._last[0] is not inputs:
+            self._last = (inputs, self.model(**inputs).logits)
+        return self._last[1]

@@ -10,8 +10,14 @@ import torch
 IGNORED = -100  # labels of positions that take no loss (padding and continued word pieces)
 
 
+def aligned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token logits cut to the labelled tokens: prompt and P-tuning put their virtual tokens before them."""
+    return logits[:, -labels.shape[1]:] if labels.dim() == 2 and logits.shape[1] != labels.shape[1] else logits
+
+
 def smoothing_term(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
     """What turns the mean cross-entropy over the labelled positions into the smoothed one."""
+    logits = aligned(logits, labels)
     logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
     kept = labels != IGNORED
     log_p = torch.log_softmax(logits[kept], dim=-1)

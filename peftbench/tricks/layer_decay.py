@@ -28,6 +28,11 @@ def layer_scales(model: torch.nn.Module, decay: float) -> Callable[[str], float]
             return decay ** (n - int(found[1]))
         return decay ** (n + 1) if name.startswith(embedding + ".") else 1.0
 
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    if all(scale(name) == 1.0 for name in trained):
+        raise PeftbenchError(f"config key 'train.layer_decay': none of the trained parameters lies in a layer of "
+                             f"'{stack}' or in the embeddings (they are {', '.join(sorted(trained)[:3])}, ...), so "
+                             "every one would keep the base rate; leave train.layer_decay at 1")
     return scale
 
 

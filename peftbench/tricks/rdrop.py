@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftbench.tricks.label_smoothing import IGNORED
+from peftbench.tricks.label_smoothing import IGNORED, aligned
 
 
 def doubled(batch: dict) -> dict:
@@ -17,7 +17,7 @@ def doubled(batch: dict) -> dict:
 
 def symmetric_kl(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(KL(p1 || p2) + KL(p2 || p1)) / 2`` between the first and second half of a doubled batch's predictions."""
-    first, second = logits.float().chunk(2)
+    first, second = aligned(logits, labels).float().chunk(2)
     kept = labels.chunk(2)[0].reshape(-1) != IGNORED
     p, q = (torch.log_softmax(x.reshape(-1, x.shape[-1])[kept], dim=-1) for x in (first, second))
     return 0.5 * (F.kl_div(q, p, log_target=True, reduction="batchmean")

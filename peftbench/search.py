@@ -12,7 +12,7 @@
       seeds: [1, 2, 3]                # fresh runs at the settings with the best mean dev score
       variants:                       # optional: each also runs at those settings, with its train.* keys set
         cosine: {train.scheduler: cosine}
-        fgm: {train.adversarial: fgm}
+        llrd: {train.layer_decay: 0.8, methods: [full, lora]}   # methods: only these (default: every one)
 
 A ``space`` key is any ``method.*`` or ``train.*`` key but the rate, the seed and the training budget
 (``method.options.r`` for a PEFT tuner's own option); its distribution is a list (one of these values) or
@@ -171,7 +171,14 @@ def read_variants(variants, space: dict, path: Path) -> dict[str, dict]:
         raise PeftbenchError(f"{path}: field 'final.variants' must map names to {{train.key: value}}")
     searched = {key for keys in space.values() for key in keys}
     for name, keys in variants.items():
+        methods = keys.get("methods", [])
+        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+            raise PeftbenchError(f"{path}: field 'final.variants.{name}.methods' must be a list of method names")
+        for method in methods:
+            get_method(method)  # a known method
         for key, value in keys.items():
+            if key == "methods":
+                continue
             where = f"{path}: field 'final.variants.{name}.{key}'"
             if not str(key).startswith("train.") or key in BUDGET_KEYS or key in searched:
                 raise PeftbenchError(f"{where}: a variant sets train.* keys other than the rate, the seed, the "
@@ -482,8 +489,10 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
             final["chosen_settings"] = {k: v for k, v in chosen["settings"].items() if k != "lr"}
         if search.final_variants:  # the plain row is the variant None
             final["variant"] = None
+        variants = [(name, {k: v for k, v in keys.items() if k != "methods"})
+                    for name, keys in search.final_variants.items() if method in keys.get("methods", [method])]
         cells = [Cell(cfg, record_status(cfg), {**final, "variant": name} if name else final)
-                 for name, keys in [(None, {}), *search.final_variants.items()]
+                 for name, keys in [(None, {}), *variants]
                  for cfg in (study.cell_cfg(FINAL_DIR, {**chosen["settings"], **keys}, seed)
                              for seed in search.final_seeds)]
         outcome.add(run_sweep(cells, retry_failed, runner, provenance, on))

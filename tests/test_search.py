@@ -381,22 +381,23 @@ def test_final_variants_run_at_the_chosen_rate_and_are_compared_with_the_plain_r
     """A study's training tricks run at the rate its search chose for the plain run: one row per trick, each
     with its difference to the plain tuned row."""
     variants = "final:\n  seeds: [1, 2, 3]\n  variants:\n    smooth: {train.label_smoothing: 0.1}\n" \
-               "    ema: {train.ema_decay: 0.99, train.scheduler: cosine}"
+               "    ema: {train.ema_decay: 0.99, train.scheduler: cosine, methods: [lora]}"
     spec = spec_at(tmp_path, **{"final:\n  seeds: [1, 2, 3]": variants})
-    assert spec["search"].final_variants == {"smooth": {"train.label_smoothing": 0.1},
-                                             "ema": {"train.ema_decay": 0.99, "train.scheduler": "cosine"}}
+    assert spec["search"].final_variants == {"smooth": {"train.label_smoothing": 0.1}, "ema": {
+        "train.ema_decay": 0.99, "train.scheduler": "cosine", "methods": ["lora"]}}
     out = Path(spec["output_dir"])
     search.run_search(search.studies(spec), spec["search"], runner=fake_runner(tmp_path / "calls"))
     final = records_of(out, "final")
-    assert len(final) == 2 * 3 * 3  # methods x (plain + 2 variants) x seeds
+    assert len(final) == (2 + 3) * 3  # (full: plain + smooth; lora: plain + smooth + ema) x seeds
     for method in ("full", "lora"):
         mine = [r for r in final if r["config"]["method"]["name"] == method]
         assert len({r["config"]["train"]["lr"] for r in mine}) == 1  # every variant at the chosen rate
-        assert Counter(r["provenance"].get("variant") for r in mine) == {None: 3, "smooth": 3, "ema": 3}
+        assert Counter(r["provenance"]["variant"] for r in mine) == {None: 3, "smooth": 3, **(
+            {"ema": 3} if method == "lora" else {})}
         assert all(r["config"]["train"]["label_smoothing"] == 0.1 for r in mine if r["provenance"].get("variant")
                    == "smooth")
     (group,) = leaderboard.build(leaderboard.collect([out / "final"])[0])
-    assert len(group.rows) == 6
+    assert len(group.rows) == 5
     plain = {row.method: row.label for row in group.rows.values() if not row.tricks}
     assert {label: ref.label for label, ref in group.references.items()} == {
         row.label: plain[row.method] for row in group.rows.values() if row.tricks}

@@ -140,3 +140,14 @@ def test_length_grouped_batches_train_like_file_order(tmp_path, trained_variants
     cfg.train.group_by_length = cfg.train.save_checkpoint = cfg.train.measure_inference = False
     records = {"true": grouped["metrics"]["accuracy"], "false": run(cfg).record["metrics"]["accuracy"]}
     assert records["false"] > 0.8 and abs(records["true"] - records["false"]) < 0.05, records
+
+
+@pytest.mark.slow
+def test_tricks_benchmark_prints_each_tricks_cost_against_plain(monkeypatch, capsys):
+    import tricks as tricks_benchmark
+
+    monkeypatch.setattr(sys, "argv", ["tricks.py", "--steps", "8", "--batch-size", "8"])
+    tricks_benchmark.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "trick" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(tricks_benchmark.TRICKS)
+    assert rows[0].split(" | ")[2] == "×1.00" and all(float(r.split(" | ")[1]) > 0 for r in rows)

@@ -12,6 +12,8 @@ from peftbench.errors import PeftbenchError
 from peftbench.inference import SplitBatches, load
 from peftbench.train import run
 
+pytestmark = pytest.mark.slow  # end to end: trained members, predictions, records
+
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):

@@ -54,7 +54,8 @@ def timing_aside(history: list[dict]) -> list[dict]:
 
 
 @pytest.mark.parametrize("method, tricks", [
-    ("lora", []), ("lora", ["train.ema_decay=0.9"]), ("lora", ["train.swa_last=2"]),  # averages are resumed too
+    ("lora", []), *(pytest.param("lora", [t], marks=pytest.mark.slow)  # averages are resumed too
+                    for t in ("train.ema_decay=0.9", "train.swa_last=2")),
     *(pytest.param(m, [], marks=pytest.mark.slow) for m in ("adalora", "prefix", "full"))],
     ids=lambda v: v if isinstance(v, str) else "+".join(k.split("=")[0].removeprefix("train.") for k in v) or "plain")
 def test_a_killed_run_resumes_to_the_uninterrupted_result(method, tricks, tmp_path, monkeypatch):

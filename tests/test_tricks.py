@@ -299,6 +299,7 @@ def spy(monkeypatch, cls, hook: str) -> list[dict]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("averaging", ["ema", "swa"])
 def test_averaged_weights_are_what_is_evaluated_and_saved(quick_overrides, monkeypatch, averaging):
     from safetensors.torch import load_file
@@ -351,6 +352,7 @@ def test_early_stopping_ends_the_run_and_says_so(quick_overrides, monkeypatch):
     assert rec["dev_history"][-1]["step"] == 8 and rec["total_steps"] == 12
 
 
+@pytest.mark.slow
 def test_every_trick_at_once_trains_a_lora_above_chance(quick_overrides, monkeypatch):
     """They compose: a LoRA with layer decay, smoothing, R-Drop, PGD and EMA learns the synthetic task, and the
     row says which tricks it used."""

@@ -204,6 +204,9 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     steps_per_epoch = math.ceil(len(data.train) / t.grad_accum_steps)
     total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs  # as HF Trainer: max_steps wins
     epochs = math.ceil(total_steps / steps_per_epoch)
+    require(t.early_stopping_patience < epochs, "train.early_stopping_patience",
+            f"< {epochs}, the run's evaluations (one per epoch): it could never stop the run",
+            t.early_stopping_patience)
     ckpt_dir = work_dir / checkpoint.CHECKPOINT_DIR
     model, method, params, base = setup_model(cfg, accelerator, data, total_steps, ckpt_dir, launch)
     identity["backbone"] = backbone_identity(cfg, models.without_peft(model).config)

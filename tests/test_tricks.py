@@ -209,6 +209,13 @@ def test_layer_decay_gives_each_layer_its_rate_and_composes_with_a_methods_scale
     assert len({round(r, 6) for r in rates.values()}) == 1 + LAYERS * 2 + 1  # head, each layer's A and B, embeddings
 
 
+def test_a_patience_the_run_cannot_reach_is_refused(quick_overrides):
+    cfg = config.load(None, [*quick_overrides, "method.name=lora", "train.epochs=3",
+                             "train.early_stopping_patience=3"])
+    with pytest.raises(PeftbenchError, match="'train.early_stopping_patience' must be < 3, the run's evaluations"):
+        run(cfg)
+
+
 def test_early_stopping_counts_evaluations_since_the_best():
     assert not tricks.should_stop(3, 0, 0)  # off
     assert not tricks.should_stop(2, 0, 2)

@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     pred_p.add_argument("checkpoint", nargs="+", help="a run's checkpoint/ directory; several of one task: an "
                                                       "ensemble (their probabilities averaged)")
     pred_p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    pred_p.add_argument("--input", metavar="FILE", help="predict these texts instead of a split: plain text (one a "
+                                                       "line), JSON lines or CSV with a 'text' field (pairs: "
+                                                       "'text_a', 'text_b'), or - for standard input")
+    pred_p.add_argument("--top-k", metavar="K", help="classification: also the K most probable labels with their "
+                                                    "probabilities, sorted ('all': every label)")
     pred_p.add_argument("--data-dir", help="task folder (default: the one the checkpoint was trained on)")
     pred_p.add_argument("--out", required=True, help="output file (with --format clue: a file or a directory)")
     pred_p.add_argument("--format", default="jsonl", choices=["jsonl", "clue"],
@@ -199,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             from peftbench.inference import predict
 
             device = ns.device or ("cuda" if _cuda() else "cpu")
-            out = predict(ns.checkpoint, ns.split, ns.data_dir, ns.out, ns.format, ns.batch_size, device)
+            out = predict(ns.checkpoint, ns.split, ns.data_dir, ns.out, ns.format, ns.batch_size, device, ns.input,
+                          _top_k(ns.top_k))
             print(f"predictions: {out}")
             return 0
         return _run(ns.args)
@@ -211,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         _traceback_if_debugging()
         print(f"error: {one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1
+
+
+def _top_k(value: str | None) -> int | None:
+    """``--top-k``: absent 0 (the top label only), ``all`` None, else K >= 1."""
+    if value is None:
+        return 0
+    if value == "all":
+        return None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise PeftbenchError(f"--top-k must be a number >= 1 or all, got {value!r}")
 
 
 def _export_summary(out) -> str:

@@ -182,11 +182,60 @@ class _OneProcess:
 ONE_PROCESS = _OneProcess()
 
 
+def read_texts(path: str, pair: bool) -> tuple[list[str], list[str] | None, list[int]]:
+    """Texts to predict from ``path`` (``-``: standard input): CSV (a header with ``text``, or ``text_a`` and
+    ``text_b``), JSON lines (``.json``/``.jsonl``, or lines that start with ``{``: the same fields), else plain
+    text, one text a line (a pair task: the two texts separated by a tab); empty lines are skipped. Returns
+    (texts, their pairs or None, each text's line number)."""
+    import csv
+    import io
+    import sys
+
+    name = "<stdin>" if path == "-" else path
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeftbenchError(f"{name}: cannot be read as UTF-8 text ({clip(exc)})") from None
+    keys = ("text_a", "text_b") if pair else ("text",)
+    rows: list[tuple[int, dict]] = []
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if name.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        rows = [(reader.line_num, row) for row in reader]
+    elif name.endswith((".json", ".jsonl")) or first.startswith("{"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PeftbenchError(f"{name}:{number}: not a JSON object ({exc.msg})") from None
+                rows.append((number, row if isinstance(row, dict) else {}))
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                parts = line.split("\t", 1) if pair else [line]
+                rows.append((number, dict(zip(keys, parts))))
+    if pair and rows and all("text" in row and "text_a" not in row for _, row in rows):
+        raise PeftbenchError(f"{name}: this task classifies text pairs: give fields 'text_a' and 'text_b' (or, in "
+                             "plain text, the two texts separated by a tab)")
+    for number, row in rows:
+        for key in keys:
+            if not isinstance(row.get(key), str):
+                raise PeftbenchError(f"{name}:{number}: field '{key}' missing or not text")
+    if not rows:
+        raise PeftbenchError(f"{name}: no text to predict")
+    return ([row[keys[0]] for _, row in rows], [row["text_b"] for _, row in rows] if pair else None,
+            [number for number, _ in rows])
+
+
 @torch.inference_mode()
 def predict(ckpt_dir: str | Path | list, split: str, data_dir: str | None, out: str | Path, fmt: str = "jsonl",
-            batch_size: int = 128, device: str = "cpu") -> Path:
+            batch_size: int = 128, device: str = "cpu", input_file: str | None = None,
+            top_k: int | None = 0) -> Path:
     """Predict a split of the checkpoint's task and write one JSON line per record, in file order. Several
     checkpoints of one task (a list) predict as an ensemble: their probabilities averaged (:class:`Ensemble`).
+    ``input_file`` (:func:`read_texts`) predicts its texts instead of a split: one line each, with ``id`` (its
+    position) and ``line``. ``top_k``: classification rows also list the k most probable labels (None: all).
 
     Classification: ``{"id", "label", "label_name", "score"}``; token classification:
     ``{"id", "text", "entities": [{"start", "end", "type", "text"}]}`` (``end`` inclusive).
@@ -196,6 +245,15 @@ def predict(ckpt_dir: str | Path | list, split: str, data_dir: str | None, out: 
     """
     ensemble = Ensemble(ckpt_dir if isinstance(ckpt_dir, list) else [ckpt_dir], device)
     ckpt_dir, meta = ensemble.ckpts[0], ensemble.meta
+    if input_file is not None:
+        if fmt == "clue":
+            raise PeftbenchError("--format clue writes a task split's submission file; with --input, use jsonl")
+        texts_a, texts_b, lines = read_texts(input_file, meta["pair"])
+        kind, rows = KINDS[meta["kind"]], []
+        for batch, logits in ensemble.texts_logits(texts_a, texts_b, batch_size):
+            rows += kind.prediction_rows(logits, batch, dict(enumerate(texts_a)), meta["labels"],
+                                         meta["label_names"], top_k)
+        return _write_lines(Path(out), [{**kind.jsonl_row(r), "line": lines[r["id"]]} for r in rows])
     batches, logits = ensemble.split_logits(split, data_dir, batch_size)
     data, ds, kind = batches.data, batches.ds, batches.kind
     if fmt == "clue":
@@ -203,7 +261,7 @@ def predict(ckpt_dir: str | Path | list, split: str, data_dir: str | None, out: 
     texts = dict(zip(ds["id"], ds["text_a"]))
     rows = []
     for part, batch in zip(logits, batches):
-        rows += kind.prediction_rows(part, batch, texts, meta["labels"], meta["label_names"])
+        rows += kind.prediction_rows(part, batch, texts, meta["labels"], meta["label_names"], top_k)
     as_dir = str(out).endswith("/") or Path(out).is_dir()
     out = Path(out)
     if fmt == "clue":
@@ -212,6 +270,11 @@ def predict(ckpt_dir: str | Path | list, split: str, data_dir: str | None, out: 
             out = out / submission_file(meta["task"], ckpt_dir, data.files[split])
     else:
         rows = [kind.jsonl_row(r) for r in rows]
+    return _write_lines(out, rows)
+
+
+def _write_lines(out: Path, rows: list[dict]) -> Path:
+    """JSON lines, written whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -240,6 +303,22 @@ class Ensemble:
                     or tokenizer.get_vocab() != self.members[0][1].get_vocab()):
                 raise PeftbenchError(f"{ckpt}: another tokenizer or max_length than {self.ckpts[0]}: a token "
                                      "classification ensemble averages token by token, so its members share both")
+
+    def texts_logits(self, texts_a: list[str], texts_b: list[str] | None, batch_size: int = 128):
+        """(batch, log of the members' mean probabilities) for texts that come without a data file, in batches
+        of the first member's tokenisation (ids: the texts' positions)."""
+        kind = KINDS[self.meta["kind"]]
+        for start in range(0, len(texts_a), batch_size):
+            a, b = texts_a[start:start + batch_size], texts_b and texts_b[start:start + batch_size]
+            mean, first = None, None
+            for model, tokenizer, meta in self.members:
+                examples = kind.encode_texts(tokenizer, a, b, meta["max_length"])
+                batch = Collator(tokenizer.pad_token_id)([{**ex, "id": start + i} for i, ex in enumerate(examples)])
+                first = first or batch
+                probs = _token_aligned(model(**{k: v.to(self.device) for k, v in batch["inputs"].items()}).logits,
+                                       batch).float().softmax(-1).cpu()
+                mean = probs if mean is None else mean + probs
+            yield first, (mean / len(self.members)).log()
 
     def split_logits(self, split: str | None, data_dir: str | None, batch_size: int = 128,
                      labeled_only: bool = False):

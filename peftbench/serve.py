@@ -120,10 +120,10 @@ def _load_singles(checkpoints: dict[str, str | Path], device: str) -> dict[str, 
 
 def describe_memory(adapters: dict[str, Adapter]) -> str:
     """One line: how many models are in memory for how many adapters."""
-    models = {id(a.model): a for a in adapters.values()}
-    shared = sum(1 for a in adapters.values() if a.peft_name is not None)
-    return (f"{len(adapters)} adapters in {len(models)} models ({shared} LoRA adapters on "
-            f"{sum(1 for a in models.values() if a.peft_name is not None)} shared bases)")
+    models = {id(a.model) for a in adapters.values()}  # an ensemble holds its members' models
+    shared = [a for a in adapters.values() if a.peft_name is not None]
+    return (f"{len(adapters)} adapters in {len(models)} models ({len(shared)} LoRA adapters on "
+            f"{len({id(a.model) for a in shared})} shared bases)")
 
 
 @dataclass
@@ -132,6 +132,7 @@ class Job:
     texts: list[str]
     examples: list[dict]  # the texts tokenised (:func:`encode_request`)
     done: asyncio.Future  # set to the job's prediction rows
+    top_k: int | None = 0  # classification: also the k most probable labels (None: all; 0: the top one only)
 
 
 class RequestError(ValueError):
@@ -171,8 +172,9 @@ class Batcher:
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.on_forward = on_forward or (lambda texts, adapters: None)  # after each forward pass
 
-    async def predict(self, adapter: Adapter, texts: list[str], examples: list[dict]) -> list[dict]:
-        job = Job(adapter, texts, examples, asyncio.get_running_loop().create_future())
+    async def predict(self, adapter: Adapter, texts: list[str], examples: list[dict],
+                      top_k: int | None = 0) -> list[dict]:
+        job = Job(adapter, texts, examples, asyncio.get_running_loop().create_future(), top_k)
         await self.queue.put(job)
         return await job.done
 
@@ -232,7 +234,7 @@ class Batcher:
             a = job.adapter
             part = {k: batch[k][s:e] for k in ("id", "labels", "char_index") if k in batch}
             rows = a.kind.prediction_rows(logits[s:e], part, dict(zip(range(s, e), job.texts)), a.meta["labels"],
-                                          a.meta["label_names"])
+                                          a.meta["label_names"], job.top_k)
             results.append([_public(a.kind.jsonl_row(r)) for r in rows])
         return results
 
@@ -367,6 +369,7 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
         adapter: str
         texts: list[str]
         text_pairs: list[str] | None = None
+        top_k: int | None = 0  # also the k most probable labels, sorted; null: every label
 
     @app.get("/healthz")
     def healthz():
@@ -393,9 +396,11 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
             problem = _check(body.texts, body.text_pairs, adapter, limits)
             if problem:
                 raise RequestError(*problem)
+            if body.top_k is not None and body.top_k < 0 or "top_k" in body.model_fields_set and body.top_k == 0:
+                raise RequestError(422, "top_k: a number of labels >= 1, or null for every label")
             examples = await asyncio.get_running_loop().run_in_executor(tokenizing, encode_request, adapter,
                                                                         body.texts, pairs)
-            rows = await batcher.predict(adapter, body.texts, examples)
+            rows = await batcher.predict(adapter, body.texts, examples, body.top_k)
         except RequestError as exc:
             status = str(exc.status)
             raise HTTPException(exc.status, str(exc)) from None

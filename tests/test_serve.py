@@ -43,9 +43,11 @@ def server(trained_variants, tmp_path_factory):
     pissa = variant_config("lora", root / "pissa", "method.name=pissa", "train.lr=1e-3", "train.max_steps=20",
                            "train.measure_inference=false")
     ckpts["pissa"] = run(pissa).record["checkpoint"]  # saved as plain LoRA: it shares the LoRA base
+    ckpts["ens"] = [ckpts["lora"], ckpts["rslora"]]  # an ensemble: the two LoRAs' probabilities averaged
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
-    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", *(f"{n}={c}" for n, c in ckpts.items()),
+    specs = [f"{n}={'+'.join(c) if isinstance(c, list) else c}" for n, c in ckpts.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", *specs,
                              "--port", str(port), "--token-file", str(root / "token"), "--max-wait-ms", "100",
                              "--max-texts", "8", "--max-chars", "50"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -73,7 +75,9 @@ def test_predictions_equal_peftbench_predict(server, tmp_path):
     _, client, ckpts = server
     for name, ckpt in ckpts.items():
         rows = [json.loads(line) for line in predict(ckpt, "dev", None, tmp_path / f"{name}.jsonl").open()][:20]
-        texts = list(SplitBatches(read_meta(Path(ckpt)), AutoTokenizer.from_pretrained(ckpt), "dev").ds["text_a"])[:20]
+        first = ckpt[0] if isinstance(ckpt, list) else ckpt
+        texts = list(SplitBatches(read_meta(Path(first)), AutoTokenizer.from_pretrained(first), "dev").ds["text_a"])
+        texts = texts[:20]
         got = []
         for start in range(0, len(texts), 8):
             response = classify(client, name, texts[start:start + 8])
@@ -91,7 +95,8 @@ def test_predictions_equal_peftbench_predict(server, tmp_path):
 def test_lora_adapters_share_one_base_and_mix_in_a_batch(server):
     _, client, _ = server
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
-    assert set(listed) == {*SERVED, "ner", "pissa"}
+    assert set(listed) == {*SERVED, "ner", "pissa", "ens"}
+    assert [m["run_id"] for m in listed["ens"]["members"]] == [listed["lora"]["run_id"], listed["rslora"]["run_id"]]
     assert [n for n, a in listed.items() if a["shares_base"]] == ["lora", "rslora", "dora", "ner", "pissa"]
     assert len({a["base"] for n, a in listed.items() if n in SERVED and n != "full"}) == 1
     assert listed["full"]["base"] is None  # a whole fine-tuned model
@@ -116,6 +121,65 @@ def test_lora_adapters_share_one_base_and_mix_in_a_batch(server):
                        if line.startswith("peftbench_mixed_batches_total")))
     assert mixed >= 1, metrics  # lora and rslora ran in one forward pass (DoRA cannot be mixed: alone)
     assert 'peftbench_request_seconds_count{adapter="dora"}' in metrics
+
+
+def test_the_client_asks_for_top_k_labels_and_they_are_sorted_probabilities(server):
+    """``peftbench.client.Client`` against the server: top_k=2 and null (every label); the top one is the
+    answer; a bad top_k is refused with the server's detail."""
+    from peftbench.client import Client, ServerError
+
+    _, http, _ = server
+    client = Client(str(http.base_url), TOKEN)
+    assert client.healthy() and {a["name"] for a in client.adapters()} >= {"lora", "ens"}
+    texts = ["股钱债涨跌", "星影歌剧"]
+    plain = client.classify("lora", texts)
+    two = client.classify("lora", texts, top_k=2)
+    every = client.classify("lora", texts, top_k=None)
+    labels = next(a for a in client.adapters() if a["name"] == "lora")["labels"]
+    for p, t, e in zip(plain, two, every):
+        assert "top_k" not in p and len(t["top_k"]) == 2 and len(e["top_k"]) == len(labels)
+        assert t["top_k"] == e["top_k"][:2] and (t["top_k"][0]["label"], t["top_k"][0]["score"]) == (p["label"],
+                                                                                                      p["score"])
+        scores = [x["score"] for x in e["top_k"]]
+        assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
+    with pytest.raises(ServerError, match="422: top_k: a number of labels >= 1"):
+        client.classify("lora", texts, top_k=-1)
+    assert classify(http, "lora", texts, top_k=0).status_code == 422
+    ner = client.classify("ner", ["张三在北京"], top_k=2)  # token classification: entity spans, no top_k
+    assert set(ner[0]) == {"text", "entities"}
+
+
+def test_predict_reads_plain_files_and_standard_input(server, tmp_path, monkeypatch, capsys):
+    """``peftbench predict --input``: plain text, JSON lines, CSV and stdin give the rows the server gives."""
+    import io
+
+    from peftbench.cli import main
+
+    _, http, ckpts = server
+    texts = ["股钱债涨跌", "星影歌剧", "的的"]
+    served = [classify(http, "lora", texts, top_k=2).json()["predictions"]]
+    inputs = {"in.txt": "\n".join(texts[:2]) + "\n\n" + texts[2] + "\n",
+              "in.jsonl": "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+              "in.csv": "text\n" + "\n".join(texts) + "\n"}
+    for name, text in inputs.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", io.StringIO(inputs["in.txt"]))
+    for name in [*inputs, "-"]:
+        out = tmp_path / f"{name}.out.jsonl"
+        source = name if name == "-" else str(tmp_path / name)
+        assert main(["predict", ckpts["lora"], "--input", source, "--top-k", "2", "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["id"] for r in rows] == [0, 1, 2]
+        assert [r["line"] for r in rows] == {"in.csv": [2, 3, 4], "in.jsonl": [1, 2, 3]}.get(name, [1, 2, 4])
+        for row, want in zip(rows, served[0], strict=True):
+            assert (row["label"], [x["label"] for x in row["top_k"]]) == (want["label"], [x["label"] for x in
+                                                                                          want["top_k"]])
+            assert abs(row["score"] - want["score"]) <= 1e-5
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
+    assert main(["predict", ckpts["lora"], "--input", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "x")]) == 2
+    assert "bad.jsonl:2: field 'text' missing or not text" in capsys.readouterr().err
+    assert main(["predict", ckpts["lora"], "--input", str(tmp_path / "in.txt"), "--top-k", "0",
+                 "--out", str(tmp_path / "x")]) == 2
 
 
 def test_auth_and_errors(server):
@@ -313,4 +377,5 @@ def test_sigterm_finishes_requests_in_flight(server):  # last: it stops the serv
     assert answer[0].status_code == 200
     out = proc.stdout.read()
     assert "Waiting for application shutdown" in out and "Finished server process" in out, out
-    assert "8 adapters in 5 models (5 LoRA adapters on 2 shared bases)" in out, out
+    assert "9 adapters in 5 models (5 LoRA adapters on 2 shared bases)" in out, out  # the ensemble: its members'
+

@@ -59,8 +59,10 @@ class TaskKind:
         """Metrics (with ``score`` and ``score_name``), record ids and predictions from gathered rows."""
         raise NotImplementedError
 
-    def prediction_rows(self, logits: torch.Tensor, batch: dict, texts: dict, labels, label_names) -> list[dict]:
-        """One output row per record of a predicted batch."""
+    def prediction_rows(self, logits: torch.Tensor, batch: dict, texts: dict, labels, label_names,
+                        top_k: int | None = 0) -> list[dict]:
+        """One output row per record of a predicted batch; ``top_k`` (classification): also the ``k`` most
+        probable labels with their probabilities, sorted (None: every label; 0: only the top one)."""
         raise NotImplementedError
 
     def per_example(self, ids: torch.Tensor, preds: list, ds: Dataset) -> dict | None:
@@ -120,15 +122,18 @@ class Classification(TaskKind):
         return {"metric": self.metric, "n": len(pairs), "ids_sha256": _ids_digest([i for i, _ in pairs]),
                 "values": "".join("1" if p == gold[i] else "0" for i, p in pairs)}
 
-    def prediction_rows(self, logits, batch, texts, labels, label_names):
+    def prediction_rows(self, logits, batch, texts, labels, label_names, top_k=0):
         probs = logits.float().softmax(-1).cpu()
         rows = []
         for record_id, p in zip(batch["id"].tolist(), probs):
             k = int(p.argmax())
             rows.append({"id": record_id, "label": labels[k], "label_name": label_names[k],
                          "score": round(float(p[k]), 6)})
+            if top_k != 0:
+                order = p.argsort(descending=True, stable=True)[:top_k].tolist()
+                rows[-1]["top_k"] = [{"label": labels[j], "label_name": label_names[j],
+                                      "score": round(float(p[j]), 6)} for j in order]
         return rows
-
 
     def baselines(self, ds, spec):
         labels = list(ds["label"])
@@ -214,7 +219,7 @@ class TokenClassification(TaskKind):
         return {"metric": self.metric, "n": len(pairs), "ids_sha256": _ids_digest([i for i, _ in pairs]),
                 "values": values}
 
-    def prediction_rows(self, logits, batch, texts, labels, label_names):
+    def prediction_rows(self, logits, batch, texts, labels, label_names, top_k=0):
         preds = self._token_predictions(logits, batch["labels"]).cpu()
         rows = []
         for record_id, p, c in zip(batch["id"].tolist(), preds.tolist(), batch["char_index"].tolist()):

@@ -1,0 +1,63 @@
+"""A small client for ``peftbench serve`` (standard library only)::
+
+    from peftbench.client import Client
+
+    client = Client("http://127.0.0.1:8000", token)
+    client.classify("tnews", ["球队在决赛中以三比一获胜"], top_k=3)
+    # [{"label": "103", "label_name": "体育", "score": 0.91, "top_k": [...]}]
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+
+class ServerError(RuntimeError):
+    """An answer other than 200: ``status`` and the server's ``detail``."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 60.0):
+        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+
+    def classify(self, adapter: str, texts: list[str], text_pairs: list[str] | None = None,
+                 top_k: int | None = 0) -> list[dict]:
+        """One prediction per text: ``label``, ``label_name``, ``score`` (classification; with ``top_k``, also
+        the k most probable labels, sorted, ``None``: all) or ``text`` and ``entities`` with character offsets
+        (token classification)."""
+        body = {"adapter": adapter, "texts": texts}
+        if text_pairs is not None:
+            body["text_pairs"] = text_pairs
+        if top_k != 0:
+            body["top_k"] = top_k
+        return self._call("POST", "/v1/classify", body)["predictions"]
+
+    def adapters(self) -> list[dict]:
+        """What the server holds: each adapter's name, task, method, labels and base."""
+        return self._call("GET", "/v1/adapters")["adapters"]
+
+    def healthy(self) -> bool:
+        try:
+            return self._call("GET", "/healthz")["status"] == "ok"
+        except (OSError, ServerError):
+            return False
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read().decode("utf-8")).get("detail", "")
+            except (ValueError, AttributeError):
+                detail = exc.reason
+            raise ServerError(exc.code, str(detail)) from None

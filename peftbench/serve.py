@@ -222,8 +222,8 @@ class Batcher:
         members = jobs[0].adapter.members
         if members:  # an ensemble: the members' mean probabilities, as their log
             length, probs = batch["inputs"]["input_ids"].shape[1], []
-            for m in members:
-                logits = self._logits(m.model, batch, [m.peft_name] * len(examples))
+            for i, m in enumerate(members):  # the metrics count the texts once, not once per member
+                logits = self._logits(m.model, batch, [m.peft_name] * len(examples), counted=i == 0)
                 probs.append((logits[:, -length:] if logits.dim() == 3 else logits).softmax(-1))  # prompt tuning's
             logits = (sum(probs) / len(members)).log()                                             # virtual tokens
         else:
@@ -238,9 +238,10 @@ class Batcher:
             results.append([_public(a.kind.jsonl_row(r)) for r in rows])
         return results
 
-    def _logits(self, model, batch: dict, names: list[str | None]) -> torch.Tensor:
+    def _logits(self, model, batch: dict, names: list[str | None], counted: bool = True) -> torch.Tensor:
         """One model's float logits for a collated batch, in passes of at most ``max_batch`` texts; ``names``:
-        each text's adapter inside a shared PEFT model (several: mixed in one pass), or None."""
+        each text's adapter inside a shared PEFT model (several: mixed in one pass), or None; ``counted``:
+        report each pass to ``on_forward``."""
         logits = []
         for start in range(0, len(names), self.max_batch):
             inputs = {k: v[start:start + self.max_batch].to(self.device) for k, v in batch["inputs"].items()}
@@ -251,7 +252,8 @@ class Batcher:
                 if names[0] is not None:
                     model.set_adapter(names[0])
                 logits.append(model(**inputs).logits)
-            self.on_forward(len(rows), len(set(rows)))
+            if counted:
+                self.on_forward(len(rows), len(set(rows)))
         return torch.cat(logits).float().cpu()
 
 

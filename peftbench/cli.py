@@ -225,7 +225,7 @@ def _top_k(value: str | None) -> int | None:
         return 0
     if value == "all":
         return None
-    if value.isdigit() and int(value) >= 1:
+    if value.isdecimal() and value.isascii() and int(value) >= 1:
         return int(value)
     raise PeftbenchError(f"--top-k must be a number >= 1 or all, got {value!r}")
 

@@ -22,9 +22,20 @@ class ServerError(RuntimeError):
         self.status, self.detail = status, detail
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would send the token elsewhere (and turn a POST into a GET): answer it as an error instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class Client:
+    """Calls to one server; an answer other than 200 raises :class:`ServerError`; a server that cannot be reached
+    or does not answer in ``timeout`` seconds raises ``OSError`` (``URLError``, ``TimeoutError``)."""
+
     def __init__(self, url: str, token: str, timeout: float = 60.0):
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+        self._opener = urllib.request.build_opener(_NoRedirects)
 
     def classify(self, adapter: str, texts: list[str], text_pairs: list[str] | None = None,
                  top_k: int | None = 0) -> list[dict]:
@@ -44,7 +55,7 @@ class Client:
 
     def healthy(self) -> bool:
         try:
-            return self._call("GET", "/healthz")["status"] == "ok"
+            return self._call("GET", "/healthz").get("status") == "ok"
         except (OSError, ServerError):
             return False
 
@@ -53,11 +64,19 @@ class Client:
         request = urllib.request.Request(self.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read().decode("utf-8"))
+            with self._opener.open(request, timeout=self.timeout) as response:
+                body = response.read().decode("utf-8")
         except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read().decode("utf-8")).get("detail", "")
-            except (ValueError, AttributeError):
-                detail = exc.reason
+            with exc:
+                try:
+                    detail = json.loads(exc.read().decode("utf-8")).get("detail", "")
+                except (ValueError, AttributeError, OSError):
+                    detail = exc.reason
             raise ServerError(exc.code, str(detail)) from None
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise ServerError(200, f"not a JSON answer: {body[:200]!r}") from None
+        if not isinstance(answer, dict):
+            raise ServerError(200, f"not a JSON object: {body[:200]!r}")
+        return answer

@@ -183,27 +183,44 @@ ONE_PROCESS = _OneProcess()
 
 
 def read_texts(path: str, pair: bool) -> tuple[list[str], list[str] | None, list[int]]:
-    """Texts to predict from ``path`` (``-``: standard input): CSV (a header with ``text``, or ``text_a`` and
-    ``text_b``), JSON lines (``.json``/``.jsonl``, or lines that start with ``{``: the same fields), else plain
-    text, one text a line (a pair task: the two texts separated by a tab); empty lines are skipped. Returns
-    (texts, their pairs or None, each text's line number)."""
+    """Texts to predict from ``path`` (``-``: standard input): CSV (``.csv``: a header with ``text``, or
+    ``text_a`` and ``text_b``), JSON lines (``.json``/``.jsonl``: the same fields), plain text (any other file:
+    one text a line; a pair task: the two texts separated by a tab); standard input is JSON lines when its
+    first line starts with ``{``, CSV when its first line is a header naming those fields, else plain text.
+    Empty lines are skipped. Returns (texts, their pairs or None, each text's line number)."""
     import csv
     import io
     import sys
 
     name = "<stdin>" if path == "-" else path
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8-sig")
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise PeftbenchError(f"{name}: cannot be read as UTF-8 text ({clip(exc)})") from None
     keys = ("text_a", "text_b") if pair else ("text",)
+    lines = text.split("\n")  # not splitlines(): JSON text may hold U+2028 and other line separators
+    first = next((line.strip() for line in lines if line.strip()), "")
+    header = {field.strip() for field in first.split(",")}
+    kind = ("csv" if name.endswith(".csv") else "jsonl" if name.endswith((".json", ".jsonl")) else "text") \
+        if path != "-" else "jsonl" if first.startswith("{") else "csv" if {"text", "text_a"} & header and (
+            "," in first or first in ("text", "text_a")) else "text"
     rows: list[tuple[int, dict]] = []
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    if name.endswith(".csv"):
+    if kind == "csv":
         reader = csv.DictReader(io.StringIO(text))
-        rows = [(reader.line_num, row) for row in reader]
-    elif name.endswith((".json", ".jsonl")) or first.startswith("{"):
-        for number, line in enumerate(text.splitlines(), 1):
+        if reader.fieldnames is None:  # (reads the header)
+            raise PeftbenchError(f"{name}: an empty CSV file, no header")
+        while True:
+            start = reader.line_num + 1  # a quoted record may span lines: report the one it starts on
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise PeftbenchError(f"{name}:{start}: not valid CSV ({exc})") from None
+            rows.append((start, row))
+    elif kind == "jsonl":
+        for number, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -211,7 +228,7 @@ def read_texts(path: str, pair: bool) -> tuple[list[str], list[str] | None, list
                     raise PeftbenchError(f"{name}:{number}: not a JSON object ({exc.msg})") from None
                 rows.append((number, row if isinstance(row, dict) else {}))
     else:
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(lines, 1):
             if line.strip():
                 parts = line.split("\t", 1) if pair else [line]
                 rows.append((number, dict(zip(keys, parts))))

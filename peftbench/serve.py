@@ -120,8 +120,9 @@ def _load_singles(checkpoints: dict[str, str | Path], device: str) -> dict[str, 
 
 def describe_memory(adapters: dict[str, Adapter]) -> str:
     """One line: how many models are in memory for how many adapters."""
-    models = {id(a.model) for a in adapters.values()}  # an ensemble holds its members' models
-    shared = [a for a in adapters.values() if a.peft_name is not None]
+    loaded = [m for a in adapters.values() for m in (a.members or [a])]  # an ensemble: its members
+    models = {id(a.model) for a in loaded}
+    shared = list({id(a): a for a in loaded if a.peft_name is not None}.values())
     return (f"{len(adapters)} adapters in {len(models)} models ({len(shared)} LoRA adapters on "
             f"{len({id(a.model) for a in shared})} shared bases)")
 
@@ -332,7 +333,7 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
         disable_created_metrics,
         generate_latest,
     )
-    from pydantic import BaseModel
+    from pydantic import BaseModel, StrictInt
 
     if not token:
         raise PeftbenchError(NO_TOKEN)
@@ -371,7 +372,7 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
         adapter: str
         texts: list[str]
         text_pairs: list[str] | None = None
-        top_k: int | None = 0  # also the k most probable labels, sorted; null: every label
+        top_k: StrictInt | None = 0  # also the k most probable labels, sorted; null: every label
 
     @app.get("/healthz")
     def healthz():
@@ -445,6 +446,8 @@ def parse_checkpoints(specs: list[str]) -> dict[str, str | list[str]]:
             path, name = spec, Path(spec).resolve().parent.name if Path(spec).name == "checkpoint" else Path(spec).name
         if name in out:
             raise PeftbenchError(f"adapter name '{name}' given twice: name them, NAME=CKPT")
+        if "#" in name:
+            raise PeftbenchError(f"adapter name '{name}': '#' is kept for the members of an ensemble")
         out[name] = path.split("+") if sep and "+" in path else path
     return out
 

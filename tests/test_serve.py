@@ -145,6 +145,7 @@ def test_the_client_asks_for_top_k_labels_and_they_are_sorted_probabilities(serv
     with pytest.raises(ServerError, match="422: top_k: a number of labels >= 1"):
         client.classify("lora", texts, top_k=-1)
     assert classify(http, "lora", texts, top_k=0).status_code == 422
+    assert classify(http, "lora", texts, top_k=True).status_code == 422  # not a number of labels
     ner = client.classify("ner", ["张三在北京"], top_k=2)  # token classification: entity spans, no top_k
     assert set(ner[0]) == {"text", "entities"}
 
@@ -180,6 +181,32 @@ def test_predict_reads_plain_files_and_standard_input(server, tmp_path, monkeypa
     assert "bad.jsonl:2: field 'text' missing or not text" in capsys.readouterr().err
     assert main(["predict", ckpts["lora"], "--input", str(tmp_path / "in.txt"), "--top-k", "0",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_input_files_are_read_in_every_format_with_their_line_numbers(tmp_path, monkeypatch):
+    import io
+
+    from peftbench.inference import read_texts
+
+    def stdin(data: bytes):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+    (tmp_path / "q.csv").write_text('text\nx\n"y\nz"\nw\n', encoding="utf-8")
+    assert read_texts(str(tmp_path / "q.csv"), False) == (["x", "y\nz", "w"], None, [2, 3, 5])
+    (tmp_path / "u.jsonl").write_text('{"text": "a\u2028b"}\n\n{"text": "c"}\n', encoding="utf-8")
+    assert read_texts(str(tmp_path / "u.jsonl"), False) == (["a\u2028b", "c"], None, [1, 3])
+    (tmp_path / "b.txt").write_bytes("\ufeff{标题}\r\n第二\r\n".encode())  # .txt: plain text, however it starts
+    assert read_texts(str(tmp_path / "b.txt"), False) == (["{标题}", "第二"], None, [1, 2])
+    (tmp_path / "pairs.txt").write_text("a\tb\nc\td\n", encoding="utf-8")
+    assert read_texts(str(tmp_path / "pairs.txt"), True) == (["a", "c"], ["b", "d"], [1, 2])
+    stdin("text_a,text_b\n甲,乙\n".encode())
+    assert read_texts("-", True) == (["甲"], ["乙"], [2])
+    stdin('\ufeff{"text": "x"}\n'.encode())
+    assert read_texts("-", False) == (["x"], None, [1])
+    stdin("一行\n".encode())
+    assert read_texts("-", False) == (["一行"], None, [1])
+    with pytest.raises(PeftbenchError, match="q.csv: this task classifies text pairs"):
+        read_texts(str(tmp_path / "q.csv"), True)
 
 
 def test_auth_and_errors(server):
@@ -377,5 +404,5 @@ def test_sigterm_finishes_requests_in_flight(server):  # last: it stops the serv
     assert answer[0].status_code == 200
     out = proc.stdout.read()
     assert "Waiting for application shutdown" in out and "Finished server process" in out, out
-    assert "9 adapters in 5 models (5 LoRA adapters on 2 shared bases)" in out, out  # the ensemble: its members'
+    assert "9 adapters in 5 models (7 LoRA adapters on 2 shared bases)" in out, out  # the ensemble's two members
 

@@ -164,7 +164,7 @@ def test_predict_reads_plain_files_and_standard_input(server, tmp_path, monkeypa
               "in.csv": "text\n" + "\n".join(texts) + "\n"}
     for name, text in inputs.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
-    monkeypatch.setattr("sys.stdin", io.StringIO(inputs["in.txt"]))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(inputs["in.txt"].encode()), encoding="utf-8"))
     for name in [*inputs, "-"]:
         out = tmp_path / f"{name}.out.jsonl"
         source = name if name == "-" else str(tmp_path / name)

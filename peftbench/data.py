@@ -59,8 +59,9 @@ class Collator:
         self.pad_id = pad_id
         self.multiple = pad_to_multiple_of
 
-    def __call__(self, examples: list[dict]) -> dict:
-        longest = max(len(ex["input_ids"]) for ex in examples)
+    def __call__(self, examples: list[dict], width: int = 0) -> dict:
+        """``width``: pad to at least this length (batches collated apart and joined)."""
+        longest = max(width, *(len(ex["input_ids"]) for ex in examples))
         width = math.ceil(longest / self.multiple) * self.multiple
 
         def padded(key, fill):

@@ -85,16 +85,7 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
     if base is not None and meta["base"] is None:
         raise PeftbenchError(f"{ckpt_dir}: method '{meta['method']}' saved a whole model; it takes no base")
     quantized = cfg.model.quantization != "none"
-    base_model = None
-    if meta["base"] is not None:  # quantised as in training: the trained tensors were fitted to that base
-        source = base if base is not None else checkpoint.base_source(ckpt_dir, meta)
-        gpu = torch.device(device)
-        base_model, _ = from_pretrained(source, cfg.model, meta["model_labels"], tokenizer.pad_token_id,
-                                        kind.auto_class,
-                                        device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None,
-                                        float_storage=meta["base"].get("quant_storage") == "bf16")
-        base_model.load_state_dict(checkpoint.read_new_weights(ckpt_dir), strict=False)
-        checkpoint.check_base(ckpt_dir, meta, source, checkpoint.fingerprint(base_model))
+    base_model = None if meta["base"] is None else load_base(ckpt_dir, meta, tokenizer.pad_token_id, device, base)
     ctx = RunContext(total_steps=0, num_labels=len(meta["labels"]), peft_task_type=kind.peft_task_type,
                      labels_per_token=kind.labels_per_token,
                      lacked_modules=lacked_modules(meta["base"]["new_weights"] if meta["base"] else ()))
@@ -106,6 +97,22 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
         model = model.merge_and_unload()
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
+
+
+def load_base(ckpt_dir: Path, meta: dict, pad_id: int, device="cpu", base: str | None = None):
+    """The pretrained base a checkpoint was trained on, as its task model (the weights its source lacked taken
+    from the checkpoint), checked against the fingerprint taken at training; quantised as in training: the
+    trained tensors were fitted to that base."""
+    cfg, kind = resolve(meta["config"]), KINDS[meta["kind"]]
+    source = base if base is not None else checkpoint.base_source(ckpt_dir, meta)
+    gpu = torch.device(device)
+    quantized = cfg.model.quantization != "none"
+    base_model, _ = from_pretrained(source, cfg.model, meta["model_labels"], pad_id, kind.auto_class,
+                                    device_map={"": gpu.index or 0} if quantized and gpu.type == "cuda" else None,
+                                    float_storage=meta["base"].get("quant_storage") == "bf16")
+    base_model.load_state_dict(checkpoint.read_new_weights(ckpt_dir), strict=False)
+    checkpoint.check_base(ckpt_dir, meta, source, checkpoint.fingerprint(base_model))
+    return base_model
 
 
 def submission_file(name, ckpt_dir, data_file: str) -> str:

@@ -1,12 +1,12 @@
-"""``peftbench serve``: trained checkpoints over HTTP, with one base in memory for the LoRA adapters on it.
+"""``peftbench serve``: trained checkpoints over HTTP, with one base in memory for the adapters on it.
 
-LoRA adapters trained on one pretrained base (their fingerprints agree) for one task kind
-and label count live in one PEFT model: the first loads the base, the others are added with
-``load_adapter`` and chosen per request (a batch that mixes them runs once, with PEFT's
-``adapter_names``). Other methods change the base in place (or replace it) and are loaded
-side by side, as is a LoRA adapter of another base. Requests are batched dynamically: the
-batcher waits up to ``max_wait_ms`` for ``max_batch`` texts, and one worker thread runs the
-forward passes, so the models are used by one thread at a time.
+Adapters trained on one pretrained base (their fingerprints agree) share one copy of its backbone
+(:mod:`peftbench.mixed`): a batch whose rows ask for different adapters, of any method that keeps the base
+frozen and of any task, runs through the backbone once, each row with its own adapter, and each adapter's
+head on its own rows. A checkpoint that cannot share (full fine-tuning, DoRA, other PEFT tuners, a quantised
+base) keeps a model of its own, and the start-up line says why. Requests are batched dynamically: the batcher
+waits up to ``max_wait_ms`` for ``max_batch`` texts, and one worker thread runs the forward passes, so the
+models are used by one thread at a time.
 
 Endpoints: ``POST /v1/classify``, ``GET /v1/adapters``, ``GET /metrics`` (Prometheus text)
 and ``GET /healthz`` (no token). Every other path needs ``Authorization: Bearer <token>``,
@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 from peftbench import checkpoint
+from peftbench.config import resolve
 from peftbench.data import Collator
 from peftbench.errors import PeftbenchError, clip
-from peftbench.inference import load, loading, open_checkpoint
-from peftbench.methods import get_method
+from peftbench.inference import load, load_base, loading
+from peftbench.mixed import NotShareable, SharedBase
 from peftbench.tasks.kinds import KINDS, TaskKind
 
-SHARED_METHODS = ("lora",)  # PEFT adapters that load onto one base and switch per request (and their presets)
 NO_TOKEN = "no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)"
 
 
@@ -46,38 +46,44 @@ class Adapter:
     name: str
     meta: dict
     kind: TaskKind
-    model: torch.nn.Module  # shared by the LoRA adapters of one group
     tokenizer: object
-    peft_name: str | None = None  # its name inside a shared PEFT model
+    model: torch.nn.Module | None = None  # a model of its own
+    shared: SharedBase | None = None  # else: the base it shares, where it is the slot called ``name``
     members: list["Adapter"] = field(default_factory=list)  # an ensemble's: their probabilities are averaged
+    own_reason: str | None = None  # why it did not join a shared base
 
     @property
     def batch_key(self) -> tuple:
-        """Jobs with one key run in one forward pass: one model, and one adapter unless PEFT can mix it
-        (``adapter_names`` does not take DoRA); an ensemble's jobs run together, one pass per member."""
+        """Jobs with one key run in one forward pass: the adapters of one shared base mix, those with n virtual
+        tokens (prompt tuning) apart from the others (in one pass, every row would be padded by n); a model of its
+        own runs alone; an ensemble's jobs run together, one pass per member."""
         if self.members:
             return ("ensemble", self.name)
-        mixable = self.peft_name is not None and not self.model.peft_config[self.peft_name].use_dora
-        return (id(self.model), None if mixable else self.peft_name)
+        if self.shared is None:
+            return ("own", id(self.model))
+        prompt = self.shared.slots[self.name].prompt
+        return ("shared", id(self.shared), 0 if prompt is None else prompt.shape[0])
 
     def describe(self) -> dict:
         m = self.meta
         return {"name": self.name, "task": m["task"], "method": "ensemble" if self.members else m["method"],
                 "kind": m["kind"], "labels": m["labels"], "label_names": m["label_names"], "text_pairs": m["pair"],
-                "shares_base": self.peft_name is not None, "run_id": m["run_id"],
+                "shares_base": self.shared is not None, "run_id": m["run_id"],
                 "base": checkpoint.pretrained_fingerprint(m)[:12] if m["base"] else None,
+                **({"own_model": self.own_reason} if self.own_reason else {}),
                 **({"members": [a.describe() for a in self.members]} if self.members else {})}
 
 
 def load_adapters(checkpoints: dict[str, str | Path | list], device: str = "cpu") -> dict[str, Adapter]:
-    """Load every checkpoint (name -> directory, or a list of directories: an ensemble). A LoRA adapter joins
-    the model of an earlier one when both were trained on one pretrained base (checked by fingerprint) for the
-    same kind and number of labels; every other checkpoint gets a model of its own."""
+    """Load every checkpoint (name -> directory, or a list of directories: an ensemble). An adapter joins the
+    shared base of the pretrained base it was trained on (checked by fingerprint) when its method keeps that
+    base frozen; every other checkpoint gets a model of its own."""
     singles = {}
     for name, ckpt in checkpoints.items():
         for i, path in enumerate(ckpt if isinstance(ckpt, list) else [ckpt]):
             singles[f"{name}#{i}" if isinstance(ckpt, list) else name] = path
-    loaded = _load_singles(singles, device)
+    bases: dict[tuple, SharedBase | None] = {}
+    loaded = {name: load_adapter(name, Path(path), device, bases) for name, path in singles.items()}
     adapters = {}
     for name, ckpt in checkpoints.items():
         if not isinstance(ckpt, list):
@@ -90,41 +96,48 @@ def load_adapters(checkpoints: dict[str, str | Path | list], device: str = "cpu"
             if not same or member.tokenizer.get_vocab() != first.tokenizer.get_vocab():
                 raise PeftbenchError(f"ensemble '{name}': {path} has another task, labels, tokenizer or max_length "
                                      f"than {ckpt[0]}; a served ensemble's members share all of them")
-        adapters[name] = Adapter(name, first.meta, first.kind, first.model, first.tokenizer, members=members)
+        adapters[name] = Adapter(name, first.meta, first.kind, first.tokenizer, members=members)
     return adapters
 
 
-def _load_singles(checkpoints: dict[str, str | Path], device: str) -> dict[str, Adapter]:
-    from transformers import AutoTokenizer
-
-    adapters, hosts = {}, {}
-    for name, ckpt in checkpoints.items():
-        with loading(Path(ckpt)):
-            meta = open_checkpoint(Path(ckpt))
-        kind = KINDS[meta["kind"]]
-        shared = meta["method"] in SHARED_METHODS or get_method(meta["method"]).preset_of in SHARED_METHODS
-        group = (checkpoint.pretrained_fingerprint(meta), meta["kind"], len(meta["labels"])) if shared else None
-        if group in hosts:
-            host = hosts[group]
-            with loading(Path(ckpt)):
-                host.model.load_adapter(str(ckpt), adapter_name=name)
-                tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-            adapters[name] = Adapter(name, meta, kind, host.model, tokenizer, name)
-            continue
-        model, tokenizer, meta = load(ckpt, device)
-        adapters[name] = Adapter(name, meta, kind, model, tokenizer, "default" if shared else None)
-        if shared:
-            hosts[group] = adapters[name]
-    return adapters
+def load_adapter(name: str, ckpt: Path, device: str, bases: dict[tuple, SharedBase | None]) -> Adapter:
+    """One checkpoint, as a slot of the shared base in ``bases`` (by base fingerprint, padding id and attention;
+    created on first use) when it can share it, else as a model of its own."""
+    model, tokenizer, meta = load(ckpt, device)
+    kind = KINDS[meta["kind"]]
+    model_cfg = resolve(meta["config"]).model
+    if meta["base"] is None:
+        return Adapter(name, meta, kind, tokenizer, model, own_reason="a whole model (no base)")
+    if model_cfg.quantization != "none":
+        return Adapter(name, meta, kind, tokenizer, model, own_reason=f"a {model_cfg.quantization} base")
+    group = (checkpoint.pretrained_fingerprint(meta), tokenizer.pad_token_id, model_cfg.attn_implementation)
+    if group not in bases:
+        try:
+            with loading(ckpt):
+                bases[group] = SharedBase(load_base(ckpt, meta, tokenizer.pad_token_id, device).eval())
+        except NotShareable as exc:
+            bases[group] = exc
+    shared = bases[group]
+    reason = str(shared) if isinstance(shared, NotShareable) else None
+    if reason is None:
+        try:
+            shared.add(name, model)
+            return Adapter(name, meta, kind, tokenizer, shared=shared)
+        except NotShareable as exc:
+            reason = str(exc)
+    return Adapter(name, meta, kind, tokenizer, model, own_reason=reason)
 
 
 def describe_memory(adapters: dict[str, Adapter]) -> str:
-    """One line: how many models are in memory for how many adapters."""
+    """A line: how many adapters run on how many shared bases, how many in models of their own (and why)."""
     loaded = [m for a in adapters.values() for m in (a.members or [a])]  # an ensemble: its members
-    models = {id(a.model) for a in loaded}
-    shared = list({id(a): a for a in loaded if a.peft_name is not None}.values())
-    return (f"{len(adapters)} adapters in {len(models)} models ({len(shared)} LoRA adapters on "
-            f"{len({id(a.model) for a in shared})} shared bases)")
+    shared = [a for a in loaded if a.shared is not None]
+    own = [a for a in loaded if a.shared is None]
+    why = "; ".join(f"{a.name}: {a.own_reason}" for a in own)
+    own_bytes = sum(a.shared.slots[a.name].nbytes() for a in shared)
+    return (f"{len(adapters)} adapters: {len(shared)} on {len({id(a.shared) for a in shared})} shared bases "
+            f"({own_bytes / 2**20:.1f} MiB of their own tensors), {len(own)} in models of their own"
+            + (f" ({why})" if why else ""))
 
 
 @dataclass
@@ -215,47 +228,43 @@ class Batcher:
     @torch.inference_mode()
     def _forward(self, jobs: list[Job]) -> list[list[dict]]:
         """Prediction rows for each job; the jobs share a batch key (:attr:`Adapter.batch_key`)."""
-        examples, spans = [], []
-        for job in jobs:
-            spans.append((len(examples), len(examples) + len(job.examples)))
-            examples += [{**ex, "id": len(examples) + i} for i, ex in enumerate(job.examples)]
-        batch = Collator(jobs[0].adapter.tokenizer.pad_token_id)(examples)
+        width = max(len(ex["input_ids"]) for job in jobs for ex in job.examples)
+        collate = Collator(jobs[0].adapter.tokenizer.pad_token_id)  # one padding id per batch key
+        parts = [collate([{**ex, "id": i} for i, ex in enumerate(job.examples)], width) for job in jobs]
+        inputs = {k: torch.cat([p["inputs"][k] for p in parts]) for k in parts[0]["inputs"]}  # jobs of other tasks
+        rows = [job.adapter for job in jobs for _ in job.examples]                             # mix: labels apart
         members = jobs[0].adapter.members
         if members:  # an ensemble: the members' mean probabilities, as their log
-            length, probs = batch["inputs"]["input_ids"].shape[1], []
-            for i, m in enumerate(members):  # the metrics count the texts once, not once per member
-                logits = self._logits(m.model, batch, [m.peft_name] * len(examples), counted=i == 0)
-                probs.append((logits[:, -length:] if logits.dim() == 3 else logits).softmax(-1))  # prompt tuning's
-            logits = (sum(probs) / len(members)).log()                                             # virtual tokens
+            probs = [torch.stack(self._logits([m] * len(rows), inputs, counted=i == 0)).softmax(-1)  # the metrics
+                     for i, m in enumerate(members)]                                                # count texts once
+            logits = list((sum(probs) / len(members)).log())
         else:
-            logits = self._logits(jobs[0].adapter.model, batch, [job.adapter.peft_name for job, (s, e)
-                                                                 in zip(jobs, spans) for _ in range(e - s)])
-        results = []
-        for job, (s, e) in zip(jobs, spans):
-            a = job.adapter
-            part = {k: batch[k][s:e] for k in ("id", "labels", "char_index") if k in batch}
-            rows = a.kind.prediction_rows(logits[s:e], part, dict(zip(range(s, e), job.texts)), a.meta["labels"],
-                                          a.meta["label_names"], job.top_k)
-            results.append([_public(a.kind.jsonl_row(r)) for r in rows])
+            logits = self._logits(rows, inputs)
+        results, start = [], 0
+        for job, part in zip(jobs, parts):
+            a, end = job.adapter, start + len(job.examples)
+            predicted = a.kind.prediction_rows(torch.stack(logits[start:end]), part, dict(enumerate(job.texts)),
+                                               a.meta["labels"], a.meta["label_names"], job.top_k)
+            results.append([_public(a.kind.jsonl_row(r)) for r in predicted])
+            start = end
         return results
 
-    def _logits(self, model, batch: dict, names: list[str | None], counted: bool = True) -> torch.Tensor:
-        """One model's float logits for a collated batch, in passes of at most ``max_batch`` texts; ``names``:
-        each text's adapter inside a shared PEFT model (several: mixed in one pass), or None; ``counted``:
-        report each pass to ``on_forward``."""
-        logits = []
-        for start in range(0, len(names), self.max_batch):
-            inputs = {k: v[start:start + self.max_batch].to(self.device) for k, v in batch["inputs"].items()}
-            rows = names[start:start + self.max_batch]
-            if len(set(names)) > 1:  # LoRA adapters of one base, mixed in a batch
-                logits.append(model(**inputs, adapter_names=rows).logits)
+    def _logits(self, adapters: list[Adapter], inputs: dict, counted: bool = True) -> list[torch.Tensor]:
+        """Each row's float logits for batch ``inputs`` whose row i asks for ``adapters[i]`` (all on one shared
+        base, or one model of its own), in passes of at most ``max_batch`` texts; token logits align with the
+        input tokens. ``counted``: report each pass to ``on_forward``."""
+        logits, length = [], inputs["input_ids"].shape[1]
+        for start in range(0, len(adapters), self.max_batch):
+            part = {k: v[start:start + self.max_batch].to(self.device) for k, v in inputs.items()}
+            rows = adapters[start:start + self.max_batch]
+            if rows[0].shared is not None:
+                logits += [row.cpu() for row in rows[0].shared.forward(part, [a.name for a in rows])]
             else:
-                if names[0] is not None:
-                    model.set_adapter(names[0])
-                logits.append(model(**inputs).logits)
-            if counted:
-                self.on_forward(len(rows), len(set(rows)))
-        return torch.cat(logits).float().cpu()
+                out = rows[0].model(**part).logits.float()
+                logits += list((out[:, -length:] if out.dim() == 3 else out).cpu())  # after prompt tuning's
+            if counted:                                                             # virtual tokens
+                self.on_forward(len(rows), len({a.name for a in rows}))
+        return logits
 
 
 def _public(row: dict) -> dict:
@@ -345,7 +354,7 @@ def create_app(adapters: dict[str, Adapter], token: str, device: str = "cpu", li
     texts_total = Counter("peftbench_texts", "Texts classified", ["adapter"], registry=registry)
     batch_texts = Histogram("peftbench_batch_texts", "Texts per forward pass", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-    mixed = Counter("peftbench_mixed_batches", "Forward passes that ran several LoRA adapters", registry=registry)
+    mixed = Counter("peftbench_mixed_batches", "Forward passes that ran several adapters", registry=registry)
 
     def on_forward(texts: int, adapters_in_batch: int) -> None:
         batch_texts.observe(texts)

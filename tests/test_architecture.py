@@ -11,7 +11,7 @@ FLOORS = {  # top-level module or sub-package -> floor (higher may import lower)
     "model_index": 0,
     "methods": 1, "tasks": 1, "models": 1, "data": 1, "checkpoint": 1, "leaderboard": 1, "distributed": 1, "claims": 1,
     "tricks": 1,
-    "loop": 2, "evaluate_modules": 2, "inference": 2,
+    "loop": 2, "evaluate_modules": 2, "inference": 2, "mixed": 2,
     "train": 3, "pretrain": 3, "ensemble": 3,
     "export": 4, "plan": 4,
     "serve": 4,

@@ -140,7 +140,7 @@ def _attention_functions():
     return ALL_ATTENTION_FUNCTIONS
 
 
-def _base_attention(module, implementation: str):
+def base_attention(module, implementation: str):
     """The attention the prefix attention wraps; registers the prefix attention with transformers (for every
     implementation: the modules dispatch to it by name)."""
     functions = _attention_functions()
@@ -214,7 +214,7 @@ class Prefix(InPlaceMethod):
         if cfg.reparameterize:
             encoder.hold(model)
         for layer, module in enumerate(targets):
-            base = _base_attention(module, module.config._attn_implementation)
+            base = base_attention(module, module.config._attn_implementation)
             module.peftbench_prefix = _Link(encoder, layer, base)
             module.config = copy.copy(module.config)  # only the attention modules dispatch to the prefix attention
             module.config._attn_implementation = ATTENTION_NAME

@@ -252,9 +252,170 @@ def _environment() -> str:
             f"peft {env['peft']}, git {str(env['git_sha'])[:10]}")
 
 
+# -- many adapters: a folder, loaded on first use -------------------------------------------------------------------
+
+FOLDER_METHODS = ("lora", "ia3", "prefix")
+
+
+def adapter_folder(base: str, root: Path, count: int) -> Path:
+    """``count`` adapters of ``base`` in one folder, LoRA, IA3 and prefix in turn: one short run per method, copied
+    with its trained tensors drawn afresh (random-init adapters of one base, each its own checkpoint)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from peftbench import config
+    from peftbench.train import run
+
+    seeds = {}
+    for method in FOLDER_METHODS:
+        cfg = config.load(None, ["task.name=synthetic", f"model.name_or_path={base}", "task.max_length=48",
+                                 f"method.name={method}", "train.max_steps=1", "train.measure_inference=false",
+                                 f"output_dir={root / 'runs' / method}"])
+        seeds[method] = Path(run(cfg).record["checkpoint"])
+    folder = root / f"adapters-{count}"
+    generator = torch.Generator().manual_seed(count)
+    for i in range(count):
+        method = FOLDER_METHODS[i % len(FOLDER_METHODS)]
+        target = shutil.copytree(seeds[method], folder / f"{method}-{i:03d}")
+        for weights in target.glob("*.safetensors"):
+            if weights.name in ("adapter_model.safetensors", "trainable.safetensors"):
+                tensors = load_file(str(weights))
+                save_file({k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()},
+                          str(weights))
+    return folder
+
+
+def skewed(count: int, n: int, seed: int = 0) -> list[int]:
+    """``n`` adapter indices with a Zipf-like skew (weight 1 / rank^1.1): a few hot adapters and a long tail."""
+    import random
+
+    rng = random.Random(seed)
+    return rng.choices(range(count), weights=[1 / (r + 1) ** 1.1 for r in range(count)], k=n)
+
+
+def folder_load(url: str, token: str, names: list[str], picks: list[int], concurrency: int, midway=None) -> dict:
+    """The requests (one text each) through :class:`peftbench.client.Client`, ``concurrency`` at a time; ``midway``
+    runs once half of them are answered (an admin's change under load). A request for an adapter removed meanwhile
+    (404) is counted, not timed."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peftbench.client import Client, ServerError
+
+    client = Client(url, token, timeout=300)
+    answered, gone, lock = [0], [0], threading.Lock()
+
+    def one(i: int) -> float | None:
+        start = time.perf_counter()
+        try:
+            client.classify(names[picks[i]], [TEXTS[i % len(TEXTS)]])
+        except ServerError as exc:
+            if exc.status != 404:
+                raise
+            gone[0] += 1
+            return None
+        with lock:
+            answered[0] += 1
+            if answered[0] == len(picks) // 2 and midway is not None:
+                midway()
+        return time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = [t for t in pool.map(one, range(len(picks))) if t is not None]
+    seconds = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"req_s": len(latencies) / seconds, "p50": 1e3 * q[49], "p95": 1e3 * q[94], "p99": 1e3 * q[98],
+            "gone": gone[0]}
+
+
+def admin_change(url: str, admin_token: str, hot: str, source: Path):
+    """Midway through the load: the admin removes the hottest adapter and adds a copy of another as ``added``."""
+    from peftbench.client import Client
+
+    def change():
+        admin = Client(url, admin_token, timeout=300)
+        start = time.perf_counter()
+        change.done = {"removed": hot, "queued_answered": admin.remove_adapter(hot),
+                       "remove_ms": 1e3 * (time.perf_counter() - start)}
+        start = time.perf_counter()
+        admin.add_adapter("added", str(source))
+        change.done["add_ms"] = 1e3 * (time.perf_counter() - start)
+
+    return change
+
+
+def server_facts(url: str, token: str, pid: int) -> dict:
+    """Loads, evictions and mean load time from /metrics; resident memory of the server process."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {token}"}).text
+    values = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line and line[0] != "#"}
+    loads = values.get("peftbench_adapter_load_seconds_count", 0)
+    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
+    return {"loads": int(loads), "evictions": int(values.get("peftbench_adapter_evictions_total", 0)),
+            "load_ms": 1e3 * values.get("peftbench_adapter_load_seconds_sum", 0) / max(loads, 1),
+            "loaded": int(values.get("peftbench_adapters_loaded", 0)), "rss_mib": rss / 1024}
+
+
+def folder_table(base: str, counts: tuple[int, ...], n: int, concurrency: int, max_loaded: int) -> None:
+    from peftbench.client import Client
+
+    tmp = tempfile.TemporaryDirectory()
+    token, admin_token = "benchmark-token-0123456789", "benchmark-admin-0123456789"
+    rows, changed = [], {}
+    for count in counts:
+        folder = adapter_folder(base, Path(tmp.name) / str(count), count)
+        names = sorted(p.name for p in folder.iterdir())
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", "--adapters-dir", str(folder),
+                                 "--max-loaded", str(max_loaded), "--port", str(port)],
+                                env={**os.environ, "PEFTBENCH_TOKEN": token, "PEFTBENCH_ADMIN_TOKEN": admin_token},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(1200):
+                try:
+                    if httpx.get(url + "/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            picks = skewed(count, n)
+            change = admin_change(url, admin_token, names[0], folder / names[-1]) if count == counts[-1] else None
+            result = folder_load(url, token, names, picks, concurrency, change)
+            rows.append((count, len(set(picks)), result, server_facts(url, token, proc.pid)))
+            if change is not None and hasattr(change, "done"):
+                changed = change.done
+                changed["added_answers"] = len(Client(url, token).classify("added", TEXTS))
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(f"# peftbench serve --adapters-dir --max-loaded {max_loaded}: {n} requests of one text, {concurrency} in "
+          f"flight, adapters picked with weight 1/rank^1.1 (LoRA, IA3, prefix in turn, random-init, of {base}); "
+          "server and client on one machine; the first use of an adapter loads it")
+    print(_environment())
+    print("| adapters | used | req/s | p50 ms | p95 ms | p99 ms | loads | evictions | mean load ms (queue included) | "
+          "in memory | server RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for count, used, r, f in rows:
+        print(f"| {count} | {used} | {r['req_s']:.0f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
+              f"{f['loads']} | {f['evictions']} | {f['load_ms']:.0f} | {f['loaded']} | {f['rss_mib']:.0f} |")
+    if not changed:
+        return
+    gone = rows[-1][2]["gone"]
+    print(f"# with {counts[-1]} adapters, once half the requests were answered, the admin removed the hottest adapter "
+          f"'{changed['removed']}' in {changed['remove_ms']:.0f} ms ({changed['queued_answered']} requests queued for "
+          f"it answered; {gone} later ones answered 404) and added one in {changed['add_ms']:.0f} ms, which then "
+          f"answered {changed['added_answers']} texts")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mixed", metavar="BASE", help="the one-pass table on random adapters of this base")
+    parser.add_argument("--folder", metavar="BASE", help="the adapters-folder table on random adapters of this base")
+    parser.add_argument("--counts", default="1,16,256", help="--folder: adapters in the folder, one server each")
+    parser.add_argument("--max-loaded", type=int, default=64, help="--folder: the server's --max-loaded")
     parser.add_argument("--passes", type=int, default=20, help="--mixed: timed passes per setting")
     parser.add_argument("--sizes", default="1,4,16,64", help="--mixed: adapters per batch (the first is the baseline)")
     parser.add_argument("checkpoints", nargs="*", metavar="NAME=CKPT", help="four LoRA adapters on one base")
@@ -262,6 +423,9 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=400, help="timed requests per setting")
     parser.add_argument("-c", type=int, default=16, help="requests in flight")
     args = parser.parse_args()
+    if args.folder:
+        return folder_table(args.folder, tuple(int(k) for k in args.counts.split(",")), args.n, args.c,
+                            args.max_loaded)
     if args.mixed:
         return mixed_table(args.mixed, args.passes, tuple(int(k) for k in args.sizes.split(",")))
     tmp = tempfile.TemporaryDirectory()

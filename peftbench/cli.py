@@ -125,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                                                             "reported beside the float model's")
     exp_p.add_argument("--data-dir", help="task folder for the ONNX check (default: the one trained on)")
     srv_p = sub.add_parser("serve", help="serve checkpoints over HTTP: one base in memory, many adapters")
-    srv_p.add_argument("checkpoints", nargs="+", metavar="[NAME=]CKPT", help="checkpoint/ directories")
+    srv_p.add_argument("checkpoints", nargs="*", metavar="[NAME=]CKPT", help="checkpoint/ directories (kept loaded)")
+    srv_p.add_argument("--adapters-dir", help="a folder of checkpoints, each served by its folder name, loaded on "
+                                              "first use")
+    srv_p.add_argument("--max-loaded", type=int, help="adapters of --adapters-dir in memory at once (least "
+                                                      "recently used let go; default: no limit)")
+    srv_p.add_argument("--admin-token-file", help="file holding the admin endpoints' token (default: "
+                                                  "$PEFTBENCH_ADMIN_TOKEN; none: no admin endpoints)")
     srv_p.add_argument("--host", default="127.0.0.1")
     srv_p.add_argument("--port", type=int, default=8000)
     srv_p.add_argument("--token-file", help="file holding the bearer token (default: $PEFTBENCH_TOKEN)")
@@ -186,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             from peftbench.serve import Limits, serve
 
             serve(ns.checkpoints, ns.host, ns.port, ns.token_file, ns.device or ("cuda" if _cuda() else "cpu"),
-                  Limits(ns.max_texts, ns.max_chars), ns.max_batch, ns.max_wait_ms, ns.docs)
+                  Limits(ns.max_texts, ns.max_chars), ns.max_batch, ns.max_wait_ms, ns.docs, ns.adapters_dir,
+                  ns.max_loaded, ns.admin_token_file)
             return 0
         if ns.command == "plan":
             return _plan(ns)

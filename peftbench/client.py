@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 
 
@@ -47,11 +48,21 @@ class Client:
             body["text_pairs"] = text_pairs
         if top_k != 0:
             body["top_k"] = top_k
-        return self._call("POST", "/v1/classify", body)["predictions"]
+        return self._call("POST", "/v1/classify", body, {"X-Peftbench-Adapter": adapter})["predictions"]
 
     def adapters(self) -> list[dict]:
-        """What the server holds: each adapter's name, task, method, labels and base."""
+        """What the server serves: each adapter's name, task, method, labels, base, and whether it is loaded."""
         return self._call("GET", "/v1/adapters")["adapters"]
+
+    def add_adapter(self, name: str, path: str | None = None) -> dict:
+        """Serve the checkpoint at ``path`` (default: the server's adapters folder's ``name``) as ``name``, loaded
+        now; needs a client made with the admin token. Returns its description."""
+        return self._call("POST", "/v1/admin/adapters", {"name": name, "path": path})["adapter"]
+
+    def remove_adapter(self, name: str) -> int:
+        """Stop serving ``name`` (admin token); returns how many requests queued for it are still answered."""
+        return self._call("DELETE", f"/v1/admin/adapters/{urllib.parse.quote(name, safe='')}")[
+            "requests_answered_first"]
 
     def healthy(self) -> bool:
         try:
@@ -59,10 +70,10 @@ class Client:
         except (OSError, ServerError):
             return False
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
         request = urllib.request.Request(self.url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json", **(headers or {})})
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 body = response.read().decode("utf-8")

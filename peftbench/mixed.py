@@ -63,8 +63,9 @@ class Slot:
                                    self.prefix) for v in table.values() for t in (v if isinstance(v, tuple) else (v,))
                    if isinstance(t, torch.Tensor)]
         tensors += [] if self.prompt is None else [self.prompt]
-        tensors += list({id(p): p for p in self.head.parameters()}.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors += list(self.head.parameters())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # a view once
+        return sum(storages.values())
 
 
 class Precomputed(nn.Module):
@@ -349,9 +350,9 @@ class SharedBase:
                 self._put(name, MultiLinear(module, name, self))
             elif isinstance(module, nn.LayerNorm):
                 self._put(name, MultiLayerNorm(module, name, self))
-            elif ATTENTION_MODULES.search(name) and hasattr(module, "config"):
-                module.peftbench_mixed = _AttentionSite(self, name, base_attention(
-                    module, module.config._attn_implementation))
+            elif ATTENTION_MODULES.search(name) and module.config._attn_implementation in ("eager", "sdpa"):
+                module.peftbench_mixed = _AttentionSite(self, name, base_attention(  # other attentions: no prefix
+                    module, module.config._attn_implementation))                    # adapter joins
                 module.config = copy.copy(module.config)
                 module.config._attn_implementation = ATTENTION_NAME
         self.attention_sites = {n for n, m in self.backbone.named_modules() if hasattr(m, "peftbench_mixed")}
@@ -489,17 +490,22 @@ def extract(name: str, model: nn.Module, shared: SharedBase) -> Slot:
             if len(active) != 1 or not isinstance(module.base_layer, nn.Linear):
                 raise NotShareable(f"{site}: a LoRA layer on a {type(module.base_layer).__name__}")
             a_name = active[0]
+            if module.use_dora.get(a_name):
+                raise NotShareable(f"{site}: DoRA (its magnitude rescales the base's output per column)")
+            variant = getattr(module, "lora_variant", {}).get(a_name)
+            if variant is not None:
+                raise NotShareable(f"{site}: PEFT's {type(variant).__name__} (no per-row form here)")
             if isinstance(module, SVDLinear):  # AdaLoRA: B (A * E) scaling / (ranknum + 1e-5)
                 a, e, b = take(module.lora_A[a_name], module.lora_E[a_name], module.lora_B[a_name])
                 taken.add(id(module.ranknum[a_name]))
                 scale = module.scaling[a_name] / (float(module.ranknum[a_name]) + 1e-5)
                 slot.lora[site] = (a * e, b * scale)
             else:
-                if module.use_dora.get(a_name):
-                    raise NotShareable(f"{site}: DoRA (its magnitude rescales the base's output per column)")
                 a, b = take(module.lora_A[a_name].weight, module.lora_B[a_name].weight)
                 slot.lora[site] = (a, b * module.scaling[a_name])
         elif isinstance(module, IA3Layer):
+            if len(module.active_adapters) != 1 or not isinstance(module.base_layer, nn.Linear):
+                raise NotShareable(f"{site}: an IA3 layer on a {type(module.base_layer).__name__}")
             (vector,) = take(module.ia3_l[module.active_adapters[0]])
             (slot.ia3_in if module.is_feedforward else slot.ia3_out)[site] = vector.flatten()
         elif isinstance(module, BaseTunerLayer):

@@ -370,10 +370,20 @@ def test_bad_serve_options_are_refused_at_start_up(tmp_path):
                           ((8000, Limits(), 64, float("nan")), "--max-wait-ms must be a finite number >= 0"),
                           ((8000, Limits(max_texts=0), 64, 5.0), "--max-texts must be >= 1"),
                           ((8000, Limits(max_chars=0), 64, 5.0), "--max-chars must be >= 1"),
-                          ((70000, Limits(), 64, 5.0), "--port must be in 1..65535")):
+                          ((70000, Limits(), 64, 5.0), "--port must be in 1..65535"),
+                          ((8000, Limits(), 64, 5.0, 0), "--max-loaded must be >= 1, got 0")):
         with pytest.raises(PeftbenchError, match=message):
             check_options(*args)
     check_options(8000, Limits(), 64, 0.0)
+    env = {**os.environ, "PEFTBENCH_TOKEN": "x" * 32}
+    for args, message in (([], "error: nothing to serve: name checkpoints ([NAME=]CKPT) or an --adapters-dir"),
+                          (["--adapters-dir", str(tmp_path / "none")], f"error: --adapters-dir {tmp_path / 'none'}: "
+                                                                        "not a directory"),
+                          (["--adapters-dir", str(tmp_path)], "error: the admin token is the bearer token: give the "
+                                                              "admin endpoints a token of their own")):
+        proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", *args], capture_output=True, text=True,
+                              env={**env, "PEFTBENCH_ADMIN_TOKEN": "x" * 32})
+        assert proc.returncode == 2 and message in proc.stderr.splitlines(), proc.stderr
     proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", str(tmp_path / "none"), "--max-batch", "0"],
                           capture_output=True, text=True, env={**os.environ, "PEFTBENCH_TOKEN": "x" * 32})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -1,0 +1,128 @@
+"""``peftbench serve --adapters-dir``: adapters loaded on first use into an LRU, refused one by one, and added and
+removed by an admin while the server runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from test_serve import TOKEN, classify, free_port
+
+from peftbench.client import Client, ServerError
+
+ADMIN = "admin-token-0123456789"
+FOLDER = ("lora", "ia3", "prefix", "adapter")
+
+
+def metric(client, name: str) -> float:
+    return float(next(line.split()[-1] for line in client.get("/metrics").text.splitlines()
+                      if line.startswith(name + " ") or line.startswith(name + "{")))
+
+
+@pytest.fixture(scope="module")
+def folder_server(trained_variants, tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    folder = root / "adapters"
+    folder.mkdir()
+    for name in FOLDER:
+        shutil.copytree(trained_variants[name].record["checkpoint"], folder / name)
+    (folder / "notes").mkdir()  # not a checkpoint
+    (folder / "notes" / "readme.txt").write_text("hello")
+    cut = shutil.copytree(trained_variants["bitfit"].record["checkpoint"], folder / "cut")  # a weight file cut short
+    weights = cut / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    other = shutil.copytree(trained_variants["lora"].record["checkpoint"], folder / "otherbase")
+    meta = json.loads((other / "peftbench.json").read_text())
+    meta["base"]["fingerprint"] = "0" * 64  # trained on another base than the one it names
+    (other / "peftbench.json").write_text(json.dumps(meta))
+    for name, token in (("token", TOKEN), ("admin", ADMIN)):
+        (root / name).write_text(token)
+        (root / name).chmod(0o600)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PEFTBENCH_TOKEN", "PEFTBENCH_ADMIN_TOKEN")}
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", "--adapters-dir", str(folder),
+                             "--max-loaded", "2", "--port", str(port), "--token-file", str(root / "token"),
+                             "--admin-token-file", str(root / "admin"), "--max-wait-ms", "300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read())
+            time.sleep(0.1)
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    yield proc, client, url, trained_variants
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_a_folder_serves_its_adapters_loaded_on_first_use_into_an_lru(folder_server):
+    _, client, url, variants = folder_server
+    listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
+    assert set(listed) == {*FOLDER, "otherbase"}  # the two damaged folders are refused at start
+    assert [n for n, a in listed.items() if a["loaded"]] == ["adapter"]  # the first, loaded at start (warm-up)
+    first = {name: classify(client, name, ["股钱债涨跌", "天气"]).json()["predictions"] for name in FOLDER}
+    assert metric(client, "peftbench_adapters_loaded") == 2  # --max-loaded 2: the least recently used let go
+    assert metric(client, "peftbench_adapter_evictions_total") == len(FOLDER) + 1 - 2
+    assert metric(client, "peftbench_adapter_load_seconds_count") == len(FOLDER)
+    again = {name: classify(client, name, ["股钱债涨跌", "天气"]).json()["predictions"] for name in FOLDER}
+    assert again == first  # evicted and loaded again: the same answers
+    assert metric(client, "peftbench_adapter_load_seconds_count") == 2 * len(FOLDER)
+    loaded = [a["name"] for a in client.get("/v1/adapters").json()["adapters"] if a["loaded"]]
+    assert set(loaded) == {"prefix", "adapter"}  # the two used last
+
+
+def test_a_bad_folder_is_refused_alone_with_a_log_line(folder_server):
+    proc, client, _, _ = folder_server
+    response = classify(client, "otherbase", ["天气"])
+    assert response.status_code == 503 and "could not be loaded" in response.json()["detail"], response.text
+    assert "field 'base.fingerprint'" in response.json()["detail"]
+    assert classify(client, "otherbase", ["天气"]).status_code == 404  # no longer served
+    assert classify(client, "lora", ["天气"]).status_code == 200  # the others still are
+    assert "otherbase" not in {a["name"] for a in client.get("/v1/adapters").json()["adapters"]}
+
+
+def test_the_admin_adds_and_removes_adapters_and_a_removed_one_answers_its_queue(folder_server):
+    _, client, url, variants = folder_server
+    user, admin = Client(url, TOKEN), Client(url, ADMIN)
+    with pytest.raises(ServerError) as denied:  # the bearer token does not open the admin endpoints
+        user.add_adapter("bitfit", variants["bitfit"].record["checkpoint"])
+    assert denied.value.status == 401
+    added = admin.add_adapter("bitfit", variants["bitfit"].record["checkpoint"])
+    assert added["name"] == "bitfit" and added["method"] == "bitfit" and added["loaded"] is True
+    assert user.classify("bitfit", ["天气"])[0]["label"] in {"0", "1", "2", "3"}
+    with pytest.raises(ServerError) as taken:
+        admin.add_adapter("bitfit", variants["lora"].record["checkpoint"])
+    assert taken.value.status == 409
+    answers = []
+    queued = threading.Thread(target=lambda: answers.append(classify(client, "ia3", ["股钱债涨跌"])))
+    queued.start()
+    time.sleep(0.1)  # the request waits in the batcher (--max-wait-ms 300)
+    removed = admin.remove_adapter("ia3")
+    queued.join()
+    assert removed == 1  # the queued request
+    assert answers[0].status_code == 200  # queued before the removal: answered
+    assert classify(client, "ia3", ["天气"]).status_code == 404  # after it: gone
+    with pytest.raises(ServerError) as gone:
+        admin.remove_adapter("ia3")
+    assert gone.value.status == 404
+
+
+def test_the_log_names_each_refused_folder_and_each_change(folder_server):  # last: it stops the server
+    proc, *_ = folder_server
+    proc.terminate()
+    out = proc.stdout.read()
+    proc.wait(timeout=30)
+    for line in ("refused: ", "notes: not a peftbench checkpoint", "cut/trainable.safetensors: damaged weight file",
+                 "adapter 'otherbase' refused: ", "adapter 'bitfit' added from ", "adapter 'ia3' removed (1 requests"):
+        assert line in out, (line, out)
+    assert "0 adapters: 0 on 0 shared bases" in out and "5 more in " in out, out

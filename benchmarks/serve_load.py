@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -289,8 +290,6 @@ def adapter_folder(base: str, root: Path, count: int) -> Path:
 
 def skewed(count: int, n: int, seed: int = 0) -> list[int]:
     """``n`` adapter indices with a Zipf-like skew (weight 1 / rank^1.1): a few hot adapters and a long tail."""
-    import random
-
     rng = random.Random(seed)
     return rng.choices(range(count), weights=[1 / (r + 1) ** 1.1 for r in range(count)], k=n)
 
@@ -318,8 +317,9 @@ def folder_load(url: str, token: str, names: list[str], picks: list[int], concur
             return None
         with lock:
             answered[0] += 1
-            if answered[0] == len(picks) // 2 and midway is not None:
-                midway()
+            half = answered[0] == len(picks) // 2
+        if half and midway is not None:
+            threading.Thread(target=midway).start()  # the admin's change, beside the traffic
         return time.perf_counter() - start
 
     start = time.perf_counter()
@@ -368,6 +368,7 @@ def folder_table(base: str, counts: tuple[int, ...], n: int, concurrency: int, m
     for count in counts:
         folder = adapter_folder(base, Path(tmp.name) / str(count), count)
         names = sorted(p.name for p in folder.iterdir())
+        random.Random(0).shuffle(names)  # the hot ones of every method
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", "--adapters-dir", str(folder),
                                  "--max-loaded", str(max_loaded), "--port", str(port)],

@@ -48,7 +48,8 @@ class Client:
             body["text_pairs"] = text_pairs
         if top_k != 0:
             body["top_k"] = top_k
-        return self._call("POST", "/v1/classify", body, {"X-Peftbench-Adapter": adapter})["predictions"]
+        route = {"X-Peftbench-Adapter": urllib.parse.quote(adapter, safe="")}  # for a proxy: one adapter, one worker
+        return self._call("POST", "/v1/classify", body, route)["predictions"]
 
     def adapters(self) -> list[dict]:
         """What the server serves: each adapter's name, task, method, labels, base, and whether it is loaded."""

@@ -316,6 +316,13 @@ def test_the_token_is_checked_before_the_body_is_read(server):
         assert chunked.status_code == 413 and "request body over" in chunked.json()["detail"]
 
 
+def test_the_admin_paths_do_not_exist_without_an_admin_token(server):
+    _, client, ckpts = server
+    for method, path in (("POST", "/v1/admin/adapters"), ("DELETE", "/v1/admin/adapters/lora")):
+        response = client.request(method, path, json={"name": "x", "path": ckpts["lora"]})
+        assert response.status_code == 404, response.text
+
+
 def test_openapi_pages_are_off_unless_asked_for(server):
     _, client, _ = server
     url = str(client.base_url)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -59,14 +60,14 @@ def folder_server(trained_variants, tmp_path_factory):
                 pytest.fail(proc.stdout.read())
             time.sleep(0.1)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
-    yield proc, client, url, trained_variants
+    yield proc, client, url, trained_variants, root
     client.close()
     proc.terminate()
     proc.wait(timeout=30)
 
 
 def test_a_folder_serves_its_adapters_loaded_on_first_use_into_an_lru(folder_server):
-    _, client, url, variants = folder_server
+    _, client, url, variants, _ = folder_server
     listed = {a["name"]: a for a in client.get("/v1/adapters").json()["adapters"]}
     assert set(listed) == {*FOLDER, "otherbase"}  # the two damaged folders are refused at start
     assert [n for n, a in listed.items() if a["loaded"]] == ["adapter"]  # the first, loaded at start (warm-up)
@@ -82,7 +83,7 @@ def test_a_folder_serves_its_adapters_loaded_on_first_use_into_an_lru(folder_ser
 
 
 def test_a_bad_folder_is_refused_alone_with_a_log_line(folder_server):
-    proc, client, _, _ = folder_server
+    proc, client, *_ = folder_server
     response = classify(client, "otherbase", ["天气"])
     assert response.status_code == 503 and "could not be loaded" in response.json()["detail"], response.text
     assert "field 'base.fingerprint'" in response.json()["detail"]
@@ -92,11 +93,23 @@ def test_a_bad_folder_is_refused_alone_with_a_log_line(folder_server):
 
 
 def test_the_admin_adds_and_removes_adapters_and_a_removed_one_answers_its_queue(folder_server):
-    _, client, url, variants = folder_server
+    _, client, url, variants, _ = folder_server
     user, admin = Client(url, TOKEN), Client(url, ADMIN)
     with pytest.raises(ServerError) as denied:  # the bearer token does not open the admin endpoints
         user.add_adapter("bitfit", variants["bitfit"].record["checkpoint"])
     assert denied.value.status == 401
+    with pytest.raises(ServerError) as wrong_door:  # and the admin token opens nothing else
+        admin.classify("lora", ["天气"])
+    assert wrong_door.value.status == 401
+    broken = shutil.copytree(variants["prefix"].record["checkpoint"], folder_server[4] / "mended")  # refused,
+                                                                                                    # then mended
+    (broken / "peftbench.json").write_text("{")
+    with pytest.raises(ServerError) as refused:
+        admin.add_adapter("mended", str(broken))
+    assert refused.value.status == 422 and "not valid JSON" in refused.value.detail, refused.value.detail
+    shutil.copy(Path(variants["prefix"].record["checkpoint"]) / "peftbench.json", broken / "peftbench.json")
+    assert admin.add_adapter("mended", str(broken))["method"] == "prefix"
+    assert user.classify("mended", ["天气"])[0]["label"] in {"0", "1", "2", "3"}
     added = admin.add_adapter("bitfit", variants["bitfit"].record["checkpoint"])
     assert added["name"] == "bitfit" and added["method"] == "bitfit" and added["loaded"] is True
     assert user.classify("bitfit", ["天气"])[0]["label"] in {"0", "1", "2", "3"}
@@ -106,7 +119,7 @@ def test_the_admin_adds_and_removes_adapters_and_a_removed_one_answers_its_queue
     answers = []
     queued = threading.Thread(target=lambda: answers.append(classify(client, "ia3", ["股钱债涨跌"])))
     queued.start()
-    time.sleep(0.1)  # the request waits in the batcher (--max-wait-ms 300)
+    time.sleep(0.2)  # the request waits in the batcher (--max-wait-ms 300), or for its adapter's load
     removed = admin.remove_adapter("ia3")
     queued.join()
     assert removed == 1  # the queued request

@@ -12,7 +12,7 @@ from pathlib import Path
 from peftbench.errors import PeftbenchError, clip
 from peftbench.serve.adapters import Adapter
 from peftbench.serve.batching import Batcher, RequestError, encode_request
-from peftbench.serve.store import AdapterStore, Refused, log
+from peftbench.serve.store import AdapterStore, Refused, Unavailable, log
 
 NO_TOKEN = "no token: set PEFTBENCH_TOKEN or pass --token-file (clients send it as a Bearer token)"
 
@@ -170,8 +170,9 @@ def create_app(adapters: dict[str, Adapter] | AdapterStore, token: str, device: 
         try:
             adapter = await store.add(body.name, path)
         except FileExistsError:
-            raise HTTPException(409, f"adapter '{clip(body.name, 100)}' is served already; remove it first") from None
-        except Refused as exc:
+            raise HTTPException(409, f"adapter '{clip(body.name, 100)}' is served (or still answering requests queued "
+                                     "before its removal); remove it first, or wait") from None
+        except (Refused, Unavailable) as exc:
             raise HTTPException(422, str(exc)) from None
         log(f"adapter '{adapter.name}' added from {path}")
         return {"adapter": {**adapter.describe(), "loaded": True}}
@@ -193,14 +194,14 @@ def create_app(adapters: dict[str, Adapter] | AdapterStore, token: str, device: 
     async def classify(body: Classify):
         start = time.perf_counter()
         try:
-            adapter = await store.acquire(body.adapter)
+            entry = await store.acquire(body.adapter)
         except KeyError:
             requests.labels("(unknown)", "404").inc()
             raise HTTPException(404, f"no adapter '{clip(body.adapter, 100)}' (GET /v1/adapters lists them)") from None
-        except Refused as exc:
-            requests.labels("(unknown)", "503").inc()
+        except (Refused, Unavailable) as exc:
+            requests.labels(clip(body.adapter, 100), "503").inc()
             raise HTTPException(503, str(exc)) from None
-        status = "200"
+        adapter, status = entry.adapter, "200"
         try:
             pairs = body.text_pairs if adapter.meta["pair"] else None
             problem = _check(body.texts, body.text_pairs, adapter, limits)
@@ -218,7 +219,7 @@ def create_app(adapters: dict[str, Adapter] | AdapterStore, token: str, device: 
             status = "500"
             return JSONResponse({"detail": f"{type(exc).__name__}: {clip(exc)}"}, status_code=500)
         finally:
-            await store.release(adapter.name)
+            await store.release(entry)
             requests.labels(adapter.name, status).inc()
             latency.labels(adapter.name).observe(time.perf_counter() - start)
         texts_total.labels(adapter.name).inc(len(body.texts))

@@ -26,11 +26,16 @@ from peftbench.inference import loading, open_checkpoint
 from peftbench.mixed import NotShareable, SharedBase
 from peftbench.serve.adapters import Adapter, attach, detach, read_adapter
 
-NAME = re.compile(r"^[\w.-]+$")  # a folder name: letters, digits, '_', '.', '-' (no '#': kept for ensembles)
+NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a folder name: ASCII letters, digits, '_', '.', '-' (no '#': ensembles')
 
 
 class Refused(Exception):
     """An adapter that cannot be served (the message says why, naming its folder)."""
+
+
+class Unavailable(Exception):
+    """An adapter that could not be loaded for now (out of memory, a read that failed); the next request tries
+    again."""
 
 
 @dataclass
@@ -52,7 +57,7 @@ def log(message: str) -> None:
 def read_entry(name: str, path: Path) -> Entry:
     """A folder's checkpoint, checked without loading its weights (files, metadata, labels); raises
     :class:`Refused`."""
-    if not NAME.match(name):
+    if not NAME.fullmatch(name) or name in (".", ".."):
         raise Refused(f"{path}: the folder name '{clip(name, 60)}' is not an adapter name (letters, digits, _ . -)")
     ckpt = path / "checkpoint" if (path / "checkpoint").is_dir() else path
     try:
@@ -72,7 +77,8 @@ class AdapterStore:
         self.device, self.folder, self.max_loaded = device, folder, max_loaded
         self.entries = {n: Entry(n, None, a.meta, a, pinned=True) for n, a in pinned.items()}
         self.bases: dict[tuple, SharedBase | NotShareable] = bases if bases is not None else {}
-        self.recent: OrderedDict[str, None] = OrderedDict()  # loaded, not pinned; least recently used first
+        self.recent: OrderedDict[str, Entry] = OrderedDict()  # loaded, not pinned; least recently used first
+        self.draining: dict[str, Entry] = {}  # removed, answering the requests queued before
         self.model_thread: Executor | None = None  # the forward passes' thread (set by the server)
         self.load_thread = ThreadPoolExecutor(1, thread_name_prefix="load")
         self.on_load = lambda seconds: None  # metrics
@@ -81,7 +87,7 @@ class AdapterStore:
     def scan(self) -> list[str]:
         """Every checkpoint of the folder becomes servable; returns a line per folder refused."""
         refused = []
-        for path in sorted(p for p in self.folder.iterdir() if p.is_dir()):
+        for path in sorted(p for p in self.folder.iterdir() if p.is_dir()):  # each folder alone
             if path.name in self.entries:
                 refused.append(f"{path}: the name '{path.name}' is taken by an adapter named at start-up")
                 continue
@@ -98,16 +104,19 @@ class AdapterStore:
             entry = self.entries[name]
             try:
                 entry.adapter = attach(read_adapter(name, entry.path, self.device, self.bases))
-            except (PeftbenchError, OSError) as exc:
-                entry.removed = True
+            except PeftbenchError as exc:
+                self._drop(entry)
                 log(f"adapter '{name}' refused: {exc}")
                 continue
-            self.recent[name] = None
+            except Exception as exc:  # tried again on first use
+                log(f"adapter '{name}' not loaded: {type(exc).__name__}: {exc}")
+                continue
+            self.recent[name] = entry
             return name
         return None
 
     def names(self) -> list[str]:
-        return [n for n, e in self.entries.items() if not e.removed]
+        return list(self.entries)
 
     def loaded(self) -> list[Adapter]:
         return [e.adapter for e in self.entries.values() if e.adapter is not None]
@@ -127,15 +136,17 @@ class AdapterStore:
                         "loaded": False})
         return out
 
-    async def acquire(self, name: str) -> Adapter:
-        """The adapter, loaded if it is not (KeyError: no such adapter; :class:`Refused`: it could not be loaded,
-        and is no longer served); held until :meth:`release`, so that it stays in memory meanwhile."""
+    async def acquire(self, name: str) -> Entry:
+        """The adapter's entry, its adapter loaded if it was not (KeyError: no such adapter; :class:`Refused`: it
+        could not be loaded); held until :meth:`release`, so that it stays in memory meanwhile."""
         entry = self.entries.get(name)
-        if entry is None or entry.removed:
+        if entry is None:
             raise KeyError(name)
         entry.in_flight += 1
         try:
             while entry.adapter is None:
+                if entry.removed:
+                    raise Refused(f"adapter '{name}' could not be loaded")
                 if entry.loading is None:
                     entry.loading = asyncio.ensure_future(self._load(entry))
                 await asyncio.shield(entry.loading)
@@ -144,17 +155,15 @@ class AdapterStore:
             raise
         if not entry.pinned:
             self.recent.pop(name, None)
-            self.recent[name] = None
-        return entry.adapter
+            self.recent[name] = entry
+        return entry
 
-    async def release(self, name: str) -> None:
-        entry = self.entries.get(name)
-        if entry is None:
-            return
+    async def release(self, entry: Entry) -> None:
         entry.in_flight -= 1
-        if entry.removed and entry.in_flight == 0:
+        if entry.removed and entry.in_flight == 0 and self.draining.get(entry.name) is entry:
+            del self.draining[entry.name]
             await self._unload(entry)
-            self.entries.pop(name, None)
+        await self._make_room()
 
     async def _load(self, entry: Entry) -> None:
         loop = asyncio.get_running_loop()
@@ -165,52 +174,66 @@ class AdapterStore:
             entry.adapter = await loop.run_in_executor(self.model_thread, attach, loaded)
             self.on_load(time.perf_counter() - start)
             if not entry.pinned:
-                self.recent[entry.name] = None
-        except (PeftbenchError, OSError) as exc:
-            entry.removed = True
+                self.recent[entry.name] = entry
+        except PeftbenchError as exc:  # the checkpoint: refused for good
+            self._drop(entry)
             log(f"adapter '{entry.name}' refused: {exc}")
-            raise Refused(f"adapter '{entry.name}' could not be loaded: {clip(exc)}") from None
+            raise Refused(f"adapter '{entry.name}' could not be loaded, and is no longer served: {clip(exc)}") \
+                from None
+        except Exception as exc:  # memory, the disk: the next request tries again
+            log(f"adapter '{entry.name}' not loaded: {type(exc).__name__}: {exc}")
+            raise Unavailable(f"adapter '{entry.name}' could not be loaded now ({type(exc).__name__}: "
+                              f"{clip(exc)}); try again") from None
         finally:
             entry.loading = None
         await self._make_room()
+
+    def _drop(self, entry: Entry) -> None:
+        """Stop serving ``entry`` (new requests get 404); the name is free once no request holds it."""
+        entry.removed = True
+        if self.entries.get(entry.name) is entry:
+            del self.entries[entry.name]
+        if entry.in_flight > 0 and entry.adapter is not None:
+            self.draining[entry.name] = entry
 
     async def _make_room(self) -> None:
         """Let the least recently used adapters go, with no request holding them, until ``max_loaded`` fit."""
         if self.max_loaded is None:
             return
         while len(self.recent) > self.max_loaded:
-            idle = next((n for n in self.recent if self.entries[n].in_flight == 0), None)
+            idle = next((e for e in self.recent.values() if e.in_flight == 0), None)
             if idle is None:
                 return  # every one is in use: over the limit until requests finish
-            await self._unload(self.entries[idle])
+            await self._unload(idle)
             self.on_evict()
 
     async def _unload(self, entry: Entry) -> None:
-        self.recent.pop(entry.name, None)
+        if self.recent.get(entry.name) is entry:
+            del self.recent[entry.name]
         adapter, entry.adapter = entry.adapter, None
         for one in (adapter.members or [adapter]) if adapter is not None else ():
             await asyncio.get_running_loop().run_in_executor(self.model_thread, detach, one)
 
     async def add(self, name: str, path: Path) -> Adapter:
-        """An admin's new adapter, loaded now (so that a bad one is refused to the admin, :class:`Refused`)."""
-        old = self.entries.get(name)
-        if old is not None and not (old.removed and old.in_flight == 0):
+        """An admin's new adapter, loaded now (so that a bad one is refused to the admin, :class:`Refused`); a name
+        in use, or still answering the requests queued before its removal, raises FileExistsError."""
+        if name in self.entries or name in self.draining:
             raise FileExistsError(name)
         self.entries[name] = read_entry(name, path)
+        entry = await self.acquire(name)
         try:
-            return await self.acquire(name)
+            return entry.adapter
         finally:
-            await self.release(name)
+            await self.release(entry)
 
     async def remove(self, name: str) -> int:
         """Stop serving ``name`` (KeyError when it is not served); it leaves memory once the requests queued for it
         are answered. Returns how many were."""
         entry = self.entries.get(name)
-        if entry is None or entry.removed:
+        if entry is None:
             raise KeyError(name)
-        entry.removed = True
+        self._drop(entry)
         waiting = entry.in_flight
         if waiting == 0:
             await self._unload(entry)
-            self.entries.pop(name, None)
         return waiting

@@ -16,7 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_MODELS = {  # a fixture of trained models -> its group: one worker trains it once
     "trained_variants": "variants", "ner_runs": "ner", "sharded": "engines", "smoke": "smoke", "int8_runs": "int8",
     "zoo": "zoo", "eager_run": "eager", "one_process": "engines"}
-SLOW_FIXTURES = ("ner_runs", "zoo", "int8_runs", "sharded", "zh_mini_tasks")  # a test that needs one of these is slow
+# a test that needs one of these is slow
+SLOW_FIXTURES = ("ner_runs", "zoo", "int8_runs", "sharded", "zh_mini_tasks", "folder_server")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -33,6 +33,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """``peftbench serve ARGS`` on a free loopback port (no token from the environment), once it answers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PEFTBENCH_TOKEN", "PEFTBENCH_ADMIN_TOKEN")}
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/healthz").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read())
+            time.sleep(0.1)
+    pytest.fail("the server did not answer in 60 s")
+
+
 @pytest.fixture(scope="module")
 def server(trained_variants, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -45,22 +63,9 @@ def server(trained_variants, tmp_path_factory):
                            "train.measure_inference=false")
     ckpts["pissa"] = run(pissa).record["checkpoint"]  # saved as plain LoRA: it shares the LoRA base
     ckpts["ens"] = [ckpts["lora"], ckpts["rslora"]]  # an ensemble: the two LoRAs' probabilities averaged
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
     specs = [f"{n}={'+'.join(c) if isinstance(c, list) else c}" for n, c in ckpts.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", *specs,
-                             "--port", str(port), "--token-file", str(root / "token"), "--max-wait-ms", "100",
-                             "--max-texts", "8", "--max-chars", "50"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                pytest.fail(proc.stdout.read())
-            time.sleep(0.1)
+    proc, url = start_server(*specs, "--token-file", str(root / "token"), "--max-wait-ms", "100", "--max-texts", "8",
+                             "--max-chars", "50")
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
     yield proc, client, ckpts
     client.close()

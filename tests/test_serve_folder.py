@@ -2,17 +2,14 @@
 removed by an admin while the server runs."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from test_serve import TOKEN, classify, free_port
+from test_serve import TOKEN, classify, start_server
 
 from peftbench.client import Client, ServerError
 
@@ -44,21 +41,8 @@ def folder_server(trained_variants, tmp_path_factory):
     for name, token in (("token", TOKEN), ("admin", ADMIN)):
         (root / name).write_text(token)
         (root / name).chmod(0o600)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("PEFTBENCH_TOKEN", "PEFTBENCH_ADMIN_TOKEN")}
-    proc = subprocess.Popen([sys.executable, "-m", "peftbench", "serve", "--adapters-dir", str(folder),
-                             "--max-loaded", "2", "--port", str(port), "--token-file", str(root / "token"),
-                             "--admin-token-file", str(root / "admin"), "--max-wait-ms", "300"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                pytest.fail(proc.stdout.read())
-            time.sleep(0.1)
+    proc, url = start_server("--adapters-dir", str(folder), "--max-loaded", "2", "--token-file", str(root / "token"),
+                             "--admin-token-file", str(root / "admin"), "--max-wait-ms", "300")
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
     yield proc, client, url, trained_variants, root
     client.close()

@@ -37,13 +37,17 @@ class Adapter:
         return ("shared", id(self.shared), 0 if prompt is None else prompt.shape[0])
 
     def describe(self) -> dict:
-        m = self.meta
-        return {"name": self.name, "task": m["task"], "method": "ensemble" if self.members else m["method"],
-                "kind": m["kind"], "labels": m["labels"], "label_names": m["label_names"], "text_pairs": m["pair"],
-                "shares_base": self.shared is not None, "run_id": m["run_id"],
-                "base": checkpoint.pretrained_fingerprint(m)[:12] if m["base"] else None,
+        return {**describe_checkpoint(self.name, self.meta), "method": "ensemble" if self.members else
+                self.meta["method"], "shares_base": self.shared is not None,
                 **({"own_model": self.own_reason} if self.own_reason else {}),
                 **({"members": [a.describe() for a in self.members]} if self.members else {})}
+
+
+def describe_checkpoint(name: str, meta: dict) -> dict:
+    """What ``GET /v1/adapters`` tells of a checkpoint from its metadata alone."""
+    return {"name": name, "task": meta["task"], "method": meta["method"], "kind": meta["kind"],
+            "labels": meta["labels"], "label_names": meta["label_names"], "text_pairs": meta["pair"],
+            "run_id": meta["run_id"], "base": checkpoint.pretrained_fingerprint(meta)[:12] if meta["base"] else None}
 
 
 def load_adapters(checkpoints: dict[str, str | Path | list], device: str = "cpu",

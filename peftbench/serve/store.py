@@ -20,11 +20,10 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftbench import checkpoint
 from peftbench.errors import PeftbenchError, clip
 from peftbench.inference import loading, open_checkpoint
 from peftbench.mixed import NotShareable, SharedBase
-from peftbench.serve.adapters import Adapter, attach, detach, read_adapter
+from peftbench.serve.adapters import Adapter, attach, describe_checkpoint, detach, read_adapter
 
 NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a folder name: ASCII letters, digits, '_', '.', '-' (no '#': ensembles')
 
@@ -129,11 +128,7 @@ class AdapterStore:
             if entry.adapter is not None:
                 out.append({**entry.adapter.describe(), "loaded": True})
                 continue
-            m = entry.meta
-            out.append({"name": name, "task": m["task"], "method": m["method"], "kind": m["kind"],
-                        "labels": m["labels"], "label_names": m["label_names"], "text_pairs": m["pair"],
-                        "run_id": m["run_id"], "base": checkpoint.pretrained_fingerprint(m)[:12] if m["base"] else None,
-                        "loaded": False})
+            out.append({**describe_checkpoint(name, entry.meta), "loaded": False})
         return out
 
     async def acquire(self, name: str) -> Entry:

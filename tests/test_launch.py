@@ -53,7 +53,7 @@ def assert_every_cell_trains_as_one(results: Path, cells: dict, one_process, mac
         for a, b in zip(one["loss_curve"], record["loss_curve"]):
             assert abs(a["loss"] - b["loss"]) <= tolerance, (name, one["loss_curve"], record["loss_curve"])
         for a, b in zip(one["dev_history"], record["dev_history"]):
-            assert abs(a["score"] - b["score"]) <= 1 / 300, name  # at most one prediction flips
+            assert abs(a["score"] - b["score"]) < 1.5 / 300, name  # at most one prediction flips (1/300 is not exact)
         weights = SAVED.get(tree["method"]["name"], "adapter_model.safetensors")
         saved = [load_file(str(Path(r["checkpoint"]) / weights)) for r in (one, record)]
         assert saved[0].keys() == saved[1].keys()

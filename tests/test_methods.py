@@ -305,7 +305,7 @@ def test_onnx_export_of_every_method_runs_in_onnxruntime_as_peftbench_load(train
         report = json.loads((out / REPORT_FILE).read_text())
         check, scores = report["check"], report["scores"]
         assert check["split"] == "test" and check["records"] == 300 and check["max_abs_logit_diff"] <= 1e-4
-        assert scores["onnx"] == pytest.approx(scores["peftbench"], abs=1 / 300), variant  # a near tie may flip
+        assert scores["onnx"] == pytest.approx(scores["peftbench"], abs=1.5 / 300), variant  # one near tie may flip
         assert scores["peftbench"] == pytest.approx(trained[variant].record["metrics"]["test_accuracy"], abs=1e-9)
         session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         reloaded, tokenizer, _ = peftbench.load(ckpt)

@@ -140,7 +140,8 @@ def test_a_decoder_exports_to_onnx_with_its_padding_rules(zoo_runs, tmp_path):
     out = export(result.record["checkpoint"], tmp_path / "onnx", "onnx")
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["inputs"] == ["input_ids", "attention_mask"] and report["check"]["max_abs_logit_diff"] <= 1e-4
-    assert report["scores"]["onnx"] == pytest.approx(result.record["metrics"]["test_accuracy"], abs=1 / 300)
+    accuracy = result.record["metrics"]["test_accuracy"]
+    assert report["scores"]["onnx"] == pytest.approx(accuracy, abs=1.5 / 300)  # one near tie may flip
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = result.tokenizer(TEXTS, padding=True, return_tensors="np")
     got = session.run(None, {name: inputs[name] for name in report["inputs"]})[0]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from peftbench import sweep
 from peftbench.claims import Board, FolderBoard
-from peftbench.config import RunConfig, TrainConfig, _yaml_float, resolve
+from peftbench.config import RunConfig, TrainConfig, resolve, yaml_float
 from peftbench.errors import PeftbenchError
 from peftbench.loop import process_state
 from peftbench.methods import get_method
@@ -132,7 +132,7 @@ def read_search(spec: dict, path: Path) -> SearchSpec:
     for method, bounds in lr.items():
         get_method(method)  # a known method
         if isinstance(bounds, list):
-            bounds = lr[method] = [_yaml_float(b, float) for b in bounds]
+            bounds = lr[method] = [yaml_float(b, float) for b in bounds]
         if (not isinstance(bounds, list) or len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds)
                 or not 0 < bounds[0] <= bounds[1]):
             raise PeftbenchError(f"{path}: field 'search.lr.{method}' must be [low, high] with 0 < low <= high, "
@@ -243,7 +243,7 @@ def _distribution(d, hint, where: str) -> dict:
     if isinstance(d, list) and d and all(isinstance(v, (bool, int, float, str)) for v in d):
         return {"choices": d}
     if isinstance(d, dict) and {"low", "high"} <= set(d) <= {"low", "high", "log"}:
-        low, high = (_yaml_float(d[k], float) for k in ("low", "high"))
+        low, high = (yaml_float(d[k], float) for k in ("low", "high"))
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
         integer = hint is int or (hint is None and all(isinstance(v, int) for v in (low, high)))
         log = d.get("log", False)

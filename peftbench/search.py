@@ -38,10 +38,11 @@ from pathlib import Path
 
 from peftbench import sweep
 from peftbench.claims import Board, FolderBoard
-from peftbench.config import RunConfig, TrainConfig, resolve, yaml_float
+from peftbench.config import RunConfig, TrainConfig, dotted, resolve, yaml_float
 from peftbench.errors import PeftbenchError
 from peftbench.loop import process_state
 from peftbench.methods import get_method
+from peftbench.records import RECORD_NAME, read_record
 from peftbench.sweep import (
     MAX_CELLS,
     VARIANTS,
@@ -508,8 +509,8 @@ def describe(studies_: list[Study], search: SearchSpec, board: Board | None = No
     """One line per study: its trials so far and the chosen settings (``--dry-run``)."""
     lines = []
     db = search.storage.removeprefix("sqlite:///")
-    if db != search.storage and not Path(db).is_file():
-        return [f"{study.label}: 0/{search.trials} trials" for study in studies_]
+    if db != search.storage and not Path(db).is_file():  # a fresh clone: the database is not kept with the records
+        return _describe_from_records(studies_, search)
     for study in studies_:
         optuna_study = open_study(study, search, board)
         trials = optuna_study.get_trials(deepcopy=False)
@@ -518,4 +519,33 @@ def describe(studies_: list[Study], search: SearchSpec, board: Board | None = No
         chosen = choice(optuna_study, search)
         pick = "" if not chosen or chosen["lr"] is None else f"; chosen {shown(chosen['settings'])}"
         lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick}")
+    return lines
+
+
+def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[str]:
+    """``describe`` without the search database: each study's trials read back from its search records (which
+    name their study and trial), so a copied or cloned sweep shows what it holds; a trial counts once every
+    search seed has a record. The sweep itself rebuilds the database from the same records when it runs."""
+    found: dict[str, dict[int, list[dict]]] = {}
+    folders = {study.output_dir / SEARCH_DIR for study in studies_}
+    for path in sorted(p for folder in folders for p in folder.glob(f"*/{RECORD_NAME}")):
+        try:
+            record = read_record(path)
+        except PeftbenchError:
+            continue
+        made = record.get("provenance") or {}
+        if isinstance(made.get("study"), str) and isinstance(made.get("trial"), int):
+            found.setdefault(made["study"], {}).setdefault(made["trial"], []).append(record)
+    lines = []
+    for study in studies_:
+        keys = list(search.space.get(study.cfg.method.name, {}))
+        trials = [runs for _, runs in sorted(found.get(study.name, {}).items()) if len(runs) == len(search.seeds)]
+        scored = [({"lr": runs[0]["config"]["train"]["lr"], **{k: dotted(runs[0]["config"], k) for k in keys}},
+                   statistics.fmean(r["metrics"]["score"] for r in runs)
+                   if all(r["status"] == "success" for r in runs) else None) for runs in trials]
+        tried = "; ".join(shown(settings) + (f"={score:.4f}" if score is not None else " FAIL")
+                          for settings, score in scored)
+        done = [(score, -settings["lr"], settings) for settings, score in scored if score is not None]
+        pick = f"; chosen {shown(max(done, key=lambda d: d[:2])[2])}" if len(trials) >= search.trials and done else ""
+        lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick} (from its records)")
     return lines

@@ -242,6 +242,10 @@ def test_search_command_end_to_end_and_its_leaderboard(tmp_path, capsys):
     assert main([*args, "--dry-run"]) == 0
     dry = capsys.readouterr().out
     assert "2/2 trials [" in dry and "chosen lr" in dry
+    (results / "search.db").rename(tmp_path / "search.db")  # a clone: the records, without the search database
+    assert main([*args, "--dry-run"]) == 0
+    from_records = capsys.readouterr().out
+    assert "(from its records)" in from_records and from_records.replace(" (from its records)", "") == dry
     files, skipped = leaderboard.write([results], tmp_path / "board")
     assert skipped == []
     text = (tmp_path / "board" / "leaderboard.md").read_text()

@@ -1,0 +1,121 @@
+"""Running a search (trials, then the final seeds at the chosen settings) and describing one (``--dry-run``)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from peftbench.claims import Board, FolderBoard
+from peftbench.config import dotted
+from peftbench.errors import PeftbenchError
+from peftbench.loop import process_state
+from peftbench.records import RECORD_NAME, read_record
+from peftbench.search.spec import FINAL_DIR, SEARCH_DIR, SearchSpec
+from peftbench.search.studies import Study
+from peftbench.search.trials import choice, next_trial, open_study, settle, study_lock
+from peftbench.sweep import Cell, SweepOutcome, agree, record_status, run_sweep
+
+
+def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
+               provenance: dict | None = None, board: Board | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
+    """Every study's trials, then its final runs. Returns the outcome, the studies whose last trials run in
+    another worker (which runs their final seeds when they end), and the studies whose every trial failed.
+    Workers claim cells and lock studies on ``board`` (default: claim files in the study's output folder)."""
+    main = process_state().is_main_process
+    outcome, waiting, failed = SweepOutcome(records=[]), [], []
+    for study in studies_:
+        method = study.cfg.method.name
+        on = board or FolderBoard(study.output_dir)
+        optuna_study = open_study(study, search, on) if main else None
+        attempted: set[int] = set()
+        refused_before = outcome.refused
+        while (trial := agree(next_trial(optuna_study, study, search, attempted, on) if main else None)) is not None:
+            number, settings = trial
+            attempted.add(number)
+            if main:
+                print(f"{study.label}: trial {number + 1}/{search.trials}, {shown(settings)}", flush=True)
+            cells = [Cell(cfg, record_status(cfg), {"phase": SEARCH_DIR, "study": study.name, "trial": number,
+                                                    "budget": search.budget(method)})
+                     for cfg in (study.cell_cfg(SEARCH_DIR, settings, seed) for seed in search.seeds)]
+            tried = run_sweep(cells, retry_failed, runner, provenance, on)
+            tried.failed_trials, tried.failed = tried.failed, 0
+            outcome.add(tried)
+        if main:
+            with study_lock(study, on):
+                settle(optuna_study, study, search, on)
+        chosen = agree(choice(optuna_study, search) if main else None)
+        if not search.final_seeds:
+            continue
+        if outcome.refused > refused_before:  # its input is bad (the refusals say why): mend it, run again
+            continue
+        if chosen is None or chosen["trial"] is None:
+            (waiting if chosen is None else failed).append(study.label)
+            continue
+        if main:
+            print(f"{study.name}: {shown(chosen['settings'])} chosen (trial {chosen['trial'] + 1}, mean dev "
+                  f"{chosen['dev_score']:.4f}); final seeds {search.final_seeds}", flush=True)
+        final = {"phase": FINAL_DIR, "study": study.name, "trial": chosen["trial"], "chosen_lr": chosen["lr"],
+                 "search_dev_score": chosen["dev_score"], "budget": search.budget(method)}
+        if len(chosen["settings"]) > 1:
+            final["chosen_settings"] = {k: v for k, v in chosen["settings"].items() if k != "lr"}
+        if search.final_variants:  # the plain row is the variant None
+            final["variant"] = None
+        variants = [(name, {k: v for k, v in keys.items() if k != "methods"})
+                    for name, keys in search.final_variants.items() if method in keys.get("methods", [method])]
+        cells = [Cell(cfg, record_status(cfg), {**final, "variant": name} if name else final)
+                 for name, keys in [(None, {}), *variants]
+                 for cfg in (study.cell_cfg(FINAL_DIR, {**chosen["settings"], **keys}, seed)
+                             for seed in search.final_seeds)]
+        outcome.add(run_sweep(cells, retry_failed, runner, provenance, on))
+    return outcome, waiting, failed
+
+
+def shown(settings: dict) -> str:
+    """``lr 0.003, method.r 16``: a trial's settings in a line."""
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
+
+
+def describe(studies_: list[Study], search: SearchSpec, board: Board | None = None) -> list[str]:
+    """One line per study: its trials so far and the chosen settings (``--dry-run``)."""
+    lines = []
+    db = search.storage.removeprefix("sqlite:///")
+    if db != search.storage and not Path(db).is_file():  # a fresh clone: the database is not kept with the records
+        return _describe_from_records(studies_, search)
+    for study in studies_:
+        optuna_study = open_study(study, search, board)
+        trials = optuna_study.get_trials(deepcopy=False)
+        tried = "; ".join(shown(t.params) + (f"={t.value:.4f}" if t.value is not None else f" {t.state.name}")
+                          for t in trials if "lr" in t.params)
+        chosen = choice(optuna_study, search)
+        pick = "" if not chosen or chosen["lr"] is None else f"; chosen {shown(chosen['settings'])}"
+        lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick}")
+    return lines
+
+
+def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[str]:
+    """``describe`` without the search database: each study's trials read back from its search records (which
+    name their study and trial), so a copied or cloned sweep shows what it holds; a trial counts once every
+    search seed has a record. The sweep itself rebuilds the database from the same records when it runs."""
+    found: dict[str, dict[int, list[dict]]] = {}
+    folders = {study.output_dir / SEARCH_DIR for study in studies_}
+    for path in sorted(p for folder in folders for p in folder.glob(f"*/{RECORD_NAME}")):
+        try:
+            record = read_record(path)
+        except PeftbenchError:
+            continue
+        made = record.get("provenance") or {}
+        if isinstance(made.get("study"), str) and isinstance(made.get("trial"), int):
+            found.setdefault(made["study"], {}).setdefault(made["trial"], []).append(record)
+    lines = []
+    for study in studies_:
+        keys = list(search.space.get(study.cfg.method.name, {}))
+        trials = [runs for _, runs in sorted(found.get(study.name, {}).items()) if len(runs) == len(search.seeds)]
+        scored = [({"lr": runs[0]["config"]["train"]["lr"], **{k: dotted(runs[0]["config"], k) for k in keys}},
+                   statistics.fmean(r["metrics"]["score"] for r in runs)
+                   if all(r["status"] == "success" for r in runs) else None) for runs in trials]
+        tried = "; ".join(shown(settings) + (f"={score:.4f}" if score is not None else " FAIL")
+                          for settings, score in scored)
+        done = [(score, -settings["lr"], settings) for settings, score in scored if score is not None]
+        pick = f"; chosen {shown(max(done, key=lambda d: d[:2])[2])}" if len(trials) >= search.trials and done else ""
+        lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick} (from its records)")
+    return lines

@@ -1,7 +1,9 @@
-"""Use a trained checkpoint: ``peftbench.load`` for apps, ``predict`` for ``peftbench predict``."""
+"""Use a trained checkpoint: ``peftbench.load`` for apps, ``predict`` for ``peftbench predict``, and
+``serving_cost``, what serving a trained model costs (the record's ``inference``)."""
 
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ from peftbench import checkpoint
 from peftbench.config import resolve
 from peftbench.data import Collator
 from peftbench.errors import PeftbenchError, clip
+from peftbench.measure import base_forward_flops, forward_flops, inference_cost
 from peftbench.methods import RunContext, get_method, lacked_modules
 from peftbench.models import from_pretrained, guard_padding, without_peft
 from peftbench.tasks import get_spec, load_task
@@ -366,3 +369,35 @@ def _token_aligned(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     members of a token classification ensemble line up; sequence logits as they are."""
     length = batch["inputs"]["input_ids"].shape[1]
     return logits[:, -length:] if logits.dim() == 3 and logits.shape[1] != length else logits
+
+
+INFERENCE_BATCHES = 8  # throughput is timed over this many evaluation batches (or the whole split)
+
+
+def serving_cost(model, method, split: str, examples, collator: Collator, auto_class, batch_size: int,
+                 quantized: bool, accelerator) -> dict:
+    """A trained model's serving cost (:func:`measure.inference_cost`) on ``examples`` of ``split``: as trained
+    and, for a method that merges into the base weights (float base), merged, on a copy. Batches in file order
+    (traffic is not sorted by length); the single sequence is the median-length example. Run on one process:
+    a sharded model (FSDP2, DeepSpeed) runs only with all its processes, and is not measured."""
+    batches = [collator([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
+               for start in range(0, min(len(examples), INFERENCE_BATCHES * batch_size), batch_size)]
+    lengths = list(examples["length"])
+    single = collator([examples[sorted(range(len(lengths)), key=lengths.__getitem__)[len(lengths) // 2]]])
+    was_training = model.training
+    model.eval()
+    cost = {"split": split, "as_trained": inference_cost(model, single, batches, accelerator.device,
+                                                          autocast=accelerator.autocast)}
+    merged = None
+    if hasattr(model, "merge_and_unload") and method.makes_plain_model() and not quantized:
+        merged = copy.deepcopy(model).merge_and_unload()
+        cost["merged"] = inference_cost(merged, single, batches, accelerator.device, autocast=accelerator.autocast)
+    served = model if merged is None else merged  # what a deployment runs: merged where it can be
+    inputs = {k: v.to(accelerator.device) for k, v in single["inputs"].items()}
+    with accelerator.autocast():
+        cost["flops_per_sample"] = forward_flops(served, inputs)
+    cost["base_flops_per_sample"] = base_forward_flops(auto_class, without_peft(served).config, inputs["input_ids"])
+    cost["flops_length"] = int(inputs["input_ids"].shape[1])
+    del merged, served
+    model.train(was_training)
+    return cost

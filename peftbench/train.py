@@ -9,7 +9,6 @@ asked, never named.
 
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 import time
@@ -25,6 +24,7 @@ from peftbench import checkpoint, distributed, models, tricks
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
 from peftbench.errors import DivergedError, PeftbenchError
+from peftbench.inference import serving_cost
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -35,14 +35,7 @@ from peftbench.loop import (
     start_tracking,
     stop_tracking,
 )
-from peftbench.measure import (
-    base_forward_flops,
-    forward_flops,
-    inference_cost,
-    stored_bytes,
-    synchronize,
-    unique_parameters,
-)
+from peftbench.measure import stored_bytes, synchronize, unique_parameters
 from peftbench.methods import Method, RunContext, get_method, lacked_modules, set_trainable, settle_dtypes
 from peftbench.records import RECORD_NAME, RunPhase, environment, failed_record_on_error, make_record, write_atomic
 from peftbench.tasks import TaskData, load_task
@@ -319,8 +312,10 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
     adapter_bytes = save(cfg, accelerator, launch, model, data, method, base, ckpt_dir,
                          {"metrics": metrics, "params": params})
     sharded = launch.sharded  # a sharded model runs only with all its processes
-    inference = (measure_inference(raw_model, method, data, cfg, accelerator) if t.measure_inference and not sharded
-                 else None)
+    split = "test" if "test" in data.evals else "dev"  # serving cost on the split evaluated last
+    inference = (serving_cost(raw_model, method, split, data.encoded[split], data.collator, task.spec.kind.auto_class,
+                              t.eval_batch_size, cfg.model.quantization != "none", accelerator)
+                 if t.measure_inference and not sharded and accelerator.is_main_process else None)
     result = {
         "metrics": metrics,
         "params": {**params, "adapter_bytes": adapter_bytes},
@@ -465,43 +460,6 @@ def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, bas
                                 spec.kind.auto_class_name, peft_format=hasattr(raw_model, "peft_config"),
                                 hub_dataset=hub_read(cfg, spec))
     return size
-
-
-INFERENCE_BATCHES = 8  # throughput is timed over this many evaluation batches (or the whole split)
-
-
-def measure_inference(model, method: Method, data: Data, cfg: RunConfig, accelerator: Accelerator) -> dict | None:
-    """Serving cost, measured on the main process (:func:`measure.inference_cost`): the model as trained and,
-    for a method that merges into the base weights (float base), merged, on a copy. The split evaluated last,
-    in file order (traffic is not sorted by length); the single sequence is its median-length example.
-    Sharded models (FSDP2, DeepSpeed) run only together: the caller does not measure them."""
-    if not accelerator.is_main_process:
-        return None
-    split = "test" if "test" in data.evals else "dev"
-    examples = data.encoded[split]
-    bs = cfg.train.eval_batch_size
-    batches = [data.collator([examples[i] for i in range(start, min(start + bs, len(examples)))])
-               for start in range(0, min(len(examples), INFERENCE_BATCHES * bs), bs)]
-    lengths = list(examples["length"])
-    single = data.collator([examples[sorted(range(len(lengths)), key=lengths.__getitem__)[len(lengths) // 2]]])
-    was_training = model.training
-    model.eval()
-    cost = {"split": split, "as_trained": inference_cost(model, single, batches, accelerator.device,
-                                                          autocast=accelerator.autocast)}
-    merged = None
-    if hasattr(model, "merge_and_unload") and method.makes_plain_model() and cfg.model.quantization == "none":
-        merged = copy.deepcopy(model).merge_and_unload()
-        cost["merged"] = inference_cost(merged, single, batches, accelerator.device, autocast=accelerator.autocast)
-    served = model if merged is None else merged  # what a deployment runs: merged where it can be
-    inputs = {k: v.to(accelerator.device) for k, v in single["inputs"].items()}
-    with accelerator.autocast():
-        cost["flops_per_sample"] = forward_flops(served, inputs)
-    cost["base_flops_per_sample"] = base_forward_flops(data.task.spec.kind.auto_class,
-                                                       models.without_peft(served).config, inputs["input_ids"])
-    cost["flops_length"] = int(inputs["input_ids"].shape[1])
-    del merged, served
-    model.train(was_training)
-    return cost
 
 
 @torch.inference_mode()

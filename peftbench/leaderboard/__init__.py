@@ -19,8 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftbench.errors import PeftbenchError
-from peftbench.leaderboard.grouping import Group, build, collect, sources
+from peftbench.leaderboard.grouping import Group, build
 from peftbench.leaderboard.plots import pareto, plot
+from peftbench.leaderboard.reading import collect, sources
 from peftbench.leaderboard.render_csv import csv_text
 from peftbench.leaderboard.render_html import html_page
 from peftbench.leaderboard.render_json import json_text

@@ -408,6 +408,7 @@ def _sweep(ns) -> int:
     shard = [f"--shard {ns.shard}"] if ns.shard != "0/1" else []
     provenance = {"sweep_file": ns.sweep_file,
                   "command": " ".join(["peftbench", "sweep", ns.sweep_file, *ns.overrides, *shard])}
+    reuse = sweep.reusable(spec["reuse"]) if main else {}
     waiting, no_final = [], []
     if "search" in spec or "final" in spec:
         from peftbench import search
@@ -421,7 +422,7 @@ def _sweep(ns) -> int:
             print("\n".join(search.describe(studies, spec["search"], board)))
             return 0
         outcome, waiting, no_final = search.run_search(studies, spec["search"], ns.retry_failed,
-                                                       provenance=provenance, board=board)
+                                                       provenance=provenance, board=board, reuse=reuse)
     else:
         cells = sweep.plan(sweep.expand(spec, ns.overrides, ns.max_cells), sweep.parse_shard(ns.shard), board)
         todo = [c for c in cells if c.status != "success" and (c.status is None or ns.retry_failed)]
@@ -430,9 +431,10 @@ def _sweep(ns) -> int:
         if ns.dry_run:
             for c in cells:
                 task, method, seed = c.cfg.task.name, c.cfg.method.name, c.cfg.train.seed
-                print(f"{c.run_id}  {task:<12} {method:<8} seed {seed:<4} {c.status or 'to do'}")
+                status = c.status or ("to reuse" if c.run_id in reuse else "to do")
+                print(f"{c.run_id}  {task:<12} {method:<8} seed {seed:<4} {status}")
             return 0
-        outcome = sweep.run_sweep(cells, ns.retry_failed, provenance=provenance, board=board)
+        outcome = sweep.run_sweep(cells, ns.retry_failed, provenance=provenance, board=board, reuse=reuse)
     if main:
         print(run_summary([r for r in outcome.records if r["status"] == "success"]))
         for r in outcome.records:

@@ -25,13 +25,16 @@ cell of the cells sorted by run id.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftbench import config
+from peftbench import checkpoint, config
 from peftbench.claims import CLAIM_TIMEOUT_S, Board, FolderBoard, open_board, outcome_of
 from peftbench.config import RunConfig
 from peftbench.errors import Interrupted, PeftbenchError, one_line
@@ -62,10 +65,13 @@ def _nested(key: str, value) -> dict:
 def read_sweep(path: str | Path) -> dict:
     path = Path(path)
     spec = config.read_recipe(path)
-    unknown = set(spec) - {"recipe", "grid", "output_dir", "search", "final", "storage", "claim_timeout"}
+    unknown = set(spec) - {"recipe", "grid", "output_dir", "search", "final", "storage", "claim_timeout", "reuse"}
     if unknown:
         raise PeftbenchError(f"{path}: unknown sweep key '{sorted(unknown)[0]}' "
-                             "(known: claim_timeout, final, grid, output_dir, recipe, search, storage)")
+                             "(known: claim_timeout, final, grid, output_dir, recipe, reuse, search, storage)")
+    reuse = spec.setdefault("reuse", [])
+    if not isinstance(reuse, list) or not all(isinstance(d, str) and d for d in reuse):
+        raise PeftbenchError(f"{path}: field 'reuse' must list folders of records, got {reuse!r}")
     search = spec.get("search")
     spec["storage"] = spec.get("storage") or (search.get("storage") if isinstance(search, dict) else None)
     if not isinstance(spec["storage"] or "", str):
@@ -125,6 +131,61 @@ def expand(spec: dict, overrides: list[str] | None = None, max_cells: int = MAX_
     return cfgs
 
 
+def reusable(folders: list[str]) -> dict[str, Path]:
+    """Run id -> run folder of every record under ``folders`` (a sweep's ``reuse``): identical cells of other
+    sweeps, taken instead of run again (:func:`adopt` checks each before it is taken)."""
+    found = {}
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise PeftbenchError(f"field 'reuse': {folder} is not a folder")
+        for path in sorted(Path(folder).rglob(RECORD_NAME)):
+            if not any(part.startswith(".") for part in path.relative_to(folder).parts):  # not a staging folder
+                found.setdefault(path.parent.name, path.parent)
+    return found
+
+
+def adopt(source: Path, cfg: RunConfig) -> dict | None:
+    """Copy the run in ``source`` into ``cfg.output_dir`` (swapped in whole, as a run's own folder is) when it is
+    a finished, successful run of this very cell (the same run id); its record, else None."""
+    try:
+        record = read_record(source / RECORD_NAME)
+    except PeftbenchError:
+        return None
+    if record.get("run_id") != cfg.run_id or record.get("status") != "success" or record.get("interrupted") \
+            or not _same_inputs(record, cfg):
+        return None
+    out = Path(cfg.output_dir)
+    stage = checkpoint.prepare_run_dir(out)
+    for name in checkpoint.RUN_FILES:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, stage / name)
+        elif (source / name).is_file():
+            shutil.copy2(source / name, stage / name)
+    checkpoint.publish(stage, out)
+    return read_record(out / RECORD_NAME)
+
+
+def _same_inputs(record: dict, cfg: RunConfig) -> bool:
+    """Whether the files the record's run read are the ones here: a local backbone folder by its fingerprint,
+    local data files by their SHA-256 (the run id names the paths, not what lies there)."""
+    backbone = record.get("backbone") or {}
+    if not backbone.get("random_init") and Path(cfg.model.name_or_path).expanduser().is_dir() and \
+            backbone.get("fingerprint") != checkpoint.backbone_fingerprint(cfg.model.name_or_path, None, False):
+        return False
+    for found in ((record.get("data") or {}).get("fingerprints") or {}).values():
+        if cfg.task.data_dir and isinstance(found, dict) and "file" in found:
+            path = Path(cfg.task.data_dir) / found["file"]
+            if not path.is_file() or _sha256(str(path), path.stat().st_mtime_ns) != found["sha256"]:
+                return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, mtime_ns: int) -> str:
+    """A file's SHA-256, cached by (path, mtime): a sweep reads each data file once."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def board(spec: dict) -> Board:
     """Where the sweep's workers claim cells: the database of ``storage`` (the sweep's, else its search's), or
     claim files in its output folder."""
@@ -168,17 +229,20 @@ class SweepOutcome:
     failed: int = 0
     failed_trials: int = 0  # search runs that failed: a tried learning rate, not an error of the sweep
     refused: int = 0  # cells whose input a run refused (no record: a rerun tries them again)
+    reused: int = 0  # cells taken from another sweep's records (``reuse``)
 
     def summary(self) -> str:
         trials = f", failed search trials {self.failed_trials}" if self.failed_trials else ""
         refused = f", refused {self.refused}" if self.refused else ""
+        reused = f", reused {self.reused}" if self.reused else ""
         return (f"sweep: {self.cells} cells, ran {self.ran}, done before {self.done_before}, "
-                f"claimed elsewhere {self.claimed_elsewhere}, failed {self.failed}{trials}{refused}")
+                f"claimed elsewhere {self.claimed_elsewhere}, failed {self.failed}{trials}{refused}{reused}")
 
     def add(self, other: SweepOutcome) -> None:
         """Count ``other``'s cells and records into this outcome."""
         self.records += other.records
-        for key in ("cells", "ran", "done_before", "claimed_elsewhere", "failed", "failed_trials", "refused"):
+        for key in ("cells", "ran", "done_before", "claimed_elsewhere", "failed", "failed_trials", "refused",
+                    "reused"):
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
@@ -190,11 +254,12 @@ def agree(value):
 
 
 def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, provenance: dict | None = None,
-              board: Board | None = None) -> SweepOutcome:
+              board: Board | None = None, reuse: dict[str, Path] | None = None) -> SweepOutcome:
     """Run the cells still to do; a failing cell leaves a failed record and the sweep goes on.
 
     Each cell is claimed on ``board`` before it runs (default: claim files beside the cells), so any number
-    of workers may drain one sweep; ``provenance`` (the sweep file and command) goes into every record.
+    of workers may drain one sweep; ``provenance`` (the sweep file and command) goes into every record. A cell
+    whose run is in ``reuse`` (:func:`reusable`) is copied in instead of run.
     """
     from peftbench.train import run
 
@@ -225,6 +290,10 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, proven
             if status is not None:
                 outcome.done_before += 1
                 record = read_record(path) if path.is_file() else None  # None: finished in another worker's folder
+            elif agree((adopt(reuse[cell.run_id], cell.cfg) is not None) if main and cell.run_id in (reuse or {})
+                       else None):
+                outcome.reused += 1
+                record = read_record(path) if path.is_file() else None
             else:
                 outcome.ran += 1
                 try:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from peftbench import leaderboard, search
+from peftbench import leaderboard, search, sweep
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.leaderboard.grouping import range_edge
@@ -410,3 +410,66 @@ def test_final_variants_run_at_the_chosen_rate_and_are_compared_with_the_plain_r
     with pytest.raises(PeftbenchError, match="final.variants.bad.train.adversarial'.*does not make a valid run"):
         spec_at(tmp_path, **{"final:\n  seeds: [1, 2, 3]":
                              "final:\n  seeds: [1]\n  variants: {bad: {train.adversarial: fgsm}}"})
+
+
+def _trials(line: str) -> tuple[str, set[str], str]:
+    """(count, each tried setting with its score, the chosen one) of a ``--dry-run`` line."""
+    count = re.search(r": (\d+/\d+) trials", line).group(1)
+    tried = set(filter(None, re.search(r"\[(.*)\]", line).group(1).split("; ")))
+    chosen = re.search(r"; chosen ([^(]*?)(?: \(from its records\))?$", line)
+    return count, tried, chosen.group(1) if chosen else ""
+
+
+def test_dry_run_without_the_database_reads_each_trial_back_from_its_records(tmp_path):
+    """A clone holds the records but not search.db: the same trials, scores (two seeds each, a diverged rate
+    shown as FAIL) and choice. A trial is its settings, not a number of one database; a run cut short from
+    outside and a record of another budget do not count."""
+    spec = spec_at(tmp_path)
+    studies = search.studies(spec)
+    search.run_search(studies, spec["search"], runner=fake_runner(tmp_path / "calls", fail_above=1e-2))
+    with_db = search.describe(studies, spec["search"])
+    out = Path(spec["output_dir"])
+    (out / "search.db").unlink()
+    assert [line.replace(" (from its records)", "") for line in search.describe(studies, spec["search"])] == with_db
+    lora = _trials(with_db[1])
+    assert lora[0] == "4/4" and "lr 0.03 FAIL" in lora[1] and lora[2] == "lr 0.00448"
+
+    runs = {p: read_record(p) for p in (out / "search").glob(f"*/{RECORD_NAME}")}
+    mine = {p: r for p, r in runs.items() if r["config"]["method"]["name"] == "lora"}
+    renumbered = next(p for p, r in mine.items() if r["config"]["train"]["seed"] == 1)
+    trial = mine[renumbered]["provenance"]["trial"]
+    write_atomic(renumbered, {**mine[renumbered], "provenance": {**mine[renumbered]["provenance"],
+                                                                 "trial": (trial + 1) % 4}})  # another database's
+    assert _trials(search.describe(studies, spec["search"])[1]) == lora
+    chosen = [p for p, r in mine.items() if r["config"]["train"]["lr"] == 4.48e-3]
+    write_atomic(chosen[0], {**mine[chosen[0]], "interrupted": True})  # cut short: still to do
+    count, tried, pick = _trials(search.describe(studies, spec["search"])[1])
+    assert (count, pick) == ("3/4", "") and not any(t.startswith("lr 0.00448") for t in tried)
+    write_atomic(chosen[0], {**mine[chosen[0]], "provenance": {**mine[chosen[0]]["provenance"],
+                                                               "budget": {"trials": 5}}})  # another search's
+    assert _trials(search.describe(studies, spec["search"])[1])[0] == "3/4"
+    assert _trials(search.describe(studies, spec["search"])[0]) == _trials(with_db[0])  # full: untouched
+
+
+def test_a_search_takes_the_identical_runs_of_another_from_reuse(tmp_path, monkeypatch):
+    """A second sweep with one method more and ``reuse`` pointing at the first: the shared studies' search and
+    final runs are copied in (the same run ids), only the new method's run, and the choices agree."""
+    monkeypatch.setitem(BEST, "bitfit", 1e-2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = spec_at(tmp_path / "a")
+    search.run_search(search.studies(first), first["search"], runner=fake_runner(tmp_path / "a-calls"))
+    second = spec_at(tmp_path / "b", **{"method.name: [full, lora]": "method.name: [full, lora, bitfit]",
+                                        "output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
+    outcome, waiting, no_final = search.run_search(search.studies(second), second["search"],
+                                                   runner=fake_runner(tmp_path / "b-calls"),
+                                                   reuse=sweep.reusable(second["reuse"]))
+    assert waiting == no_final == [] and (outcome.reused, outcome.ran) == (2 * (4 * 2 + 3), 4 * 2 + 3)
+    ran = set((tmp_path / "b-calls").read_text().split())
+    b = Path(second["output_dir"])
+    assert {r["run_id"] for r in records_of(b, "search") + records_of(b, "final")
+            if r["config"]["method"]["name"] == "bitfit"} == ran
+    for phase in ("search", "final"):
+        shared = {r["run_id"]: r for r in records_of(tmp_path / "a" / "results", phase)}
+        copied = {r["run_id"]: r for r in records_of(b, phase) if r["run_id"] in shared}
+        assert copied == shared and len(shared) == {"search": 16, "final": 6}[phase]

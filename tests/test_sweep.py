@@ -1,5 +1,6 @@
 import json
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from peftbench import sweep
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
-from peftbench.records import RECORD_NAME, make_record, write_atomic
+from peftbench.records import RECORD_NAME, make_record, read_record, write_atomic
 
 GRID = """\
 recipe: {{model: {{name_or_path: tiny}}, task: {{max_length: 48}}, train: {{epochs: 1}}}}
@@ -78,6 +79,46 @@ def test_bad_sweep_files(tmp_path):
     path.write_text("grid: {train.seed: [1, 1]}\n")
     with pytest.raises(PeftbenchError, match="same config"):
         sweep.expand(sweep.read_sweep(path))
+    path.write_text("grid: {train.seed: [1]}\nreuse: runs\n")
+    with pytest.raises(PeftbenchError, match=r"field 'reuse' must list folders of records, got 'runs'"):
+        sweep.read_sweep(path)
+    with pytest.raises(PeftbenchError, match=f"field 'reuse': {tmp_path / 'none'} is not a folder"):
+        sweep.reusable([str(tmp_path / "none")])
+
+
+def test_identical_cells_of_another_sweep_are_copied_in_not_run(spec, tmp_path, capsys):
+    """``reuse``: a cell whose successful run (the same run id) lies under another sweep's folder is copied in
+    whole and counted as reused; a failed, cut-short or different run there is run again."""
+    calls = []
+    sweep.run_sweep(sweep.plan(sweep.expand(spec)), runner=fake_runner(calls))
+    first = {c.run_id: c for c in sweep.expand(spec)}
+    failed, cut, other = sorted(first)[:3]
+    path = Path(first[failed].output_dir) / RECORD_NAME
+    write_atomic(path, make_record("failed", first[failed].to_dict(), failed, {}, error="RuntimeError: boom"))
+    cut_record = read_record(Path(first[cut].output_dir) / RECORD_NAME)
+    write_atomic(Path(first[cut].output_dir) / RECORD_NAME, {**cut_record, "interrupted": True})
+    other_record = read_record(Path(first[other].output_dir) / RECORD_NAME)
+    write_atomic(Path(first[other].output_dir) / RECORD_NAME, {**other_record, "run_id": "0" * 16})
+    second = tmp_path / "second.yaml"
+    bitfit = "    - {method: {name: lora}, train: {lr: 5e-3}}\n    - {method: {name: bitfit}}\n"
+    second.write_text(GRID.format(out=tmp_path / "second").replace("    - {method: {name: lora}, train: {lr: 5e-3}}\n",
+                                                                   bitfit) + f"reuse: [{tmp_path / 'results'}]\n")
+    spec2 = sweep.read_sweep(second)
+    assert main(["sweep", str(second), "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.count("to reuse") == 6 and listed.count("to do") == 3  # by run id; adopt checks each
+    calls2 = []
+    outcome = sweep.run_sweep(sweep.plan(sweep.expand(spec2)), runner=fake_runner(calls2),
+                              reuse=sweep.reusable(spec2["reuse"]))
+    assert (outcome.cells, outcome.reused, outcome.ran) == (9, 3, 6) and outcome.summary().endswith(", reused 3")
+    assert sorted(calls2) == sorted([failed, cut, other, *(c.run_id for c in sweep.expand(spec2)
+                                                           if c.method.name == "bitfit")])
+    for run_id in set(first) - {failed, cut, other}:  # the very files, whole
+        copied = tmp_path / "second" / run_id / RECORD_NAME
+        assert copied.read_bytes() == (Path(first[run_id].output_dir) / RECORD_NAME).read_bytes()
+    again = sweep.run_sweep(sweep.plan(sweep.expand(spec2)), runner=fake_runner(calls2),
+                            reuse=sweep.reusable(spec2["reuse"]))
+    assert (again.reused, again.ran, again.done_before) == (0, 0, 9)
 
 
 def test_shards_cover_every_cell_exactly_once(spec):
@@ -173,3 +214,34 @@ def test_a_cell_cut_short_from_outside_is_still_to_do(tmp_path):
         write_atomic(tmp_path / "cell" / RECORD_NAME, make_record("failed", cfg.to_dict(), cfg.run_id, {},
                                                                   error=error, extra=extra))
         assert sweep.record_status(cfg) == status
+
+
+def test_a_reused_run_must_have_read_the_same_backbone_and_data_files(tmp_path):
+    """The run id names the backbone's and the data's paths, not what lies there: a run is taken only while the
+    local backbone folder and data files are those its record read."""
+    import hashlib
+
+    from peftbench import checkpoint, config
+
+    backbone, data = tmp_path / "backbone", tmp_path / "data"
+    backbone.mkdir()
+    data.mkdir()
+    (backbone / "config.json").write_text('{"model_type": "bert"}')
+    (data / "train.json").write_text('{"sentence": "体育", "label": "103"}\n')
+    cfg = config.load(None, ["task.name=tnews", f"task.data_dir={data}", f"model.name_or_path={backbone}",
+                             f"output_dir={tmp_path / 'here'}"])
+    metrics = dict.fromkeys(["score", "n_eval", "train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s",
+                             "peak_memory_mb", "wall_s"], 1.0) | {"score_name": "accuracy"}
+    source = tmp_path / "there" / cfg.run_id
+    write_atomic(source / RECORD_NAME, make_record(
+        "success", cfg.to_dict(), cfg.run_id, {}, metrics, {"trainable": 1, "total": 2, "adapter_bytes": 4},
+        extra={"backbone": {"random_init": False,
+                            "fingerprint": checkpoint.backbone_fingerprint(str(backbone), None, False)},
+               "data": {"fingerprints": {"train": {"file": "train.json", "sha256": hashlib.sha256(
+                   (data / "train.json").read_bytes()).hexdigest()}}}}))
+    assert sweep.adopt(source, cfg)["run_id"] == cfg.run_id
+    (data / "train.json").write_text('{"sentence": "财经", "label": "104"}\n')  # other data at the same path
+    assert sweep.adopt(source, cfg) is None
+    (data / "train.json").write_text('{"sentence": "体育", "label": "103"}\n')
+    (backbone / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')  # another backbone there
+    assert sweep.adopt(source, cfg) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from peftbench.sweep import Cell, SweepOutcome, agree, record_status, run_sweep
 
 
 def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
-               provenance: dict | None = None, board: Board | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
+               provenance: dict | None = None, board: Board | None = None,
+               reuse: dict[str, Path] | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
     """Every study's trials, then its final runs. Returns the outcome, the studies whose last trials run in
     another worker (which runs their final seeds when they end), and the studies whose every trial failed.
     Workers claim cells and lock studies on ``board`` (default: claim files in the study's output folder)."""
@@ -37,7 +39,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
             cells = [Cell(cfg, record_status(cfg), {"phase": SEARCH_DIR, "study": study.name, "trial": number,
                                                     "budget": search.budget(method)})
                      for cfg in (study.cell_cfg(SEARCH_DIR, settings, seed) for seed in search.seeds)]
-            tried = run_sweep(cells, retry_failed, runner, provenance, on)
+            tried = run_sweep(cells, retry_failed, runner, provenance, on, reuse)
             tried.failed_trials, tried.failed = tried.failed, 0
             outcome.add(tried)
         if main:
@@ -66,7 +68,7 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
                  for name, keys in [(None, {}), *variants]
                  for cfg in (study.cell_cfg(FINAL_DIR, {**chosen["settings"], **keys}, seed)
                              for seed in search.final_seeds)]
-        outcome.add(run_sweep(cells, retry_failed, runner, provenance, on))
+        outcome.add(run_sweep(cells, retry_failed, runner, provenance, on, reuse))
     return outcome, waiting, failed
 
 
@@ -93,29 +95,46 @@ def describe(studies_: list[Study], search: SearchSpec, board: Board | None = No
 
 
 def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[str]:
-    """``describe`` without the search database: each study's trials read back from its search records (which
-    name their study and trial), so a copied or cloned sweep shows what it holds; a trial counts once every
-    search seed has a record. The sweep itself rebuilds the database from the same records when it runs."""
-    found: dict[str, dict[int, list[dict]]] = {}
+    """``describe`` without the search database: each study's trials read back from its search records (each
+    names its study and budget), so a copied or cloned sweep shows what it holds. A trial is a set of searched
+    settings (trial numbers belong to one database) and counts once each search seed has a record; records of
+    another budget and runs cut short from outside (still to do) are left out. A run rebuilds the database
+    from the same records: a grid asks the same settings again and finds their records."""
+    by_name = {study.name: study for study in studies_}
+    found: dict[str, dict[str, dict]] = {}  # study -> settings -> {"order", "settings", "runs": {seed: record}}
     folders = {study.output_dir / SEARCH_DIR for study in studies_}
     for path in sorted(p for folder in folders for p in folder.glob(f"*/{RECORD_NAME}")):
         try:
             record = read_record(path)
-        except PeftbenchError:
+        except (PeftbenchError, OSError):
             continue
-        made = record.get("provenance") or {}
-        if isinstance(made.get("study"), str) and isinstance(made.get("trial"), int):
-            found.setdefault(made["study"], {}).setdefault(made["trial"], []).append(record)
+        made = record.get("provenance")
+        study = by_name.get(made.get("study")) if isinstance(made, dict) else None
+        if study is None or record.get("interrupted") or not _same_budget(made.get("budget"), study, search):
+            continue
+        settings = {"lr": record["config"]["train"]["lr"],
+                    **{k: dotted(record["config"], k) for k in search.space.get(study.cfg.method.name, {})}}
+        trial = found.setdefault(study.name, {}).setdefault(
+            json.dumps(settings, sort_keys=True), {"order": made.get("trial"), "settings": settings, "runs": {}})
+        trial["runs"][record["config"]["train"]["seed"]] = record
     lines = []
     for study in studies_:
-        keys = list(search.space.get(study.cfg.method.name, {}))
-        trials = [runs for _, runs in sorted(found.get(study.name, {}).items()) if len(runs) == len(search.seeds)]
-        scored = [({"lr": runs[0]["config"]["train"]["lr"], **{k: dotted(runs[0]["config"], k) for k in keys}},
-                   statistics.fmean(r["metrics"]["score"] for r in runs)
-                   if all(r["status"] == "success" for r in runs) else None) for runs in trials]
+        complete = [t for t in found.get(study.name, {}).values() if set(search.seeds) <= set(t["runs"])]
+        trials = sorted(complete, key=lambda t: (t["order"] if isinstance(t["order"], int) else search.trials,
+                                                 t["settings"]["lr"]))
+        scored = [(t["settings"], statistics.fmean(t["runs"][seed]["metrics"]["score"] for seed in search.seeds)
+                   if all(t["runs"][seed]["status"] == "success" for seed in search.seeds) else None) for t in trials]
         tried = "; ".join(shown(settings) + (f"={score:.4f}" if score is not None else " FAIL")
                           for settings, score in scored)
         done = [(score, -settings["lr"], settings) for settings, score in scored if score is not None]
         pick = f"; chosen {shown(max(done, key=lambda d: d[:2])[2])}" if len(trials) >= search.trials and done else ""
         lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick} (from its records)")
     return lines
+
+
+def _same_budget(budget, study: Study, search: SearchSpec) -> bool:
+    """Whether a search record's budget is the study's own (final seeds aside: they may grow)."""
+    def plain(b):
+        return json.loads(json.dumps({k: v for k, v in b.items() if k != "final_seeds"}, sort_keys=True))
+
+    return isinstance(budget, dict) and plain(budget) == plain(search.budget(study.cfg.method.name))

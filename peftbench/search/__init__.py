@@ -44,7 +44,7 @@ from peftbench.search.spec import (
                                    read_sweep,
                                    read_variants,
 )
-from peftbench.search.studies import Study, studies
+from peftbench.search.study import Study, studies
 from peftbench.search.trials import choice, next_trial, open_study, settle, study_lock
 
 __all__ = ["BUDGET_KEYS", "FINAL_DIR", "SAMPLERS", "SEARCH_DIR", "SEARCH_KEYS", "SearchSpec", "Study", "choice",

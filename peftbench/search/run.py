@@ -12,7 +12,7 @@ from peftbench.errors import PeftbenchError
 from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, read_record
 from peftbench.search.spec import FINAL_DIR, SEARCH_DIR, SearchSpec
-from peftbench.search.studies import Study
+from peftbench.search.study import Study
 from peftbench.search.trials import choice, next_trial, open_study, settle, study_lock
 from peftbench.sweep import Cell, SweepOutcome, agree, record_status, run_sweep
 

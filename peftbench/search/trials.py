@@ -8,7 +8,7 @@ from pathlib import Path
 from peftbench.claims import Board, FolderBoard
 from peftbench.errors import PeftbenchError
 from peftbench.search.spec import SEARCH_DIR, SearchSpec, grid_lrs
-from peftbench.search.studies import Study
+from peftbench.search.study import Study
 from peftbench.sweep import cell_outcome
 
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from peftbench.config import RunConfig
 from peftbench.errors import Interrupted, PeftbenchError, one_line
 from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, error_text, read_record
+from peftbench.tasks import find_files, get_spec
 
 VARIANTS = "variants"
 
@@ -131,53 +134,97 @@ def expand(spec: dict, overrides: list[str] | None = None, max_cells: int = MAX_
     return cfgs
 
 
-def reusable(folders: list[str]) -> dict[str, Path]:
-    """Run id -> run folder of every record under ``folders`` (a sweep's ``reuse``): identical cells of other
-    sweeps, taken instead of run again (:func:`adopt` checks each before it is taken)."""
-    found = {}
+def reusable(folders: list[str]) -> dict[str, list[Path]]:
+    """Run id -> the run folders under ``folders`` (a sweep's ``reuse``, linked folders followed) that hold a
+    record of that name: identical cells of other sweeps, taken instead of run again once :func:`adopt` has
+    checked them."""
+    found: dict[str, list[Path]] = {}
     for folder in folders:
         if not Path(folder).is_dir():
             raise PeftbenchError(f"field 'reuse': {folder} is not a folder")
-        for path in sorted(Path(folder).rglob(RECORD_NAME)):
-            if not any(part.startswith(".") for part in path.relative_to(folder).parts):  # not a staging folder
-                found.setdefault(path.parent.name, path.parent)
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # not a staging or claims folder
+            if RECORD_NAME in files:
+                found.setdefault(Path(root).name, []).append(Path(root))
     return found
 
 
-def adopt(source: Path, cfg: RunConfig) -> dict | None:
-    """Copy the run in ``source`` into ``cfg.output_dir`` (swapped in whole, as a run's own folder is) when it is
-    a finished, successful run of this very cell (the same run id); its record, else None."""
+def adopt(sources: list[Path], cell: Cell) -> dict | None:
+    """Copy the first of ``sources`` that holds this very run into the cell's folder (swapped in whole, as a
+    run's own folder is); its record, else None. A source passed over is named with the reason."""
+    for source in sources:
+        why = _unfit(source, cell)
+        if why is None:
+            try:
+                out = Path(cell.cfg.output_dir)
+                stage = checkpoint.prepare_run_dir(out)
+                for name in checkpoint.RUN_FILES:
+                    if (source / name).is_dir():
+                        shutil.copytree(source / name, stage / name)
+                    elif (source / name).is_file():
+                        shutil.copy2(source / name, stage / name)
+                checkpoint.publish(stage, out)
+                return read_record(out / RECORD_NAME)
+            except (OSError, PeftbenchError) as exc:
+                why = one_line(exc)
+        print(f"cell {cell.run_id}: not reused from {source}: {why}", file=sys.stderr)
+    return None
+
+
+def _unfit(source: Path, cell: Cell) -> str | None:
+    """Why the run in ``source`` cannot stand for ``cell`` (None: it can): it must be a finished, successful run
+    of the same run id, in the same role (search phase, study and budget; a final run's variant), with what the
+    cell asks to be measured, on the files found here now."""
     try:
         record = read_record(source / RECORD_NAME)
-    except PeftbenchError:
-        return None
-    if record.get("run_id") != cfg.run_id or record.get("status") != "success" or record.get("interrupted") \
-            or not _same_inputs(record, cfg):
-        return None
-    out = Path(cfg.output_dir)
-    stage = checkpoint.prepare_run_dir(out)
-    for name in checkpoint.RUN_FILES:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, stage / name)
-        elif (source / name).is_file():
-            shutil.copy2(source / name, stage / name)
-    checkpoint.publish(stage, out)
-    return read_record(out / RECORD_NAME)
+    except (OSError, PeftbenchError) as exc:
+        return one_line(exc)
+    cfg, made, want = cell.cfg, _mapping(record.get("provenance")), cell.provenance or {}
+    if record.get("run_id") != cfg.run_id:
+        return f"its record is of run {record.get('run_id')!r}"
+    if record.get("status") != "success" or record.get("interrupted"):
+        return "not a finished, successful run"
+    if any(made.get(key) != want.get(key) for key in ("phase", "study", "variant")) or \
+            _budget(made) != _budget(want):
+        return "made in another role (search phase, study, budget or variant)"
+    if cfg.train.measure_inference and record.get("inference") is None and \
+            _mapping(record.get("env")).get("engine") not in ("fsdp2", "deepspeed"):  # sharded runs measure none
+        return "its serving cost was not measured (train.measure_inference)"
+    return _changed_inputs(record, cfg)
 
 
-def _same_inputs(record: dict, cfg: RunConfig) -> bool:
-    """Whether the files the record's run read are the ones here: a local backbone folder by its fingerprint,
-    local data files by their SHA-256 (the run id names the paths, not what lies there)."""
-    backbone = record.get("backbone") or {}
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _budget(provenance: dict) -> str:
+    """A search run's budget as comparable text (final seeds aside: they may grow)."""
+    budget = provenance.get("budget") or {}
+    return json.dumps({k: v for k, v in budget.items() if k != "final_seeds"} if isinstance(budget, dict) else budget,
+                      sort_keys=True)
+
+
+def _changed_inputs(record: dict, cfg: RunConfig) -> str | None:
+    """What differs between the files the record's run read and those here (None: nothing): a local backbone
+    folder by its fingerprint; a local data folder by its split files' SHA-256 and the task's version. A hub
+    backbone or dataset is taken by its name (its revision is in the record)."""
+    backbone = _mapping(record.get("backbone"))
     if not backbone.get("random_init") and Path(cfg.model.name_or_path).expanduser().is_dir() and \
             backbone.get("fingerprint") != checkpoint.backbone_fingerprint(cfg.model.name_or_path, None, False):
-        return False
-    for found in ((record.get("data") or {}).get("fingerprints") or {}).values():
-        if cfg.task.data_dir and isinstance(found, dict) and "file" in found:
-            path = Path(cfg.task.data_dir) / found["file"]
-            if not path.is_file() or _sha256(str(path), path.stat().st_mtime_ns) != found["sha256"]:
-                return False
-    return True
+        return f"another backbone is at {cfg.model.name_or_path} now"
+    if not cfg.task.data_dir:
+        return None
+    data = _mapping(record.get("data"))
+    if data.get("task_version") != get_spec(cfg.task).version:
+        return f"task {cfg.task.name} is at another version now"
+    read = {f.get("file"): f.get("sha256") for f in _mapping(data.get("fingerprints")).values() if isinstance(f, dict)}
+    try:
+        here = {path.name: path for path in find_files(Path(cfg.task.data_dir)).values()}
+    except PeftbenchError as exc:
+        return one_line(exc)
+    if set(read) != set(here) or any(_sha256(str(p), p.stat().st_mtime_ns) != read[name] for name, p in here.items()):
+        return f"the data files in {cfg.task.data_dir} are not those it read"
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -254,7 +301,7 @@ def agree(value):
 
 
 def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, provenance: dict | None = None,
-              board: Board | None = None, reuse: dict[str, Path] | None = None) -> SweepOutcome:
+              board: Board | None = None, reuse: dict[str, list[Path]] | None = None) -> SweepOutcome:
     """Run the cells still to do; a failing cell leaves a failed record and the sweep goes on.
 
     Each cell is claimed on ``board`` before it runs (default: claim files beside the cells), so any number
@@ -290,7 +337,7 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, proven
             if status is not None:
                 outcome.done_before += 1
                 record = read_record(path) if path.is_file() else None  # None: finished in another worker's folder
-            elif agree((adopt(reuse[cell.run_id], cell.cfg) is not None) if main and cell.run_id in (reuse or {})
+            elif agree((adopt(reuse[cell.run_id], cell) is not None) if main and cell.run_id in (reuse or {})
                        else None):
                 outcome.reused += 1
                 record = read_record(path) if path.is_file() else None

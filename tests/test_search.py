@@ -457,10 +457,11 @@ def test_a_search_takes_the_identical_runs_of_another_from_reuse(tmp_path, monke
     monkeypatch.setitem(BEST, "bitfit", 1e-2)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = spec_at(tmp_path / "a")
+    quiet = {"train: {epochs: 1}": "train: {epochs: 1, measure_inference: false}"}  # fake runs measure none
+    first = spec_at(tmp_path / "a", **quiet)
     search.run_search(search.studies(first), first["search"], runner=fake_runner(tmp_path / "a-calls"))
-    second = spec_at(tmp_path / "b", **{"method.name: [full, lora]": "method.name: [full, lora, bitfit]",
-                                        "output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
+    second = spec_at(tmp_path / "b", **quiet, **{"method.name: [full, lora]": "method.name: [full, lora, bitfit]",
+                                                 "output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
     outcome, waiting, no_final = search.run_search(search.studies(second), second["search"],
                                                    runner=fake_runner(tmp_path / "b-calls"),
                                                    reuse=sweep.reusable(second["reuse"]))
@@ -473,3 +474,11 @@ def test_a_search_takes_the_identical_runs_of_another_from_reuse(tmp_path, monke
         shared = {r["run_id"]: r for r in records_of(tmp_path / "a" / "results", phase)}
         copied = {r["run_id"]: r for r in records_of(b, phase) if r["run_id"] in shared}
         assert copied == shared and len(shared) == {"search": 16, "final": 6}[phase]
+    (tmp_path / "c").mkdir()  # 3 trials: the range's ends are runs of the first sweep, made under another budget
+    third = spec_at(tmp_path / "c", trials=3, **quiet,
+                    **{"output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
+    outcome, _, _ = search.run_search(search.studies(third), third["search"], runner=fake_runner(tmp_path / "c-calls"),
+                                      reuse=sweep.reusable(third["reuse"]))
+    ends = {r["run_id"] for r in records_of(tmp_path / "a" / "results", "search")} & \
+        {r["run_id"] for r in records_of(Path(third["output_dir"]), "search")}
+    assert len(ends) == 2 * 2 * 2 and (outcome.reused, outcome.ran) == (0, 2 * (3 * 2 + 3))  # methods x ends x seeds

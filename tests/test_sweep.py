@@ -22,6 +22,9 @@ output_dir: {out}
 """
 
 
+QUIET = ["train.measure_inference=false"]  # the fake runs below measure no serving cost
+
+
 @pytest.fixture
 def spec(tmp_path):
     path = tmp_path / "sweep.yaml"
@@ -90,8 +93,8 @@ def test_identical_cells_of_another_sweep_are_copied_in_not_run(spec, tmp_path, 
     """``reuse``: a cell whose successful run (the same run id) lies under another sweep's folder is copied in
     whole and counted as reused; a failed, cut-short or different run there is run again."""
     calls = []
-    sweep.run_sweep(sweep.plan(sweep.expand(spec)), runner=fake_runner(calls))
-    first = {c.run_id: c for c in sweep.expand(spec)}
+    sweep.run_sweep(sweep.plan(sweep.expand(spec, QUIET)), runner=fake_runner(calls))
+    first = {c.run_id: c for c in sweep.expand(spec, QUIET)}
     failed, cut, other = sorted(first)[:3]
     path = Path(first[failed].output_dir) / RECORD_NAME
     write_atomic(path, make_record("failed", first[failed].to_dict(), failed, {}, error="RuntimeError: boom"))
@@ -108,15 +111,15 @@ def test_identical_cells_of_another_sweep_are_copied_in_not_run(spec, tmp_path, 
     listed = capsys.readouterr().out
     assert listed.count("to reuse") == 6 and listed.count("to do") == 3  # by run id; adopt checks each
     calls2 = []
-    outcome = sweep.run_sweep(sweep.plan(sweep.expand(spec2)), runner=fake_runner(calls2),
+    outcome = sweep.run_sweep(sweep.plan(sweep.expand(spec2, QUIET)), runner=fake_runner(calls2),
                               reuse=sweep.reusable(spec2["reuse"]))
     assert (outcome.cells, outcome.reused, outcome.ran) == (9, 3, 6) and outcome.summary().endswith(", reused 3")
-    assert sorted(calls2) == sorted([failed, cut, other, *(c.run_id for c in sweep.expand(spec2)
+    assert sorted(calls2) == sorted([failed, cut, other, *(c.run_id for c in sweep.expand(spec2, QUIET)
                                                            if c.method.name == "bitfit")])
     for run_id in set(first) - {failed, cut, other}:  # the very files, whole
         copied = tmp_path / "second" / run_id / RECORD_NAME
         assert copied.read_bytes() == (Path(first[run_id].output_dir) / RECORD_NAME).read_bytes()
-    again = sweep.run_sweep(sweep.plan(sweep.expand(spec2)), runner=fake_runner(calls2),
+    again = sweep.run_sweep(sweep.plan(sweep.expand(spec2, QUIET)), runner=fake_runner(calls2),
                             reuse=sweep.reusable(spec2["reuse"]))
     assert (again.reused, again.ran, again.done_before) == (0, 0, 9)
 
@@ -216,9 +219,10 @@ def test_a_cell_cut_short_from_outside_is_still_to_do(tmp_path):
         assert sweep.record_status(cfg) == status
 
 
-def test_a_reused_run_must_have_read_the_same_backbone_and_data_files(tmp_path):
+def test_a_reused_run_must_have_read_the_same_files_and_hold_what_the_cell_asks(tmp_path, capsys):
     """The run id names the backbone's and the data's paths, not what lies there: a run is taken only while the
-    local backbone folder and data files are those its record read."""
+    local backbone folder, the data folder's split files and the task's version are those its record read, and
+    while it holds what the cell asks to be measured (its serving cost); each refusal says why."""
     import hashlib
 
     from peftbench import checkpoint, config
@@ -227,21 +231,63 @@ def test_a_reused_run_must_have_read_the_same_backbone_and_data_files(tmp_path):
     backbone.mkdir()
     data.mkdir()
     (backbone / "config.json").write_text('{"model_type": "bert"}')
-    (data / "train.json").write_text('{"sentence": "体育", "label": "103"}\n')
-    cfg = config.load(None, ["task.name=tnews", f"task.data_dir={data}", f"model.name_or_path={backbone}",
-                             f"output_dir={tmp_path / 'here'}"])
+    for split in ("train", "dev"):
+        (data / f"{split}.json").write_text('{"sentence": "体育", "label": "103"}\n')
+    cell = sweep.Cell(config.load(None, ["task.name=tnews", f"task.data_dir={data}", f"model.name_or_path={backbone}",
+                                         f"output_dir={tmp_path / 'here'}"]), None)
     metrics = dict.fromkeys(["score", "n_eval", "train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s",
                              "peak_memory_mb", "wall_s"], 1.0) | {"score_name": "accuracy"}
-    source = tmp_path / "there" / cfg.run_id
-    write_atomic(source / RECORD_NAME, make_record(
-        "success", cfg.to_dict(), cfg.run_id, {}, metrics, {"trainable": 1, "total": 2, "adapter_bytes": 4},
-        extra={"backbone": {"random_init": False,
-                            "fingerprint": checkpoint.backbone_fingerprint(str(backbone), None, False)},
-               "data": {"fingerprints": {"train": {"file": "train.json", "sha256": hashlib.sha256(
-                   (data / "train.json").read_bytes()).hexdigest()}}}}))
-    assert sweep.adopt(source, cfg)["run_id"] == cfg.run_id
+    source = tmp_path / "there" / cell.run_id
+
+    def made(**changes):
+        fingerprints = {split: {"file": f"{split}.json", "sha256": hashlib.sha256(
+            (data / f"{split}.json").read_bytes()).hexdigest()} for split in ("train", "dev")}
+        extra = {"backbone": {"random_init": False,
+                              "fingerprint": checkpoint.backbone_fingerprint(str(backbone), None, False)},
+                 "data": {"task_version": 1, "fingerprints": fingerprints}, "inference": {"split": "dev"}}
+        write_atomic(source / RECORD_NAME, make_record("success", cell.cfg.to_dict(), cell.run_id, {}, metrics,
+                                                       {"trainable": 1, "total": 2, "adapter_bytes": 4},
+                                                       extra={**extra, **changes}))
+
+    made()
+    assert sweep.adopt([source], cell)["run_id"] == cell.run_id
     (data / "train.json").write_text('{"sentence": "财经", "label": "104"}\n')  # other data at the same path
-    assert sweep.adopt(source, cfg) is None
-    (data / "train.json").write_text('{"sentence": "体育", "label": "103"}\n')
+    assert sweep.adopt([source], cell) is None
+    made()
+    (data / "test.json").write_text('{"sentence": "财经", "label": "104"}\n')  # a split it did not read
+    assert sweep.adopt([source], cell) is None
+    (data / "test.json").unlink()
     (backbone / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')  # another backbone there
-    assert sweep.adopt(source, cfg) is None
+    assert sweep.adopt([source], cell) is None
+    made(data={"task_version": 0})  # the task's loader changed since
+    assert sweep.adopt([source], cell) is None
+    made(inference=None)  # the cell measures serving cost; the run did not
+    assert sweep.adopt([source], cell) is None
+    made(provenance={"phase": "search", "study": "tnews-lora-0"})  # a search's run stands for no plain cell
+    assert sweep.adopt([source], cell) is None
+    reasons = [line.split(": ", 2)[2] for line in capsys.readouterr().err.splitlines()]
+    assert reasons == [f"the data files in {data} are not those it read"] * 2 + [
+        f"another backbone is at {backbone} now", "task tnews is at another version now",
+        "its serving cost was not measured (train.measure_inference)",
+        "made in another role (search phase, study, budget or variant)"]
+
+
+def test_reuse_finds_runs_through_links_takes_the_first_fit_one_and_a_copy_that_fails_runs_the_cell(spec, tmp_path):
+    calls = []
+    sweep.run_sweep(sweep.plan(sweep.expand(spec, QUIET)), runner=fake_runner(calls))
+    cfgs = sorted(sweep.expand(spec, QUIET), key=lambda c: c.run_id)
+    bad, good = tmp_path / "bad", tmp_path / "linked"
+    (bad / cfgs[0].run_id).mkdir(parents=True)
+    write_atomic(bad / cfgs[0].run_id / RECORD_NAME, {**read_record(Path(cfgs[0].output_dir) / RECORD_NAME),
+                                                       "interrupted": True})
+    good.symlink_to(tmp_path / "results")
+    found = sweep.reusable([str(bad), str(good)])
+    assert found[cfgs[0].run_id] == [bad / cfgs[0].run_id, good / cfgs[0].run_id] and len(found) == 6
+    second = tmp_path / "second.yaml"
+    second.write_text(GRID.format(out=tmp_path / "second"))
+    spec2 = sweep.read_sweep(second)
+    blocked = Path(sweep.expand(spec2, QUIET)[0].output_dir)  # a folder holding a stranger's file: the copy fails
+    blocked.mkdir(parents=True)
+    (blocked / "notes.txt").write_text("mine")
+    outcome = sweep.run_sweep(sweep.plan(sweep.expand(spec2, QUIET)), runner=fake_runner(calls2 := []), reuse=found)
+    assert (outcome.reused, outcome.ran, outcome.failed) == (5, 1, 0) and calls2 == [blocked.name]

@@ -19,10 +19,11 @@ from peftbench.sweep import Cell, SweepOutcome, agree, record_status, run_sweep
 
 def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
                provenance: dict | None = None, board: Board | None = None,
-               reuse: dict[str, Path] | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
+               reuse: dict[str, list[Path]] | None = None) -> tuple[SweepOutcome, list[str], list[str]]:
     """Every study's trials, then its final runs. Returns the outcome, the studies whose last trials run in
     another worker (which runs their final seeds when they end), and the studies whose every trial failed.
-    Workers claim cells and lock studies on ``board`` (default: claim files in the study's output folder)."""
+    Workers claim cells and lock studies on ``board`` (default: claim files in the study's output folder);
+    runs in ``reuse`` (:func:`sweep.reusable`) are copied in instead of run."""
     main = process_state().is_main_process
     outcome, waiting, failed = SweepOutcome(records=[]), [], []
     for study in studies_:

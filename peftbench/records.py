@@ -213,7 +213,8 @@ def environment(num_processes: int = 1) -> dict:
                    cuda=torch.version.cuda)
     else:
         env.update(device="cpu", device_name=_cpu_name(), device_count=1)
-    env.update(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), num_processes=num_processes)
+    env.update(cpu_count=os.cpu_count(), cpu_capability=torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...
+               torch_threads=torch.get_num_threads(), num_processes=num_processes)
     env.update(_git_revision())
     return env
 

@@ -5,11 +5,12 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from peftbench import config, leaderboard
 from peftbench.errors import PeftbenchError
-from peftbench.records import make_record, write_atomic
+from peftbench.records import environment, make_record, write_atomic
 
 ENV = {"device_name": "Test GPU", "num_processes": 1}
 
@@ -299,11 +300,23 @@ def test_a_cell_pooling_library_versions_gets_a_footnote_and_strict_refuses_it(t
     stamped(tmp_path, "b", "f", seed=2, env={**ENV, "transformers": "5.1.0", "peftbench": "0.9.0"})
     files, _ = leaderboard.write([tmp_path], tmp_path / "board")
     page = (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
-    assert "Cells pooling runs of other versions:" in page and "transformers 5.0.0, 5.1.0" in page
+    assert "Cells pooling runs of other versions or CPU kernels:" in page and "transformers 5.0.0, 5.1.0" in page
     assert "peftbench 0.9.0" not in page  # the same everywhere: not named
     with pytest.raises(PeftbenchError, match=r"transformers 5.0.0, 5.1.0 \(--strict\)"):
         leaderboard.write([tmp_path], tmp_path / "strict", strict=True)
     assert not (tmp_path / "strict").exists()
+
+
+def test_a_cell_pooling_cpus_of_other_kernels_under_one_name_gets_a_footnote(tmp_path):
+    """"AMD EPYC" names CPUs with and without AVX-512: the kernels torch ran are recorded, and a cell mixing
+    them says so (records from before the field count as their own kind)."""
+    stamped(tmp_path, "a", "f", env={**ENV, "cpu_capability": "AVX512"})
+    stamped(tmp_path, "b", "f", seed=2, env={**ENV, "cpu_capability": "AVX2"})
+    stamped(tmp_path, "c", "f", seed=3, env=ENV)
+    leaderboard.write([tmp_path], tmp_path / "board")
+    page = (tmp_path / "board" / "leaderboard.md").read_text(encoding="utf-8")
+    assert "pools runs of cpu_capability AVX2, AVX512, None" in page
+    assert environment()["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
 
 
 def test_leaderboard_json_holds_every_cell_and_the_sources(tmp_path):

@@ -73,7 +73,9 @@ class Row:
         return f"{trained:.{digits}f}" + ("" if merged is None else f" ({merged:.{digits}f})")
 
 
-VERSIONED = ("peftbench", "torch", "transformers", "peft")  # env keys a cell's runs should share (a footnote if not)
+# env keys a cell's runs should share (a footnote if not): package versions, and the CPU kernels torch ran (one
+# CPU name covers CPUs with and without AVX-512, whose speed and rounding differ)
+VERSIONED = ("peftbench", "torch", "transformers", "peft", "cpu_capability")
 
 
 @dataclass

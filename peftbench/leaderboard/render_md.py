@@ -70,7 +70,8 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
         lines.append(markdown_table(head, rows))
         lines.append("")
         if group.footnotes:
-            lines += ["Cells pooling runs of other versions:", ""] + [f"- {md(n)}" for n in group.footnotes] + [""]
+            lines += ["Cells pooling runs of other versions or CPU kernels:", "",
+                      *(f"- {md(n)}" for n in group.footnotes), ""]
         against = reference_table(group)
         if against:
             lines += [md(against[0]), "", markdown_table(*against[1:]), ""]

@@ -74,8 +74,10 @@ class Row:
 
 
 # env keys a cell's runs should share (a footnote if not): package versions, and the CPU kernels torch ran (one
-# CPU name covers CPUs with and without AVX-512, whose speed and rounding differ)
+# CPU name covers CPUs with and without AVX-512, whose speed and rounding differ). A record from before a key of
+# RECORDED_SINCE has none, which says nothing: only the values recorded are compared.
 VERSIONED = ("peftbench", "torch", "transformers", "peft", "cpu_capability")
+RECORDED_SINCE = ("cpu_capability",)
 
 
 @dataclass
@@ -113,12 +115,14 @@ class Group:
 
     @property
     def footnotes(self) -> list[str]:
-        """Cells whose runs differ in a library version or the peftbench they ran (the versions named)."""
+        """Cells whose runs differ in a library version, the peftbench they ran or the CPU kernels (named)."""
         notes = []
         for row in sorted(self.rows.values(), key=lambda r: (r.method, r.label)):
             for task in self.tasks:
                 runs = [r for r in row.records if self.task_of(r) == task]
-                mixed = {key: sorted({str(r["env"].get(key)) for r in runs}) for key in VERSIONED}
+                mixed = {key: sorted({str(r["env"].get(key)) for r in runs
+                                      if key not in RECORDED_SINCE or r["env"].get(key) is not None})
+                         for key in VERSIONED}
                 mixed = {key: found for key, found in mixed.items() if len(found) > 1}
                 if mixed:
                     notes.append(f"{row.label} × {task} pools runs of " + "; ".join(

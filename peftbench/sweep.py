@@ -153,9 +153,9 @@ def adopt(sources: list[Path], cell: Cell) -> dict | None:
     """Copy the first of ``sources`` that holds this very run into the cell's folder (swapped in whole, as a
     run's own folder is); its record, else None. A source passed over is named with the reason."""
     for source in sources:
-        why = _unfit(source, cell)
-        if why is None:
-            try:
+        try:
+            why = _unfit(source, cell)
+            if why is None:
                 out = Path(cell.cfg.output_dir)
                 stage = checkpoint.prepare_run_dir(out)
                 for name in checkpoint.RUN_FILES:
@@ -165,8 +165,8 @@ def adopt(sources: list[Path], cell: Cell) -> dict | None:
                         shutil.copy2(source / name, stage / name)
                 checkpoint.publish(stage, out)
                 return read_record(out / RECORD_NAME)
-            except (OSError, PeftbenchError) as exc:
-                why = one_line(exc)
+        except (OSError, PeftbenchError) as exc:  # a file that went missing, a folder that is not a run's
+            why = one_line(exc)
         print(f"cell {cell.run_id}: not reused from {source}: {why}", file=sys.stderr)
     return None
 
@@ -175,10 +175,7 @@ def _unfit(source: Path, cell: Cell) -> str | None:
     """Why the run in ``source`` cannot stand for ``cell`` (None: it can): it must be a finished, successful run
     of the same run id, in the same role (search phase, study and budget; a final run's variant), with what the
     cell asks to be measured, on the files found here now."""
-    try:
-        record = read_record(source / RECORD_NAME)
-    except (OSError, PeftbenchError) as exc:
-        return one_line(exc)
+    record = read_record(source / RECORD_NAME)
     cfg, made, want = cell.cfg, _mapping(record.get("provenance")), cell.provenance or {}
     if record.get("run_id") != cfg.run_id:
         return f"its record is of run {record.get('run_id')!r}"
@@ -218,10 +215,7 @@ def _changed_inputs(record: dict, cfg: RunConfig) -> str | None:
     if data.get("task_version") != get_spec(cfg.task).version:
         return f"task {cfg.task.name} is at another version now"
     read = {f.get("file"): f.get("sha256") for f in _mapping(data.get("fingerprints")).values() if isinstance(f, dict)}
-    try:
-        here = {path.name: path for path in find_files(Path(cfg.task.data_dir)).values()}
-    except PeftbenchError as exc:
-        return one_line(exc)
+    here = {path.name: path for path in find_files(Path(cfg.task.data_dir)).values()}
     if set(read) != set(here) or any(_sha256(str(p), p.stat().st_mtime_ns) != read[name] for name, p in here.items()):
         return f"the data files in {cfg.task.data_dir} are not those it read"
     return None

@@ -182,7 +182,7 @@ def _unfit(source: Path, cell: Cell) -> str | None:
     if record.get("status") != "success" or record.get("interrupted"):
         return "not a finished, successful run"
     if any(made.get(key) != want.get(key) for key in ("phase", "study", "variant")) or \
-            _budget(made) != _budget(want):
+            comparable_budget(made.get("budget")) != comparable_budget(want.get("budget")):
         return "made in another role (search phase, study, budget or variant)"
     if cfg.train.measure_inference and record.get("inference") is None and \
             _mapping(record.get("env")).get("engine") not in ("fsdp2", "deepspeed"):  # sharded runs measure none
@@ -194,11 +194,12 @@ def _mapping(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _budget(provenance: dict) -> str:
-    """A search run's budget as comparable text (final seeds aside: they may grow)."""
-    budget = provenance.get("budget") or {}
-    return json.dumps({k: v for k, v in budget.items() if k != "final_seeds"} if isinstance(budget, dict) else budget,
-                      sort_keys=True)
+def comparable_budget(budget) -> dict | None:
+    """A search run's budget (a record's ``provenance.budget``) as JSON would read it back, final seeds aside
+    (they may grow): two runs were tuned alike when these are equal. None for a missing or malformed one."""
+    if not isinstance(budget, dict):
+        return None
+    return json.loads(json.dumps({k: v for k, v in budget.items() if k != "final_seeds"}, sort_keys=True))
 
 
 def _changed_inputs(record: dict, cfg: RunConfig) -> str | None:

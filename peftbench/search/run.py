@@ -14,7 +14,7 @@ from peftbench.records import RECORD_NAME, read_record
 from peftbench.search.spec import FINAL_DIR, SEARCH_DIR, SearchSpec
 from peftbench.search.study import Study
 from peftbench.search.trials import choice, next_trial, open_study, settle, study_lock
-from peftbench.sweep import Cell, SweepOutcome, agree, record_status, run_sweep
+from peftbench.sweep import Cell, SweepOutcome, agree, comparable_budget, record_status, run_sweep
 
 
 def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
@@ -111,7 +111,8 @@ def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[st
             continue
         made = record.get("provenance")
         study = by_name.get(made.get("study")) if isinstance(made, dict) else None
-        if study is None or record.get("interrupted") or not _same_budget(made.get("budget"), study, search):
+        if study is None or record.get("interrupted") or \
+                comparable_budget(made.get("budget")) != comparable_budget(search.budget(study.cfg.method.name)):
             continue
         settings = {"lr": record["config"]["train"]["lr"],
                     **{k: dotted(record["config"], k) for k in search.space.get(study.cfg.method.name, {})}}
@@ -132,10 +133,3 @@ def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[st
         lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick} (from its records)")
     return lines
 
-
-def _same_budget(budget, study: Study, search: SearchSpec) -> bool:
-    """Whether a search record's budget is the study's own (final seeds aside: they may grow)."""
-    def plain(b):
-        return json.loads(json.dumps({k: v for k, v in b.items() if k != "final_seeds"}, sort_keys=True))
-
-    return isinstance(budget, dict) and plain(budget) == plain(search.budget(study.cfg.method.name))

@@ -9,7 +9,7 @@ from peftbench.claims import Board, FolderBoard
 from peftbench.errors import PeftbenchError
 from peftbench.search.spec import SEARCH_DIR, SearchSpec, grid_lrs
 from peftbench.search.study import Study
-from peftbench.sweep import cell_outcome
+from peftbench.sweep import cell_outcome, comparable_budget
 
 
 def _optuna():
@@ -53,7 +53,7 @@ def open_study(study: Study, search: SearchSpec, board: Board | None = None):
 def _same_budget(optuna_study, study: Study, search: SearchSpec) -> None:
     """A study keeps the budget it was started with (rates, trials, sampler, seeds): a sweep edited since would
     otherwise choose among the old trials and label the result with the new budget. Final seeds may grow."""
-    budget = {k: v for k, v in search.budget(study.cfg.method.name).items() if k != "final_seeds"}
+    budget = comparable_budget(search.budget(study.cfg.method.name))
     started = optuna_study.user_attrs.get("budget")
     if started is None:
         optuna_study.set_user_attr("budget", budget)

@@ -20,6 +20,7 @@ import pytest
 
 from peftbench import config
 from peftbench.claims import DatabaseBoard
+from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.records import RECORD_NAME, make_record, read_record, write_atomic
 from peftbench.sweep import Cell, run_sweep
@@ -258,6 +259,10 @@ def _summary(proc: subprocess.Popen) -> dict:
     """The counts of a worker's last line: ``sweep: 4 cells, ran 3, done before 0, claimed elsewhere 1, ...``."""
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    return _counts(out)
+
+
+def _counts(out: str) -> dict:
     counts = {}
     for part in out.strip().splitlines()[-1].removeprefix("sweep: ").split(", "):
         words = part.split()
@@ -266,7 +271,7 @@ def _summary(proc: subprocess.Popen) -> dict:
 
 
 @pytest.mark.slow
-def test_two_machines_drain_a_sweep_through_postgresql_and_a_frozen_one_loses_its_cell(postgres, tmp_path):
+def test_two_machines_drain_a_sweep_through_postgresql_and_a_frozen_one_loses_its_cell(postgres, tmp_path, capsys):
     """Two workers with separate output folders and one PostgreSQL database run every cell once; one frozen
     mid-cell (a machine cut off) keeps its claim until the timeout: the other worker skips that cell while the
     claim is fresh (a worker started after the timeout then runs it) or, reaching it later, takes it over."""
@@ -303,7 +308,8 @@ def test_two_machines_drain_a_sweep_through_postgresql_and_a_frozen_one_loses_it
         drained = _summary(other)  # it skips the frozen cell while its claim is fresh, or takes it once stale
         while board.row(held)["status"] == "running" and time.time() - board.row(held)["beat"] <= 4:
             time.sleep(0.2)
-        late = _summary(_worker(files["b"]))  # a worker started after the timeout
+        assert main(["sweep", str(files["b"])]) == 0  # a worker started after the timeout (in this process)
+        late = _counts(capsys.readouterr().out)
         assert late["ran"] + late["done before"] == cells, late
     finally:
         frozen.kill()
@@ -322,7 +328,5 @@ def test_two_machines_drain_a_sweep_through_postgresql_and_a_frozen_one_loses_it
         rows = conn.execute(board.sa.select(t.c.status)).scalars().all()
     assert sorted(rows) == ["success"] * cells
     board_dir = tmp_path / "board"
-    merged = subprocess.run([sys.executable, "-m", "peftbench", "leaderboard", str(tmp_path / "a"), str(tmp_path / "b"),
-                             "--out", str(board_dir)], env=ENV, capture_output=True, text=True)
-    assert merged.returncode == 0, merged.stderr
+    assert main(["leaderboard", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(board_dir)]) == 0
     assert f"{cells} records" in (board_dir / "leaderboard.md").read_text(encoding="utf-8")

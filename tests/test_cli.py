@@ -91,14 +91,13 @@ def test_missing_data_dir_and_model_path_fail_cleanly(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_recipe_run_on_clue_layout_files(tmp_path):
+def test_recipe_run_on_clue_layout_files(tmp_path, capsys):
     data = write_files(tmp_path / "data", layout="clue")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"task: {{name: synthetic, data_dir: {data}, max_length: 48}}\nmethod: {{name: lora}}\n"
                       f"train: {{epochs: 1, lr: 5e-3}}\noutput_dir: {tmp_path / 'out'}\n")
-    proc = cli("run", str(recipe), "train.max_steps=40")  # more than the one epoch (32 steps) asked for
-    assert proc.returncode == 0, proc.stderr
-    assert "backbone: tiny, random init (no model.name_or_path given)" in proc.stdout
+    assert main(["run", str(recipe), "train.max_steps=40"]) == 0  # more than the one epoch (32 steps) asked for
+    assert "backbone: tiny, random init (no model.name_or_path given)" in capsys.readouterr().out
     rec = json.loads((tmp_path / "out" / "record.json").read_text())
     assert rec["total_steps"] == 40 and rec["metrics"]["stopped_by"] == "max_steps"  # max_steps sets the budget
     assert [h["epoch"] for h in rec["dev_history"]] == [1, 2]

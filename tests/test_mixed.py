@@ -133,17 +133,18 @@ def test_removed_adapter_is_gone_and_the_others_still_mix(trained_variants):
 
 
 @pytest.mark.slow
-def test_the_mixed_batch_benchmark_prints_its_tables():
+def test_the_mixed_batch_benchmark_prints_its_tables(monkeypatch, capsys):
     """benchmarks/serve_load.py --mixed on zh-mini, cut short: the throughput rows, and every method within 1e-5."""
-    import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--mixed", "leaderboards/zh-mini/model",
-                          "--passes", "1", "--sizes", "1,3"], capture_output=True, text=True, cwd=root)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    import serve_load
+
+    base = Path(__file__).resolve().parents[1] / "leaderboards" / "zh-mini" / "model"
+    monkeypatch.setattr(sys, "argv", ["serve_load.py", "--mixed", str(base), "--passes", "1", "--sizes", "1,3"])
+    serve_load.main()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
     assert [line.split("|")[1].strip() for line in lines if line.startswith("| ") and "×" in line] == ["1", "3"]
     gaps = {line.split("|")[1].strip(): float(line.split("|")[3]) for line in lines
             if line.startswith("| ") and line.count("|") == 4 and "method" not in line}
-    assert len(gaps) == 9 and max(gaps.values()) <= 1e-5, out.stdout
+    assert len(gaps) == 9 and max(gaps.values()) <= 1e-5, out

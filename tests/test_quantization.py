@@ -145,16 +145,12 @@ def test_quantisation_settings_reach_bitsandbytes():
 
 
 @pytest.mark.slow
-def test_precision_matrix_runs_every_cell_and_refuses_full_on_a_quantised_base():
-    import subprocess
-    import sys
+def test_precision_matrix_runs_every_cell_and_refuses_full_on_a_quantised_base(capsys):
+    import precision_matrix
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_matrix.py"
-    proc = subprocess.run([sys.executable, str(script), "--arch", "tiny", "--methods", "full,lora", "--precisions",
-                           "no,bf16", "--quantizations", "none,8bit", "--steps", "3", "--batch-size", "8"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+    precision_matrix.main(["--arch", "tiny", "--methods", "full,lora", "--precisions", "no,bf16", "--quantizations",
+                           "none,8bit", "--steps", "3", "--batch-size", "8"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| tiny")]
     status = {(r[1], r[2], r[3]): r[4] for r in rows}
     assert len(status) == 8

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from peftbench import config
 from peftbench.checkpoint import read_meta
+from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.inference import SplitBatches, predict
 from peftbench.train import run
@@ -238,20 +239,33 @@ def test_auth_and_errors(server):
     assert proc.poll() is None
 
 
-def test_serve_refuses_to_start_without_a_token(trained_variants):
-    env = {k: v for k, v in os.environ.items() if k != "PEFTBENCH_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", trained_variants["lora"].record["checkpoint"]],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 2 and "no token: set PEFTBENCH_TOKEN or pass --token-file" in proc.stderr
+def serve_refusal(monkeypatch, capsys, *args: str) -> list[str]:
+    """``peftbench serve ARGS`` in this process, which must refuse before loading anything: its error lines."""
+    import peftbench.serve
+
+    def loaded(*_):
+        raise AssertionError("it loaded checkpoints")
+
+    monkeypatch.setattr(peftbench.serve, "load_adapters", loaded)
+    capsys.readouterr()
+    assert main(["serve", *args]) == 2
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PEFTBENCH_TOKEN", raising=False)
+    [error] = serve_refusal(monkeypatch, capsys, str(tmp_path))
+    assert error.startswith("error: no token: set PEFTBENCH_TOKEN or pass --token-file"), error
 
 
 @pytest.mark.slow
-def test_load_benchmark_runs_and_prints_its_table(trained_variants):
+def test_load_benchmark_runs_and_prints_its_table(trained_variants, monkeypatch, capsys):
+    import serve_load  # its two servers run as processes of their own
+
     specs = [f"{v}={trained_variants[v].record['checkpoint']}" for v in ("lora", "lora-rslora")]
-    proc = subprocess.run([sys.executable, "benchmarks/serve_load.py", *specs, "-n", "12", "-c", "4"],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "req/s" not in line]
+    monkeypatch.setattr(sys, "argv", ["serve_load.py", *specs, "-n", "12", "-c", "4"])
+    serve_load.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "req/s" not in line]
     assert [r.split(" | ")[:2] for r in rows] == [["| one adapter", "none"], ["| 2 adapters mixed", "none"],
                                                   ["| one adapter", "dynamic (≤64 texts, 5 ms)"],
                                                   ["| 2 adapters mixed", "dynamic (≤64 texts, 5 ms)"]]
@@ -374,7 +388,7 @@ def test_a_failed_batch_is_run_again_job_by_job():
     assert passes == [["a", "boom", "b"], ["a"], ["boom"], ["b"]]  # one batch, then each job alone
 
 
-def test_bad_serve_options_are_refused_at_start_up(tmp_path):
+def test_bad_serve_options_are_refused_at_start_up(tmp_path, monkeypatch, capsys):
     from peftbench.serve import Limits, check_options
 
     for args, message in (((8000, Limits(), 0, 5.0), "--max-batch must be >= 1, got 0"),
@@ -387,19 +401,17 @@ def test_bad_serve_options_are_refused_at_start_up(tmp_path):
         with pytest.raises(PeftbenchError, match=message):
             check_options(*args)
     check_options(8000, Limits(), 64, 0.0)
-    env = {**os.environ, "PEFTBENCH_TOKEN": "x" * 32}
+    monkeypatch.setenv("PEFTBENCH_TOKEN", "x" * 32)
+    monkeypatch.setenv("PEFTBENCH_ADMIN_TOKEN", "x" * 32)
     for args, message in (([], "error: nothing to serve: name checkpoints ([NAME=]CKPT) or an --adapters-dir"),
                           (["--adapters-dir", str(tmp_path / "none")], f"error: --adapters-dir {tmp_path / 'none'}: "
                                                                         "not a directory"),
                           (["--adapters-dir", str(tmp_path)], "error: the admin token is the bearer token: give the "
                                                               "admin endpoints a token of their own")):
-        proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", *args], capture_output=True, text=True,
-                              env={**env, "PEFTBENCH_ADMIN_TOKEN": "x" * 32})
-        assert proc.returncode == 2 and message in proc.stderr.splitlines(), proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "peftbench", "serve", str(tmp_path / "none"), "--max-batch", "0"],
-                          capture_output=True, text=True, env={**os.environ, "PEFTBENCH_TOKEN": "x" * 32})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and errors == ["error: --max-batch must be >= 1, got 0"], proc.stderr  # not loaded
+        assert serve_refusal(monkeypatch, capsys, *args) == [message]
+    monkeypatch.delenv("PEFTBENCH_ADMIN_TOKEN")
+    assert serve_refusal(monkeypatch, capsys, str(tmp_path / "none"), "--max-batch", "0") == \
+        ["error: --max-batch must be >= 1, got 0"]  # refused before loading
 
 
 def test_a_short_or_readable_token_is_warned_about(tmp_path, capsys):

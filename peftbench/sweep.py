@@ -171,6 +171,17 @@ def adopt(sources: list[Path], cell: Cell) -> dict | None:
     return None
 
 
+def reusable_here(sources: list[Path], cell: Cell) -> bool:
+    """Whether :func:`adopt` would copy one of ``sources`` into ``cell`` (a dry run: nothing is copied)."""
+    for source in sources:
+        try:
+            if _unfit(source, cell) is None:
+                return True
+        except (OSError, PeftbenchError):
+            continue
+    return False
+
+
 def _unfit(source: Path, cell: Cell) -> str | None:
     """Why the run in ``source`` cannot stand for ``cell`` (None: it can): it must be a finished, successful run
     of the same run id, in the same role (search phase, study and budget; a final run's variant), with what the

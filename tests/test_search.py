@@ -462,10 +462,15 @@ def test_a_search_takes_the_identical_runs_of_another_from_reuse(tmp_path, monke
     search.run_search(search.studies(first), first["search"], runner=fake_runner(tmp_path / "a-calls"))
     second = spec_at(tmp_path / "b", **quiet, **{"method.name: [full, lora]": "method.name: [full, lora, bitfit]",
                                                  "output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
+    planned = search.describe(search.studies(second), second["search"], reuse=sweep.reusable(second["reuse"]))
+    assert [line.partition("; to reuse: ")[2] for line in planned] == \
+        ["", "8 search, 3 final runs", "8 search, 3 final runs"]  # bitfit, full, lora: what the run copies below
     outcome, waiting, no_final = search.run_search(search.studies(second), second["search"],
                                                    runner=fake_runner(tmp_path / "b-calls"),
                                                    reuse=sweep.reusable(second["reuse"]))
     assert waiting == no_final == [] and (outcome.reused, outcome.ran) == (2 * (4 * 2 + 3), 4 * 2 + 3)
+    assert not any("to reuse" in line for line in search.describe(search.studies(second), second["search"],
+                                                                   reuse=sweep.reusable(second["reuse"])))  # copied
     ran = set((tmp_path / "b-calls").read_text().split())
     b = Path(second["output_dir"])
     assert {r["run_id"] for r in records_of(b, "search") + records_of(b, "final")
@@ -477,6 +482,8 @@ def test_a_search_takes_the_identical_runs_of_another_from_reuse(tmp_path, monke
     (tmp_path / "c").mkdir()  # 3 trials: the range's ends are runs of the first sweep, made under another budget
     third = spec_at(tmp_path / "c", trials=3, **quiet,
                     **{"output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
+    assert not any("to reuse" in line for line in search.describe(search.studies(third), third["search"],
+                                                                  reuse=sweep.reusable(third["reuse"])))
     outcome, _, _ = search.run_search(search.studies(third), third["search"], runner=fake_runner(tmp_path / "c-calls"),
                                       reuse=sweep.reusable(third["reuse"]))
     ends = {r["run_id"] for r in records_of(tmp_path / "a" / "results", "search")} & \

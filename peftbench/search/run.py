@@ -11,10 +11,10 @@ from peftbench.config import dotted
 from peftbench.errors import PeftbenchError
 from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, read_record
-from peftbench.search.spec import FINAL_DIR, SEARCH_DIR, SearchSpec
+from peftbench.search.spec import FINAL_DIR, SEARCH_DIR, SearchSpec, grid_lrs
 from peftbench.search.study import Study
 from peftbench.search.trials import choice, next_trial, open_study, settle, study_lock
-from peftbench.sweep import Cell, SweepOutcome, agree, comparable_budget, record_status, run_sweep
+from peftbench.sweep import Cell, SweepOutcome, agree, comparable_budget, record_status, reusable_here, run_sweep
 
 
 def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = False, runner=None,
@@ -63,14 +63,39 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
             final["chosen_settings"] = {k: v for k, v in chosen["settings"].items() if k != "lr"}
         if search.final_variants:  # the plain row is the variant None
             final["variant"] = None
-        variants = [(name, {k: v for k, v in keys.items() if k != "methods"})
-                    for name, keys in search.final_variants.items() if method in keys.get("methods", [method])]
         cells = [Cell(cfg, record_status(cfg), {**final, "variant": name} if name else final)
-                 for name, keys in [(None, {}), *variants]
+                 for name, keys in _variants(study, search)
                  for cfg in (study.cell_cfg(FINAL_DIR, {**chosen["settings"], **keys}, seed)
                              for seed in search.final_seeds)]
         outcome.add(run_sweep(cells, retry_failed, runner, provenance, on, reuse))
     return outcome, waiting, failed
+
+
+def _variants(study: Study, search: SearchSpec) -> list[tuple[str | None, dict]]:
+    """A study's final rows: (None, {}) for the plain one, then each ``final.variants`` entry that applies to its
+    method, with its ``train.*`` keys."""
+    method = study.cfg.method.name
+    return [(None, {}), *((name, {k: v for k, v in keys.items() if k != "methods"})
+                          for name, keys in search.final_variants.items() if method in keys.get("methods", [method]))]
+
+
+def _to_reuse(study: Study, search: SearchSpec, reuse: dict[str, list[Path]]) -> str:
+    """``; to reuse: N search, M final runs``: this study's runs, not yet here, that a source in ``reuse`` holds
+    and that :func:`sweep.adopt` would copy (the same run, role and inputs). Known ahead for a grid over the rate alone
+    (every rate a trial may take); a final run counts at any of them, since the search has not chosen yet."""
+    method = study.cfg.method.name
+    if not reuse or search.sampler != "grid" or search.space.get(method):
+        return ""
+    lrs, budget = grid_lrs(*search.lr_range(method), search.trials), search.budget(method)
+    role = {"study": study.name, "budget": budget}
+    searched = [Cell(study.cell_cfg(SEARCH_DIR, {"lr": lr}, seed), None, {**role, "phase": SEARCH_DIR})
+                for lr in lrs for seed in search.seeds]
+    final = [Cell(study.cell_cfg(FINAL_DIR, {"lr": lr, **keys}, seed), None,
+                  {**role, "phase": FINAL_DIR, **({"variant": name} if search.final_variants else {})})
+             for lr in lrs for name, keys in _variants(study, search) for seed in search.final_seeds]
+    counts = [sum(record_status(cell.cfg) != "success" and reusable_here(reuse.get(cell.run_id, []), cell)
+                  for cell in cells) for cells in (searched, final)]
+    return f"; to reuse: {counts[0]} search, {counts[1]} final runs" if any(counts) else ""
 
 
 def shown(settings: dict) -> str:
@@ -78,12 +103,15 @@ def shown(settings: dict) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
 
 
-def describe(studies_: list[Study], search: SearchSpec, board: Board | None = None) -> list[str]:
-    """One line per study: its trials so far and the chosen settings (``--dry-run``)."""
+def describe(studies_: list[Study], search: SearchSpec, board: Board | None = None,
+             reuse: dict[str, list[Path]] | None = None) -> list[str]:
+    """One line per study: its trials so far, the chosen settings and the runs it will copy from ``reuse``
+    (``--dry-run``)."""
     lines = []
     db = search.storage.removeprefix("sqlite:///")
     if db != search.storage and not Path(db).is_file():  # a fresh clone: the database is not kept with the records
-        return _describe_from_records(studies_, search)
+        return [line + _to_reuse(study, search, reuse or {})
+                for study, line in zip(studies_, _describe_from_records(studies_, search), strict=True)]
     for study in studies_:
         optuna_study = open_study(study, search, board)
         trials = optuna_study.get_trials(deepcopy=False)
@@ -91,7 +119,8 @@ def describe(studies_: list[Study], search: SearchSpec, board: Board | None = No
                           for t in trials if "lr" in t.params)
         chosen = choice(optuna_study, search)
         pick = "" if not chosen or chosen["lr"] is None else f"; chosen {shown(chosen['settings'])}"
-        lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick}")
+        lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick}"
+                     + _to_reuse(study, search, reuse or {}))
     return lines
 
 

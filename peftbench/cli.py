@@ -419,7 +419,7 @@ def _sweep(ns) -> int:
             print(f"{len(studies)} studies in this shard ({spec['search'].trials} learning rates each), "
                   f"results in {spec['output_dir']}")
         if ns.dry_run:
-            print("\n".join(search.describe(studies, spec["search"], board, reuse)))
+            print("\n".join(search.describe(studies, spec["search"], board, reuse, ns.retry_failed)))
             return 0
         outcome, waiting, no_final = search.run_search(studies, spec["search"], ns.retry_failed,
                                                        provenance=provenance, board=board, reuse=reuse)

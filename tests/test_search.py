@@ -1,6 +1,7 @@
 import math
 import multiprocessing
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -462,9 +463,17 @@ def test_a_search_takes_the_identical_runs_of_another_from_reuse(tmp_path, monke
     search.run_search(search.studies(first), first["search"], runner=fake_runner(tmp_path / "a-calls"))
     second = spec_at(tmp_path / "b", **quiet, **{"method.name: [full, lora]": "method.name: [full, lora, bitfit]",
                                                  "output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
-    planned = search.describe(search.studies(second), second["search"], reuse=sweep.reusable(second["reuse"]))
+    studies, reuse = search.studies(second), sweep.reusable(second["reuse"])
+    planned = search.describe(studies, second["search"], reuse=reuse)
     assert [line.partition("; to reuse: ")[2] for line in planned] == \
         ["", "8 search, 3 final runs", "8 search, 3 final runs"]  # bitfit, full, lora: what the run copies below
+    failed = studies[1].cell_cfg("search", {"lr": search.grid_lrs(*second["search"].lr_range("full"), 4)[0]}, 1)
+    write_atomic(f"{failed.output_dir}/{RECORD_NAME}", make_record("failed", failed.to_dict(), failed.run_id, {},
+                                                                   error="DivergedError: nan"))
+    assert search.describe(studies, second["search"], reuse=reuse)[1].endswith("7 search, 3 final runs")
+    assert search.describe(studies, second["search"], reuse=reuse, retry_failed=True)[1].endswith(
+        "8 search, 3 final runs")  # what --retry-failed would copy over it
+    shutil.rmtree(failed.output_dir)
     outcome, waiting, no_final = search.run_search(search.studies(second), second["search"],
                                                    runner=fake_runner(tmp_path / "b-calls"),
                                                    reuse=sweep.reusable(second["reuse"]))

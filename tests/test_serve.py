@@ -240,13 +240,17 @@ def test_auth_and_errors(server):
 
 
 def serve_refusal(monkeypatch, capsys, *args: str) -> list[str]:
-    """``peftbench serve ARGS`` in this process, which must refuse before loading anything: its error lines."""
+    """``peftbench serve ARGS`` in this process, which must refuse before loading or serving anything: its error
+    lines."""
+    import uvicorn
+
     import peftbench.serve
 
-    def loaded(*_):
-        raise AssertionError("it loaded checkpoints")
+    def started(*_, **__):
+        raise AssertionError("it went on to load checkpoints or serve")
 
-    monkeypatch.setattr(peftbench.serve, "load_adapters", loaded)
+    monkeypatch.setattr(peftbench.serve, "load_adapters", started)
+    monkeypatch.setattr(uvicorn, "run", started)
     capsys.readouterr()
     assert main(["serve", *args]) == 2
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -79,21 +79,23 @@ def _variants(study: Study, search: SearchSpec) -> list[tuple[str | None, dict]]
                           for name, keys in search.final_variants.items() if method in keys.get("methods", [method]))]
 
 
-def _to_reuse(study: Study, search: SearchSpec, reuse: dict[str, list[Path]]) -> str:
-    """``; to reuse: N search, M final runs``: this study's runs, not yet here, that a source in ``reuse`` holds
-    and that :func:`sweep.adopt` would copy (the same run, role and inputs). Known ahead for a grid over the rate alone
-    (every rate a trial may take); a final run counts at any of them, since the search has not chosen yet."""
+def _to_reuse(study: Study, search: SearchSpec, reuse: dict[str, list[Path]], retry_failed: bool) -> str:
+    """``; to reuse: N search, M final runs``: this study's runs that a source in ``reuse`` holds, that
+    :func:`sweep.adopt` would copy (the same run, role and inputs) and that the run would take: not here yet (or
+    failed here, with ``retry_failed``). Known ahead for the grid sampler (a trial takes one of its rates); a final
+    run counts at any of them until the search has chosen."""
     method = study.cfg.method.name
-    if not reuse or search.sampler != "grid" or search.space.get(method):
+    if not reuse or search.sampler != "grid":
         return ""
-    lrs, budget = grid_lrs(*search.lr_range(method), search.trials), search.budget(method)
+    lrs, budget = list(dict.fromkeys(grid_lrs(*search.lr_range(method), search.trials))), search.budget(method)
     role = {"study": study.name, "budget": budget}
     searched = [Cell(study.cell_cfg(SEARCH_DIR, {"lr": lr}, seed), None, {**role, "phase": SEARCH_DIR})
                 for lr in lrs for seed in search.seeds]
     final = [Cell(study.cell_cfg(FINAL_DIR, {"lr": lr, **keys}, seed), None,
                   {**role, "phase": FINAL_DIR, **({"variant": name} if search.final_variants else {})})
              for lr in lrs for name, keys in _variants(study, search) for seed in search.final_seeds]
-    counts = [sum(record_status(cell.cfg) != "success" and reusable_here(reuse.get(cell.run_id, []), cell)
+    wanted = (None, "failed") if retry_failed else (None,)
+    counts = [sum(record_status(cell.cfg) in wanted and reusable_here(reuse.get(cell.run_id, []), cell)
                   for cell in cells) for cells in (searched, final)]
     return f"; to reuse: {counts[0]} search, {counts[1]} final runs" if any(counts) else ""
 
@@ -104,13 +106,13 @@ def shown(settings: dict) -> str:
 
 
 def describe(studies_: list[Study], search: SearchSpec, board: Board | None = None,
-             reuse: dict[str, list[Path]] | None = None) -> list[str]:
+             reuse: dict[str, list[Path]] | None = None, retry_failed: bool = False) -> list[str]:
     """One line per study: its trials so far, the chosen settings and the runs it will copy from ``reuse``
     (``--dry-run``)."""
     lines = []
     db = search.storage.removeprefix("sqlite:///")
     if db != search.storage and not Path(db).is_file():  # a fresh clone: the database is not kept with the records
-        return [line + _to_reuse(study, search, reuse or {})
+        return [line + _to_reuse(study, search, reuse or {}, retry_failed)
                 for study, line in zip(studies_, _describe_from_records(studies_, search), strict=True)]
     for study in studies_:
         optuna_study = open_study(study, search, board)
@@ -120,7 +122,7 @@ def describe(studies_: list[Study], search: SearchSpec, board: Board | None = No
         chosen = choice(optuna_study, search)
         pick = "" if not chosen or chosen["lr"] is None else f"; chosen {shown(chosen['settings'])}"
         lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick}"
-                     + _to_reuse(study, search, reuse or {}))
+                     + _to_reuse(study, search, reuse or {}, retry_failed))
     return lines
 
 

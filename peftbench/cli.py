@@ -15,7 +15,7 @@ import traceback
 from importlib.metadata import version
 from pathlib import Path
 
-from peftbench.errors import DivergedError, PeftbenchError, Stopped, one_line
+from peftbench.errors import DivergedError, Interrupted, PeftbenchError, Stopped, one_line
 
 # Per-method settings of the demo (over the defaults): a random-init backbone needs larger rates.
 DEMO = {
@@ -224,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         _traceback_if_debugging()
         print(f"error: {one_line(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return 1
+    except Interrupted as exc:  # a sweep cut short from outside: its cell's record says so
+        _traceback_if_debugging()
+        print(f"error: {one_line(exc)}; the cell's record is marked interrupted, and the sweep runs it again when "
+              "resumed", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Stopped) else 1
 
 
 def _top_k(value: str | None) -> int | None:

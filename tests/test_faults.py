@@ -84,6 +84,29 @@ def test_divergence_on_the_last_step_fails_the_run(tmp_path, capsys):
         f"error: run failed: {read_record(tmp_path / 'b' / RECORD_NAME)['error']} (failed record in {tmp_path}/b)"]
 
 
+def test_a_sweep_stopped_from_outside_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a launcher or scheduler) inside a sweep's run: the run records it (tests/test_lost_process.py); the
+    command ends with one error line and the signal's exit status, not a traceback."""
+    import signal
+
+    from peftbench import train
+    from peftbench.errors import Stopped
+
+    def stopped(cfg, provenance=None):
+        raise Stopped("stopped by SIGTERM (a launcher stops every process when one of them fails; a scheduler "
+                      "stops a job)")
+
+    monkeypatch.setattr(train, "run", stopped)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(f"recipe: {{task: {{name: synthetic}}, method: {{name: lora}}}}\ngrid: {{train.seed: [1, 2]}}\n"
+                    f"output_dir: {tmp_path / 'results'}\n")
+    assert main(["sweep", str(spec)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: stopped by SIGTERM (a launcher stops every process when one of them fails; a scheduler stops a job); "
+        "the cell's record is marked interrupted, and the sweep runs it again when resumed"]
+
+
 def test_a_non_finite_trained_parameter_is_named():
     import torch
 

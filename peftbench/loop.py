@@ -306,14 +306,20 @@ def check_finite(params: list[torch.nn.Parameter], model: torch.nn.Module, step:
 
 
 def throughput_summary(timing: dict, memory: dict, accelerator: Accelerator) -> dict:
-    """Train throughput summed over processes over the slowest process's time; peak memory per process and max."""
+    """Train throughput summed over processes over the slowest process's time; peak memory per process and max.
+    On a CPU, ``train_cpu_share``: the least over processes of CPU seconds / (wall seconds x threads) in the timed
+    steps, near 1 when each process had its cores, lower when it shared them or was paused."""
     device = accelerator.device
     counts = torch.tensor([timing["timed_samples"], timing["timed_tokens"]], dtype=torch.float64, device=device)
     seconds = torch.tensor([timing["timed_seconds"]], dtype=torch.float64, device=device)
+    own = timing["timed_cpu_seconds"] / (timing["timed_seconds"] * torch.get_num_threads()) \
+        if timing["timed_seconds"] else float("nan")
+    share = -accelerator.reduce(torch.tensor([-own], dtype=torch.float64, device=device), "max").item()  # the min
     peaks = accelerator.gather(torch.tensor([memory["peak_memory_mb"]], dtype=torch.float64, device=device))
     samples, tokens = accelerator.reduce(counts, "sum").tolist()
     seconds = accelerator.reduce(seconds, "max").item()
     return {
+        **({"train_cpu_share": share} if device.type == "cpu" else {}),
         "train_samples_per_s": samples / seconds if seconds else float("nan"),
         "train_tokens_per_s": tokens / seconds if seconds else float("nan"),
         "timed_steps": timing["timed_steps"],

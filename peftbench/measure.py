@@ -28,16 +28,20 @@ class StepTimer:
     lazy init) are not timed. The device is synchronised before every clock read;
     ``pause``/``resume`` keep evaluation out of the training time. Samples and
     tokens are counted per micro-batch and credited when their optimizer step ends.
+    The process's CPU time over the same timed spans (``cpu_clock``) shows whether it had its cores: on a CPU,
+    CPU seconds over wall seconds and threads is near 1 for a run alone on its cores.
     """
 
-    def __init__(self, device: torch.device, warmup_steps: int, clock=time.perf_counter):
+    def __init__(self, device: torch.device, warmup_steps: int, clock=time.perf_counter,
+                 cpu_clock=time.process_time):
         self.device = device
-        self.clock = clock
+        self.clock, self.cpu_clock = clock, cpu_clock
         self.warmup_steps = warmup_steps
         self.samples = self.tokens = self.steps = 0
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
         self._pending = [0, 0]
         self._t0: float | None = None  # set while the clock runs
+        self._cpu0 = 0.0
         self._warm = False  # warm-up is over: time from now on
         if warmup_steps == 0:
             self._start()
@@ -45,7 +49,7 @@ class StepTimer:
     def _start(self) -> None:
         self._warm = True
         synchronize(self.device)
-        self._t0 = self.clock()
+        self._t0, self._cpu0 = self.clock(), self.cpu_clock()
 
     def count(self, samples: int, tokens: int) -> None:
         self._pending[0] += samples
@@ -64,6 +68,7 @@ class StepTimer:
         if self._t0 is not None:
             synchronize(self.device)
             self.seconds += self.clock() - self._t0
+            self.cpu_seconds += self.cpu_clock() - self._cpu0
             self._t0 = None
 
     def resume(self) -> None:
@@ -73,7 +78,7 @@ class StepTimer:
     def result(self) -> dict:
         self.pause()
         return {"timed_steps": self.steps, "timed_seconds": self.seconds, "timed_samples": self.samples,
-                "timed_tokens": self.tokens}
+                "timed_tokens": self.tokens, "timed_cpu_seconds": self.cpu_seconds}
 
 
 @torch.inference_mode()

@@ -34,6 +34,23 @@ def test_step_timer_pauses_for_evaluation():
     assert timer.result()["timed_seconds"] == 3.5
 
 
+def test_step_timer_counts_the_cpu_time_of_the_timed_steps_only():
+    """A process paused or sharing its core gets less CPU time than wall time: the record can tell."""
+    now, cpu = [0.0], [0.0]
+    timer = StepTimer(CPU, warmup_steps=0, clock=lambda: now[0], cpu_clock=lambda: cpu[0])
+    now[0], cpu[0] = 4.0, 1.0  # a step that had the CPU a quarter of its time
+    timer.count(1, 1)
+    timer.optimizer_step(1)
+    timer.pause()
+    now[0], cpu[0] = 10.0, 7.0  # evaluation: neither clock counts
+    timer.resume()
+    now[0], cpu[0] = 12.0, 9.0  # a step alone on its core
+    timer.count(1, 1)
+    timer.optimizer_step(2)
+    result = timer.result()
+    assert (result["timed_seconds"], result["timed_cpu_seconds"]) == (6.0, 3.0)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs /proc")
 def test_cpu_peak_memory_resets_between_runs():
     block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched

@@ -45,6 +45,7 @@ def test_record_schema_and_counts(trained, method):
     assert m["n_eval"] == 300 and m["test_n_eval"] == 300 and rec["data"]["n_train"] == 320  # max_train_samples
     assert m["train_samples_per_s"] > 0 and m["train_tokens_per_s"] > m["train_samples_per_s"]
     assert m["timed_steps"] == rec["total_steps"] - 5
+    assert 0 < m["train_cpu_share"] <= 1.05  # the process's CPU time over the timed steps' wall time and threads
     assert m["peak_memory_mb"] > 0 and m["wall_s"] > 0 and m["eval_samples_per_s"] > 0
     assert 0 < p["trainable"] <= p["total"] and p["adapter_bytes"] > 0
     for key in ("python", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "device_name",

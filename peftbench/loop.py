@@ -312,14 +312,16 @@ def throughput_summary(timing: dict, memory: dict, accelerator: Accelerator) -> 
     device = accelerator.device
     counts = torch.tensor([timing["timed_samples"], timing["timed_tokens"]], dtype=torch.float64, device=device)
     seconds = torch.tensor([timing["timed_seconds"]], dtype=torch.float64, device=device)
-    own = timing["timed_cpu_seconds"] / (timing["timed_seconds"] * torch.get_num_threads()) \
-        if timing["timed_seconds"] else float("nan")
-    share = -accelerator.reduce(torch.tensor([-own], dtype=torch.float64, device=device), "max").item()  # the min
+    share = {}
+    if device.type == "cpu":  # on a GPU the host's CPU time says nothing about the run's speed: no collective
+        own = timing["timed_cpu_seconds"] / (timing["timed_seconds"] * torch.get_num_threads()) \
+            if timing["timed_seconds"] else float("nan")
+        share["train_cpu_share"] = -accelerator.reduce(torch.tensor([-own], dtype=torch.float64), "max").item()  # min
     peaks = accelerator.gather(torch.tensor([memory["peak_memory_mb"]], dtype=torch.float64, device=device))
     samples, tokens = accelerator.reduce(counts, "sum").tolist()
     seconds = accelerator.reduce(seconds, "max").item()
     return {
-        **({"train_cpu_share": share} if device.type == "cpu" else {}),
+        **share,
         "train_samples_per_s": samples / seconds if seconds else float("nan"),
         "train_tokens_per_s": tokens / seconds if seconds else float("nan"),
         "timed_steps": timing["timed_steps"],

@@ -78,6 +78,8 @@ class Row:
 # RECORDED_SINCE has none, which says nothing: only the values recorded are compared.
 VERSIONED = ("peftbench", "torch", "transformers", "peft", "cpu_capability")
 RECORDED_SINCE = ("cpu_capability",)
+# a one-thread CPU run's train_cpu_share below this: its speed is not its own (docs/measurement.md)
+CLEAN_CPU_SHARE = 0.8
 
 
 @dataclass
@@ -170,6 +172,26 @@ class Group:
             return ("Peak MB here is the peak resident memory of the CPU process, Python and its libraries "
                     "included (not only tensors): compare rows within this table, not with GPU figures.")
         return None
+
+    @property
+    def speed_note(self) -> str | None:
+        """The cells whose train samples/s pool one-thread CPU runs that did not have their core to themselves
+        (another job ran beside them, or they were paused): ``metrics.train_cpu_share`` below
+        :data:`CLEAN_CPU_SHARE`. Runs of several threads sit lower alone too (their serial parts): not judged."""
+        shared = []
+        for row in sorted(self.rows.values(), key=lambda r: (r.method, r.label)):
+            for task in self.tasks:
+                runs = [r for r in row.records if self.task_of(r) == task and r["status"] == "success"]
+                low = [r for r in runs if r["env"].get("torch_threads") == 1
+                       and finite_number(r["metrics"].get("train_cpu_share"))
+                       and r["metrics"]["train_cpu_share"] < CLEAN_CPU_SHARE]
+                if low:
+                    shared.append(f"{row.label} × {task} ({len(low)} of {len(runs)})")
+        if not shared:
+            return None
+        return (f"Train samples/s pool one-thread runs that had their core less than {CLEAN_CPU_SHARE:.0%} of "
+                "the time (train_cpu_share: another job shared it, or the run was paused), so they read low: "
+                + "; ".join(shared) + ".")
 
     @property
     def older_note(self) -> str | None:

@@ -30,7 +30,7 @@ def html_page(groups: list[Group], records: list[dict], pngs: dict[str, bytes], 
     for group in groups:
         head, rows = table(group)
         parts.append(f"<h2>{html.escape(group.title)}</h2><p>Budget: {html.escape(group.budget)}.</p>")
-        for note in (group.backbone_note, group.older_note, group.memory_note):
+        for note in (group.backbone_note, group.older_note, group.memory_note, group.speed_note):
             if note:
                 parts.append(f"<p>{html.escape(note)}</p>")
         ordered = sorted(group.rows.values(), key=lambda r: (r.method, r.label))  # as table() orders them

@@ -64,7 +64,7 @@ def markdown(groups: list[Group], records: list[dict], plots: dict[str, list[str
         lines += [f"## {md(group.title)}", "", f"Budget: {md(group.budget)}.", ""]
         if group.random_init:
             lines += ["Random-init backbone: these numbers test the machinery; they do not rank the methods.", ""]
-        for note in (group.backbone_note, group.older_note, group.memory_note):
+        for note in (group.backbone_note, group.older_note, group.memory_note, group.speed_note):
             if note:
                 lines += [md(note), ""]
         lines.append(markdown_table(head, rows))

@@ -211,29 +211,35 @@ def test_section_header_names_budget_precision_backbone_and_cpu_memory(tmp_path)
     assert f"Budget: {group.budget}." in text and group.memory_note in text and "runs/pretrain" not in text
 
 
-def test_cells_whose_cpu_runs_shared_their_cores_are_named_beside_the_speed(tmp_path):
-    """A one-thread run whose train_cpu_share is below 0.8 (another job beside it) makes its cell's samples/s
-    suspect: the page names the cell and how many of its runs; shares of 0.8 and above, records without one and
-    runs of several threads (lower alone: their serial parts) say nothing."""
-    def share(method, seed, value, threads=1):
-        path = next(tmp_path.rglob(f"*{method}-tnews-{seed}-*")) / "record.json"
+def test_rows_whose_cpu_runs_shared_their_cores_are_named_beside_the_speed(tmp_path):
+    """A one-thread run whose train_cpu_share is below 0.8 (another job beside it) makes its row's samples/s
+    suspect: the page names the row, how many of its successful runs and their tasks; shares of 0.8 and above,
+    records without one, and runs of several threads or an unknown number (lower alone: serial parts) say
+    nothing."""
+    def share(method, task, seed, value, threads=1):
+        path = next(tmp_path.rglob(f"*{method}-{task}-{seed}-*")) / "record.json"
         rec = json.loads(path.read_text())
-        rec["metrics"]["train_cpu_share"], rec["env"]["torch_threads"] = value, threads
+        rec["metrics"]["train_cpu_share"] = value
+        if threads is not None:
+            rec["env"]["torch_threads"] = threads
         write_atomic(path, rec)
 
     for method in ("lora", "full", "prefix"):
-        for seed in (1, 2):
-            record(tmp_path, "bert-base-chinese", method, "tnews", seed, 0.6)
-    share("lora", 1, 0.99), share("lora", 2, 0.45), share("full", 1, 0.8)  # full seed 2: none recorded
-    share("prefix", 1, 0.6, threads=2)
+        for task in ("tnews", "afqmc"):
+            for seed in (1, 2):
+                record(tmp_path, "bert-base-chinese", method, task, seed, 0.6)
+    record(tmp_path, "bert-base-chinese", "lora", "tnews", 3, 0.6, status="failed", error="boom")
+    share("lora", "tnews", 1, 0.99), share("lora", "tnews", 2, 0.45), share("lora", "afqmc", 1, 0.5)
+    share("full", "tnews", 1, 0.8), share("full", "tnews", 2, 0.5, threads=None)  # full afqmc: none recorded
+    share("prefix", "tnews", 1, 0.6, threads=2)
     (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
     named = group.speed_note.split("so they read low: ")[1]
-    assert named.startswith("lora") and named.endswith(" × tnews (1 of 2).") and "full" not in named
-    assert "prefix" not in named
+    assert named.startswith("lora") and named.endswith(": 2 of 4 runs (afqmc, tnews).")
+    assert "full" not in named and "prefix" not in named
     found = leaderboard.sources([tmp_path])
     assert group.speed_note in leaderboard.markdown([group], group.records, {}, [], found)
     assert html.escape(group.speed_note) in leaderboard.html_page([group], group.records, {}, found)
-    share("lora", 2, 0.8)
+    share("lora", "tnews", 2, 0.8), share("lora", "afqmc", 1, 0.8)
     (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
     assert group.speed_note is None
 

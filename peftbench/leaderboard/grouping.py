@@ -175,23 +175,24 @@ class Group:
 
     @property
     def speed_note(self) -> str | None:
-        """The cells whose train samples/s pool one-thread CPU runs that did not have their core to themselves
-        (another job ran beside them, or they were paused): ``metrics.train_cpu_share`` below
-        :data:`CLEAN_CPU_SHARE`. Runs of several threads sit lower alone too (their serial parts): not judged."""
+        """The rows whose train samples/s (a mean over their tasks' runs) pool one-thread CPU runs in which a
+        process did not have its core to itself (another job ran beside it, or it was paused):
+        ``metrics.train_cpu_share`` below :data:`CLEAN_CPU_SHARE`. Runs of several threads sit lower alone too
+        (their serial parts): not judged."""
         shared = []
         for row in sorted(self.rows.values(), key=lambda r: (r.method, r.label)):
-            for task in self.tasks:
-                runs = [r for r in row.records if self.task_of(r) == task and r["status"] == "success"]
-                low = [r for r in runs if r["env"].get("torch_threads") == 1
-                       and finite_number(r["metrics"].get("train_cpu_share"))
-                       and r["metrics"]["train_cpu_share"] < CLEAN_CPU_SHARE]
-                if low:
-                    shared.append(f"{row.label} × {task} ({len(low)} of {len(runs)})")
+            runs = [r for r in row.records if r["status"] == "success"]
+            low = [r for r in runs if r["env"].get("torch_threads") == 1
+                   and finite_number(r["metrics"].get("train_cpu_share"))
+                   and r["metrics"]["train_cpu_share"] < CLEAN_CPU_SHARE]
+            if low:
+                tasks = sorted({self.task_of(r) for r in low})
+                shared.append(f"{row.label}: {len(low)} of {len(runs)} runs ({', '.join(tasks)})")
         if not shared:
             return None
-        return (f"Train samples/s pool one-thread runs that had their core less than {CLEAN_CPU_SHARE:.0%} of "
-                "the time (train_cpu_share: another job shared it, or the run was paused), so they read low: "
-                + "; ".join(shared) + ".")
+        return (f"Train samples/s of these rows pool one-thread runs in which a process had its core less than "
+                f"{100 * CLEAN_CPU_SHARE:.0f} % of the time (train_cpu_share: another job shared it, or the run was "
+                "paused), so they read low: " + "; ".join(shared) + ".")
 
     @property
     def older_note(self) -> str | None:

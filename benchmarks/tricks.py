@@ -1,12 +1,13 @@
 """What each training trick costs per training example, against the plain run measured in the same process.
 
     python benchmarks/tricks.py                                   # LoRA on the tiny backbone, 40 steps each
-    python benchmarks/tricks.py --method full --model runs/pretrain/zh-mini/model --steps 60
+    python benchmarks/tricks.py --method full --model leaderboards/zh-mini/model --steps 100
 
 Each row is ``peftbench run`` on the synthetic task with one trick (docs/tricks.md), ``--steps`` optimizer steps,
-no checkpoint; throughput is the record's (real tokens, warm-up steps left out, clocks synchronised). Prints a
-Markdown table: trick, train samples/s, time per example relative to the plain row, peak memory, and the
-hardware and versions the numbers come from.
+no checkpoint, after one untimed plain run that takes the process's one-time costs; throughput is the record's
+(real tokens, warm-up steps left out, clocks synchronised). Prints a Markdown table: trick, train samples/s, time
+per example relative to the plain row, peak memory, and the hardware and versions the numbers come from; a trick
+the method refuses is a row saying why.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from peftbench import config
+from peftbench.errors import PeftbenchError
 from peftbench.records import environment
 from peftbench.train import run
 
@@ -34,13 +36,20 @@ def main() -> None:
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, overrides in TRICKS.items():
+        def measure(name: str, overrides: list[str]) -> dict:
             cfg = config.load(None, ["task.name=synthetic", f"model.name_or_path={args.model}", "task.max_length=64",
                                      f"method.name={args.method}", f"train.max_steps={args.steps}",
                                      f"train.batch_size={args.batch_size}", "train.save_checkpoint=false",
                                      "train.measure_inference=false", "train.evaluate_test=false",
                                      f"output_dir={Path(tmp) / name.replace(' ', '-')}", *overrides])
-            rows[name] = run(cfg).record["metrics"]
+            return run(cfg).record["metrics"]
+
+        measure("warm-up", [])  # the first run in a process pays one-time costs (kernels, allocator): not a row
+        for name, overrides in TRICKS.items():
+            try:
+                rows[name] = measure(name, overrides)
+            except PeftbenchError as e:  # a trick the method refuses (prefix trains nothing inside a layer)
+                rows[name] = str(e)
     plain = rows["plain"]["train_samples_per_s"]
     env = environment()
     print(f"{args.method} on {args.model}, {args.steps} steps of {args.batch_size}: {env['device_name']}, torch "
@@ -48,6 +57,9 @@ def main() -> None:
     print("| trick | train samples/s | time per example vs plain | peak MB |")
     print("|---|---|---|---|")
     for name, m in rows.items():
+        if isinstance(m, str):
+            print(f"| {name} | refused: {m} | — | — |")
+            continue
         print(f"| {name} | {m['train_samples_per_s']:.1f} | ×{plain / m['train_samples_per_s']:.2f} | "
               f"{m['peak_memory_mb']:.0f} |")
 

@@ -146,8 +146,11 @@ def test_length_grouped_batches_train_like_file_order(tmp_path, trained_variants
 def test_tricks_benchmark_prints_each_tricks_cost_against_plain(monkeypatch, capsys):
     import tricks as tricks_benchmark
 
-    monkeypatch.setattr(sys, "argv", ["tricks.py", "--steps", "8", "--batch-size", "8"])
+    monkeypatch.setattr(sys, "argv", ["tricks.py", "--method", "prefix", "--steps", "8", "--batch-size", "8"])
     tricks_benchmark.main()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "trick" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == list(tricks_benchmark.TRICKS)
-    assert rows[0].split(" | ")[2] == "×1.00" and all(float(r.split(" | ")[1]) > 0 for r in rows)
+    refused = [r for r in rows if r.startswith("| layer decay")]  # prefix trains nothing inside a layer: a row says so
+    assert len(refused) == 1 and "refused: config key 'train.layer_decay': none of the trained parameters" in refused[0]
+    measured = [r for r in rows if r not in refused]
+    assert measured[0].split(" | ")[2] == "×1.00" and all(float(r.split(" | ")[1]) > 0 for r in measured)

@@ -440,7 +440,8 @@ def test_the_clue_average_module_gives_every_committed_rows_average(tmp_path):
 
 COMMITTED = {"fewclue": ["leaderboards/fewclue-tiny/records", "leaderboards/fewclue-zh-mini-tuned/records"],
              "fewclue-zh-mini-ranges": ["leaderboards/fewclue-zh-mini-ranges/records"],
-             "prefix-study": ["leaderboards/prefix-study/records"]}  # the commands of leaderboards/README.md
+             "prefix-study": ["leaderboards/prefix-study/records"],
+             "fewclue-tricks": ["leaderboards/fewclue-tricks/records"]}  # the commands of leaderboards/README.md
 
 
 @pytest.mark.parametrize("board", COMMITTED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import warnings
@@ -88,11 +89,27 @@ def _scores(values, weights, metric: str):
     return np.divide(2 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
 
 
-def _example_weights(n: int, rng):
-    """How often each of ``n`` examples is drawn in each of ``RESAMPLES`` resamples: (resamples, n)."""
+def _resampling(n: int):
+    """(weights, rng): how often each of ``n`` examples is drawn in each of ``RESAMPLES`` resamples, (resamples, n),
+    drawn from a generator seeded 0, and that generator as the drawing leaves it (for the seeds' resampling)."""
     import numpy as np
 
-    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    weights, state = _drawn(n)
+    rng = np.random.default_rng(0)
+    rng.bit_generator.state = state
+    return weights, rng
+
+
+@functools.lru_cache(maxsize=8)
+def _drawn(n: int):
+    """The weights of :func:`_resampling` and the generator's state after them: the same for every cell of ``n``
+    examples, so a page draws them once per size (read-only)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(np.float64)
+    weights.flags.writeable = False
+    return weights, rng.bit_generator.state
 
 
 def _resampled_means(values, metric: str, weights, rng):
@@ -107,10 +124,7 @@ def _resampled_means(values, metric: str, weights, rng):
 def paired_bootstrap_p(a, b, metric: str) -> float:
     """Two-sided p-value of mean(a) = mean(b): both cells' seed means recomputed on the same resamples of the
     examples (paired), each with its seeds resampled too (Dror et al. 2018; Bouthillier et al. 2021)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    weights = _example_weights(a.shape[1], rng)
+    weights, rng = _resampling(a.shape[1])
     diff = _resampled_means(a, metric, weights, rng) - _resampled_means(b, metric, weights, rng)
     return float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
 
@@ -127,8 +141,7 @@ def difference(group: Group, row: Row, reference: Row, task: str) -> dict | None
     diff = cells[0].mean - cells[1].mean
     paired = examples(group, row, task), examples(group, reference, task)
     if paired[0] is not None and paired[1] is not None and paired[0][0] == paired[1][0]:
-        rng = np.random.default_rng(0)
-        weights = _example_weights(paired[0][1].shape[1], rng)
+        weights, rng = _resampling(paired[0][1].shape[1])
         resampled = (_resampled_means(paired[0][1], paired[0][2], weights, rng)
                      - _resampled_means(paired[1][1], paired[1][2], weights, rng))
         low, high = np.quantile(resampled, [0.025, 0.975])
@@ -155,8 +168,7 @@ def interval(group: Group, row: Row, task: str) -> tuple[float, float] | None:
     if found is None:
         return None
     _, values, metric = found
-    rng = np.random.default_rng(0)
-    weights = _example_weights(values.shape[1], rng)
+    weights, rng = _resampling(values.shape[1])
     low, high = np.quantile(_resampled_means(values, metric, weights, rng), [0.025, 0.975])
     return float(low), float(high)
 

@@ -591,6 +591,40 @@ def test_each_trick_row_shows_its_difference_to_its_methods_plain_row(tmp_path):
     assert {c["row"]: (c["against"] or {}).get("row") for c in cells}[by_name["smooth"].label] == by_name["plain"].label
 
 
+def test_a_trick_rows_train_time_is_shown_only_where_the_cpu_runs_vouch_for_their_speed(tmp_path):
+    """On CPU the train-time ratio needs every run of both rows to have had its core (train_cpu_share recorded,
+    and 0.8 or more for one thread): older records or a run beside another job blank it. Rows of a sweep's final
+    variants say that they ran at the plain row's searched rate."""
+    from peftbench.leaderboard.table import reference_table
+
+    cpu = {"device_name": "AMD EPYC", "device": "cpu", "num_processes": 1, "torch_threads": 1}
+    for extra in ((), ("train.label_smoothing=0.1",)):
+        for seed in (1, 2, 3):
+            record(tmp_path, "bert-base-chinese", "lora", "tnews", seed, 0.6, env=cpu, extra=extra)
+
+    def edit(change):
+        for path in tmp_path.rglob("record.json"):
+            rec = json.loads(path.read_text())
+            change(rec)
+            write_atomic(path, rec)
+
+    def against():
+        (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
+        note, head, (row,) = reference_table(group)
+        return note, row[head.index("train time")]
+
+    note, time = against()
+    assert time == "—" and "recorded no train_cpu_share" in note and "final variants" not in note
+    edit(lambda r: r["metrics"].update(train_cpu_share=0.95))
+    assert against()[1] == "×1.00"
+    edit(lambda r: r["metrics"].update(train_cpu_share=0.5 if r["config"]["train"]["seed"] == 2 else 0.95))
+    assert against()[1] == "—"
+    edit(lambda r: (r["metrics"].update(train_cpu_share=0.95),
+                    r["provenance"].update(variant="smoothing" if r["config"]["train"]["label_smoothing"] else None)))
+    note, time = against()
+    assert time == "×1.00" and "each ran at the learning rate the search chose for its plain row" in note
+
+
 def test_a_chosen_reference_row_compares_every_other_row_and_an_unknown_one_is_refused(tmp_path):
     for method, acc in (("lora", 0.6), ("full", 0.7)):
         for seed in (1, 2, 3):

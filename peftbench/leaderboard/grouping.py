@@ -82,6 +82,19 @@ RECORDED_SINCE = ("cpu_capability",)
 CLEAN_CPU_SHARE = 0.8
 
 
+
+def shared_its_core(record: dict) -> bool:
+    """A one-thread CPU run with ``train_cpu_share`` below :data:`CLEAN_CPU_SHARE`: its samples/s are not its own."""
+    share = record["metrics"].get("train_cpu_share")
+    return record["env"].get("torch_threads") == 1 and finite_number(share) and share < CLEAN_CPU_SHARE
+
+
+def speed_in_doubt(record: dict) -> bool:
+    """A CPU run whose samples/s nothing vouches for: one that shared its core, or one without a recorded
+    ``train_cpu_share`` (records before it)."""
+    return record["env"].get("device") == "cpu" and (
+        shared_its_core(record) or not finite_number(record["metrics"].get("train_cpu_share")))
+
 @dataclass
 class Group:
     fingerprint: str | None  # the backbone's (records before fingerprints: None, grouped by path)
@@ -182,9 +195,7 @@ class Group:
         shared = []
         for row in sorted(self.rows.values(), key=lambda r: (r.method, r.label)):
             runs = [r for r in row.records if r["status"] == "success"]
-            low = [r for r in runs if r["env"].get("torch_threads") == 1
-                   and finite_number(r["metrics"].get("train_cpu_share"))
-                   and r["metrics"]["train_cpu_share"] < CLEAN_CPU_SHARE]
+            low = [r for r in runs if shared_its_core(r)]
             if low:
                 tasks = sorted({self.task_of(r) for r in low})
                 shared.append(f"{row.label}: {len(low)} of {len(runs)} runs ({', '.join(tasks)})")

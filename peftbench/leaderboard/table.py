@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftbench.leaderboard.grouping import Group, Row, Scores
+from peftbench.leaderboard.grouping import Group, Row, Scores, speed_in_doubt
 from peftbench.leaderboard.significance import ALPHA, MIN_SEEDS_FOR_TEST, difference, pscp, significance
 from peftbench.metrics import clue_average
 
@@ -86,16 +86,22 @@ def reference_table(group: Group) -> tuple[str, list[str], list[list[str]]] | No
             cells.append("—" if d is None else
                          f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}")
         speeds = row.mean_of("metrics", "train_samples_per_s"), reference.mean_of("metrics", "train_samples_per_s")
-        time = "—" if None in speeds or not speeds[0] else f"×{speeds[1] / speeds[0]:.2f}"
+        doubt = any(speed_in_doubt(r) for r in row.records + reference.records if r["status"] == "success")
+        time = "—" if None in speeds or not speeds[0] or doubt else f"×{speeds[1] / speeds[0]:.2f}"
         rows.append([row.label, reference.label, *cells, time])
-    return (REFERENCE_NOTE, ["method", "against"] + list(group.tasks) + ["train time"], rows)
+    variants = all((r.get("provenance") or {}).get("variant") for row in compared for r in row.records)
+    return (REFERENCE_NOTE + (VARIANTS_NOTE if variants else ""), ["method", "against"] + list(group.tasks)
+            + ["train time"], rows)
 
 
 REFERENCE_NOTE = ("Against a reference row (a trick row against its method's plain row, or every row against the "
                   "row named by --reference): the difference of the means in points, [95 % interval] (a paired "
                   "bootstrap over evaluated examples and seeds where the records hold per-example results, else "
                   "Welch's t over seeds); ▲ / ▼ where the interval leaves out 0. Train time: time per training "
-                  "example relative to the reference row's.")
+                  "example relative to the reference row's; — where a CPU run of either row recorded no "
+                  "train_cpu_share (older records) or shared its core: nothing vouches for its samples/s.")
+VARIANTS_NOTE = (" The compared rows are a sweep's final variants: each ran at the learning rate the search chose "
+                 "for its plain row, not searched itself.")
 
 LR_EDGE_NOTE = "↑ / ↓: the top / bottom of the method's search range, so the best rate may lie beyond it."
 

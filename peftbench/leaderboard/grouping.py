@@ -82,7 +82,6 @@ RECORDED_SINCE = ("cpu_capability",)
 CLEAN_CPU_SHARE = 0.8
 
 
-
 def shared_its_core(record: dict) -> bool:
     """A one-thread CPU run with ``train_cpu_share`` below :data:`CLEAN_CPU_SHARE`: its samples/s are not its own."""
     share = record["metrics"].get("train_cpu_share")
@@ -94,6 +93,7 @@ def speed_in_doubt(record: dict) -> bool:
     ``train_cpu_share`` (records before it)."""
     return record["env"].get("device") == "cpu" and (
         shared_its_core(record) or not finite_number(record["metrics"].get("train_cpu_share")))
+
 
 @dataclass
 class Group:

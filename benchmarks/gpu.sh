@@ -31,7 +31,7 @@ if (( smoke )); then  # tiny shapes on CPU: every script and argument the GPU ru
   base=tiny large=tiny precision=no precisions=no,bf16 matrix_archs=tiny quantizations=none
   sizes=(--steps 2 --warmup 1 --batch-size 4 --seq-len 32)
   methods=full,lora,adapter matrix_methods=full,lora shapes=2x16 state_steps=4 state_every=2
-  echo "smoke run on CPU: $(python -c 'import torch; print("torch", torch.__version__)')"
+  echo "smoke run on CPU: torch $(python -c 'from importlib.metadata import version; print(version("torch"))')"
 else
   base=bert-base-chinese large=hfl/chinese-roberta-wwm-ext-large precision=bf16 precisions=fp16,bf16
   matrix_archs=bert-base-chinese,qwen2-small quantizations=none,8bit,4bit

@@ -12,7 +12,8 @@ def test_lora_on_an_8bit_decoder(zoo, tmp_path):
     """The head (``score``) stays in float: an int8 head cannot be made trainable."""
     pytest.importorskip("bitsandbytes")
     cfg = config.load(None, [f"model.name_or_path={zoo['qwen2-bf16']}", "method.name=lora", "model.quantization=8bit",
-                             "train.max_steps=6", "task.max_length=48", "train.lr=1e-3", f"output_dir={tmp_path}"])
+                             "train.max_steps=6", "task.max_length=48", "train.lr=1e-3",
+                             "train.measure_inference=false", "train.evaluate_test=false", f"output_dir={tmp_path}"])
     result = run(cfg)
     dtypes = {n: p.dtype for n, p in result.model.named_parameters()}
     assert dtypes[next(n for n in dtypes if n.endswith("mlp.up_proj.weight"))] == torch.int8

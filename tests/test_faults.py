@@ -21,7 +21,8 @@ from peftbench.records import RECORD_NAME, make_record, read_record, write_atomi
 from peftbench.train import run
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-QUICK = ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=32", "method.name=lora", "train.lr=5e-3"]
+QUICK = ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=32", "method.name=lora", "train.lr=5e-3",
+         "train.measure_inference=false"]
 
 
 def digest(folder: Path) -> dict:
@@ -124,7 +125,8 @@ def test_a_non_finite_trained_parameter_is_named():
 def test_two_sweep_workers_on_one_folder_run_every_cell_once(tmp_path):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text("recipe: {model: {name_or_path: tiny}, task: {name: synthetic, max_length: 32}, "
-                          "method: {name: lora}, train: {max_steps: 2, save_checkpoint: false, lr: 5e-3}}\n"
+                          "method: {name: lora}, train: {max_steps: 2, save_checkpoint: false, lr: 5e-3, "
+                          "measure_inference: false}}\n"
                           f"grid: {{train.seed: [1, 2, 3, 4]}}\noutput_dir: {tmp_path / 'results'}\n")
     workers = [subprocess.Popen([sys.executable, "-m", "peftbench", "sweep", str(sweep_file)], env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

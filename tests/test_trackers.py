@@ -9,7 +9,7 @@ from peftbench.errors import PeftbenchError
 from peftbench.train import run
 
 ARGS = ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "method.name=lora", "train.lr=5e-3",
-        "train.epochs=2", "task.max_train_samples=128"]
+        "train.epochs=2", "task.max_train_samples=128", "train.measure_inference=false"]
 
 
 def test_a_run_reports_to_tensorboard_and_mlflow(tmp_path, monkeypatch):

@@ -164,14 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             return _list_tasks()
         if ns.command == "methods":
             return _list_methods(ns.all)
-        _quiet_libraries()
-        if ns.command in ("sweep", "pretrain", "run"):
-            _stop_on_sigterm()
-        if ns.command == "sweep":
-            return _sweep(ns)
-        if ns.command == "pretrain":
-            return _pretrain(ns.args)
-        if ns.command == "leaderboard":
+        if ns.command == "leaderboard":  # reads records only: none of the model libraries
             from peftbench.leaderboard import write
 
             paths, skipped = write(ns.results, ns.out, ns.strict, ns.model_index, ns.reference)
@@ -180,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             for path in paths:
                 print(f"wrote {path}")
             return 0
+        _quiet_libraries()
+        if ns.command in ("sweep", "pretrain", "run"):
+            _stop_on_sigterm()
+        if ns.command == "sweep":
+            return _sweep(ns)
+        if ns.command == "pretrain":
+            return _pretrain(ns.args)
         if ns.command == "export":
             from peftbench.export import export
 

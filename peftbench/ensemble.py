@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -73,10 +74,15 @@ def evaluate(ckpts: list[str | Path], out_dir: str | Path, data_dir: str | None 
 
 
 def _costs(records: list[dict | None]) -> dict:
-    """The members' training costs as one: time per example summed, peak memory the largest (None: unknown)."""
+    """The members' training costs as one: time per example summed, peak memory the largest (None: unknown), and
+    on a CPU the least member ``train_cpu_share`` (the summed speed is as much its own as its least vouched part)."""
     metrics = [(r or {}).get("metrics", {}) for r in records]
     rates = [m.get("train_samples_per_s") for m in metrics]
     known = None not in rates and all(rates)
-    return {"train_samples_per_s": 1 / sum(1 / r for r in rates) if known else float("nan"),
-            "train_tokens_per_s": 1 / sum(1 / m["train_tokens_per_s"] for m in metrics) if known else float("nan"),
-            "peak_memory_mb": max((m.get("peak_memory_mb") or 0) for m in metrics)}
+    costs = {"train_samples_per_s": 1 / sum(1 / r for r in rates) if known else float("nan"),
+             "train_tokens_per_s": 1 / sum(1 / m["train_tokens_per_s"] for m in metrics) if known else float("nan"),
+             "peak_memory_mb": max((m.get("peak_memory_mb") or 0) for m in metrics)}
+    shares = [m.get("train_cpu_share") for m in metrics]
+    if all(isinstance(s, (int, float)) and math.isfinite(s) for s in shares):
+        costs["train_cpu_share"] = min(shares)
+    return costs

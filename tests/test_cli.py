@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,15 @@ if heavy:
 def test_listing_commands_are_quiet_and_import_no_heavy_library(args):
     proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=USER_ENV)
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout, proc.stderr
+
+
+def test_a_leaderboard_reads_records_without_the_model_libraries(tmp_path):
+    """``peftbench leaderboard`` starts without transformers, PEFT or datasets (seconds of imports it needs not)."""
+    records = Path(__file__).resolve().parents[1] / "leaderboards" / "prefix-study" / "records"
+    proc = subprocess.run([sys.executable, "-c", PROBE, "leaderboard", str(records), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=USER_ENV)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert (tmp_path / "leaderboard.md").is_file() and "wrote" in proc.stdout
 
 
 def test_help_lists_every_key_with_type_default_and_meaning(capsys):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from peftbench import config, leaderboard
+from peftbench import config, ensemble, leaderboard
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.inference import SplitBatches, load
@@ -65,6 +65,11 @@ def test_an_ensemble_is_a_record_of_its_own_and_a_row_of_its_own(members, tmp_pa
     assert rec["env"] == members[0]["env"] and rec["ensemble"]["scored_on"]["device"] == "cpu"  # the members' table
     rates = [m["metrics"]["train_samples_per_s"] for m in members]
     assert rec["metrics"]["train_samples_per_s"] == pytest.approx(1 / sum(1 / r for r in rates))
+    shares = [m["metrics"]["train_cpu_share"] for m in members]  # one-thread CPU runs: each measured its share
+    assert rec["metrics"]["train_cpu_share"] == min(shares)  # the summed speed is vouched as its least part
+    unvouched = [members[0], {**members[1], "metrics": {k: v for k, v in members[1]["metrics"].items()
+                                                        if k != "train_cpu_share"}}]
+    assert "train_cpu_share" not in ensemble._costs(unvouched)  # an older member: nothing vouches for the sum
     for m in members:  # the members' own records beside it
         (tmp_path / "runs" / m["run_id"]).mkdir(parents=True)
         (tmp_path / "runs" / m["run_id"] / "record.json").write_text(json.dumps(m))

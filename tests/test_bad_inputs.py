@@ -276,6 +276,15 @@ def test_a_sweep_prints_its_cell_count_before_anything(tmp_path, capsys):
     assert "1,000,000 grid cells" in out and "--max-cells" in err
 
 
+def test_max_cells_sets_the_limit_both_ways(tmp_path, capsys):
+    """A 3-cell grid: refused under ``--max-cells 2``, listed under ``--max-cells 3``."""
+    grid = "grid: {{train.seed: [1, 2, 3]}}\noutput_dir: {out}\n"
+    assert main(sweep_args(grid, "--dry-run", "--max-cells", "2")(tmp_path)) == 2
+    assert "field 'grid' has 3 cells (3), more than 2;" in capsys.readouterr().err
+    assert main(sweep_args(grid, "--dry-run", "--max-cells", "3")(tmp_path)) == 0
+    assert capsys.readouterr().out.count("to do") == 3
+
+
 def test_an_alias_bomb_in_an_override_is_refused(tmp_path, capsys):
     levels = ["&a [x, x, x, x, x, x, x, x, x]"] + [f"&{k} [{', '.join(['*' + p] * 9)}]"
                                                    for p, k in zip("abcdefgh", "bcdefghi")]

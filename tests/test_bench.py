@@ -56,6 +56,19 @@ def test_gpu_script_smoke_run(smoke):
     assert "| every method × precision × base runs (or is refused by design) | 4/4 cells | yes |" in table
 
 
+def test_gpu_script_writes_by_default_where_git_ignores():
+    """Without OUT_DIR, gpu.sh writes under runs/ (git-ignored), never a new folder in the working tree."""
+    root = Path(__file__).resolve().parents[1]
+    defaults = [line.split("default=", 1)[1].split()[0] for line in (root / "benchmarks" / "gpu.sh").read_text(
+        encoding="utf-8").splitlines() if "default=" in line and not line.lstrip().startswith("#")]
+    assert len(defaults) == 2  # the GPU run's and the smoke run's
+    if subprocess.run(["git", "rev-parse"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout: .gitignore is not read")
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *defaults], cwd=root, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == defaults and all(d.startswith("runs/") for d in defaults), (defaults, ignored)
+
+
 @pytest.mark.slow
 def test_bench_runs_every_loop_on_cpu(smoke):
     out, _ = smoke

@@ -4,8 +4,8 @@ every test a page names exists, and every config key a page names is a key."""
 import dataclasses
 import os
 import re
+import shlex
 import subprocess
-import sys
 import typing
 from pathlib import Path
 
@@ -48,18 +48,53 @@ def examples() -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.slow
-def test_every_marked_example_runs(tmp_path):
-    """The README's, then each page's marked examples, one after another in one scratch folder."""
+def test_every_marked_example_runs(tmp_path, monkeypatch):
+    """The README's, then each page's marked examples, one after another in one scratch folder: shell examples in
+    bash, Python examples in this process (a fresh namespace; a new interpreter would only add seconds of
+    imports)."""
     found = examples()
     assert len(found) >= 5 and {lang for _, lang, _ in found} == {"bash", "python"}
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     tnews_folder(tmp_path / "data" / "tnews")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    monkeypatch.chdir(tmp_path)
     for where, lang, code in found:
-        argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+        if lang == "python":
+            exec(compile(code, where, "exec"), {"__name__": "__main__"})  # a failure names the page and the block
+            continue
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              env=env, timeout=600)
         assert proc.returncode == 0, f"{where} ({lang}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     print(f"{len(found)} marked examples ran")
+
+
+def run_commands() -> list[tuple[str, list[str]]]:
+    """(where, arguments after ``peftbench run``) of every ``peftbench run`` line in a bash block of a page, marked
+    or not (continuation lines joined, comments dropped)."""
+    found = []
+    for page in PAGES:
+        for line, info, code in fenced_blocks(page.read_text(encoding="utf-8")):
+            if info.split()[:1] != ["bash"]:
+                continue
+            for command in code.replace("\\\n", " ").splitlines():
+                words = shlex.split(command, comments=True)
+                if words[:2] == ["peftbench", "run"] and not words[2:3] == ["--help"]:
+                    found.append((f"{page.relative_to(ROOT)}:{line}", words[2:]))
+    return found
+
+
+def test_every_run_command_in_the_docs_is_a_valid_config():
+    """Each ``peftbench run`` a page shows, marked to run or not (hub backbones, CLUE files, a GPU), resolves to a
+    config: its recipe, keys, values and their combination are accepted (nothing is trained)."""
+    commands = run_commands()
+    assert len(commands) >= 10
+    for where, args in commands:
+        recipe, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
+        try:
+            config.load(ROOT / recipe if recipe else None, overrides)
+        except Exception as exc:  # noqa: BLE001  (which command failed, and why)
+            pytest.fail(f"{where}: peftbench run {' '.join(args)}: {exc}")
+    print(f"{len(commands)} run commands resolved")
 
 
 def test_marked_examples_are_found_in_nested_fences_only_at_the_top():
@@ -125,6 +160,15 @@ def test_every_config_key_a_page_names_exists():
     unknown = sorted(named - keys)
     assert not unknown, f"pages name config keys that do not exist: {unknown}"
     print(f"{len(named)} config keys checked")
+
+
+def test_the_records_page_names_every_later_key():
+    """docs/records.md lists ``config.LATER_KEYS`` (a key by name, or a family as ``prefix*``): a key added later
+    and not listed there fails here."""
+    spans = re.findall(r"`([^`\n]+)`", (ROOT / "docs" / "records.md").read_text(encoding="utf-8"))
+    families = [span[:-1] for span in spans if span.endswith("*")]
+    missing = [key for key in config.LATER_KEYS if key not in spans and not key.startswith(tuple(families))]
+    assert not missing, f"docs/records.md does not name these later keys: {missing}"
 
 
 @pytest.mark.parametrize("key, ok", [("train.lr", True), ("method.r", True), ("corpus.files", True),

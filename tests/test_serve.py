@@ -362,6 +362,25 @@ def test_openapi_pages_are_off_unless_asked_for(server):
         assert local.get("/v1/adapters").status_code == 401
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_docs_flag_reaches_the_served_app(flag, tmp_path, monkeypatch):
+    """``peftbench serve --docs`` opens the OpenAPI pages of the app it hands to uvicorn; without it they are gone."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app))
+    (tmp_path / "adapters").mkdir()
+    token = tmp_path / "token"
+    token.write_text(TOKEN, encoding="utf-8")
+    token.chmod(0o600)
+    argv = ["serve", "--adapters-dir", str(tmp_path / "adapters"), "--token-file", str(token)]
+    assert main([*argv, "--docs"] if flag else argv) == 0
+    with TestClient(served["app"]) as client:
+        assert client.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == (
+            200 if flag else 404)
+
+
 def test_a_failed_batch_is_run_again_job_by_job():
     """A forward pass that fails for any reason fails only the job that makes it fail."""
     import asyncio

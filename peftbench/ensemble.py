@@ -29,7 +29,7 @@ def evaluate(ckpts: list[str | Path], out_dir: str | Path, data_dir: str | None 
     """Score the ensemble of ``ckpts`` on dev and (where labeled) test and write ``out_dir/record.json``: the
     first member's config, the members (checkpoint, run id, method, seed, row label), the scores with their
     per-example results, and as costs the members' together (trainable parameters and adapter bytes summed,
-    training time per example summed, peak memory the largest). Returns the record."""
+    training time per example summed, peak memory the largest, the least ``train_cpu_share``). Returns the record."""
     start = time.perf_counter()
     ensemble = Ensemble(list(ckpts), device)
     records = [member_record(c) for c in ensemble.ckpts]
@@ -83,6 +83,6 @@ def _costs(records: list[dict | None]) -> dict:
              "train_tokens_per_s": 1 / sum(1 / m["train_tokens_per_s"] for m in metrics) if known else float("nan"),
              "peak_memory_mb": max((m.get("peak_memory_mb") or 0) for m in metrics)}
     shares = [m.get("train_cpu_share") for m in metrics]
-    if all(isinstance(s, (int, float)) and math.isfinite(s) for s in shares):
+    if all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in shares):
         costs["train_cpu_share"] = min(shares)
     return costs

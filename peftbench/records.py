@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 from peftbench.errors import DivergedError, Interrupted, PeftbenchError
 
 NOT_IDENTITY = ("report_to", "measure_inference", "dist_timeout", "save_state_every", "resume")  # train.* keys of a
@@ -200,8 +202,6 @@ def read_record(path: str | Path) -> dict:
 
 def environment(num_processes: int = 1) -> dict:
     """Versions, hardware and code revision, recorded with every number."""
-    import torch  # here: reading records (``peftbench leaderboard``) needs no torch
-
     env = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in PACKAGES:
         try:

@@ -47,7 +47,7 @@ def test_a_leaderboard_reads_records_without_the_model_libraries(tmp_path):
     records = Path(__file__).resolve().parents[1] / "leaderboards" / "prefix-study" / "records"
     proc = subprocess.run([sys.executable, "-c", PROBE, "leaderboard", str(records), "--out", str(tmp_path)],
                           capture_output=True, text=True, env=USER_ENV)
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.returncode == 0 and "imported [" not in proc.stderr, proc.stderr  # (matplotlib may warn: allowed)
     assert (tmp_path / "leaderboard.md").is_file() and "wrote" in proc.stdout
 
 

@@ -65,11 +65,7 @@ def test_an_ensemble_is_a_record_of_its_own_and_a_row_of_its_own(members, tmp_pa
     assert rec["env"] == members[0]["env"] and rec["ensemble"]["scored_on"]["device"] == "cpu"  # the members' table
     rates = [m["metrics"]["train_samples_per_s"] for m in members]
     assert rec["metrics"]["train_samples_per_s"] == pytest.approx(1 / sum(1 / r for r in rates))
-    shares = [m["metrics"]["train_cpu_share"] for m in members]  # one-thread CPU runs: each measured its share
-    assert rec["metrics"]["train_cpu_share"] == min(shares)  # the summed speed is vouched as its least part
-    unvouched = [members[0], {**members[1], "metrics": {k: v for k, v in members[1]["metrics"].items()
-                                                        if k != "train_cpu_share"}}]
-    assert "train_cpu_share" not in ensemble._costs(unvouched)  # an older member: nothing vouches for the sum
+    assert rec["metrics"]["train_cpu_share"] == min(m["metrics"]["train_cpu_share"] for m in members)
     for m in members:  # the members' own records beside it
         (tmp_path / "runs" / m["run_id"]).mkdir(parents=True)
         (tmp_path / "runs" / m["run_id"] / "record.json").write_text(json.dumps(m))
@@ -79,6 +75,18 @@ def test_an_ensemble_is_a_record_of_its_own_and_a_row_of_its_own(members, tmp_pa
     assert labels == [f"ensemble (2 × {member})", member]
     ensemble_row = next(row for row in group.rows.values() if row.method == "ensemble")
     assert ensemble_row.cells[next(iter(group.tasks))].scores == [rec["metrics"]["test_score"]]
+
+
+def test_an_ensembles_cpu_share_is_its_least_members_or_none():
+    """The summed speed is vouched only as far as its least vouched part; a member without a share (an older
+    record, a GPU run) or with a non-number leaves the ensemble without one."""
+    def member(share):
+        metrics = {"train_samples_per_s": 100.0, "train_tokens_per_s": 3000.0, "peak_memory_mb": 900.0}
+        return {"metrics": metrics if share == "absent" else {**metrics, "train_cpu_share": share}}
+    assert ensemble._costs([member(0.9), member(0.5)])["train_cpu_share"] == 0.5
+    assert ensemble._costs([member(0.5), member(0.97)])["train_cpu_share"] == 0.5
+    for other in ("absent", None, float("nan"), True, "0.9"):
+        assert "train_cpu_share" not in ensemble._costs([member(0.9), member(other)]), other
 
 
 def test_members_of_other_tasks_are_refused(members, tmp_path):

@@ -279,7 +279,8 @@ def test_export_writes_folders_that_transformers_alone_loads(trained, tmp_path):
     for variant in PLAIN:
         reloaded, _, meta = peftbench.load(trained[variant].record["checkpoint"])
         exported = json.loads((tmp_path / variant / "config.json").read_text(encoding="utf-8"))["id2label"]
-        assert exported == {str(i): name for i, name in enumerate(meta["label_names"])}, variant  # as predict names
+        assert exported == {str(i): name for i, name in enumerate(meta["model_labels"])}, variant
+        assert meta["model_labels"] == meta["label_names"]  # distinct names: export names labels as predict does
         with torch.no_grad():
             expected = reloaded(**trained[variant].tokenizer(texts, padding=True, return_tensors="pt")).logits
         torch.testing.assert_close(plain[variant], expected, atol=1e-4, rtol=0, msg=variant)

@@ -101,8 +101,8 @@ def test_random_base_is_saved_in_float_and_quantised_on_reload(int8_runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
 def test_4bit_nf4_base_trains(method, tmp_path):
-    # at 1e-2 prefix tuning diverges on some seeds, any base; it needs every example (0.58 on 320 of them, 0.79 on
-    # all); LoRA and adapters clear 0.45 on 320 (0.89, 0.79) in half the time
+    # at 1e-2 prefix tuning diverges on some seeds, any base; it needs every example (dev 0.58 on 320 of them, 0.79
+    # on all); LoRA (0.89) and adapters (0.79) clear 0.45 on 320 examples in half the time
     steps = ["train.lr=5e-3"] if method == "prefix" else ["task.max_train_samples=320", "train.batch_size=16"]
     result = run(quantized_config(method, "4bit", tmp_path, "model.quant_4bit_double=true",
                                   "model.quant_4bit_compute_dtype=fp32", "train.save_checkpoint=false", *steps))

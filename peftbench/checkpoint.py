@@ -39,7 +39,6 @@ PROVENANCE_FILE = "peftbench_pretrain.json"  # in a pretrained model directory: 
 LOOP_STATE_FILE = "loop_state.json"
 NEW_WEIGHTS_FILE = "base_new_weights.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 TRACKERS_DIR = "trackers"  # experiment trackers' files (TensorBoard events), with train.report_to
@@ -94,8 +93,8 @@ def publish(stage: Path, out_dir: Path) -> None:
 
 
 def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_dict: dict | None = None,
-                   new_weights: dict | None = None, base_name: str | None = None) -> int:
-    """Write a fine-tuned checkpoint; returns the bytes of its weight files.
+                   new_weights: dict | None = None, base_name: str | None = None) -> None:
+    """Write a fine-tuned checkpoint.
 
     ``state_dict`` (the tensors of a sharded model, gathered) is what the method saves instead of the model's
     own shards. ``new_weights`` are the base's weights its source lacked, as initialised: without them a reload
@@ -114,7 +113,6 @@ def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_d
     tokenizer.save_pretrained(str(ckpt_dir))
     write_atomic(ckpt_dir / META_FILE, meta)
     settle_modes(ckpt_dir)
-    return sum(f.stat().st_size for f in ckpt_dir.iterdir() if f.suffix in WEIGHT_SUFFIXES)
 
 
 META_FIELDS = ("method", "task", "kind", "labels", "label_names", "model_labels", "base", "config")

@@ -418,10 +418,11 @@ def _restoring_rng(loader, rng: dict):
 
 def save(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, model, data: Data, method: Method,
          base: models.LoadedBase, ckpt_dir: Path, results: dict) -> int:
-    """Write the checkpoint (main process); returns the bytes of its weight files, or without a checkpoint the
-    bytes of the tensors it would hold. ``results`` (metrics, parameter counts) go into its model card. A sharded
-    model's saved tensors are gathered first (all but the frozen base weights), so that the checkpoint is the
-    one a single process writes."""
+    """Write the checkpoint (main process) when the run keeps one; returns the bytes of the tensors the method
+    saves, the record's ``adapter_bytes`` (the same with a checkpoint or without; the weights the base's source
+    lacked aside). ``results`` (metrics, parameter counts) go into its model card. A sharded model's saved
+    tensors are gathered first (all but the frozen base weights), so that the checkpoint is the one a single
+    process writes."""
     raw_model = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
     state = None
@@ -432,13 +433,13 @@ def save(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, m
     with distributed.whole_root(raw_model):  # a method may run its root modules to save (PEFT's prompt encoder)
         if not main:
             return 0  # only the main process writes (and its record counts)
-        if not cfg.train.save_checkpoint:
-            return method.trained_bytes(raw_model, state)
-        return _write_checkpoint(cfg, raw_model, data, method, base, ckpt_dir, results, state)
+        if cfg.train.save_checkpoint:
+            _write_checkpoint(cfg, raw_model, data, method, base, ckpt_dir, results, state)
+        return method.saved_bytes(raw_model, state)
 
 
 def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, base: models.LoadedBase, ckpt_dir: Path,
-                      results: dict, state: dict | None) -> int:
+                      results: dict, state: dict | None) -> None:
     spec = data.task.spec
     base_meta = None
     final = Path(cfg.output_dir).resolve() / checkpoint.CHECKPOINT_DIR  # where the checkpoint will be
@@ -453,13 +454,12 @@ def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, bas
             "label_names": list(spec.label_names or spec.labels), "model_labels": spec.model_labels(),
             "pair": data.pair, "max_length": cfg.task.max_length, "base": base_meta, "data_dir": data_dir,
             "run_id": cfg.run_id, "config": cfg.to_dict()}
-    size = checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, state,
-                                     None if method.saves_full_model else base.new_weights,
-                                     base_name=base.source or str(final / checkpoint.BASE_DIR))
+    checkpoint.save_finetuned(ckpt_dir, raw_model, data.tokenizer, method, meta, state,
+                              None if method.saves_full_model else base.new_weights,
+                              base_name=base.source or str(final / checkpoint.BASE_DIR))
     checkpoint.write_model_card(ckpt_dir, final, meta, results["metrics"], results["params"],
                                 spec.kind.auto_class_name, peft_format=hasattr(raw_model, "peft_config"),
                                 hub_dataset=hub_read(cfg, spec))
-    return size
 
 
 @torch.inference_mode()

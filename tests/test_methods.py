@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 import peftbench
-from peftbench import config, models
+from peftbench import checkpoint, config, models
 from peftbench.methods import RunContext, get_method, method_names
 from peftbench.tasks import load_task
 from peftbench.train import run
@@ -134,6 +134,18 @@ def test_own_methods_save_only_what_they_trained(trained, variant):
         assert n_saved < result.record["params"]["trainable"]
     else:
         assert n_saved == result.record["params"]["trainable"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_adapter_bytes_are_the_checkpoint_tensors(trained, variant):
+    """``adapter_bytes`` is what the method's weight files hold (a run without a checkpoint records the same)."""
+    from safetensors.torch import load_file
+
+    folder = Path(trained[variant].record["checkpoint"])
+    files = [f for f in folder.glob("*.safetensors") if f.name != checkpoint.NEW_WEIGHTS_FILE]
+    assert files
+    held = sum(t.numel() * t.element_size() for f in files for t in load_file(str(f)).values())
+    assert trained[variant].record["params"]["adapter_bytes"] == held
 
 
 @pytest.mark.parametrize("variant", ["lora", "lora-rslora", "adalora", "ia3", "peft"])

@@ -48,6 +48,15 @@ def bridged(peft_type: str, kind: str, **options):
     return method, method.apply(tiny(kind), ctx)
 
 
+def save_and_count(method, model, folder: Path) -> None:
+    """Save the adapter; the bytes a run without a checkpoint records are its tensors' bytes."""
+    from safetensors.torch import load_file
+
+    method.save(model, folder)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert method.saved_bytes(model) == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def test_the_table_holds_every_type_of_the_installed_peft():
     assert sorted(TUNERS) == peft_types()
     tested = {k: sum(status(t, k) == TESTED for t in TUNERS) for k in KINDS}
@@ -102,7 +111,7 @@ def test_every_tested_type_trains_reloads_in_plain_peft_and_merges(peft_type, ki
     model.eval()
     with torch.no_grad():
         logits = model(**inputs).logits
-    method.save(model, tmp_path)
+    save_and_count(method, model, tmp_path)
     reloaded = PeftModel.from_pretrained(tiny(kind), str(tmp_path)).eval()  # plain PEFT, no peftbench
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, logits, rtol=0, atol=1e-6)
@@ -189,7 +198,7 @@ def test_lorafa_trains_b_only_and_counts_it(tmp_path):
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], a) for n, a in a_before.items())
     model.eval()
-    method.save(model, tmp_path)
+    save_and_count(method, model, tmp_path)
     reloaded = PeftModel.from_pretrained(tiny(KINDS[0]), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-6)
@@ -205,7 +214,7 @@ def test_pissa_and_olora_save_plain_lora_on_the_unmodified_base(name, rslora, tm
     model.eval()
     with torch.no_grad():
         logits = model(**inputs).logits
-    method.save(model, tmp_path)
+    save_and_count(method, model, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["r"] == 16 and saved["init_lora_weights"] is True  # rank 2r, plain LoRA, the same scale:
     assert saved["lora_alpha"] == pytest.approx(16 * 2 ** 0.5 if rslora else 32)  # alpha/sqrt(r) or alpha/r kept

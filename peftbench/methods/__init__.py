@@ -99,9 +99,9 @@ class Method:
     def load_training_state(self, model: nn.Module, state: dict) -> None:
         """Restore what :meth:`training_state` returned."""
 
-    def trained_bytes(self, model: nn.Module, state: dict | None = None) -> int:
-        """Bytes of the tensors ``save`` writes (its file size, less the format's small overhead); ``state``: the
-        gathered tensors of a sharded model (see ``save``)."""
+    def saved_bytes(self, model: nn.Module, state: dict | None = None) -> int:
+        """Bytes of the tensors ``save`` writes (its file size, less the format's small overhead), the record's
+        ``adapter_bytes``; ``state``: the gathered tensors of a sharded model (see ``save``)."""
         if state is not None:
             trained = {n for n, p in model.named_parameters() if p.requires_grad}
             return sum(t.numel() * t.element_size() for n, t in state.items() if n in trained)
@@ -147,6 +147,16 @@ class PeftMethod(Method):
             return not any(f"{module}.modules_to_save." in name for module in self.frozen_saved)
         return any(marker in name for marker in self.trainable_markers)
 
+    def saved_bytes(self, model, state: dict | None = None) -> int:
+        """What PEFT's ``save_pretrained`` writes: its state dict, which may hold frozen tensors (LoRA-FA's A,
+        VeRA's projections) and, for an encoder-made prompt, the prompt it computes instead of the encoder; the
+        base modules its source lacked aside (every method's checkpoint holds those)."""
+        from peft.utils import get_peft_model_state_dict
+
+        lacked = tuple(f".{module}." for module in self.frozen_saved)
+        saved = get_peft_model_state_dict(model, state_dict=state)
+        return sum(t.numel() * t.element_size() for n, t in saved.items() if not any(m in f".{n}" for m in lacked))
+
     def save(self, model, out_dir: Path, state: dict | None = None) -> None:
         model.save_pretrained(str(out_dir), state_dict=state)
 
@@ -164,7 +174,7 @@ class InPlaceMethod(Method):
         values = state if state is not None else dict(model.named_parameters())
         return {n: values[n].detach() for n, p in model.named_parameters() if p.requires_grad}
 
-    def trained_bytes(self, model, state: dict | None = None) -> int:
+    def saved_bytes(self, model, state: dict | None = None) -> int:
         return sum(t.numel() * t.element_size() for t in self.trained_tensors(model, state).values())
 
     def save(self, model, out_dir: Path, state: dict | None = None) -> None:

@@ -102,6 +102,10 @@ class Lora(PeftMethod):
         if self.initial is not None:
             to_plain_lora(Path(out_dir), self.initial)
 
+    def saved_bytes(self, model, state=None):
+        start = sum(t.numel() * t.element_size() for t in (self.initial or {}).values())  # the rank-2r half
+        return super().saved_bytes(model, state) + start
+
     def summary(self, model):
         return {"saved_as": "plain LoRA of rank 2r (B A - B0 A0)"} if self.initial is not None else {}
 

@@ -28,7 +28,7 @@ from peftbench.config import resolve
 from peftbench.errors import PeftbenchError
 from peftbench.inference import SplitBatches, load, loading, open_checkpoint
 from peftbench.methods import get_method, method_names
-from peftbench.models import without_peft
+from peftbench.models import merge_and_unload, without_peft
 from peftbench.records import settle_modes, write_atomic
 
 FORMATS = ("hf", "onnx")
@@ -86,7 +86,7 @@ def _check_plain(ckpt_dir: Path, meta: dict) -> None:
 def _write_hf(ckpt_dir: Path, stage: Path) -> None:
     model, tokenizer, _ = load(ckpt_dir)
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = merge_and_unload(model)
     model.save_pretrained(str(stage))
     tokenizer.save_pretrained(str(stage))
 
@@ -112,8 +112,9 @@ def _write_onnx(ckpt_dir: Path, meta: dict, stage: Path, quantize: str | None, d
                              "train on a float base, then use --quantize int8")
     model, tokenizer, _ = load(ckpt_dir)
     reference = model
-    if hasattr(model, "merge_and_unload"):  # LoRA family, AdaLoRA, IA3: one weight per layer (a merged copy)
-        model = copy.deepcopy(reference).merge_and_unload()
+    method = get_method(meta["method"])(resolve(meta["config"]).method)
+    if hasattr(model, "merge_and_unload") and method.makes_plain_model():  # LoRA family, AdaLoRA, IA3, tuners
+        model = merge_and_unload(copy.deepcopy(reference))  # that merge: one weight per layer (a merged copy)
     example = tokenizer(EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     names = [n for n in tokenizer.model_input_names if n in example]
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")

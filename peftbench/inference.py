@@ -17,7 +17,7 @@ from peftbench.data import Collator
 from peftbench.errors import PeftbenchError, clip
 from peftbench.measure import base_forward_flops, forward_flops, inference_cost
 from peftbench.methods import RunContext, get_method, lacked_modules
-from peftbench.models import from_pretrained, guard_padding, without_peft
+from peftbench.models import from_pretrained, guard_padding, merge_and_unload, without_peft
 from peftbench.tasks import get_spec, load_task
 from peftbench.tasks.kinds import KINDS
 
@@ -98,7 +98,7 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
     if merge:
         if not (hasattr(model, "merge_and_unload") and method.makes_plain_model()):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
-        model = model.merge_and_unload()
+        model = merge_and_unload(model)
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
 
 
@@ -390,7 +390,7 @@ def serving_cost(model, method, split: str, examples, collator: Collator, auto_c
                                                           autocast=accelerator.autocast)}
     merged = None
     if hasattr(model, "merge_and_unload") and method.makes_plain_model() and not quantized:
-        merged = copy.deepcopy(model).merge_and_unload()
+        merged = merge_and_unload(copy.deepcopy(model))
         cost["merged"] = inference_cost(merged, single, batches, accelerator.device, autocast=accelerator.autocast)
     served = model if merged is None else merged  # what a deployment runs: merged where it can be
     inputs = {k: v.to(accelerator.device) for k, v in single["inputs"].items()}

@@ -10,11 +10,14 @@ not change speed); the names in ``ARCHITECTURES`` need no hub.
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_model
@@ -117,6 +120,7 @@ class LoadedBase:
     pretrained_fingerprint: str = ""  # the same without the run's new weights and label names
     frozen: set[str] = field(default_factory=set)  # names of the base's parameters the run leaves frozen
     quant_storage: str = "uint8"  # 4-bit: the dtype its codes are packed in (bf16 under FSDP)
+    float_weight: Callable[[str], torch.Tensor] | None = None  # quantised: a weight by name as the source holds it
 
 
 def source_name(name: str) -> str:
@@ -143,6 +147,7 @@ def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForS
     base = LoadedBase("", "float32", "float32")
     if model_cfg.quantization == "none":
         return guard_padding(model), base
+    floats = {name: t.detach().clone() for name, t in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:  # bitsandbytes quantises while loading. Written directly:
         # save_pretrained writes on global rank 0 only, and every process needs its own copy
         model.config.to_json_file(f"{tmp}/config.json")
@@ -150,7 +155,8 @@ def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForS
         model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map,
                                            float_storage)
     model.name_or_path = model.config._name_or_path = ""  # built from a config, as unquantised: no path to record
-    return model, LoadedBase("", "float32", quantized.loaded_dtype, quant_storage=quantized.quant_storage)
+    return model, LoadedBase("", "float32", quantized.loaded_dtype, quant_storage=quantized.quant_storage,
+                             float_weight=floats.__getitem__)
 
 
 def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | None,
@@ -182,8 +188,45 @@ def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | No
     new = {name: state[name].detach().to("cpu", copy=True) for name in sorted(info["missing_keys"]) if name in state}
     base = LoadedBase(source_name(str(source)), str(stored or torch.float32).removeprefix("torch."),
                       quantization_name(model_cfg) if quant is not None else "float32", new,
-                      quant_storage="bf16" if float_storage and model_cfg.quantization == "4bit" else "uint8")
+                      quant_storage="bf16" if float_storage and model_cfg.quantization == "4bit" else "uint8",
+                      float_weight=float_weights(source, model) if quant is not None else None)
     return guard_padding(model), base
+
+
+def float_weights(source, model) -> Callable[[str], torch.Tensor]:
+    """A reader of the source's weights by the loaded model's parameter names, one tensor at a time from its
+    safetensors files (a hub name: from the files the load cached), found on the first read; LoftQ measures
+    each quantised layer's error against them. A name is looked up as it is, then without the model's base
+    prefix (``bert.``), as a bare encoder's checkpoint stores it."""
+    from safetensors import safe_open
+
+    prefix = f"{model.base_model_prefix}."
+
+    @functools.cache
+    def find() -> tuple[Path, dict[str, Path]]:
+        folder = Path(str(source)).expanduser()
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(source), local_files_only=True, allow_patterns=["*.safetensors*"]))
+        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+        if index.is_file():
+            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return folder, {name: folder / shard for name, shard in shards.items()}
+        if single.is_file():
+            with safe_open(str(single), "pt") as f:
+                return folder, dict.fromkeys(f.keys(), single)
+        return folder, {}
+
+    def read(name: str) -> torch.Tensor:
+        folder, files = find()
+        for key in (name, name.removeprefix(prefix)):
+            if key in files:
+                with safe_open(str(files[key]), "pt") as f:
+                    return f.get_tensor(key)
+        raise PeftbenchError(f"{folder}: no weight '{name}' in its safetensors files (LoftQ reads the float "
+                             "weights there)")
+    return read
 
 
 def _align_pad_token(config, pad_token_id: int | None, source) -> None:
@@ -203,6 +246,20 @@ def _align_pad_token(config, pad_token_id: int | None, source) -> None:
 def without_peft(model):
     """The transformers model inside a PEFT wrapper (the model itself when there is none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def merge_and_unload(model):
+    """PEFT's ``merge_and_unload``, then any wrapper it left replaced by what it wraps (LN tuning's own unloading
+    skips the trained head's ``modules_to_save`` wrapper): a plain transformers model."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    model = model.merge_and_unload()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None))
+    return model
 
 
 def guard_padding(model):

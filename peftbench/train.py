@@ -168,7 +168,7 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
     if cfg.train.gradient_checkpointing:  # non-reentrant: works when the inputs need no gradient (frozen embeddings)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = method.apply(model, RunContext(total_steps, len(labels), kind.peft_task_type, kind.labels_per_token,
-                                           lacked_modules(base.new_weights)))
+                                           lacked_modules(base.new_weights), base.float_weight))
     params = set_trainable(model, method)
     params.update(settle_dtypes(model, cfg.train.mixed_precision))
     params["base_weight_bytes"] = sum(stored_bytes(p) for p in unique_parameters(model) if id(p) in base_params)

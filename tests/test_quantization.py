@@ -9,7 +9,7 @@ from conftest import LR, logits_here, logits_in_new_process
 
 from peftbench import config, models
 from peftbench.errors import PeftbenchError
-from peftbench.methods import get_method, method_names
+from peftbench.methods import RunContext, get_method, method_names
 from peftbench.train import run
 
 pytest.importorskip("bitsandbytes")
@@ -18,8 +18,9 @@ TEXTS = ["股钱债涨跌", "星影歌剧综艺的"]
 
 
 def quantized_config(method, quantization, out_dir, *extra):
+    lr = LR[get_method(method).preset_of or method]  # a preset (LoftQ) trains at its method's rate
     return config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "task.max_length=48", "train.epochs=6",
-                              f"method.name={method}", f"train.lr={LR[method]}", f"model.quantization={quantization}",
+                              f"method.name={method}", f"train.lr={lr}", f"model.quantization={quantization}",
                               "train.measure_inference=false", f"output_dir={out_dir}", *extra])
 
 
@@ -135,6 +136,76 @@ def test_gradient_checkpointing_on_an_8bit_base_trains_identically(tmp_path):
     plain = run(quantized_config("lora", "8bit", tmp_path / "plain", *common))
     ckpt = run(quantized_config("lora", "8bit", tmp_path / "ckpt", "train.gradient_checkpointing=true", *common))
     torch.testing.assert_close(logits_here(ckpt, TEXTS), logits_here(plain, TEXTS), atol=1e-5, rtol=0)
+
+
+def loftq_start(tmp_path):
+    """The tiny base in float and in 4-bit from one random init (one seed), and LoftQ applied to the 4-bit one."""
+    from dataclasses import replace
+
+    cfg = quantized_config("loftq", "4bit", tmp_path, "model.quant_4bit_compute_dtype=fp32")
+    tokenizer = models.load_tokenizer(cfg.model, TEXTS)
+    built = {}
+    for quantization in ("none", "4bit"):
+        torch.manual_seed(0)
+        built[quantization] = models.load_model(replace(cfg.model, quantization=quantization), list("0123"), tokenizer)
+    (float_model, _), (quantized, base) = built["none"], built["4bit"]
+    method = get_method("loftq")(cfg.method)
+    return float_model.eval(), method.apply(quantized, RunContext(100, 4, float_weight=base.float_weight)).eval(), \
+        tokenizer
+
+
+def test_loftq_starts_from_the_best_rank_r_correction_of_the_4bit_error(tmp_path):
+    import bitsandbytes.functional as bnb_functional
+
+    float_model, model, tokenizer = loftq_start(tmp_path)
+    floats = dict(float_model.named_parameters())
+    layers = [(n.removeprefix("base_model.model."), m) for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert len(layers) == 2 * 2  # query and value of both layers
+    for name, layer in layers:
+        quantized = layer.get_base_layer().weight
+        error = floats[f"{name}.weight"] - bnb_functional.dequantize_4bit(quantized.data, quantized.quant_state)
+        left = error - layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        tail = torch.linalg.svdvals(error)[8:]  # Eckart-Young: the least a rank-8 correction can leave
+        assert left.norm().item() == pytest.approx(tail.norm().item(), rel=1e-4), name
+        assert left.norm() < 0.95 * error.norm(), name
+    inputs = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        wanted = float_model(**inputs).logits
+        with model.disable_adapter():  # plain LoRA's start (B = 0): the 4-bit base alone
+            plain = model(**inputs).logits
+        started = model(**inputs).logits
+    assert (started - wanted).norm() < (plain - wanted).norm()
+
+
+def test_loftq_needs_a_4bit_base():
+    for overrides in (["method.name=loftq"], ["method.name=lora", "method.init=loftq", "model.quantization=8bit"]):
+        with pytest.raises(PeftbenchError, match=r"config keys 'method.init=loftq' and 'model.quantization=(none|8bit)'"
+                                                 r" conflict: LoftQ starts A and B from the error of 4-bit base"):
+            config.load(None, overrides)
+
+
+@pytest.mark.slow  # one run
+def test_loftq_trains_on_a_4bit_base_and_reloads_as_plain_lora(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    result = run(quantized_config("loftq", "4bit", tmp_path, "model.quant_4bit_compute_dtype=fp32",
+                                  "task.max_train_samples=320", "train.batch_size=16"))
+    assert result.record["metrics"]["accuracy"] > 0.45, result.record["metrics"]
+    ckpt = Path(result.record["checkpoint"])
+    saved = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
+    assert saved["init_lora_weights"] is True and saved["r"] == 8  # a plain LoRA on the plain 4-bit base
+    here = logits_here(result, TEXTS)
+    torch.testing.assert_close(logits_in_new_process({"loftq": ckpt}, TEXTS, tmp_path)["loftq"], here, atol=1e-5,
+                               rtol=0)
+    cfg = config.resolve(result.record["config"])
+    base = AutoModelForSequenceClassification.from_pretrained(ckpt / "base", dtype=torch.float32,
+                                                              quantization_config=models.quantization_config(cfg.model))
+    models.keep_4bit_training_layout(base)  # else, on a CPU with AVX512-BF16, bitsandbytes infers in bf16
+    plain = PeftModel.from_pretrained(base, str(ckpt)).eval()  # PEFT and transformers load the adapter alone
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**result.tokenizer(TEXTS, padding=True, return_tensors="pt")).logits, here,
+                                   atol=1e-5, rtol=0)
 
 
 def test_quantisation_settings_reach_bitsandbytes():

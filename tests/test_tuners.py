@@ -84,6 +84,11 @@ def test_bad_options_name_the_key():
         bridged("VBLORA", KINDS[0], vector_length=256)  # 256 does not divide the tiny model's 128
     with pytest.raises(PeftbenchError, match="config key 'method.peft_type'"):
         PeftTunerConfig(peft_type="NOT_A_TUNER")
+    for init in ("pissa", "pissa_niter_4", "olora", "corda", "loftq"):  # through the bridge, not saved as plain LoRA
+        with pytest.raises(PeftbenchError, match=r"config key 'method.options' must be without an init_lora_weights "
+                                                 r"that rewrites the base weights .* use method.name=pissa"):
+            PeftTunerConfig(peft_type="LORA", options={"init_lora_weights": init})
+    assert PeftTunerConfig(peft_type="LORA", options={"init_lora_weights": "gaussian"}).options  # one that does not
 
 
 @pytest.mark.slow  # 69 cases, under a second each
@@ -223,10 +228,7 @@ def test_pissa_and_olora_save_plain_lora_on_the_unmodified_base(name, rslora, tm
         torch.testing.assert_close(reloaded(**inputs).logits, logits, rtol=0, atol=1e-5)
 
 
-def test_loftq_is_refused_with_its_reason():
-    with pytest.raises(PeftbenchError, match=r"config key 'method.init': loftq is not available: PEFT computes it "
-                                             r"with bitsandbytes on CUDA"):
-        lora_variant("lora", init="loftq")
+def test_a_frozen_a_must_start_random():
     with pytest.raises(PeftbenchError, match="config key 'method.train_a' must be true with init other than"):
         config.load(None, ["method.name=pissa", "method.train_a=false"])
 
@@ -283,3 +285,54 @@ def test_a_token_refusal_lifts_when_the_targets_are_named():
     inputs, labels = batch(KINDS[1])
     model(**inputs, labels=labels).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "osf" in n)
+
+
+@pytest.mark.slow  # 35 short runs and one server
+def test_every_tested_type_runs_reloads_exports_and_serves(tmp_path):
+    """Through peftbench itself, each tested type for classification: ``run`` writes its checkpoint,
+    ``peftbench.load`` reloads it to the trained logits, one that merges exports to a folder transformers alone
+    loads, and one server of them all answers for each as ``peftbench.load`` computes."""
+    import shutil
+
+    import httpx
+    from conftest import logits_here
+    from test_serve import TOKEN, classify, start_server
+    from transformers import AutoModelForSequenceClassification
+
+    import peftbench
+    from peftbench.export import export
+    from peftbench.train import run
+
+    texts, served = ["股钱债涨跌", "星影歌剧综艺的", "今天芯片与网络"], tmp_path / "adapters"
+    wanted = {}
+    for peft_type in [t for t in sorted(TUNERS) if status(t, KINDS[0]) == TESTED]:
+        result = run(config.load(None, [
+            "task.name=synthetic", "model.name_or_path=tiny", "task.max_train_samples=32", "train.max_steps=2",
+            "train.evaluate_test=false", "train.measure_inference=false", "method.name=peft",
+            f"method.peft_type={peft_type}", f"method.options={json.dumps(TUNERS[peft_type].tiny_options)}",
+            f"output_dir={tmp_path / peft_type}"]))
+        trained, ckpt = logits_here(result, texts), result.record["checkpoint"]
+        model, tokenizer, meta = peftbench.load(ckpt)
+        inputs = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=1e-6, msg=peft_type)
+            if TUNERS[peft_type].merges:
+                plain = AutoModelForSequenceClassification.from_pretrained(export(ckpt, tmp_path / "hf" / peft_type))
+                torch.testing.assert_close(plain.eval()(**inputs).logits, trained, rtol=0, atol=1e-5, msg=peft_type)
+        shutil.copytree(ckpt, served / peft_type.lower())
+        probs = trained.softmax(-1)
+        wanted[peft_type.lower()] = [(meta["labels"][i], p.item()) for p, i in zip(*probs.max(-1))]
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").chmod(0o600)
+    proc, url = start_server("--adapters-dir", str(served), "--token-file", str(tmp_path / "token"))
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+            for name, want in wanted.items():
+                response = classify(client, name, texts)
+                assert response.status_code == 200, (name, response.text)
+                got = [(p["label"], p["score"]) for p in response.json()["predictions"]]
+                assert [g[0] for g in got] == [w[0] for w in want], name
+                assert all(abs(g[1] - w[1]) <= 1e-5 for g, w in zip(got, want, strict=True)), name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

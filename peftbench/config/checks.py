@@ -140,6 +140,9 @@ def _check_quantization(cfg: RunConfig) -> None:
                              f"conflict: {cfg.method.name} trains the base weights, and {m.quantization} base weights "
                              "are frozen integer storage without gradients; use a PEFT method or "
                              "model.quantization=none")
+    if getattr(cfg.method, "init", None) == "loftq" and m.quantization != "4bit":
+        raise PeftbenchError(f"config keys 'method.init=loftq' and 'model.quantization={m.quantization}' conflict: "
+                             "LoftQ starts A and B from the error of 4-bit base weights; use model.quantization=4bit")
     if m.quantization != "none" and getattr(cfg.method, "init", None) in ("pissa", "olora"):
         raise PeftbenchError(f"config keys 'method.init={cfg.method.init}' and 'model.quantization={m.quantization}' "
                              f"conflict: {cfg.method.init} rewrites the base weights, which {m.quantization} storage "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class RunContext:
     peft_task_type: str | None = "SEQ_CLS"  # peft.TaskType; None for a bare model (masked-LM pretraining)
     labels_per_token: bool = False  # token classification: labels align with the input tokens
     lacked_modules: tuple[str, ...] = ()  # base modules the source had no weights for (a pooler), head aside
+    float_weight: Callable[[str], torch.Tensor] | None = None  # a quantised base: its source's weight by name
 
 
 def lacked_modules(new_weights) -> tuple[str, ...]:

@@ -15,7 +15,9 @@ trains: r * d_out per layer); ``init=pissa`` (Meng et al. 2024, arXiv:2404.02948
 singular vectors of W, which keeps the rest) and ``init=olora`` (Büyükakyüz 2024, arXiv:2406.01775: from
 W's QR decomposition). PiSSA and OLoRA rewrite the frozen W to W - B0 A0; the checkpoint is converted
 by PEFT into a plain LoRA of rank 2r on the unmodified base (B A - B0 A0), so it reloads on, and is
-served with, the same base as every other adapter. ``init=loftq`` (Li et al. 2023) is refused: see docs.
+served with, the same base as every other adapter. ``init=loftq`` (Li et al. 2023, arXiv:2310.08659), on a
+4-bit base only: B A starts as the best rank-r approximation of the quantisation error W - Q(W), so the adapted
+model starts closer to the float one; the base stays the plain 4-bit one, and the adapter is a plain LoRA.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class LoraConfig(MethodConfig):
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output (DoRA)
     b_lr_ratio: float = 1.0  # B's learning rate over A's (LoRA+: 16)
     train_a: bool = True  # false: A stays at its random init and only B trains (LoRA-FA)
-    init: str = "default"  # how A and B start: default (B = 0), pissa, olora (from W: saved as plain LoRA), loftq
+    init: str = "default"  # how A and B start: default (B = 0), pissa, olora (from W), loftq (4-bit error)
 
     def __post_init__(self):
         require(self.r >= 1, "method.r", ">= 1", self.r)
@@ -73,19 +75,16 @@ class Lora(PeftMethod):
         cfg = self.cfg
         from peft import LoraConfig as PeftLoraConfig
 
-        if cfg.init == "loftq":
-            raise PeftbenchError("config key 'method.init': loftq is not available: PEFT computes it with "
-                                 f"bitsandbytes on CUDA ({'present' if torch.cuda.is_available() else 'absent here'})"
-                                 " and its adapter reloads only on the base weights LoftQ rewrites, which a "
-                                 "peftbench checkpoint does not hold; use pissa or olora")
         return PeftLoraConfig(task_type=ctx.peft_task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-                              init_lora_weights={"default": True}.get(cfg.init, cfg.init))
+                              init_lora_weights={"default": True, "loftq": True}.get(cfg.init, cfg.init))
 
     def apply(self, model, ctx):
         from peft.utils import get_peft_model_state_dict
 
         model = super().apply(model, ctx)
+        if self.cfg.init == "loftq":
+            loftq_init(model, ctx.float_weight)
         if self.cfg.init in REWRITES_BASE:
             self.initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
                             if ".lora_A." in k or ".lora_B." in k}
@@ -108,6 +107,32 @@ class Lora(PeftMethod):
 
     def summary(self, model):
         return {"saved_as": "plain LoRA of rank 2r (B A - B0 A0)"} if self.initial is not None else {}
+
+
+@torch.no_grad()
+def loftq_init(model, float_weight) -> None:
+    """LoftQ's start (one alternation, on the base's own 4-bit weights Q(W), as PEFT's
+    ``replace_lora_weights_loftq``, which needs CUDA): for each adapted 4-bit layer, with U S Vᵀ the SVD of the
+    quantisation error W - Q(W) and s the LoRA scale, A = √(S_r/s) V_rᵀ and B = U_r √(S_r/s), so that s B A is
+    the error's best rank-r approximation (PEFT's own leaves s out). ``float_weight``: W by parameter name."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Params4bit
+
+    adapted = [(name, module) for name, module in model.named_modules() if hasattr(module, "lora_A")
+               and isinstance(getattr(module.get_base_layer(), "weight", None), Params4bit)]
+    if not adapted or float_weight is None:
+        raise PeftbenchError("config key 'method.init': loftq found no 4-bit layer to adapt (model.quantization=4bit, "
+                             "and method.target_modules naming linear layers)")
+    for name, module in adapted:
+        quantized = module.get_base_layer().weight
+        error = float_weight(f"{name.removeprefix('base_model.model.')}.weight").to(quantized.device, torch.float32)
+        error -= bnb_functional.dequantize_4bit(quantized.data, quantized.quant_state).to(torch.float32)
+        u, s, vh = torch.linalg.svd(error, full_matrices=False)
+        r = module.r["default"]
+        root = (s[:r] / module.scaling["default"]).sqrt()
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        a.copy_((root[:, None] * vh[:r]).to(a.dtype))
+        b.copy_((u[:, :r] * root).to(b.dtype))
 
 
 def to_plain_lora(adapter_dir: Path, initial: dict[str, torch.Tensor]) -> None:
@@ -197,3 +222,20 @@ class Olora(Lora):
     Config = OloraConfig
     lr_range = (1e-5, 1e-2)  # a learning-rate search's default range
     default_lr = 1e-4  # train.lr when unset: below LoRA's (the adapter starts on W's own directions)
+
+
+@dataclass
+class LoftqConfig(LoraConfig):
+    name: str = "loftq"
+    init: str = "loftq"  # B A from the 4-bit base's quantisation error (needs model.quantization=4bit)
+
+
+@register_method
+class Loftq(Lora):
+    """LoftQ (Li et al. 2023, arXiv:2310.08659): LoRA on a 4-bit base, started from its quantisation error."""
+
+    name = "loftq"
+    preset_of = "lora"
+    Config = LoftqConfig
+    lr_range = (1e-4, 3e-2)  # as LoRA's
+    default_lr = 5e-4  # train.lr when unset: as LoRA's (it trains as LoRA on a 4-bit base)

@@ -112,6 +112,9 @@ def status(peft_type: str, kind: str, options: dict | None = None) -> str:
     return f"refused: {reason}" if reason else TESTED
 
 
+REWRITING_INITS = ("pissa", "olora", "corda", "loftq")  # PEFT LoRA inits that change the frozen weights
+
+
 @dataclass
 class PeftTunerConfig(MethodConfig):
     name: str = "peft"
@@ -124,6 +127,10 @@ class PeftTunerConfig(MethodConfig):
                 "(peftbench methods --all)", self.peft_type)
         require("task_type" not in self.options, "method.options", "without task_type (set from the task)",
                 self.options)
+        init = str(self.options.get("init_lora_weights", ""))
+        require(not init.startswith(REWRITING_INITS), "method.options", "without an init_lora_weights that "
+                "rewrites the base weights (its adapter would not fit the unmodified base): use method.name=pissa, "
+                "olora or loftq, saved as plain LoRA", self.options)
 
 
 @register_method

@@ -211,6 +211,37 @@ def test_section_header_names_budget_precision_backbone_and_cpu_memory(tmp_path)
     assert f"Budget: {group.budget}." in text and group.memory_note in text and "runs/pretrain" not in text
 
 
+
+def test_a_row_searched_under_two_budgets_says_so_and_the_json_holds_the_choices(tmp_path):
+    """LoRA's tnews runs were searched with 3 grid trials, its afqmc runs with 4 TPE trials over another range:
+    the row pools them and a footnote says so (``--strict`` refuses it); full, searched alike (its warm-up
+    too), gets none. The JSON cells hold what the search chose."""
+    budgets = {"tnews": {"trials": 3, "sampler": "grid", "lr_range": [1e-4, 3e-2], "seeds": [1]},
+               "afqmc": {"trials": 4, "sampler": "tpe", "lr_range": [1e-5, 1e-2], "seeds": [1]},
+               "full": {"trials": 4, "sampler": "tpe", "lr_range": [1e-5, 1e-3], "seeds": [1],
+                        "space": {"train.warmup_ratio": {"low": 0.0, "high": 0.2}}}}
+    for method in ("lora", "full"):
+        for task in ("tnews", "afqmc"):
+            for seed in (1, 2, 3):
+                rec = record(tmp_path, "bert-base-chinese", method, task, seed, 0.6 + seed / 100, lr=3e-3)
+                budget = budgets[task if method == "lora" else method]
+                rec["provenance"] = {"phase": "final", "budget": {**budget, "final_seeds": [1, 2, 3]},
+                                     "chosen_lr": 3e-3, **({"chosen_settings": {"train.warmup_ratio": 0.1}}
+                                                           if "space" in budget else {})}
+                write_atomic(next(tmp_path.glob(f"*-{method}-{task}-{seed}-*")) / "record.json", rec)
+    records = leaderboard.collect([tmp_path])[0]
+    (group,) = leaderboard.build(records)
+    assert group.footnotes == ["lora (lr tuned) pools runs searched under 2 budgets: 3 trials (grid, lr 0.0001-0.03, "
+                               "seeds 1) (tnews); 4 trials (tpe, lr 1e-05-0.01, seeds 1) (afqmc)"]
+    assert "searched: 3/4 trials per method (grid/tpe" in group.budget
+    with pytest.raises(PeftbenchError, match="pools runs searched under 2 budgets"):
+        leaderboard.write([tmp_path], tmp_path / "board", strict=True)
+    cells = {(c["method"], c["column"]): c for c in json.loads(
+        leaderboard.json_text([group], records, leaderboard.sources([tmp_path])))["tables"][0]["cells"]}
+    assert cells["lora", "afqmc"]["chosen"] == {"lr": 3e-3}
+    assert cells["full", "tnews"]["chosen"] == {"lr": 3e-3, "train.warmup_ratio": 0.1}
+
+
 def test_rows_whose_cpu_runs_shared_their_cores_are_named_beside_the_speed(tmp_path):
     """A one-thread run whose train_cpu_share is below 0.8 (another job beside it) makes its row's samples/s
     suspect: the page names the row, how many of its successful runs and their tasks; shares of 0.8 and above,

@@ -142,6 +142,13 @@ class Group:
                 if mixed:
                     notes.append(f"{row.label} × {task} pools runs of " + "; ".join(
                         f"{key} {', '.join(found)}" for key, found in mixed.items()))
+            searched = {}  # budget -> its tasks
+            for r in row.records:
+                if (r.get("provenance") or {}).get("phase") == "final":
+                    searched.setdefault(budget_words(r["provenance"].get("budget")), set()).add(self.task_of(r))
+            if len(searched) > 1:
+                notes.append(f"{row.label} pools runs searched under {len(searched)} budgets: " + "; ".join(
+                    f"{words} ({', '.join(sorted(tasks))})" for words, tasks in sorted(searched.items())))
         return notes
 
     @property
@@ -173,9 +180,9 @@ class Group:
             trials = "/".join(sorted({str(b["trials"]) for b in budgets}))
             seeds = "/".join(sorted({", ".join(map(str, b["seeds"])) for b in budgets}))
             space = sorted({key.split(".", 1)[1] for b in budgets for key in b.get("space", {})})
+            samplers = "/".join(sorted({str(b["sampler"]) for b in budgets}))
             parts.append(f"learning rate{' and ' + ', '.join(space) if space else ''} searched: {trials} trials per "
-                         f"method ({budgets[0]['sampler']}, mean dev score of seed{'s' if ',' in seeds else ''} "
-                         f"{seeds})")
+                         f"method ({samplers}, mean dev score of seed{'s' if ',' in seeds else ''} {seeds})")
         parts.append(f"seeds {values(lambda r: train(r)['seed']).replace('/', ', ')}")
         return " · ".join(parts)
 
@@ -245,6 +252,20 @@ class Group:
             name = "/".join(Path(self.backbone).parts[-2:]) + f"-{self.fingerprint[:8]}"
         text = f"{name}-{self.hardware}-{self.precision}".lower()
         return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:80]
+
+
+def budget_words(budget) -> str:
+    """A search budget (a final record's ``provenance.budget``; final seeds aside) in words: ``3 trials (grid, lr
+    1e-05-0.003, seeds 1)``, with the searched space's keys and ranges."""
+    if not isinstance(budget, dict):
+        return "an unrecorded budget"
+    lr = budget.get("lr_range")
+    parts = [str(budget.get("sampler"))]
+    if isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, (int, float)) for v in lr):
+        parts.append(f"lr {lr[0]:g}-{lr[1]:g}")
+    parts.append("seeds " + ", ".join(map(str, budget.get("seeds", []))))
+    parts += [f"{key} {json.dumps(values, sort_keys=True)}" for key, values in sorted(budget.get("space", {}).items())]
+    return f"{budget.get('trials')} trials ({', '.join(parts)})"
 
 
 def _settings(record: dict) -> tuple[tuple, str, str, bool]:

@@ -33,6 +33,8 @@ def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> 
                               "scores": [r["metrics"][key] for r in done], "run_ids": [r["run_id"] for r in runs],
                               "mark": marks.get((row.label, task), ""), "ci95": interval(group, row, task),
                               "against": _against(group, row, task),
+                              "chosen": ({"lr": row.chosen_lr[task], **row.chosen_settings.get(task, {})}
+                                         if task in row.chosen_lr else None),
                               "task_identity": task_identity(runs[0]),
                               "data_fingerprints": (runs[0].get("data") or {}).get("fingerprints")})
         rows = [{"row": row.label, "method": row.method, "pscp": pscp(row, group.tasks),

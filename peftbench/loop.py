@@ -117,6 +117,12 @@ def build_optimizer(model: torch.nn.Module, cfg: LoopConfig,
                              lr=cfg.lr, fused=torch.cuda.is_available())
 
 
+def set_rates(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate ``lr`` for this step, times each group's ``lr_scale`` (see ``build_optimizer``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 POLYNOMIAL_END = 1e-7  # the polynomial schedule's last rate (transformers' lr_end)
 
 
@@ -229,8 +235,7 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
                 timer.count(len(batch["labels"]), batch["num_tokens"])
                 with accelerator.accumulate(model):
                     state.lr = cfg.lr * lr_factor(state.lr_steps, state.planned_steps, cfg)
-                    for group in optimizer.param_groups:
-                        group["lr"] = state.lr * group.get("lr_scale", 1.0)
+                    set_rates(optimizer, state.lr)
                     loss = tricks.objective(model, batch)
                     accelerator.backward(loss)
                     for adversarial in tricks.adversarial_losses(model, batch):

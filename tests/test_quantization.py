@@ -177,6 +177,13 @@ def test_loftq_starts_from_the_best_rank_r_correction_of_the_4bit_error(tmp_path
     assert (started - wanted).norm() < (plain - wanted).norm()
 
 
+@pytest.mark.parametrize("name", ["pissa", "olora"])
+def test_a_base_rewriting_start_is_refused_on_a_quantised_base(name):
+    with pytest.raises(PeftbenchError, match=f"config keys 'method.init={name}' and 'model.quantization=4bit' "
+                                             f"conflict: {name} rewrites the base weights"):
+        config.load(None, [f"method.name={name}", "model.quantization=4bit"])
+
+
 def test_loftq_needs_a_4bit_base():
     for overrides in (["method.name=loftq"], ["method.name=lora", "method.init=loftq", "model.quantization=8bit"]):
         with pytest.raises(PeftbenchError, match=r"config keys 'method.init=loftq' and 'model.quantization=(none|8bit)'"

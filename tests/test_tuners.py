@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertForToken
 from peftbench import config
 from peftbench.config import LoopConfig
 from peftbench.errors import PeftbenchError
-from peftbench.loop import build_optimizer
+from peftbench.loop import build_optimizer, set_rates
 from peftbench.methods import RunContext, get_method, is_head, set_trainable
 from peftbench.methods.peft_tuner import KINDS, TESTED, TUNERS, UNTESTED, PeftTunerConfig, peft_types, status
 from peftbench.methods.tuner_names import NAMED
@@ -121,7 +121,10 @@ def test_every_tested_type_trains_reloads_in_plain_peft_and_merges(peft_type, ki
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, logits, rtol=0, atol=1e-6)
     assert method.makes_plain_model() == TUNERS[peft_type].merges
-    if TUNERS[peft_type].merges:
+    if not TUNERS[peft_type].merges:  # as the table says: PEFT has no merge for it
+        with pytest.raises((AttributeError, NotImplementedError)):
+            reloaded.merge_and_unload()
+    else:
         merged = reloaded.merge_and_unload()
         assert not any("lora" in n or "base_layer" in n for n, _ in merged.named_parameters())
         with torch.no_grad():
@@ -166,12 +169,11 @@ def lora_variant(name: str, **settings):
 
 
 def train_steps(method, model, steps: int, lr: float = 1e-2):
-    """``steps`` optimizer steps through the loop's optimizer (its groups' lr_scale applied as the loop does)."""
+    """``steps`` optimizer steps through the loop's optimizer and its rate setting (each group's lr_scale)."""
     inputs, labels = batch(KINDS[0])
     optimizer = build_optimizer(model, LoopConfig(lr=lr, weight_decay=0.0), method.lr_scale)
     for _ in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        set_rates(optimizer, lr)
         model(**inputs, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -191,6 +193,13 @@ def test_loraplus_moves_b_sixteen_times_as_far_as_lora_on_the_first_step():
     method, model = lora_variant("loraplus")
     scales = {g["lr_scale"] for g in build_optimizer(model, LoopConfig(), method.lr_scale).param_groups if g["params"]}
     assert scales == {1.0, 16.0}
+
+
+@pytest.mark.parametrize("name", ["loraplus", "pissa", "olora"])
+def test_the_lora_variants_train_loras_parameters(name):
+    d, layers = TINY_CONFIG["hidden_size"], TINY_CONFIG["num_hidden_layers"]
+    _, model = lora_variant(name)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == layers * 2 * 8 * (d + d) + d * 3 + 3
 
 
 def test_lorafa_trains_b_only_and_counts_it(tmp_path):
@@ -275,6 +284,15 @@ def test_methods_all_lists_every_type_with_its_status(capsys):
         assert lines[peft_type].split()[1:3] == cells, lines[peft_type]
         reason = status(peft_type, KINDS[0]) if cells[0] != TESTED else status(peft_type, KINDS[1])
         assert reason == TESTED or reason.removeprefix("refused: ") in lines[peft_type]
+
+
+def test_methods_all_lists_a_type_the_table_lacks_as_untested(capsys, monkeypatch):
+    from peftbench.cli import main
+
+    monkeypatch.delitem(TUNERS, "VERA")
+    assert main(["methods", "--all"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["VERA"])
+    assert line.split()[1:3] == [UNTESTED, UNTESTED], line
 
 
 def test_a_token_refusal_lifts_when_the_targets_are_named():

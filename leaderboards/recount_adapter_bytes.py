@@ -29,7 +29,8 @@ def saved_bytes(cfg, total_steps: int, final_ranks: dict | None) -> int:
     model, base = models.load_model(cfg.model, labels, tokenizer, spec.kind.auto_class)
     method = get_method(cfg.method.name)(cfg.method)
     model = method.apply(model, RunContext(total_steps, len(labels), spec.kind.peft_task_type,
-                                           spec.kind.labels_per_token, lacked_modules(base.new_weights)))
+                                           spec.kind.labels_per_token, lacked_modules(base.new_weights),
+                                           base.float_weight))
     set_trainable(model, method)
     if final_ranks:  # AdaLoRA: PEFT's rank pattern (which ranks a module kept) in the names it uses
         init = cfg.method.init_r

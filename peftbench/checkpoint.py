@@ -276,9 +276,7 @@ def read_new_weights(ckpt_dir: Path) -> dict:
 def save_pretrained_model(model, tokenizer, directory: Path, provenance: dict) -> None:
     """A standard Hugging Face directory; LoRA adapters are merged into the weights."""
     if hasattr(model, "merge_and_unload"):
-        from peftbench.models import merge_and_unload
-
-        model = merge_and_unload(model)
+        model = model.merge_and_unload()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))

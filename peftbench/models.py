@@ -10,8 +10,10 @@ not change speed); the names in ``ARCHITECTURES`` need no hub.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 import unicodedata
 from collections import Counter
@@ -147,16 +149,17 @@ def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForS
     base = LoadedBase("", "float32", "float32")
     if model_cfg.quantization == "none":
         return guard_padding(model), base
-    floats = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:  # bitsandbytes quantises while loading. Written directly:
-        # save_pretrained writes on global rank 0 only, and every process needs its own copy
-        model.config.to_json_file(f"{tmp}/config.json")
-        save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-        model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map,
-                                           float_storage)
+    # bitsandbytes quantises while loading. Written directly (save_pretrained writes on global rank 0 only, and
+    # every process needs its own copy), to a folder kept until the process ends: LoftQ reads the float weights
+    tmp = tempfile.mkdtemp(prefix="peftbench-base-")
+    atexit.register(shutil.rmtree, tmp, True)
+    model.config.to_json_file(f"{tmp}/config.json")
+    save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+    model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map,
+                                       float_storage)
     model.name_or_path = model.config._name_or_path = ""  # built from a config, as unquantised: no path to record
     return model, LoadedBase("", "float32", quantized.loaded_dtype, quant_storage=quantized.quant_storage,
-                             float_weight=floats.__getitem__)
+                             float_weight=quantized.float_weight)
 
 
 def from_pretrained(source, model_cfg, labels: list[str], pad_token_id: int | None,
@@ -208,7 +211,12 @@ def float_weights(source, model) -> Callable[[str], torch.Tensor]:
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(str(source), local_files_only=True, allow_patterns=["*.safetensors*"]))
+            try:
+                folder = Path(snapshot_download(str(source), local_files_only=True,
+                                                allow_patterns=["*.safetensors*"]))
+            except (OSError, ValueError) as err:  # not cached; not a hub name
+                raise PeftbenchError(f"{source}: its cached files cannot be found ({_first_line(err)}); LoftQ reads "
+                                     "the float weights there") from None
         index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
         if index.is_file():
             shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -220,6 +228,9 @@ def float_weights(source, model) -> Callable[[str], torch.Tensor]:
 
     def read(name: str) -> torch.Tensor:
         folder, files = find()
+        if not files:
+            raise PeftbenchError(f"{folder}: no model.safetensors (or index) to read the float weights from, which "
+                                 "LoftQ needs; save the backbone with safetensors")
         for key in (name, name.removeprefix(prefix)):
             if key in files:
                 with safe_open(str(files[key]), "pt") as f:

@@ -430,12 +430,15 @@ def save(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Launch, m
         state = distributed.gather_state(raw_model, lambda name: name not in base.frozen, main)
     elif launch.engine == "deepspeed" and cfg.train.save_checkpoint:
         state = accelerator.get_state_dict(model)
-    with distributed.whole_root(raw_model):  # a method may run its root modules to save (PEFT's prompt encoder)
-        if not main:
-            return 0  # only the main process writes (and its record counts)
-        if cfg.train.save_checkpoint:
-            _write_checkpoint(cfg, raw_model, data, method, base, ckpt_dir, results, state)
-        return method.saved_bytes(raw_model, state)
+    # A method may run its root modules to save (PEFT's prompt encoder, whose forward reshards it again): each
+    # use of them in a block of its own. Only the main process counts and writes.
+    with distributed.whole_root(raw_model):
+        size = method.saved_bytes(raw_model, state) if main else 0
+    if cfg.train.save_checkpoint:
+        with distributed.whole_root(raw_model):
+            if main:
+                _write_checkpoint(cfg, raw_model, data, method, base, ckpt_dir, results, state)
+    return size
 
 
 def _write_checkpoint(cfg: RunConfig, raw_model, data: Data, method: Method, base: models.LoadedBase, ckpt_dir: Path,

@@ -240,6 +240,13 @@ def test_a_row_searched_under_two_budgets_says_so_and_the_json_holds_the_choices
         leaderboard.json_text([group], records, leaderboard.sources([tmp_path])))["tables"][0]["cells"]}
     assert cells["lora", "afqmc"]["chosen"] == {"lr": 3e-3}
     assert cells["full", "tnews"]["chosen"] == {"lr": 3e-3, "train.warmup_ratio": 0.1}
+    rec = json.loads(next(tmp_path.glob("*-lora-tnews-3-*/record.json")).read_text(encoding="utf-8"))
+    rec["config"]["train"]["lr"] = 1e-3  # one seed's search chose another rate: the cell pools two choices
+    write_atomic(next(tmp_path.glob("*-lora-tnews-3-*")) / "record.json", rec)
+    records = leaderboard.collect([tmp_path])[0]
+    cells = {(c["method"], c["column"]): c for c in json.loads(leaderboard.json_text(
+        leaderboard.build(records), records, leaderboard.sources([tmp_path])))["tables"][0]["cells"]}
+    assert cells["lora", "tnews"]["chosen"] == [{"lr": 3e-3}, {"lr": 1e-3}]
 
 
 def test_rows_whose_cpu_runs_shared_their_cores_are_named_beside_the_speed(tmp_path):

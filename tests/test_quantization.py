@@ -191,6 +191,35 @@ def test_loftq_needs_a_4bit_base():
             config.load(None, overrides)
 
 
+def test_loftq_reads_float_weights_from_a_sharded_bare_encoder(tmp_path):
+    """A bare encoder (names without ``bert.``) saved in several safetensors shards: the 4-bit classifier loaded
+    from it reads each of its weights back by the classifier's names; a folder without safetensors says so."""
+    from transformers import BertConfig, BertModel
+
+    from peftbench.models import TINY_CONFIG
+
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=64, **TINY_CONFIG))
+    encoder.save_pretrained(tmp_path / "bare", max_shard_size="200KB")
+    assert (tmp_path / "bare" / "model.safetensors.index.json").is_file()
+    cfg = quantized_config("loftq", "4bit", tmp_path, f"model.name_or_path={tmp_path / 'bare'}")
+    model, base = models.from_pretrained(tmp_path / "bare", cfg.model, list("0123"), encoder.config.pad_token_id)
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    assert query in dict(model.named_parameters())
+    assert torch.equal(base.float_weight(query), encoder.encoder.layer[1].attention.self.query.weight)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PeftbenchError, match="empty: no model.safetensors .* LoftQ needs"):
+        models.float_weights(tmp_path / "empty", model)(query)
+
+
+def test_loftq_plans_as_lora(tmp_path):
+    from peftbench import plan
+
+    cfg = quantized_config("loftq", "4bit", tmp_path)
+    (row,) = plan.plan(cfg, ["loftq"], device="a100")["rows"]
+    assert row["memory"]["activations"] > 0
+
+
 @pytest.mark.slow  # one run
 def test_loftq_trains_on_a_4bit_base_and_reloads_as_plain_lora(tmp_path):
     from peft import PeftModel

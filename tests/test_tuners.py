@@ -84,7 +84,7 @@ def test_bad_options_name_the_key():
         bridged("VBLORA", KINDS[0], vector_length=256)  # 256 does not divide the tiny model's 128
     with pytest.raises(PeftbenchError, match="config key 'method.peft_type'"):
         PeftTunerConfig(peft_type="NOT_A_TUNER")
-    for init in ("pissa", "pissa_niter_4", "olora", "corda", "loftq"):  # through the bridge, not saved as plain LoRA
+    for init in ("pissa", "pissa_niter_4", "OLoRA", "corda", "loftq"):  # through the bridge, not saved as plain LoRA
         with pytest.raises(PeftbenchError, match=r"config key 'method.options' must be without an init_lora_weights "
                                                  r"that rewrites the base weights .* use method.name=pissa"):
             PeftTunerConfig(peft_type="LORA", options={"init_lora_weights": init})

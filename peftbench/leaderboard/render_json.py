@@ -33,8 +33,7 @@ def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> 
                               "scores": [r["metrics"][key] for r in done], "run_ids": [r["run_id"] for r in runs],
                               "mark": marks.get((row.label, task), ""), "ci95": interval(group, row, task),
                               "against": _against(group, row, task),
-                              "chosen": ({"lr": row.chosen_lr[task], **row.chosen_settings.get(task, {})}
-                                         if task in row.chosen_lr else None),
+                              "chosen": _chosen(runs),
                               "task_identity": task_identity(runs[0]),
                               "data_fingerprints": (runs[0].get("data") or {}).get("fingerprints")})
         rows = [{"row": row.label, "method": row.method, "pscp": pscp(row, group.tasks),
@@ -50,6 +49,18 @@ def json_text(groups: list[Group], records: list[dict], sources: list[dict]) -> 
     page = {"schema": SCHEMA, "records": len(records), "newest": max(str(r["finished_at"]) for r in records),
             "sources": sources, "tables": tables}
     return json.dumps(page, ensure_ascii=False, indent=1, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _chosen(runs: list[dict]) -> dict | list[dict] | None:
+    """What the search chose for a tuned cell: the rate and each other searched key; a list where the cell pools
+    runs of several searches (its table says so); None for a cell of runs at a given rate."""
+    found = []
+    for r in runs:
+        if (r.get("provenance") or {}).get("phase") == "final":
+            chosen = {"lr": r["config"]["train"]["lr"], **r["provenance"].get("chosen_settings", {})}
+            if chosen not in found:
+                found.append(chosen)
+    return found[0] if len(found) == 1 else found or None
 
 
 def _against(group: Group, row, task: str) -> dict | None:

@@ -83,7 +83,7 @@ class Lora(PeftMethod):
         from peft.utils import get_peft_model_state_dict
 
         model = super().apply(model, ctx)
-        if self.cfg.init == "loftq":
+        if self.cfg.init == "loftq" and not next(model.parameters()).is_meta:  # a plan's meta model holds no error
             loftq_init(model, ctx.float_weight)
         if self.cfg.init in REWRITES_BASE:
             self.initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()
@@ -114,25 +114,31 @@ def loftq_init(model, float_weight) -> None:
     """LoftQ's start (one alternation, on the base's own 4-bit weights Q(W), as PEFT's
     ``replace_lora_weights_loftq``, which needs CUDA): for each adapted 4-bit layer, with U S Vᵀ the SVD of the
     quantisation error W - Q(W) and s the LoRA scale, A = √(S_r/s) V_rᵀ and B = U_r √(S_r/s), so that s B A is
-    the error's best rank-r approximation (PEFT's own leaves s out). ``float_weight``: W by parameter name."""
+    the error's best rank-r approximation (PEFT's own leaves s out). ``float_weight``: W by parameter name. A
+    layer narrower than r keeps its extra ranks at LoRA's start (B's columns zero); a targeted layer the base
+    keeps in float (the pooler) keeps LoRA's start."""
     import bitsandbytes.functional as bnb_functional
     from bitsandbytes.nn import Params4bit
 
+    if float_weight is None:
+        raise PeftbenchError("config key 'method.init': loftq needs the base's float weights, which only a "
+                             "model.quantization=4bit load keeps at hand")
     adapted = [(name, module) for name, module in model.named_modules() if hasattr(module, "lora_A")
                and isinstance(getattr(module.get_base_layer(), "weight", None), Params4bit)]
-    if not adapted or float_weight is None:
-        raise PeftbenchError("config key 'method.init': loftq found no 4-bit layer to adapt (model.quantization=4bit, "
-                             "and method.target_modules naming linear layers)")
+    if not adapted:
+        raise PeftbenchError("config key 'method.target_modules': loftq found no 4-bit layer among them to adapt")
     for name, module in adapted:
         quantized = module.get_base_layer().weight
-        error = float_weight(f"{name.removeprefix('base_model.model.')}.weight").to(quantized.device, torch.float32)
-        error -= bnb_functional.dequantize_4bit(quantized.data, quantized.quant_state).to(torch.float32)
+        weight = float_weight(f"{name.removeprefix('base_model.model.')}.weight").to(quantized.device, torch.float32)
+        if weight.shape != quantized.quant_state.shape and weight.T.shape == quantized.quant_state.shape:
+            weight = weight.T  # a Conv1D (GPT-2) stores (in, out); transformers quantises it transposed
+        error = weight - bnb_functional.dequantize_4bit(quantized.data, quantized.quant_state).to(torch.float32)
         u, s, vh = torch.linalg.svd(error, full_matrices=False)
-        r = module.r["default"]
-        root = (s[:r] / module.scaling["default"]).sqrt()
+        k = min(module.r["default"], len(s))
+        root = (s[:k] / module.scaling["default"]).sqrt()
         a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-        a.copy_((root[:, None] * vh[:r]).to(a.dtype))
-        b.copy_((u[:, :r] * root).to(b.dtype))
+        a[:k] = (root[:, None] * vh[:k]).to(a.dtype)
+        b[:, :k] = (u[:, :k] * root).to(b.dtype)
 
 
 def to_plain_lora(adapter_dir: Path, initial: dict[str, torch.Tensor]) -> None:

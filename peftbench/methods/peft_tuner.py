@@ -127,7 +127,7 @@ class PeftTunerConfig(MethodConfig):
                 "(peftbench methods --all)", self.peft_type)
         require("task_type" not in self.options, "method.options", "without task_type (set from the task)",
                 self.options)
-        init = str(self.options.get("init_lora_weights", ""))
+        init = str(self.options.get("init_lora_weights", "")).lower()  # as PEFT reads it
         require(not init.startswith(REWRITING_INITS), "method.options", "without an init_lora_weights that "
                 "rewrites the base weights (its adapter would not fit the unmodified base): use method.name=pissa, "
                 "olora or loftq, saved as plain LoRA", self.options)

@@ -57,6 +57,68 @@ def save_and_count(method, model, folder: Path) -> None:
     assert method.saved_bytes(model) == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+SERVED_TYPES = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "VERA", "LN_TUNING", "LILY")  # each way to serve
+
+
+@pytest.mark.slow  # 35 short runs and one server
+def test_every_tested_type_runs_reloads_exports_and_serves(tmp_path):
+    """Through peftbench itself, each tested type for classification: ``run`` writes its checkpoint,
+    ``peftbench.load`` reloads it to the trained logits, one that merges exports to a folder transformers alone
+    loads. One server answers as ``peftbench.load`` computes for a type of each way it serves one: on the shared
+    base (LoRA, IA3, prompt, P-tuning), or as a model of its own (VeRA, which merges; LN tuning, whose head a
+    merge once lost; LILY, which cannot merge); the rest load as these do."""
+    import shutil
+
+    import httpx
+    from conftest import logits_here
+    from test_serve import TOKEN, classify, start_server
+    from transformers import AutoModelForSequenceClassification
+
+    import peftbench
+    from peftbench.export import export
+    from peftbench.train import run
+
+    texts, served, data = ["股钱债涨跌", "星影歌剧综艺的", "今天芯片与网络"], tmp_path / "adapters", tmp_path / "data"
+    data.mkdir()  # a small task of its own: each run takes two steps and scores 8 examples
+    for split, n in (("train", 16), ("dev", 8)):
+        (data / f"{split}.json").write_text("".join(json.dumps({"text": texts[i % 3][i % 4:], "label": "abc"[i % 3]},
+                                                               ensure_ascii=False) + "\n" for i in range(n)))
+    wanted = {}
+    for peft_type in [t for t in sorted(TUNERS) if status(t, KINDS[0]) == TESTED]:
+        result = run(config.load(None, [
+            "task.name=custom", f"task.data_dir={data}", "task.text_fields=[text]", "task.labels=[a, b, c]",
+            "model.name_or_path=tiny", "train.batch_size=8", "train.max_steps=2", "train.measure_inference=false",
+            "method.name=peft", f"method.peft_type={peft_type}",
+            f"method.options={json.dumps(TUNERS[peft_type].tiny_options)}", f"output_dir={tmp_path / peft_type}"]))
+        trained, ckpt = logits_here(result, texts), result.record["checkpoint"]
+        model, tokenizer, meta = peftbench.load(ckpt)
+        inputs = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=1e-6, msg=peft_type)
+            if TUNERS[peft_type].merges:
+                plain = AutoModelForSequenceClassification.from_pretrained(export(ckpt, tmp_path / "hf" / peft_type))
+                torch.testing.assert_close(plain.eval()(**inputs).logits, trained, rtol=0, atol=1e-5, msg=peft_type)
+        if peft_type in SERVED_TYPES:
+            shutil.copytree(ckpt, served / peft_type.lower())
+            probs = trained.softmax(-1)
+            wanted[peft_type.lower()] = [(meta["labels"][i], p.item()) for p, i in zip(*probs.max(-1))]
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").chmod(0o600)
+    proc, url = start_server("--adapters-dir", str(served), "--token-file", str(tmp_path / "token"))
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
+            assert len(wanted) == len(SERVED_TYPES)
+            for name, want in wanted.items():
+                response = classify(client, name, texts)
+                assert response.status_code == 200, (name, response.text)
+                got = [(p["label"], p["score"]) for p in response.json()["predictions"]]
+                assert [g[0] for g in got] == [w[0] for w in want], name
+                assert all(abs(g[1] - w[1]) <= 1e-5 for g, w in zip(got, want, strict=True)), name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_the_table_holds_every_type_of_the_installed_peft():
     assert sorted(TUNERS) == peft_types()
     tested = {k: sum(status(t, k) == TESTED for t in TUNERS) for k in KINDS}
@@ -303,54 +365,3 @@ def test_a_token_refusal_lifts_when_the_targets_are_named():
     inputs, labels = batch(KINDS[1])
     model(**inputs, labels=labels).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "osf" in n)
-
-
-@pytest.mark.slow  # 35 short runs and one server
-def test_every_tested_type_runs_reloads_exports_and_serves(tmp_path):
-    """Through peftbench itself, each tested type for classification: ``run`` writes its checkpoint,
-    ``peftbench.load`` reloads it to the trained logits, one that merges exports to a folder transformers alone
-    loads, and one server of them all answers for each as ``peftbench.load`` computes."""
-    import shutil
-
-    import httpx
-    from conftest import logits_here
-    from test_serve import TOKEN, classify, start_server
-    from transformers import AutoModelForSequenceClassification
-
-    import peftbench
-    from peftbench.export import export
-    from peftbench.train import run
-
-    texts, served = ["股钱债涨跌", "星影歌剧综艺的", "今天芯片与网络"], tmp_path / "adapters"
-    wanted = {}
-    for peft_type in [t for t in sorted(TUNERS) if status(t, KINDS[0]) == TESTED]:
-        result = run(config.load(None, [
-            "task.name=synthetic", "model.name_or_path=tiny", "task.max_train_samples=32", "train.max_steps=2",
-            "train.evaluate_test=false", "train.measure_inference=false", "method.name=peft",
-            f"method.peft_type={peft_type}", f"method.options={json.dumps(TUNERS[peft_type].tiny_options)}",
-            f"output_dir={tmp_path / peft_type}"]))
-        trained, ckpt = logits_here(result, texts), result.record["checkpoint"]
-        model, tokenizer, meta = peftbench.load(ckpt)
-        inputs = tokenizer(texts, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            torch.testing.assert_close(model(**inputs).logits, trained, rtol=0, atol=1e-6, msg=peft_type)
-            if TUNERS[peft_type].merges:
-                plain = AutoModelForSequenceClassification.from_pretrained(export(ckpt, tmp_path / "hf" / peft_type))
-                torch.testing.assert_close(plain.eval()(**inputs).logits, trained, rtol=0, atol=1e-5, msg=peft_type)
-        shutil.copytree(ckpt, served / peft_type.lower())
-        probs = trained.softmax(-1)
-        wanted[peft_type.lower()] = [(meta["labels"][i], p.item()) for p, i in zip(*probs.max(-1))]
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "token").chmod(0o600)
-    proc, url = start_server("--adapters-dir", str(served), "--token-file", str(tmp_path / "token"))
-    try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as client:
-            for name, want in wanted.items():
-                response = classify(client, name, texts)
-                assert response.status_code == 200, (name, response.text)
-                got = [(p["label"], p["score"]) for p in response.json()["predictions"]]
-                assert [g[0] for g in got] == [w[0] for w in want], name
-                assert all(abs(g[1] - w[1]) <= 1e-5 for g, w in zip(got, want, strict=True)), name
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

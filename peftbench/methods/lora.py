@@ -13,8 +13,8 @@ Variants, each also a method name of its own with its defaults (docs/methods/<na
 ``train_a=false`` (LoRA-FA, Zhang et al. 2023, arXiv:2308.03303: A stays at its random init, only B
 trains: r * d_out per layer); ``init=pissa`` (Meng et al. 2024, arXiv:2404.02948: A, B from the top r
 singular vectors of W, which keeps the rest) and ``init=olora`` (Büyükakyüz 2024, arXiv:2406.01775: from
-W's QR decomposition). PiSSA and OLoRA rewrite the frozen W to W - B0 A0; the checkpoint is converted
-by PEFT into a plain LoRA of rank 2r on the unmodified base (B A - B0 A0), so it reloads on, and is
+W's QR decomposition). PiSSA and OLoRA rewrite the frozen W to W - B0 A0; the checkpoint is rewritten
+as a plain LoRA of rank 2r on the unmodified base (B A - B0 A0), so it reloads on, and is
 served with, the same base as every other adapter. ``init=loftq`` (Li et al. 2023, arXiv:2310.08659), on a
 4-bit base only: B A starts as the best rank-r approximation of the quantisation error W - Q(W), so the adapted
 model starts closer to the float one; the base stays the plain 4-bit one, and the adapter is a plain LoRA.

@@ -207,9 +207,12 @@ def _mapping(value) -> dict:
 
 def comparable_budget(budget) -> dict | None:
     """A search run's budget (a record's ``provenance.budget``) as JSON would read it back, final seeds aside
-    (they may grow): two runs were tuned alike when these are equal. None for a missing or malformed one."""
-    if not isinstance(budget, dict):
+    (they may grow): two runs were tuned alike when these are equal. None for a missing one (a run no search
+    made); a malformed one equals no other budget, nor a missing one."""
+    if budget is None:
         return None
+    if not isinstance(budget, dict):
+        return {"malformed": repr(budget)}
     return json.loads(json.dumps({k: v for k, v in budget.items() if k != "final_seeds"}, sort_keys=True))
 
 

@@ -336,6 +336,28 @@ def test_a_search_space_beyond_the_rate_is_drawn_recorded_chosen_and_tabled(tmp_
         search.run_search(search.studies(dropped), dropped["search"], runner=ranked)
 
 
+def test_a_peft_tuners_own_option_is_searched_through_its_options(tmp_path, monkeypatch):
+    """``method.options.r`` of the bridge's VeRA (docs/sweeps.md's example): each trial's runs hold the drawn
+    rank in their config's options, the final runs the chosen one, and the table names it."""
+    monkeypatch.setitem(BEST, "vera", 1e-2)
+    space = "  space:\n    vera: {method.options.r: [64, 256]}\n"
+    spec = spec_at(tmp_path, trials=3, sampler="tpe", **{"method.name: [full, lora]": "method.name: [full, vera]",
+                                                         "  sampler: tpe\n": "  sampler: tpe\n" + space})
+    outcome, waiting, no_final = search.run_search(search.studies(spec), spec["search"],
+                                                   runner=fake_runner(tmp_path / "calls"))
+    assert waiting == no_final == [] and outcome.failed == 0
+    out = Path(spec["output_dir"])
+    tried = [r for r in records_of(out, "search") if r["config"]["method"]["name"] == "vera"]
+    assert tried and {r["config"]["method"]["options"]["r"] for r in tried} <= {64, 256}
+    final = [r for r in records_of(out, "final") if r["config"]["method"]["name"] == "vera"]
+    chosen = final[0]["provenance"]["chosen_settings"]
+    assert set(chosen) == {"method.options.r"} and all(r["config"]["method"]["options"]["r"] == chosen[
+        "method.options.r"] for r in final)
+    (group,) = leaderboard.build(leaderboard.collect([out])[0])
+    _, _, rows = lr_table(group)
+    assert any(f"options.r={chosen['method.options.r']}" in row[1] for row in rows), rows
+
+
 @pytest.mark.parametrize("space, message", [
     ("  space:\n    lora: {method.r: [4, 8]}\n", "field 'search.space' needs sampler: tpe"),
     ("  space:\n    lora: {train.lr: [1e-3]}\n", "'search.space.lora.train.lr': not a searchable key"),
@@ -451,6 +473,40 @@ def test_dry_run_without_the_database_reads_each_trial_back_from_its_records(tmp
                                                                "budget": {"trials": 5}}})  # another search's
     assert _trials(search.describe(studies, spec["search"])[1])[0] == "3/4"
     assert _trials(search.describe(studies, spec["search"])[0]) == _trials(with_db[0])  # full: untouched
+
+
+def test_a_dry_run_counts_the_final_runs_to_reuse_at_the_choice_once_it_is_made(tmp_path):
+    """The first sweep's folder holds LoRA's final runs at its chosen rate and, as if another search had chosen
+    it, at another grid rate. Before the second sweep searches, its dry run counts a final run at any grid rate
+    (6); once it has chosen, only those at its choice (3), with the database or from the records alone."""
+    quiet = {"train: {epochs: 1}": "train: {epochs: 1, measure_inference: false}"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = spec_at(tmp_path / "a", **quiet)
+    search.run_search(search.studies(first), first["search"], runner=fake_runner(tmp_path / "a-calls"))
+    lora = search.studies(first)[1]
+    chosen = {r["config"]["train"]["lr"] for r in records_of(tmp_path / "a" / "results", "final")
+              if r["config"]["method"]["name"] == "lora"}
+    other = next(lr for lr in search.grid_lrs(*first["search"].lr_range("lora"), 4) if lr not in chosen)
+    for seed in first["search"].final_seeds:
+        fake_runner(tmp_path / "a-calls")(lora.cell_cfg("final", {"lr": other}, seed), {
+            "phase": "final", "study": lora.name, "budget": first["search"].budget("lora")})
+    second = spec_at(tmp_path / "b", **quiet, **{"output_dir:": f"reuse: [{tmp_path / 'a' / 'results'}]\noutput_dir:"})
+    reuse = sweep.reusable(second["reuse"])
+
+    def counted():
+        return search.describe(search.studies(second), second["search"], reuse=reuse)[1].partition("; to reuse: ")[2]
+
+    assert counted() == "8 search, 6 final runs"
+    search.run_search(search.studies(second), second["search"], runner=fake_runner(tmp_path / "b-calls"),
+                      reuse=reuse)
+    b = Path(second["output_dir"])
+    for record in records_of(b, "final"):  # the finals are still to do; the choice is made
+        if record["config"]["method"]["name"] == "lora":
+            shutil.rmtree(b / "final" / record["run_id"])
+    assert counted() == "0 search, 3 final runs"
+    (b / "search.db").unlink()
+    assert counted() == "0 search, 3 final runs"
 
 
 def test_a_search_takes_the_identical_runs_of_another_from_reuse(tmp_path, monkeypatch):

@@ -265,11 +265,13 @@ def test_a_reused_run_must_have_read_the_same_files_and_hold_what_the_cell_asks(
     assert sweep.adopt([source], cell) is None
     made(provenance={"phase": "search", "study": "tnews-lora-0"})  # a search's run stands for no plain cell
     assert sweep.adopt([source], cell) is None
+    made(provenance={"budget": "3 trials"})  # a malformed budget is no budget, nor the plain cell's none
+    assert sweep.adopt([source], cell) is None
     reasons = [line.split(": ", 2)[2] for line in capsys.readouterr().err.splitlines()]
     assert reasons == [f"the data files in {data} are not those it read"] * 2 + [
         f"another backbone is at {backbone} now", "task tnews is at another version now",
-        "its serving cost was not measured (train.measure_inference)",
-        "made in another role (search phase, study, budget or variant)"]
+        "its serving cost was not measured (train.measure_inference)"] + [
+        "made in another role (search phase, study, budget or variant)"] * 2
 
 
 def test_reuse_finds_runs_through_links_takes_the_first_fit_one_and_a_copy_that_fails_runs_the_cell(spec, tmp_path):

@@ -79,11 +79,12 @@ def _variants(study: Study, search: SearchSpec) -> list[tuple[str | None, dict]]
                           for name, keys in search.final_variants.items() if method in keys.get("methods", [method]))]
 
 
-def _to_reuse(study: Study, search: SearchSpec, reuse: dict[str, list[Path]], retry_failed: bool) -> str:
+def _to_reuse(study: Study, search: SearchSpec, reuse: dict[str, list[Path]], retry_failed: bool,
+              chosen: dict | None = None) -> str:
     """``; to reuse: N search, M final runs``: this study's runs that a source in ``reuse`` holds, that
     :func:`sweep.adopt` would copy (the same run, role and inputs) and that the run would take: not here yet (or
     failed here, with ``retry_failed``). Known ahead for the grid sampler (a trial takes one of its rates); a final
-    run counts at any of them until the search has chosen."""
+    run counts at any of them until the search has chosen, then at the ``chosen`` settings only."""
     method = study.cfg.method.name
     if not reuse or search.sampler != "grid":
         return ""
@@ -91,9 +92,10 @@ def _to_reuse(study: Study, search: SearchSpec, reuse: dict[str, list[Path]], re
     role = {"study": study.name, "budget": budget}
     searched = [Cell(study.cell_cfg(SEARCH_DIR, {"lr": lr}, seed), None, {**role, "phase": SEARCH_DIR})
                 for lr in lrs for seed in search.seeds]
-    final = [Cell(study.cell_cfg(FINAL_DIR, {"lr": lr, **keys}, seed), None,
+    final = [Cell(study.cell_cfg(FINAL_DIR, {**settings, **keys}, seed), None,
                   {**role, "phase": FINAL_DIR, **({"variant": name} if search.final_variants else {})})
-             for lr in lrs for name, keys in _variants(study, search) for seed in search.final_seeds]
+             for settings in ([chosen] if chosen else [{"lr": lr} for lr in lrs])
+             for name, keys in _variants(study, search) for seed in search.final_seeds]
     wanted = (None, "failed") if retry_failed else (None,)
     counts = [sum(record_status(cell.cfg) in wanted and reusable_here(reuse.get(cell.run_id, []), cell)
                   for cell in cells) for cells in (searched, final)]
@@ -112,26 +114,28 @@ def describe(studies_: list[Study], search: SearchSpec, board: Board | None = No
     lines = []
     db = search.storage.removeprefix("sqlite:///")
     if db != search.storage and not Path(db).is_file():  # a fresh clone: the database is not kept with the records
-        return [line + _to_reuse(study, search, reuse or {}, retry_failed)
-                for study, line in zip(studies_, _describe_from_records(studies_, search), strict=True)]
+        return [line + _to_reuse(study, search, reuse or {}, retry_failed, settings)
+                for study, (line, settings) in zip(studies_, _describe_from_records(studies_, search), strict=True)]
     for study in studies_:
         optuna_study = open_study(study, search, board)
         trials = optuna_study.get_trials(deepcopy=False)
         tried = "; ".join(shown(t.params) + (f"={t.value:.4f}" if t.value is not None else f" {t.state.name}")
                           for t in trials if "lr" in t.params)
         chosen = choice(optuna_study, search)
-        pick = "" if not chosen or chosen["lr"] is None else f"; chosen {shown(chosen['settings'])}"
+        settings = None if not chosen or chosen["lr"] is None else chosen["settings"]
+        pick = f"; chosen {shown(settings)}" if settings else ""
         lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick}"
-                     + _to_reuse(study, search, reuse or {}, retry_failed))
+                     + _to_reuse(study, search, reuse or {}, retry_failed, settings))
     return lines
 
 
-def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[str]:
+def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[tuple[str, dict | None]]:
     """``describe`` without the search database: each study's trials read back from its search records (each
     names its study and budget), so a copied or cloned sweep shows what it holds. A trial is a set of searched
     settings (trial numbers belong to one database) and counts once each search seed has a record; records of
     another budget and runs cut short from outside (still to do) are left out. A run rebuilds the database
-    from the same records: a grid asks the same settings again and finds their records."""
+    from the same records: a grid asks the same settings again and finds their records. Each line comes with
+    the chosen settings (None before the search is complete)."""
     by_name = {study.name: study for study in studies_}
     found: dict[str, dict[str, dict]] = {}  # study -> settings -> {"order", "settings", "runs": {seed: record}}
     folders = {study.output_dir / SEARCH_DIR for study in studies_}
@@ -160,7 +164,9 @@ def _describe_from_records(studies_: list[Study], search: SearchSpec) -> list[st
         tried = "; ".join(shown(settings) + (f"={score:.4f}" if score is not None else " FAIL")
                           for settings, score in scored)
         done = [(score, -settings["lr"], settings) for settings, score in scored if score is not None]
-        pick = f"; chosen {shown(max(done, key=lambda d: d[:2])[2])}" if len(trials) >= search.trials and done else ""
-        lines.append(f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick} (from its records)")
+        chosen = max(done, key=lambda d: d[:2])[2] if len(trials) >= search.trials and done else None
+        pick = f"; chosen {shown(chosen)}" if chosen else ""
+        lines.append((f"{study.label}: {len(trials)}/{search.trials} trials [{tried}]{pick} (from its records)",
+                      chosen))
     return lines
 

@@ -10,12 +10,12 @@ not change speed); the names in ``ARCHITECTURES`` need no hub.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import shutil
 import tempfile
 import unicodedata
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,13 +150,17 @@ def load_model(model_cfg, labels: list[str], tokenizer, auto_class=AutoModelForS
     if model_cfg.quantization == "none":
         return guard_padding(model), base
     # bitsandbytes quantises while loading. Written directly (save_pretrained writes on global rank 0 only, and
-    # every process needs its own copy), to a folder kept until the process ends: LoftQ reads the float weights
+    # every process needs its own copy), to a folder kept while the base's float-weight reader lives (LoftQ)
     tmp = tempfile.mkdtemp(prefix="peftbench-base-")
-    atexit.register(shutil.rmtree, tmp, True)
-    model.config.to_json_file(f"{tmp}/config.json")
-    save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
-    model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map,
-                                       float_storage)
+    try:
+        model.config.to_json_file(f"{tmp}/config.json")
+        save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+        model, quantized = from_pretrained(tmp, model_cfg, labels, tokenizer.pad_token_id, auto_class, device_map,
+                                           float_storage)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    weakref.finalize(quantized.float_weight, shutil.rmtree, tmp, True)  # also at exit, if still alive
     model.name_or_path = model.config._name_or_path = ""  # built from a config, as unquantised: no path to record
     return model, LoadedBase("", "float32", quantized.loaded_dtype, quant_storage=quantized.quant_storage,
                              float_weight=quantized.float_weight)

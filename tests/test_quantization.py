@@ -212,6 +212,31 @@ def test_loftq_reads_float_weights_from_a_sharded_bare_encoder(tmp_path):
         models.float_weights(tmp_path / "empty", model)(query)
 
 
+def test_a_random_init_4bit_base_keeps_its_float_file_while_it_lives(tmp_path, monkeypatch):
+    """A random-init backbone is quantised from a float file that LoftQ reads back: it stays on disk while the base
+    lives, and goes with it (a sweep process loads many), not only when the process ends."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    from dataclasses import replace
+
+    cfg = quantized_config("loftq", "4bit", tmp_path)
+    tokenizer = models.load_tokenizer(cfg.model, TEXTS)
+    built = {}
+    for quantization in ("none", "4bit"):
+        torch.manual_seed(0)
+        built[quantization] = models.load_model(replace(cfg.model, quantization=quantization), list("0123"), tokenizer)
+    (float_model, _), (model, base) = built.pop("none"), built.pop("4bit")
+    (folder,) = (tmp_path / "tmp").iterdir()
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    assert torch.equal(base.float_weight(query), float_model.get_parameter(query))
+    del model, base
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_loftq_plans_as_lora(tmp_path):
     from peftbench import plan
 

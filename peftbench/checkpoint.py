@@ -294,17 +294,17 @@ def pretrained_by_peftbench(model_dir: str) -> dict | None:
             "mlm_loss": summary["metrics"]["mlm_loss"], "device": summary["env"].get("device_name")}
 
 
-def save_training_state(accelerator, state: dict, run_id: str, ckpt: Path) -> None:
-    """Model, optimizer and RNG states plus the loop position, replaced as a whole (never half-written)."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
+def save_training_state(accelerator, state: dict, run_id: str, where: Path) -> None:
+    """Accelerate's model, optimizer and RNG states plus the loop position, replaced as a whole (a kill leaves the
+    last whole one: :func:`whole_state_dir`)."""
+    tmp = where.with_name(where.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id})
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
+        _swap_in(tmp, where)
     accelerator.wait_for_everyone()
 
 
@@ -344,8 +344,7 @@ def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, wh
     main process's) with its RNG states, and
     the loop position ``state`` (main process), replaced as a whole (a kill leaves the last whole one). On
     several machines, ``where`` must be a folder they share."""
-    tmp, old = where.with_name(where.name + ".tmp"), where.with_name(where.name + ".old")
-    main = accelerator.is_main_process
+    tmp, main = where.with_name(where.name + ".tmp"), accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -355,12 +354,18 @@ def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, wh
     if main:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         settle_modes(tmp)
-        if where.exists():  # the last whole state steps aside until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            where.rename(old)
-        tmp.rename(where)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, where)
     accelerator.wait_for_everyone()
+
+
+def _swap_in(tmp: Path, where: Path) -> None:
+    """Replace the state ``where`` by ``tmp``: the last whole one steps aside until the new one is in place."""
+    old = where.with_name(where.name + ".old")
+    if where.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        where.rename(old)
+    tmp.rename(where)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def whole_state_dir(where: Path) -> Path:

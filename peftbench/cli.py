@@ -280,7 +280,8 @@ def report_failed_run(exc: Exception, out_dir) -> None:
     else:
         traceback.print_exc()
     note = getattr(exc, "record_error", None)
-    where = f"the failed record could not be written: {note}" if note else f"failed record in {out_dir}"
+    where = f"the earlier successful run in {out_dir} is kept" if getattr(exc, "kept_success", False) else \
+        f"the failed record could not be written: {note}" if note else f"failed record in {out_dir}"
     print(f"error: {one_line(f'run failed: {error_text(exc)} ({where})')}", file=sys.stderr)
 
 
@@ -406,7 +407,10 @@ def _sweep(ns) -> int:
         raise PeftbenchError(f"--max-cells must be >= 1, got {ns.max_cells}")
     spec = sweep.read_sweep(ns.sweep_file)
     timeout = config.merge(spec["recipe"], config.parse_overrides(ns.overrides)).get("train", {}).get("dist_timeout")
-    main = process_state(*[int(timeout)] if timeout else []).is_main_process
+    if timeout is not None and (type(timeout) is not int or timeout < 1):  # read before any cell's config is
+        raise PeftbenchError(f"{ns.sweep_file}: config key 'train.dist_timeout' must be >= 1 (seconds), got "
+                             f"{timeout!r}")
+    main = process_state(*[timeout] if timeout else []).is_main_process
     board = sweep.board(spec) if main else None  # only the main process claims cells
     if main:
         print(f"{ns.sweep_file}: {sweep.count_cells(spec):,} grid cells", flush=True)

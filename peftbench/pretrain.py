@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,7 +373,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase: RunPhase) -> dict:
     t = cfg.train
     start = time.perf_counter()
-    ckpt = out_dir / checkpoint.CHECKPOINT_DIR
+    where = out_dir / checkpoint.CHECKPOINT_DIR
+    ckpt = checkpoint.whole_state_dir(where)  # the last whole state, also when a kill came mid-swap
     saved = checkpoint.read_training_state(ckpt, cfg.run_id)
     if saved is None and accelerator.is_main_process:  # a new run: the old record no longer describes model/
         (out_dir / PRETRAIN_RECORD_NAME).unlink(missing_ok=True)
@@ -424,7 +424,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
                    "num_tokens": ids.numel()}
 
     def save(s: LoopState) -> None:
-        checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, ckpt)
+        checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, where)
 
     def on_eval(s: LoopState) -> None:
         eval_curve.append({"step": s.step, "mlm_loss": eval_loss()})
@@ -457,7 +457,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
         if cfg.reference is not None:
             record["reference"] = compare_with_reference(out_dir / checkpoint.MODEL_DIR, Path(cfg.reference), final)
         write_atomic(out_dir / PRETRAIN_RECORD_NAME, record)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        checkpoint.remove_state(where)
     return record
 
 

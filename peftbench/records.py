@@ -76,15 +76,20 @@ def settle_modes(folder: str | Path) -> None:
 
 
 def write_atomic(path: str | Path, data: dict) -> Path:
-    """Write strict JSON to a temp file in the same folder, fsync it, then rename over ``path``.
+    """Write ``data`` as strict JSON, as :func:`write_text_atomic` writes."""
+    return write_text_atomic(path, json.dumps(strict_json(data), indent=2, sort_keys=True, ensure_ascii=False,
+                                              allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temp file in the same folder, fsync it, then rename over ``path``.
     On any failure (a full disk) the temp file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(strict_json(data), fh, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, FILE_MODE)
@@ -158,6 +163,9 @@ def validate(record: dict, source: str = "record") -> dict:
     for key in ("schema_version", "run_id", "status", "config", "metrics", "params", "env"):
         if key not in record:
             raise PeftbenchError(f"{source}: field '{key}' missing")
+    for key in ("config", "metrics", "params", "env"):
+        if not isinstance(record[key], dict):
+            raise PeftbenchError(f"{source}: field '{key}' is {type(record[key]).__name__}, not an object")
     if record["schema_version"] == 1:
         record = _upgrade_v1(record)
     if record["schema_version"] != SCHEMA_VERSION:
@@ -166,8 +174,8 @@ def validate(record: dict, source: str = "record") -> dict:
     if record["status"] not in ("success", "failed"):
         raise PeftbenchError(f"{source}: field 'status': {record['status']!r} (expected success or failed)")
     if record["status"] == "failed":
-        if not record.get("error"):
-            raise PeftbenchError(f"{source}: field 'error' missing on a failed record")
+        if not record.get("error") or not isinstance(record["error"], str):
+            raise PeftbenchError(f"{source}: field 'error' missing on a failed record (or not text)")
         return record
     for section, keys in REQUIRED.items():
         for key in keys:
@@ -198,6 +206,14 @@ def read_record(path: str | Path) -> dict:
     if not isinstance(record, dict):
         raise PeftbenchError(f"{path}: a record is a JSON object, not {type(record).__name__}")
     return validate(record, str(path))
+
+
+def holds_success(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a readable record of a successful run."""
+    try:
+        return read_record(Path(folder) / RECORD_NAME)["status"] == "success"
+    except (OSError, PeftbenchError):
+        return False
 
 
 def environment(num_processes: int = 1) -> dict:

@@ -89,9 +89,10 @@ def read_sweep(path: str | Path) -> dict:
             raise PeftbenchError(f"{path}: field 'grid.{key}' must be a non-empty list")
         if key == VARIANTS and not all(isinstance(v, dict) for v in values):
             raise PeftbenchError(f"{path}: field 'grid.{VARIANTS}' must list mappings")
-    recipe = spec.get("recipe") or {}
+    recipe, spec["recipe_file"] = spec.get("recipe") or {}, None
     if isinstance(recipe, str):
-        recipe = config.read_recipe((path.parent / recipe) if not Path(recipe).is_absolute() else recipe)
+        spec["recipe_file"] = str((path.parent / recipe) if not Path(recipe).is_absolute() else recipe)
+        recipe = config.read_recipe(spec["recipe_file"])
     if not isinstance(recipe, dict):
         raise PeftbenchError(f"{path}: field 'recipe' must be a mapping or a recipe file path")
     spec["recipe"] = recipe
@@ -116,15 +117,20 @@ def expand(spec: dict, overrides: list[str] | None = None, max_cells: int = MAX_
         shape = " x ".join(str(len(v)) for v in spec["grid"].values())
         raise PeftbenchError(f"{spec.get('path', 'sweep')}: field 'grid' has {cells:,} cells ({shape}), more than "
                              f"{max_cells:,}; split the sweep, or raise the limit with --max-cells")
-    base = config.merge(spec["recipe"], config.parse_overrides(overrides or []))
+    given = config.parse_overrides(overrides or [])
+    base = config.merge(spec["recipe"], given)
     keys = list(spec["grid"])
     cfgs, seen = [], {}
-    for values in itertools.product(*(spec["grid"][k] for k in keys)):
+    for cell in itertools.product(*(range(len(spec["grid"][k])) for k in keys)):
+        values = [spec["grid"][k][i] for k, i in zip(keys, cell)]
         tree = base
         for key, value in zip(keys, values):
             tree = config.merge(tree, value if key == VARIANTS else _nested(key, value))
         tree.pop("output_dir", None)
-        cfg = config.resolve(tree)
+        try:
+            cfg = config.resolve(tree)
+        except PeftbenchError as exc:
+            raise _located(exc, spec, given, dict(zip(keys, cell))) from None
         if cfg.run_id in seen:
             raise PeftbenchError(f"two grid cells resolve to the same config ({seen[cfg.run_id]} and "
                                  f"{dict(zip(keys, values))})")
@@ -132,6 +138,22 @@ def expand(spec: dict, overrides: list[str] | None = None, max_cells: int = MAX_
         cfg.output_dir = str(Path(spec["output_dir"]) / cfg.run_id)
         cfgs.append(cfg)
     return cfgs
+
+
+def _located(exc: PeftbenchError, spec: dict, given: dict, cell: dict[str, int]) -> PeftbenchError:
+    """A cell's config error at the line that sets the key it names: the grid value (the last that sets it wins)
+    or the recipe, in the sweep file or the recipe file it names; unchanged where an override sets it."""
+    key = config.named_key(exc)
+    if key is None or "path" not in spec or config.sets(given, key):
+        return exc
+    lines = config.key_lines(spec["path"])
+    for grid_key, i in reversed(cell.items()):
+        value = spec["grid"][grid_key][i]
+        if config.sets(value if grid_key == VARIANTS else _nested(grid_key, value), key):
+            return config.at_line(exc, spec["path"], lines.get(f"grid.{grid_key}.{i}"))
+    if spec.get("recipe_file"):
+        return config.at_line(exc, spec["recipe_file"], config.key_lines(spec["recipe_file"]).get(key))
+    return config.at_line(exc, spec["path"], lines.get(f"recipe.{key}"))
 
 
 def reusable(folders: list[str]) -> dict[str, list[Path]]:
@@ -359,9 +381,9 @@ def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, proven
                 except PeftbenchError as exc:  # bad input for this cell (no record: a rerun tries it again)
                     print(f"cell {cell.run_id} refused: {one_line(exc)}", file=sys.stderr)
                     outcome.refused += 1
-                except Exception as exc:  # the run wrote its failed record; the sweep goes on
+                except Exception as exc:  # the run wrote its failed record where it could; the sweep goes on
                     print(f"cell {cell.run_id} failed: {error_text(exc)}", file=sys.stderr)
-                    record = read_record(path) if path.is_file() else None
+                    record, status = (read_record(path) if path.is_file() else None), "failed"
         finally:
             if claim is not None:
                 claim.release(outcome_of(record) if record is not None else None)

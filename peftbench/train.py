@@ -37,7 +37,15 @@ from peftbench.loop import (
 )
 from peftbench.measure import stored_bytes, synchronize, unique_parameters
 from peftbench.methods import Method, RunContext, get_method, lacked_modules, set_trainable, settle_dtypes
-from peftbench.records import RECORD_NAME, RunPhase, environment, failed_record_on_error, make_record, write_atomic
+from peftbench.records import (
+    RECORD_NAME,
+    RunPhase,
+    environment,
+    failed_record_on_error,
+    holds_success,
+    make_record,
+    write_atomic,
+)
 from peftbench.tasks import TaskData, load_task
 
 
@@ -68,8 +76,9 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     """Train and evaluate one configuration; write its record. A crash writes a failed record.
 
     The record and the checkpoint are built in a staging folder beside ``output_dir`` and swapped in
-    together at the end (a failed run's record too, without a checkpoint); an interrupted run leaves
-    ``output_dir`` as it was. ``provenance`` (e.g. the sweep a run belongs to) is stored in the record as is.
+    together at the end (a failed run's record too, without a checkpoint, unless ``output_dir`` holds a
+    successful run: that is kept); a run cut short by Ctrl-C leaves ``output_dir`` as it was. ``provenance``
+    (e.g. the sweep a run belongs to) is stored in the record as is.
     """
     extra = {"provenance": provenance} if provenance else {}
     if cfg.output_dir is None:
@@ -92,11 +101,12 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
                 distributed.naming_lost_processes(accelerator.process_index, accelerator.num_processes,
                                                   cfg.train.dist_timeout):
             model, tokenizer, result = _fine_tune(cfg, accelerator, launch, stage, out_dir, phase, extra)
-    except Exception:
+    except Exception as exc:
         stop_tracking(accelerator)
-        if main:  # publish the failed record alone (no half-written checkpoint), or keep the old run
+        if main:  # publish the failed record alone (no half-written checkpoint), or keep the old run if it succeeded
             shutil.rmtree(stage / checkpoint.CHECKPOINT_DIR, ignore_errors=True)
-            if (stage / RECORD_NAME).is_file():
+            exc.kept_success = holds_success(out_dir)
+            if (stage / RECORD_NAME).is_file() and not exc.kept_success:
                 checkpoint.publish(stage, out_dir)
             else:
                 shutil.rmtree(stage, ignore_errors=True)
@@ -480,6 +490,7 @@ def evaluate(model, loader, accelerator: Accelerator, task: TaskData, split: str
         logits = model(**batch["inputs"]).logits
         finite &= logits.isfinite().all()
         rows.append(kind.gather(accelerator, logits, batch))
+    synchronize(accelerator.device)
     seconds = time.perf_counter() - start
     model.train()
     if not accelerator.reduce(finite.to(torch.int32), "sum").item() == accelerator.num_processes:

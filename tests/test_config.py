@@ -56,6 +56,22 @@ def test_recipe_errors_name_the_file(tmp_path):
         config.load(tmp_path / "missing.yaml")
 
 
+def test_a_bad_value_in_a_recipe_names_the_file_and_its_line(tmp_path):
+    """A key the recipe file sets is named with the file and the key's line; one an override sets, without."""
+    path = tmp_path / "r.yaml"
+    path.write_text("task:\n  name: synthetic\ntrain:\n  epochs: 2\n  lr: abc\n")
+    with pytest.raises(PeftbenchError, match=f"^{re.escape(str(path))}:5: config key 'train.lr' must be float"):
+        config.load(path)
+    with pytest.raises(PeftbenchError, match="^config key 'train.lr' must be float .* got 'xyz'"):
+        config.load(path, ["train.lr=xyz"])
+    path.write_text("task: {name: synthetic}\ntrain:\n  seedz: 1\n")
+    with pytest.raises(PeftbenchError, match=f"^{re.escape(str(path))}:3: unknown config key 'train.seedz'"):
+        config.load(path)
+    path.write_text("model:\n  quantization: 8bit\nmethod:\n  name: full\n")
+    with pytest.raises(PeftbenchError, match=f"^{re.escape(str(path))}:4: config keys 'method.name=full' and"):
+        config.load(path)
+
+
 def test_run_id_is_stable_and_ignores_output_dir():
     a = config.load(None, ["method.name=lora", "output_dir=/a"])
     b = config.load(None, ["output_dir=/b", "method.name=lora"])

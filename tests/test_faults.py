@@ -85,6 +85,16 @@ def test_divergence_on_the_last_step_fails_the_run(tmp_path, capsys):
         f"error: run failed: {read_record(tmp_path / 'b' / RECORD_NAME)['error']} (failed record in {tmp_path}/b)"]
 
 
+def test_a_failed_rerun_keeps_the_successful_run_it_would_replace(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(config.load(None, [*QUICK, "method.name=bitfit", "train.max_steps=1", f"output_dir={out}"]))
+    before = digest(out)
+    diverging = [*QUICK, "method.name=bitfit", "train.lr=1e30", "train.max_steps=1", "train.max_grad_norm=0"]
+    assert main(["run", *diverging, f"output_dir={out}"]) == 1
+    assert digest(out) == before and not checkpoint.staging_dir(out).exists()
+    assert f"(the earlier successful run in {out} is kept)" in capsys.readouterr().err
+
+
 def test_a_sweep_stopped_from_outside_ends_in_one_line(tmp_path, monkeypatch, capsys):
     """SIGTERM (a launcher or scheduler) inside a sweep's run: the run records it (tests/test_lost_process.py); the
     command ends with one error line and the signal's exit status, not a traceback."""
@@ -183,14 +193,18 @@ def test_leaderboard_skips_broken_records_and_escapes_text(tmp_path, capsys):
         broken = good_record(root, name)
         broken["metrics"]["score"] = value
         (root / name / RECORD_NAME).write_text(json.dumps(broken), encoding="utf-8")  # NaN as Python writes it
+    null_metrics = good_record(root, "null-metrics")
+    write_atomic(root / "null-metrics" / RECORD_NAME, {**null_metrics, "metrics": None})
+    write_atomic(root / "error-not-text" / RECORD_NAME, {**null_metrics, "status": "failed", "error": ["oom"]})
     assert main(["leaderboard", str(root), "--out", str(tmp_path / "lb")]) == 0
     err = capsys.readouterr().err
     warned = [line for line in err.splitlines() if line.startswith("warning: skipped")]
-    assert len(warned) == 5 and "Traceback" not in err
-    for name in ("number", "bytes", "no-task", "string-score", "nan-score"):
+    assert len(warned) == 7 and "Traceback" not in err
+    for name in ("number", "bytes", "no-task", "string-score", "nan-score", "null-metrics", "error-not-text"):
         assert sum(f"/{name}/{RECORD_NAME}" in line for line in warned) == 1, name
+    assert "field 'metrics' is NoneType, not an object" in err
     page = (tmp_path / "lb" / "leaderboard.md").read_text(encoding="utf-8")
-    assert "2 records" in page and "5 unreadable records skipped" in page
+    assert "2 records" in page and "7 unreadable records skipped" in page
     assert "<script>" not in page and "&lt;script&gt;" in page and "a\\|b" in page
     assert main(["leaderboard", str(root), "--out", str(tmp_path / "lb2"), "--strict"]) == 2
     assert len([line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]) == 1

@@ -109,6 +109,24 @@ def test_significance_marks(results):
     assert not any("★" in c or "☆" in c for r in tiny_rows for c in r)  # random init: never ranked
 
 
+def test_a_table_cut_short_leaves_the_last_whole_one(results, tmp_path, monkeypatch):
+    """A full disk while the tables are written: each file is the last whole one, and no temp file is left."""
+    import os
+
+    root, _ = results
+    files, _ = leaderboard.write([root], tmp_path / "board")
+    before = {f.name: f.read_bytes() for f in files}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        leaderboard.write([root / "bert-base-chinese-lora-tnews-1-Test GPU-0"], tmp_path / "board")  # other text
+    assert {f.name: f.read_bytes() for f in files} == before
+    assert not [p for p in (tmp_path / "board").iterdir() if p.name.startswith(".")]  # no temp file
+
+
 def test_outputs_are_byte_identical_and_self_contained(results, tmp_path):
     root, _ = results
     a, _ = leaderboard.write([root], tmp_path / "a")
@@ -309,7 +327,7 @@ def test_a_run_found_in_two_folders_counts_once(tmp_path):
     """Workers of one sweep write to separate folders; a failed cell retried by another worker leaves its failed
     record behind: the table counts the run once, its success."""
     failed = record(tmp_path / "a", "bert-base-chinese", "lora", "tnews", 1, 0, status="failed", error="Error: x")
-    done = record(tmp_path / "b", "bert-base-chinese", "lora", "tnews", 1, 0.6)
+    done = record(tmp_path / "b", "bert-base-chinese", "lora", "tnews", 1, 0.6, extra=["train.dist_timeout=900"])
     again = record(tmp_path / "c", "bert-base-chinese", "lora", "tnews", 1, 0.6)
     assert failed["run_id"] == done["run_id"] == again["run_id"]
     records, _ = leaderboard.collect([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
@@ -480,6 +498,24 @@ COMMITTED = {"fewclue": ["leaderboards/fewclue-tiny/records", "leaderboards/fewc
              "fewclue-zh-mini-ranges": ["leaderboards/fewclue-zh-mini-ranges/records"],
              "prefix-study": ["leaderboards/prefix-study/records"],
              "fewclue-tricks": ["leaderboards/fewclue-tricks/records"]}  # the commands of leaderboards/README.md
+
+
+def test_rows_whose_labels_match_but_settings_differ_name_the_difference(tmp_path):
+    """A label names the method's settings and the rate, not every train key: rows of other epochs or batch
+    sizes say which, and their marks stay their own."""
+    root = tmp_path / "results"
+    for seed in (1, 2, 3):
+        for folder, base, extra in (("a", 0.50, ["train.epochs=3"]), ("b", 0.60, ["train.epochs=10"]),
+                                    ("c", 0.40, ["train.epochs=10", "train.batch_size=8"])):
+            record(root / folder, "bert-base-chinese", "lora", "tnews", seed, base + seed / 100, extra=extra)
+    (group,) = leaderboard.build(leaderboard.collect([root])[0])
+    labels = sorted(row.label for row in group.rows.values())
+    assert labels == ["lora (lr=0.0005, train.batch_size=32, train.epochs=10)",
+                      "lora (lr=0.0005, train.batch_size=32, train.epochs=3)",
+                      "lora (lr=0.0005, train.batch_size=8, train.epochs=10)"]
+    page = leaderboard.markdown([group], leaderboard.collect([root])[0], {}, [], leaderboard.sources([root]))
+    starred = [line for line in page.splitlines() if line.startswith("| lora") and "★" in line]
+    assert len(starred) == 1 and "batch_size=32, train.epochs=10" in starred[0]  # not every row of one label
 
 
 @pytest.mark.parametrize("board", COMMITTED)

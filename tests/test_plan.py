@@ -168,6 +168,28 @@ def test_recommendation_fits_the_budget():
     assert lora["recommend"].startswith("nothing fits") or "quantization=4bit" in lora["recommend"]
 
 
+def test_recommendation_never_quantises_a_base_the_method_rewrites():
+    """PiSSA rewrites the frozen weights, which a quantised base holds only approximately (the run refuses it):
+    at a budget LoRA meets only on a quantised base, PiSSA's plan says nothing fits."""
+    recipe = ["task.name=synthetic", "train.batch_size=64", "model.name_or_path=random:mini"]
+    cheapest = config.load(None, [*recipe, "method.name=lora", "model.quantization=4bit", "train.batch_size=1",
+                                  "train.grad_accum_steps=64", "train.gradient_checkpointing=true"])
+    budget = plan.plan(cheapest, ["lora"], device="a100")["rows"][0]["memory"]["total"]
+    cfg = config.load(None, recipe)
+    lora, pissa = plan.plan(cfg, ["lora", "pissa"], device="a100", memory=budget)["rows"]
+    assert "model.quantization=" in lora["recommend"] and "quantization=none" not in lora["recommend"]
+    assert pissa["recommend"].startswith("nothing fits")
+
+
+def test_adalora_is_planned_over_the_steps_the_run_takes():
+    """AdaLoRA's schedule is set from the run's step count (epochs × steps per epoch when max_steps is -1), so the
+    planner refuses what the run refuses."""
+    cfg = config.load(None, ["task.name=synthetic", "model.name_or_path=tiny", "method.name=adalora",
+                             "method.tinit_ratio=0.5", "method.tfinal_ratio=0.5"])
+    with pytest.raises(PeftbenchError, match="steps leave no pruning phase"):
+        plan.plan(cfg, ["adalora"], device="a100")
+
+
 def test_plan_command(capsys):
     assert main(["plan", "task.name=synthetic", "--methods", "all", "--memory", "1GiB", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

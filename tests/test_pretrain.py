@@ -181,7 +181,7 @@ def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
 
 
 @pytest.mark.parametrize("documents", [None, 160], ids=["in-one-epoch", "across-epochs"])
-def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypatch, documents):
+def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypatch, documents, capsys):
     """Killed at step 8 of 12: inside the first epoch of the whole corpus; on 160 documents (5 steps an epoch)
     in the second epoch, the third still to come (each epoch shuffles by its own number)."""
     if documents:
@@ -197,7 +197,13 @@ def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypat
         pretrain.pretrain(quick_cfg(corpus, tmp_path / "cut", *args))
     assert json.loads((tmp_path / "cut" / "checkpoint" / "loop_state.json").read_text())["step"] == 8
     monkeypatch.undo()
+    state = tmp_path / "cut" / "checkpoint"
+    state.rename(state.with_name("checkpoint.old"))  # killed between the swap's two renames: the whole state
+    state.with_name("checkpoint.tmp").mkdir()  # stepped aside, and a half-written one beside it
+    capsys.readouterr()
     resumed = pretrain.pretrain(quick_cfg(corpus, tmp_path / "cut", *args))
+    assert "at step 8" in capsys.readouterr().out
+    assert not list((tmp_path / "cut").glob("checkpoint*"))  # nothing left to resume
 
     assert resumed["loss_curve"] == full["loss_curve"]
     assert resumed["eval_curve"] == full["eval_curve"]

@@ -114,6 +114,37 @@ def test_the_admin_adds_and_removes_adapters_and_a_removed_one_answers_its_queue
     assert gone.value.status == 404
 
 
+def test_an_adapter_removed_while_it_loads_leaves_memory_once_its_request_is_answered(monkeypatch):
+    """The request that started the load is answered; then the adapter leaves the shared base (detached), not
+    kept for good outside every list."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from peftbench.serve import store as store_lib
+
+    gate, detached = threading.Event(), []
+    monkeypatch.setattr(store_lib, "read_adapter", lambda name, path, device, bases: (gate.wait(10), name)[1])
+    monkeypatch.setattr(store_lib, "attach", lambda name: SimpleNamespace(name=name, members=None))
+    monkeypatch.setattr(store_lib, "detach", lambda adapter: detached.append(adapter.name))
+
+    async def remove_while_loading():
+        store = store_lib.AdapterStore({})
+        store.model_thread = ThreadPoolExecutor(1)
+        store.entries["a"] = store_lib.Entry("a", Path("a"), {})
+        request = asyncio.ensure_future(store.acquire("a"))
+        await asyncio.sleep(0.05)  # the load waits at the gate
+        assert await store.remove("a") == 1
+        gate.set()
+        entry = await request
+        assert entry.adapter.name == "a" and detached == []  # answered with it
+        await store.release(entry)
+        return store
+
+    store = asyncio.run(remove_while_loading())
+    assert detached == ["a"] and not store.recent and not store.draining
+
+
 def test_the_log_names_each_refused_folder_and_each_change(folder_server):  # last: it stops the server
     proc, *_ = folder_server
     proc.terminate()

@@ -1,4 +1,5 @@
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -89,6 +90,31 @@ def test_bad_sweep_files(tmp_path):
         sweep.reusable([str(tmp_path / "none")])
 
 
+def test_a_bad_cell_value_names_the_sweep_or_recipe_file_and_its_line(tmp_path):
+    """A value a grid cell or the recipe sets is named with its file and line; one an override sets, without."""
+    path, recipe = tmp_path / "s.yaml", tmp_path / "r.yaml"
+    cases = [("recipe:\n  task: {name: synthetic}\ngrid:\n  train.seed: [1]\n  train.epochs: [1, two]\n", [],
+              f"{path}:5: config key 'train.epochs' must be int, got 'two'"),
+             ("grid:\n  variants:\n    - {method: {name: lora}}\n    - {method: {name: lora, rr: 4}}\n", [],
+              f"{path}:4: unknown config key 'method.rr'"),
+             ("recipe:\n  train:\n    lr: abc\ngrid: {train.seed: [1]}\n", [],
+              f"{path}:3: config key 'train.lr' must be float"),
+             ("recipe: r.yaml\ngrid: {train.seed: [1]}\n", [], f"{recipe}:2: config key 'train.epochs' must be int"),
+             ("recipe: r.yaml\ngrid: {train.seed: [1]}\n", ["train.epochs=x"], "config key 'train.epochs' must be int")]
+    recipe.write_text("train:\n  epochs: 2.5\n")
+    for text, overrides, message in cases:
+        path.write_text(text)
+        with pytest.raises(PeftbenchError, match=f"^{re.escape(message)}"):
+            sweep.expand(sweep.read_sweep(path), overrides)
+
+
+def test_a_bad_process_timeout_is_refused_before_the_processes_meet(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("recipe: {train: {dist_timeout: 5m}}\ngrid: {train.seed: [1]}\n")
+    assert main(["sweep", str(path)]) == 2
+    assert f"{path}: config key 'train.dist_timeout' must be >= 1 (seconds), got '5m'" in capsys.readouterr().err
+
+
 def test_identical_cells_of_another_sweep_are_copied_in_not_run(spec, tmp_path, capsys):
     """``reuse``: a cell whose successful run (the same run id) lies under another sweep's folder is copied in
     whole and counted as reused; a failed, cut-short or different run there is run again."""
@@ -163,6 +189,24 @@ def test_failed_cells_are_recorded_and_retried_on_request(spec, capsys):
     sweep.run_sweep(sweep.plan(cfgs), retry_failed=True, runner=fake_runner(rerun))
     assert len(rerun) == 1
     assert all(c.status == "success" for c in sweep.plan(cfgs))
+
+
+def test_a_cell_that_fails_without_a_record_counts_as_failed_and_runs_again(spec, capsys):
+    """A run can fail before its record exists (the accelerator, its folder, a tracker) or while writing it (a
+    full disk): the sweep counts it failed, so it exits non-zero, and a rerun tries the cell again."""
+    def unrecorded(cfg, provenance=None):
+        if (cfg.method.name, cfg.train.seed) == ("lora", 2):
+            raise RuntimeError("tracker refused the login")
+        return runner(cfg, provenance)
+
+    cfgs, calls = sweep.expand(spec), []
+    runner = fake_runner(calls)
+    outcome = sweep.run_sweep(sweep.plan(cfgs), runner=unrecorded)
+    assert len(calls) == 5 and len(outcome.records) == 5 and outcome.failed == 1
+    assert "failed: RuntimeError: tracker refused the login" in capsys.readouterr().err
+    rerun = []
+    sweep.run_sweep(sweep.plan(cfgs), runner=fake_runner(rerun))
+    assert len(rerun) == 1
 
 
 def test_a_refused_cell_leaves_no_record_and_the_others_run(spec, capsys):

@@ -15,7 +15,18 @@ from pathlib import Path
 
 from peftbench.config.checks import check_loop, check_values, finite, require
 from peftbench.config.help import key_help
-from peftbench.config.reading import build, merge, parse_overrides, read_recipe, yaml_float, yaml_value
+from peftbench.config.reading import (
+    at_line,
+    build,
+    key_lines,
+    merge,
+    named_key,
+    parse_overrides,
+    read_recipe,
+    sets,
+    yaml_float,
+    yaml_value,
+)
 from peftbench.config.sections import (
     ADVERSARIAL,
     LATER_KEYS,
@@ -37,10 +48,11 @@ from peftbench.config.sections import (
 from peftbench.errors import PeftbenchError, clip
 from peftbench.registry import METHODS
 
-__all__ = ["ADVERSARIAL", "LATER_KEYS", "MIXED_PRECISION", "QUANT_COMPUTE_DTYPES", "QUANTIZATION", "SCHEDULERS",
+__all__ = ["ADVERSARIAL", "LATER_KEYS", "MIXED_PRECISION", "QUANTIZATION", "QUANT_COMPUTE_DTYPES", "SCHEDULERS",
            "SHARDING", "TRACKERS", "DistillConfig", "LoopConfig", "ModelConfig", "RunConfig", "TaskConfig",
-           "TrainConfig", "build", "check_loop", "dotted", "drop_defaults", "finite", "key_help", "load", "merge",
-           "parse_overrides", "read_recipe", "require", "resolve", "yaml_float", "yaml_value"]
+           "TrainConfig", "at_line", "build", "check_loop", "dotted", "drop_defaults", "finite", "key_help",
+           "key_lines", "load", "merge", "named_key", "parse_overrides", "read_recipe", "require", "resolve", "sets",
+           "yaml_float", "yaml_value"]
 
 
 def resolve(tree: dict) -> RunConfig:
@@ -62,9 +74,15 @@ def resolve(tree: dict) -> RunConfig:
 
 
 def load(recipe: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
-    """defaults -> ``base`` -> recipe file -> overrides."""
-    tree = base or {}
+    """defaults -> ``base`` -> recipe file -> overrides. An error about a key the recipe file sets (and no override
+    replaces) names the file and the key's line."""
+    tree, given = base or {}, parse_overrides(overrides or [])
     if recipe is not None:
         tree = merge(tree, read_recipe(recipe))
-    tree = merge(tree, parse_overrides(overrides or []))
-    return resolve(tree)
+    try:
+        return resolve(merge(tree, given))
+    except PeftbenchError as exc:
+        key = named_key(exc)
+        if recipe is None or key is None or sets(given, key):
+            raise
+        raise at_line(exc, recipe, key_lines(recipe).get(key)) from None

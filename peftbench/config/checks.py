@@ -53,6 +53,10 @@ def check_loop(t: LoopConfig, section: str = "train") -> None:
     require(t.scheduler_cycles >= 1, f"{section}.scheduler_cycles", ">= 1", t.scheduler_cycles)
     require(finite(t.scheduler_power) and t.scheduler_power > 0, f"{section}.scheduler_power", "a finite number > 0",
             t.scheduler_power)
+    for key, scheduler in (("scheduler_cycles", "cosine_with_restarts"), ("scheduler_power", "polynomial")):
+        if t.scheduler != scheduler and getattr(t, key) != getattr(type(t)(), key):  # a row and run id of its own
+            raise PeftbenchError(f"config key '{section}.{key}' is set ({getattr(t, key)!r}) but does nothing "
+                                 f"without {section}.scheduler={scheduler}; leave it at its default")
     for key in ("weight_decay", "max_grad_norm"):
         require(finite(getattr(t, key)) and getattr(t, key) >= 0, f"{section}.{key}", "a finite number >= 0",
                 getattr(t, key))
@@ -124,6 +128,15 @@ def _check_tricks(t: TrainConfig) -> None:
             d.teacher)
 
 
+REWRITE_BASE_INITS = ("pissa", "olora")  # LoRA starts that rewrite the frozen weights
+
+
+def takes_quantized_base(cfg: RunConfig) -> bool:
+    """Whether the run's method can train on quantised base weights: it trains none and rewrites none of them."""
+    return not (METHODS.get(cfg.method.name, "method.name").trains_base_weights
+                or getattr(cfg.method, "init", None) in REWRITE_BASE_INITS)
+
+
 def _check_quantization(cfg: RunConfig) -> None:
     m = cfg.model
     if m.quantization not in QUANTIZATION:
@@ -143,7 +156,7 @@ def _check_quantization(cfg: RunConfig) -> None:
     if getattr(cfg.method, "init", None) == "loftq" and m.quantization != "4bit":
         raise PeftbenchError(f"config keys 'method.init=loftq' and 'model.quantization={m.quantization}' conflict: "
                              "LoftQ starts A and B from the error of 4-bit base weights; use model.quantization=4bit")
-    if m.quantization != "none" and getattr(cfg.method, "init", None) in ("pissa", "olora"):
+    if m.quantization != "none" and getattr(cfg.method, "init", None) in REWRITE_BASE_INITS:
         raise PeftbenchError(f"config keys 'method.init={cfg.method.init}' and 'model.quantization={m.quantization}' "
                              f"conflict: {cfg.method.init} rewrites the base weights, which {m.quantization} storage "
                              "holds only approximately, so the saved LoRA would not reload to the trained model; use "

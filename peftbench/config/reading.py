@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -173,3 +174,49 @@ def read_recipe(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise PeftbenchError(f"{path}: a recipe must be a mapping of sections")
     return data
+
+
+KEY_IN_MESSAGE = re.compile(r"config keys? '([\w.]+)")  # the first key a config error names
+
+
+def named_key(exc: Exception) -> str | None:
+    """The config key an error names first (``config key 'train.lr' must be ...``), or None."""
+    found = KEY_IN_MESSAGE.search(str(exc))
+    return found.group(1) if found else None
+
+
+def sets(tree: dict, key: str) -> bool:
+    """Whether the nested ``tree`` gives dotted ``key`` a value."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def key_lines(path: str | Path) -> dict[str, int]:
+    """The line of each key of a YAML file that reads without error, by dotted path (list items by index): where
+    an error about a value of the file points."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            pairs = [(key.value, key, value) for key, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            pairs = [(str(i), item, item) for i, item in enumerate(node.value)]
+        else:
+            return
+        for name, marked, child in pairs:
+            lines.setdefault(f"{prefix}{name}", marked.start_mark.line + 1)
+            walk(child, f"{prefix}{name}.")
+
+    root = yaml.compose(Path(path).read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def at_line(exc: PeftbenchError, path: str | Path, line: int | None) -> PeftbenchError:
+    """``exc`` prefixed with ``path:line`` (unchanged without a line)."""
+    return exc if line is None else PeftbenchError(f"{path}:{line}: {exc}")

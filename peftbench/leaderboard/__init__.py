@@ -29,6 +29,7 @@ from peftbench.leaderboard.render_md import markdown, md, run_summary
 from peftbench.leaderboard.render_model_index import model_index_text
 from peftbench.leaderboard.significance import significance
 from peftbench.leaderboard.table import table
+from peftbench.records import write_text_atomic
 
 __all__ = ["Group", "build", "collect", "csv_text", "html_page", "json_text", "markdown", "md", "model_index_text",
            "pareto", "run_summary", "significance", "sources", "table", "write"]
@@ -64,5 +65,5 @@ def write(dirs: list[str | Path], out_dir: str | Path, strict: bool = False, wit
     if with_model_index:
         files["model-index.yaml"] = model_index_text(groups)
     for name, text in files.items():
-        (out_dir / name).write_text(text, encoding="utf-8")
+        write_text_atomic(out_dir / name, text)  # a table cut short never replaces the last whole one
     return [out_dir / name for name in files], skipped

@@ -381,10 +381,29 @@ def build(records: list[dict], reference: str | None = None) -> list[Group]:
             if r.get("provenance", {}).get("command"):
                 group.reproduce.add(re.sub(r" --shard \d+/\d+", "", r["provenance"]["command"]))  # shards: one sweep
     for group in groups.values():
+        _tell_rows_apart(group)
         _columns(group)
         _references(group, reference)
     _tell_apart(list(groups.values()))
     return [groups[k] for k in sorted(groups) if groups[k].rows]  # a search still running has no rows yet
+
+
+def _tell_rows_apart(group: Group) -> None:
+    """Rows whose labels match but whose settings do not (labels leave out most ``train.*`` keys: epochs, batch
+    size, ...) each name the settings they differ in; marks and references, keyed by label, stay apart."""
+    by_label: dict[str, list] = {}
+    for identity, row in group.rows.items():
+        if identity[0] != "ensemble":
+            by_label.setdefault(row.label, []).append((identity, row))
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        flat = [{f"{section}.{k}": v for section, part in zip(("method", "train", "model"), identity[1:4])
+                 for k, v in json.loads(part).items()} for identity, _ in same]
+        differ = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1)
+        for values, (_, row) in zip(flat, same):
+            words = ", ".join(f"{k}={values.get(k, 'unset')}" for k in differ)
+            row.settings = f"{row.settings}, {words}" if row.settings else words
 
 
 def _where(record: dict) -> tuple:

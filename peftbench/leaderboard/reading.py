@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from peftbench.errors import PeftbenchError
-from peftbench.records import RECORD_NAME, read_record
+from peftbench.records import NOT_IDENTITY, RECORD_NAME, read_record
 
 
 def finite_number(x) -> bool:
@@ -83,9 +83,12 @@ def sources(dirs: list[str | Path]) -> list[dict]:
 
 
 def _run(record: dict) -> str:
-    """A run's identity but what it was made of: its run id, its config but where it was written, its hardware."""
-    return record["run_id"] + hardware(record["env"]) + json.dumps(
-        {k: v for k, v in record["config"].items() if k != "output_dir"}, sort_keys=True, default=str)
+    """A run's identity but what it was made of: its run id, its config but where it was written and the keys that
+    change no result (``NOT_IDENTITY``: a retry with a longer timeout is the same run), its hardware."""
+    config = {k: v for k, v in record["config"].items() if k != "output_dir"}
+    if isinstance(config.get("train"), dict):
+        config["train"] = {k: v for k, v in config["train"].items() if k not in NOT_IDENTITY}
+    return record["run_id"] + hardware(record["env"]) + json.dumps(config, sort_keys=True, default=str)
 
 
 def _made_of(record: dict) -> str:

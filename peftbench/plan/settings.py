@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peftbench.config import TrainConfig
+from peftbench.config.checks import takes_quantized_base
 from peftbench.errors import PeftbenchError
 from peftbench.plan.activations import activations
 from peftbench.plan.devices import DEVICES
@@ -93,7 +94,7 @@ def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind:
 
     t = cfg.train
     steps_per_epoch = math.ceil(len(lengths) / t.batch_size / t.grad_accum_steps)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch  # as the run counts them
     model = meta_model(cfg, vocab_size, num_labels, total_steps)
     multiple = 8 if kind == "cuda" else 1
     longest = math.ceil(max(lengths) / multiple) * multiple
@@ -107,8 +108,7 @@ def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind:
            "ms_per_step": 1000 * seconds, "samples_per_s": t.batch_size * t.grad_accum_steps / seconds}
     if budget is not None:
         out["fits"] = parts["total"] <= budget
-        can_quantize = not get_method(cfg.method.name).trains_base_weights
-        for option in candidates(setting, can_quantize):
+        for option in candidates(setting, takes_quantized_base(cfg)):
             option_parts = parts if option == setting else estimate(model, option, longest, kind, t.mixed_precision,
                                                                     sharding)
             if option_parts["total"] <= budget:

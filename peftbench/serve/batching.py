@@ -72,7 +72,7 @@ class Batcher:
             while size < self.max_batch and (left := deadline - loop.time()) > 0:
                 try:
                     jobs.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
                 size += len(jobs[-1].texts)
             groups: dict[tuple, list[Job]] = {}

@@ -188,7 +188,7 @@ class AdapterStore:
         entry.removed = True
         if self.entries.get(entry.name) is entry:
             del self.entries[entry.name]
-        if entry.in_flight > 0 and entry.adapter is not None:
+        if entry.in_flight > 0:  # loaded, or loading for a request: let go once the last request is answered
             self.draining[entry.name] = entry
 
     async def _make_room(self) -> None:

@@ -1,7 +1,7 @@
 """Synthetic CLUE-format tasks, deterministic by seed, learnable in seconds.
 
 ``synthetic`` (topic classification): each of four topics owns six keyword
-characters. A sentence is 10-30 filler characters with two or three keywords of
+characters. A sentence is 6-16 filler characters with three or four keywords of
 its topic inserted; one record in five also carries a single keyword of another
 topic as a distractor. Records look like TNEWS (``label`` as a JSON int,
 ``label_desc``, ``sentence``, ``id``), so they go through the same loader as

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from peftbench.config import finite
 from peftbench.errors import PeftbenchError
 from peftbench.inference import Ensemble
 from peftbench.leaderboard.grouping import row_label
@@ -83,6 +83,6 @@ def _costs(records: list[dict | None]) -> dict:
              "train_tokens_per_s": 1 / sum(1 / m["train_tokens_per_s"] for m in metrics) if known else float("nan"),
              "peak_memory_mb": max((m.get("peak_memory_mb") or 0) for m in metrics)}
     shares = [m.get("train_cpu_share") for m in metrics]
-    if all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in shares):
+    if all(finite(s) for s in shares):
         costs["train_cpu_share"] = min(shares)
     return costs

@@ -30,8 +30,9 @@ def require(ok: bool, key: str, rule: str, value: Any) -> None:
         raise PeftbenchError(f"config key '{key}' must be {rule}, got {clip(repr(value))}")
 
 
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+def finite(x) -> bool:
+    """A finite int or float (not a bool): a usable number of a config or a record."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_loop(t: LoopConfig, section: str = "train") -> None:

@@ -26,6 +26,17 @@ DEMO_BASE = {"task": {"name": "synthetic", "max_length": 64}, "model": {"name_or
              "train": {"epochs": 4, "batch_size": 32}}
 
 
+def _positive(text: str) -> int:
+    """An option's whole number of at least 1 (argparse names the option when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """A parser whose epilog (``keys``, a function) is made only when its help is shown: listing the config
     keys imports every method."""
@@ -106,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     pred_p.add_argument("--out", required=True, help="output file (with --format clue: a file or a directory)")
     pred_p.add_argument("--format", default="jsonl", choices=["jsonl", "clue"],
                         help="jsonl: id, label, label_name, score; clue: CLUE submission lines")
-    pred_p.add_argument("--batch-size", type=int, default=128)
+    pred_p.add_argument("--batch-size", type=_positive, default=128)
     pred_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     ens_p = sub.add_parser("ensemble", help="score several checkpoints of one task as one model and write its "
                                             "record (the leaderboard shows it as its own row)")
     ens_p.add_argument("checkpoints", nargs="+", help="checkpoint/ directories of one task")
     ens_p.add_argument("--out", required=True, help="output folder for record.json")
     ens_p.add_argument("--data-dir", help="task folder (default: the one the first checkpoint was trained on)")
-    ens_p.add_argument("--batch-size", type=int, default=128)
+    ens_p.add_argument("--batch-size", type=_positive, default=128)
     ens_p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     exp_p = sub.add_parser("export", help="a checkpoint as a standalone Hugging Face or ONNX model folder")
     exp_p.add_argument("checkpoint", help="a run's checkpoint/ directory")

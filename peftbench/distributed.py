@@ -79,6 +79,9 @@ def launch(sharding: str = "auto") -> Launch:
     if sharding == "fsdp2" and deepspeed:
         raise PeftbenchError("train.sharding=fsdp2 under a DeepSpeed launch config: one engine shards; launch with "
                              "recipes/accelerate/fsdp.yaml, or leave train.sharding at auto")
+    if sharding == "ddp" and deepspeed:  # Accelerate takes DeepSpeed from the launch whatever the recipe says
+        raise PeftbenchError("train.sharding=ddp under a DeepSpeed launch config: DeepSpeed would wrap the model "
+                             "anyway; launch with recipes/accelerate/multi_gpu.yaml, or leave train.sharding at auto")
     if sharding == "fsdp2" or (sharding == "auto" and fsdp):
         classes = tuple(c.strip() for c in fsdp.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
         return Launch("fsdp2", processes, machines, _flag(fsdp.get("FSDP_RESHARD_AFTER_FORWARD"), True), classes,

@@ -61,8 +61,7 @@ def evaluate(ckpts: list[str | Path], out_dir: str | Path, data_dir: str | None 
     config = dict(ensemble.meta["config"], output_dir=str(out_dir))
     run_id = hashlib.sha256(json.dumps(sorted(m["run_id"] for m in members)).encode()).hexdigest()[:16]
     first = records[0] or {}
-    params = {key: sum((r or {}).get("params", {}).get(key, 0) for r in records)
-              for key in ("trainable", "total", "adapter_bytes")}
+    params = _summed_params(records)
     here = environment()  # the members' hardware (the table the ensemble joins); where it was scored beside
     record = make_record("success", config, run_id, first.get("env") or here, metrics, params, extra={
         "ensemble": {"members": members, "scored_on": here}, "per_example": per_example, "baselines": baselines,
@@ -73,6 +72,13 @@ def evaluate(ckpts: list[str | Path], out_dir: str | Path, data_dir: str | None 
     return record
 
 
+def _summed_params(records: list[dict | None]) -> dict:
+    """The members' trained parameters, parameters and adapter bytes summed (None where a member's is unknown)."""
+    found = {key: [(r or {}).get("params", {}).get(key) for r in records]
+             for key in ("trainable", "total", "adapter_bytes")}
+    return {key: None if None in values else sum(values) for key, values in found.items()}
+
+
 def _costs(records: list[dict | None]) -> dict:
     """The members' training costs as one: time per example summed, peak memory the largest (None: unknown), and
     on a CPU the least member ``train_cpu_share`` (the summed speed is as much its own as its least vouched part)."""
@@ -81,7 +87,7 @@ def _costs(records: list[dict | None]) -> dict:
     known = None not in rates and all(rates)
     costs = {"train_samples_per_s": 1 / sum(1 / r for r in rates) if known else float("nan"),
              "train_tokens_per_s": 1 / sum(1 / m["train_tokens_per_s"] for m in metrics) if known else float("nan"),
-             "peak_memory_mb": max((m.get("peak_memory_mb") or 0) for m in metrics)}
+             "peak_memory_mb": None if None in (peaks := [m.get("peak_memory_mb") for m in metrics]) else max(peaks)}
     shares = [m.get("train_cpu_share") for m in metrics]
     if all(finite(s) for s in shares):
         costs["train_cpu_share"] = min(shares)

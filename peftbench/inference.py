@@ -18,7 +18,8 @@ from peftbench.errors import PeftbenchError, clip
 from peftbench.measure import base_forward_flops, forward_flops, inference_cost
 from peftbench.methods import RunContext, get_method, lacked_modules
 from peftbench.models import from_pretrained, guard_padding, merge_and_unload, without_peft
-from peftbench.tasks import get_spec, load_task
+from peftbench.records import write_text_atomic
+from peftbench.tasks import csv_rows, get_spec, load_task
 from peftbench.tasks.kinds import KINDS
 
 
@@ -98,6 +99,10 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
     if merge:
         if not (hasattr(model, "merge_and_unload") and method.makes_plain_model()):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
+        if quantized:
+            raise PeftbenchError(f"{ckpt_dir}: trained on a {cfg.model.quantization} base; merging would quantise "
+                                 "the updated weights again, and the model would not be the one trained: load it "
+                                 "unmerged")
         model = merge_and_unload(model)
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
 
@@ -220,15 +225,10 @@ def read_texts(path: str, pair: bool) -> tuple[list[str], list[str] | None, list
         reader = csv.DictReader(io.StringIO(text))
         if reader.fieldnames is None:  # (reads the header)
             raise PeftbenchError(f"{name}: an empty CSV file, no header")
-        while True:
-            start = reader.line_num + 1  # a quoted record may span lines: report the one it starts on
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                raise PeftbenchError(f"{name}:{start}: not valid CSV ({exc})") from None
-            rows.append((start, row))
+        try:
+            rows = list(csv_rows(reader))
+        except csv.Error as exc:
+            raise PeftbenchError(f"{name}:{reader.line_num}: not valid CSV ({exc})") from None
     elif kind == "jsonl":
         for number, line in enumerate(lines, 1):
             if line.strip():
@@ -302,11 +302,7 @@ def predict(ckpt_dir: str | Path | list, split: str, data_dir: str | None, out: 
 
 def _write_lines(out: Path, rows: list[dict]) -> Path:
     """JSON lines, written whole or not at all."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class Ensemble:

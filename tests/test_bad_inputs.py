@@ -195,10 +195,10 @@ BAD = {
     "custom duplicate labels": (custom_args({"train.json": EPR + "\n", "dev.json": EPR + "\n"}, "task.name=custom",
                                             "task.text_fields=[sentence]", "task.labels=[a, a]"),
                                 "config key 'task.labels' has duplicate labels"),
-    "CSV row missing label": (custom_args({"train.csv": 'text,label\n"a\nb",0\nlonely\n',
+    "CSV row missing label": (custom_args({"train.csv": 'text,label\n"a\nb",0\n\nlonely\n',
                                            "dev.csv": "text,label\nx,0\n"},
                                           "task.name=custom", "task.text_fields=[text]", "task.labels=['0','1']"),
-                              "train.csv:4: field 'label' missing"),  # physical line: the first record spans two
+                              "train.csv:5: field 'label' missing"),  # physical line: a record spans two, a blank
     "NER span outside": (custom_args({"train.json": '{"text": "张伟", "label": {"per": {"张伟": [[0, 5]]}}}\n',
                                       "dev.json": '{"text": "张伟", "label": {"per": {"张伟": [[0, 1]]}}}\n'},
                                      "task.name=custom_ner", "task.labels=[per]"), "train.json:1: field 'label.per'"),
@@ -207,6 +207,12 @@ BAD = {
                                       "task.name=custom_ner", "task.labels=[per]"), "does not match the text"),
     "CoNLL bad tag": (custom_args({"train.txt": "张 B-per\n伟 X-per\n", "dev.txt": "张 O\n"},
                                   "task.name=custom_ner", "task.labels=[per]"), "train.txt:2: tag 'X-per'"),
+    "CoNLL line without its tag": (custom_args({"train.txt": "张 B-per\n伟 I-per\n好\n", "dev.txt": "张 O\n"},
+                                               "task.name=custom_ner", "task.labels=[per]"),
+                                   "train.txt:3: some lines of this sentence have a tag, others not"),
+    "CoNLL sentence without tags": (custom_args({"train.txt": "张 B-per\n伟 I-per\n\n北\n京\n", "dev.txt": "张 O\n"},
+                                                "task.name=custom_ner", "task.labels=[per]"),
+                                    "train.txt:4: this sentence has no tags, the ones before it do"),
     # --- output folders
     "output_dir holds other files": (foreign_output_dir, "holds 'notes.txt', which is not part of a peftbench run"),
     "output_dir is a file": (file_output_dir, "afile is a file, not a folder"),

@@ -132,3 +132,14 @@ def test_demo_end_to_end(tmp_path):
     for method in ("full", "lora"):
         rec = json.loads((tmp_path / "runs" / "demo" / method / "record.json").read_text())
         assert rec["status"] == "success" and rec["metrics"]["accuracy"] > 0.6  # chance is 0.25
+
+
+@pytest.mark.parametrize("command", ["predict", "ensemble"])
+@pytest.mark.parametrize("size, why", [("0", "must be >= 1, got 0"), ("-1", "must be >= 1, got -1"),
+                                       ("many", "expected a whole number, got 'many'")])
+def test_a_batch_size_below_one_is_refused_by_the_option(command, size, why, tmp_path, capsys):
+    """Not a traceback (0) or an empty predictions file reported as written (-1)."""
+    with pytest.raises(SystemExit) as stopped:
+        main([command, str(tmp_path), "--batch-size", size, "--out", str(tmp_path / "out")])
+    assert stopped.value.code == 2 and f"argument --batch-size: {why}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -60,6 +60,8 @@ def test_one_engine_shards(monkeypatch):
     assert distributed.launch().engine == "deepspeed"
     with pytest.raises(PeftbenchError, match="train.sharding=fsdp2 under a DeepSpeed launch config"):
         distributed.launch("fsdp2")
+    with pytest.raises(PeftbenchError, match="train.sharding=ddp under a DeepSpeed launch config: DeepSpeed would"):
+        distributed.launch("ddp")  # not a record that says deepspeed for a recipe that asked for ddp
 
 
 def test_pretraining_is_refused_under_a_sharding_launch(monkeypatch, tmp_path):

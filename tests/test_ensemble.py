@@ -2,6 +2,7 @@
 writes a record listing its members, which the leaderboard shows as its own row."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -87,6 +88,16 @@ def test_an_ensembles_cpu_share_is_its_least_members_or_none():
     assert ensemble._costs([member(0.5), member(0.97)])["train_cpu_share"] == 0.5
     for other in ("absent", None, float("nan"), True, "0.9"):
         assert "train_cpu_share" not in ensemble._costs([member(0.9), member(other)]), other
+
+
+def test_a_member_without_its_record_leaves_the_costs_unknown_not_zero():
+    known = {"metrics": {"train_samples_per_s": 100.0, "train_tokens_per_s": 3000.0, "peak_memory_mb": 900.0},
+             "params": {"trainable": 10, "total": 100, "adapter_bytes": 40}}
+    assert ensemble._costs([known, known])["peak_memory_mb"] == 900.0
+    assert ensemble._summed_params([known, known]) == {"trainable": 20, "total": 200, "adapter_bytes": 80}
+    costs = ensemble._costs([known, None])  # a checkpoint copied without its run's record
+    assert costs["peak_memory_mb"] is None and math.isnan(costs["train_samples_per_s"])
+    assert ensemble._summed_params([known, None]) == dict.fromkeys(("trainable", "total", "adapter_bytes"))
 
 
 def test_members_of_other_tasks_are_refused(members, tmp_path):

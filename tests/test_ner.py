@@ -171,12 +171,13 @@ def test_overlapping_entities_are_resolved_reported_and_counted(tmp_path, caplog
 
 
 def test_custom_ner_conll_format(tmp_path):
-    (tmp_path / "train.txt").write_text("张 B-name\n伟 I-name\n在 O\n北 B-loc\n京 I-loc\n\n好 O\n", encoding="utf-8")
+    (tmp_path / "train.txt").write_text("张 B-name\n伟 I-name\n在 O\n北 B-loc\n京 I-loc\n\n好 O\n\u3000 O\n  O\n",
+                                        encoding="utf-8")  # a full-width and a plain space as tagged tokens
     (tmp_path / "dev.txt").write_text("李 S-name\n\nNew B-loc\nYork E-loc\n", encoding="utf-8")
     (tmp_path / "test.txt").write_text("张\n伟\n", encoding="utf-8")
     cfg = config.load(None, ["task.name=custom_ner", f"task.data_dir={tmp_path}", "task.labels=[name, loc]"])
     data = load_task(cfg.task)
-    assert data.splits["train"]["text_a"] == ["张伟在北京", "好"]
+    assert data.splits["train"]["text_a"] == ["张伟在北京", "好\u3000 "]
     assert data.splits["train"]["entities"][0] == [{"start": 0, "end": 1, "type": "name"},
                                                    {"start": 3, "end": 4, "type": "loc"}]
     assert data.splits["train"]["id"] == [1, 7]  # the line each sentence starts on
@@ -232,6 +233,14 @@ def test_ner_checkpoint_reloads_and_predicts_clue_format(ner_runs, tmp_path):
         with torch.no_grad():
             here = result.model.eval()(**result.tokenizer(texts, padding=True, return_tensors="pt")).logits
         assert torch.allclose(here, reloaded[method], atol=1e-5), method
+    from peftbench import load
+
+    model, tokenizer, _ = load(ckpts["prompt"])  # given labels, a loaded prompt lines them up as training did
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = torch.where(enc["attention_mask"] == 1, 0, -100)
+    with torch.no_grad():
+        trained = ner_runs["prompt"].model(**enc, labels=labels).loss
+        torch.testing.assert_close(model(**enc, labels=labels).loss, trained)
 
     out = predict(ckpts["lora"], "test", None, f"{tmp_path}/sub/", fmt="clue")
     assert out.name == "synthetic_ner_predict.json"

@@ -1,15 +1,17 @@
 """Quantised bases (bitsandbytes LLM.int8 and 4-bit, which run on CPU) under every method that trains no base weight."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import LR, logits_here, logits_in_new_process
 
+import peftbench
 from peftbench import config, models
 from peftbench.errors import PeftbenchError
-from peftbench.methods import RunContext, get_method, method_names
+from peftbench.methods import RunContext, get_method, method_names, set_trainable
 from peftbench.train import run
 
 pytest.importorskip("bitsandbytes")
@@ -89,6 +91,8 @@ def test_quantised_checkpoints_reload_to_identical_logits(int8_runs, tmp_path):
         atol = 5e-2 if method == "adalora" else 1e-5
         torch.testing.assert_close(reloaded[method], here, atol=atol, rtol=0, msg=method)
         assert torch.equal(reloaded[method].argmax(-1), here.argmax(-1)), method
+    with pytest.raises(PeftbenchError, match="trained on a 8bit base; merging would quantise the updated weights"):
+        peftbench.load(int8_runs["lora"].record["checkpoint"], merge=True)  # not the trained model
 
 
 def test_random_base_is_saved_in_float_and_quantised_on_reload(int8_runs):
@@ -119,6 +123,11 @@ def test_4bit_nf4_base_trains(method, tmp_path):
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     assert len(rec["dev_history"]) == 6
+    cfg = config.resolve(rec["config"])  # counted as on the float base: a 4-bit weight is one weight, not half
+    float_model, _ = models.load_model(replace(cfg.model, quantization="none"), list("0123"), result.tokenizer)
+    plain = get_method(method)(cfg.method)
+    counts = set_trainable(plain.apply(float_model, RunContext(100, 4, "SEQ_CLS")), plain)
+    assert (rec["params"]["total"], rec["params"]["trainable"]) == (counts["total"], counts["trainable"])
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
@@ -140,8 +149,6 @@ def test_gradient_checkpointing_on_an_8bit_base_trains_identically(tmp_path):
 
 def loftq_start(tmp_path):
     """The tiny base in float and in 4-bit from one random init (one seed), and LoftQ applied to the 4-bit one."""
-    from dataclasses import replace
-
     cfg = quantized_config("loftq", "4bit", tmp_path, "model.quant_4bit_compute_dtype=fp32")
     tokenizer = models.load_tokenizer(cfg.model, TEXTS)
     built = {}
@@ -220,8 +227,6 @@ def test_a_random_init_4bit_base_keeps_its_float_file_while_it_lives(tmp_path, m
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    from dataclasses import replace
-
     cfg = quantized_config("loftq", "4bit", tmp_path)
     tokenizer = models.load_tokenizer(cfg.model, TEXTS)
     built = {}

@@ -171,7 +171,7 @@ def test_predict_reads_plain_files_and_standard_input(server, tmp_path, monkeypa
     served = [classify(http, "lora", texts, top_k=2).json()["predictions"]]
     inputs = {"in.txt": "\n".join(texts[:2]) + "\n\n" + texts[2] + "\n",
               "in.jsonl": "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
-              "in.csv": "text\n" + "\n".join(texts) + "\n"}
+              "in.csv": "text\n" + texts[0] + "\n\n" + "\n".join(texts[1:]) + "\n"}  # a blank line skipped
     for name, text in inputs.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(inputs["in.txt"].encode()), encoding="utf-8"))
@@ -181,7 +181,7 @@ def test_predict_reads_plain_files_and_standard_input(server, tmp_path, monkeypa
         assert main(["predict", ckpts["lora"], "--input", source, "--top-k", "2", "--out", str(out)]) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["id"] for r in rows] == [0, 1, 2]
-        assert [r["line"] for r in rows] == {"in.csv": [2, 3, 4], "in.jsonl": [1, 2, 3]}.get(name, [1, 2, 4])
+        assert [r["line"] for r in rows] == {"in.csv": [2, 4, 5], "in.jsonl": [1, 2, 3]}.get(name, [1, 2, 4])
         for row, want in zip(rows, served[0], strict=True):
             assert (row["label"], [x["label"] for x in row["top_k"]]) == (want["label"], [x["label"] for x in
                                                                                           want["top_k"]])

@@ -8,6 +8,7 @@ reloads what it trained. The loop never asks which method it runs.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,11 +136,13 @@ class PeftMethod(Method):
         config.modules_to_save = [*(config.modules_to_save or []), *ctx.lacked_modules] or None
         self.frozen_saved = ctx.lacked_modules
         try:
-            return get_peft_model(model, config)
+            model = get_peft_model(model, config)
         except NoMatchingPeftModuleError:
             targets = getattr(self.cfg, "target_modules", None)
             raise PeftbenchError(f"config key 'method.target_modules': {targets} names no module of this model") \
                 from None
+        label_virtual_tokens(model, ctx)
+        return model
 
     frozen_saved: tuple[str, ...] = ()
 
@@ -164,7 +167,24 @@ class PeftMethod(Method):
     def load(self, base_model, ckpt_dir: Path, ctx: RunContext):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, str(ckpt_dir))
+        model = PeftModel.from_pretrained(base_model, str(ckpt_dir))
+        label_virtual_tokens(model, ctx)  # labels given to the loaded model line up as in training
+        return model
+
+
+def label_virtual_tokens(model, ctx: RunContext) -> None:
+    """Token classification under a PEFT prompt's prepended virtual tokens: their labels are -100 (no loss)."""
+    config = model.peft_config[model.active_adapter]
+    if not (ctx.labels_per_token and config.is_prompt_learning):
+        return
+    n = config.num_virtual_tokens
+
+    def pad_labels(module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = torch.nn.functional.pad(kwargs["labels"], (n, 0), value=-100)
+        return args, kwargs
+
+    model.base_model.register_forward_pre_hook(pad_labels, with_kwargs=True)
 
 
 class InPlaceMethod(Method):
@@ -220,6 +240,13 @@ def get_method(name: str) -> type[Method]:
     return METHODS.get(name, "method.name")
 
 
+def weight_count(param: torch.Tensor) -> int:
+    """How many weights a parameter holds: a 4-bit one by its quantised shape (its storage packs two, or four in
+    bf16 under FSDP, per element)."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None else param.numel()
+
+
 def set_trainable(model: nn.Module, method: Method) -> dict:
     """Freeze every parameter the method does not declare; count both kinds."""
     trainable = total = 0
@@ -229,7 +256,7 @@ def set_trainable(model: nn.Module, method: Method) -> dict:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
+        total += weight_count(param)
         trainable += param.numel() if param.requires_grad else 0
     if trainable == 0:
         raise PeftbenchError(f"method '{method.name}' declares no trainable parameter in this model")

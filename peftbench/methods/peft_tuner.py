@@ -23,7 +23,6 @@ from typing import ClassVar
 from peftbench.config import require
 from peftbench.errors import PeftbenchError, clip
 from peftbench.methods import MethodConfig, PeftMethod, register_method
-from peftbench.methods.prompt import label_virtual_tokens
 
 log = logging.getLogger(__name__)
 KINDS = ("classification", "token classification")
@@ -194,9 +193,6 @@ class PeftTuner(PeftMethod):
             raise PeftbenchError(f"config key 'method.options': {self.cfg.peft_type} on this model: "
                                  f"{clip(str(err).strip().splitlines()[0])}") from None
         self.tuned = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}  # shared too
-        config = model.peft_config[model.active_adapter]
-        if ctx.labels_per_token and config.is_prompt_learning:
-            label_virtual_tokens(model, config.num_virtual_tokens)
         return model
 
     def is_trainable(self, name: str) -> bool:

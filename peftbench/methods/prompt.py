@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from peftbench.config import require
 from peftbench.methods import MethodConfig, PeftMethod, register_method
 
@@ -42,20 +40,3 @@ class Prompt(PeftMethod):
         from peft import PromptTuningConfig
 
         return PromptTuningConfig(task_type=ctx.peft_task_type, num_virtual_tokens=self.cfg.num_virtual_tokens)
-
-    def apply(self, model, ctx):
-        model = super().apply(model, ctx)
-        if ctx.labels_per_token:
-            label_virtual_tokens(model, self.cfg.num_virtual_tokens)
-        return model
-
-
-def label_virtual_tokens(model, n: int) -> None:
-    """Token classification under ``n`` prepended virtual tokens: their labels are -100 (no loss)."""
-
-    def pad_labels(module, args, kwargs):
-        if kwargs.get("labels") is not None:
-            kwargs["labels"] = torch.nn.functional.pad(kwargs["labels"], (n, 0), value=-100)
-        return args, kwargs
-
-    model.base_model.register_forward_pre_hook(pad_labels, with_kwargs=True)

@@ -165,6 +165,14 @@ def read_text(path: Path) -> str:
                              "UTF-8") from None
 
 
+def csv_rows(reader: csv.DictReader) -> Iterator[tuple[int, dict]]:
+    """(line, row) of each record of ``reader``: the line it starts on, blank lines skipped as the reader skips
+    them, a quoted value spanning several."""
+    for row in reader:
+        values = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
+        yield reader.line_num - sum(v.count("\n") for v in values if isinstance(v, str)), row
+
+
 def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) from a JSON-lines, CSV or CoNLL file (numbered by physical line).
 
@@ -179,11 +187,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
         try:
-            _ = reader.fieldnames  # reads the header row
-            start = reader.line_num + 1
-            for row in reader:
-                yield start, row
-                start = reader.line_num + 1
+            yield from csv_rows(reader)
         except csv.Error as exc:
             raise PeftbenchError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
         return

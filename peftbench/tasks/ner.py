@@ -16,6 +16,7 @@ reported with its file and line and counted in the record.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def span_converter(types: tuple[str, ...], text_key: str = "text", label_key: st
     return convert
 
 
+WHITESPACE_TOKEN = re.compile(r"(\s)[ \t]+(\S+)[ \t\r]*")  # a token that is itself a space, then its tag
+
+
 def read_conll(path: Path) -> Iterator[tuple[int, dict]]:
     """Sentences of a CoNLL-style file (``char TAG`` per line, blank line between sentences) as
     CLUENER-style records ``{"text", "label"}``, numbered by their first line. Lines without a
@@ -89,8 +93,11 @@ def read_conll(path: Path) -> Iterator[tuple[int, dict]]:
 
     lines = list(enumerate(read_text(path).split("\n"), 1))
     sentence: list[tuple[int, list[str]]] = []
+    tagged: bool | None = None  # whether the file's sentences carry tags (a test file's do not)
     for lineno, line in lines + [(len(lines) + 1, "")]:
         parts = line.split()
+        if len(parts) == 1 and (spaced := WHITESPACE_TOKEN.fullmatch(line)):  # a full-width space, tagged
+            parts = list(spaced.groups())
         if parts:
             if len(parts) > 2:
                 raise PeftbenchError(f"{where(path, lineno)}: expected 'char TAG', got {clip(repr(line.strip()))}")
@@ -108,7 +115,14 @@ def read_conll(path: Path) -> Iterator[tuple[int, dict]]:
                 tags += _char_tags(tag, len(token))
             record["label"] = clue_label(tags_to_spans(tags), text)
         elif any(len(p) == 2 for _, p in sentence):
-            raise PeftbenchError(f"{where(path, sentence[0][0])}: some lines of this sentence have a tag, others not")
+            odd = next(n for n, p in sentence if len(p) != len(sentence[0][1]))
+            raise PeftbenchError(f"{where(path, odd)}: some lines of this sentence have a tag, others not")
+        if tagged is None:
+            tagged = "label" in record
+        elif tagged != ("label" in record):
+            state = "has no tags, the ones before it do" if tagged else "has tags, the ones before it do not"
+            raise PeftbenchError(f"{where(path, sentence[0][0])}: this sentence {state}; tag every line of a training "
+                                 "or dev file, none of a test file")
         yield sentence[0][0], record
         sentence = []
 

@@ -69,12 +69,16 @@ def predicted_spans(pred: list[int], char_index: list[int], n_chars: int, tags: 
     for p, c in zip(pred, char_index):
         if c >= 0:
             char_tags[c] = tags[p]
+    before, last = [], "O"  # the tag of the nearest tokenised character to the left of each one
+    for tag in char_tags:
+        before.append(last)
+        last = last if tag is None else tag
     following = "O"
     for i in range(n_chars - 1, -1, -1):  # fill untokenised characters, right to left
         if char_tags[i] is not None:
             following = char_tags[i]
             continue
-        previous = next((t for t in reversed(char_tags[:i]) if t is not None), "O")
+        previous = before[i]
         inside = (previous != "O" and previous[0] in "BI" and following[:2] in ("I-", "E-")
                   and previous[2:] == following[2:])
         char_tags[i] = f"I-{following[2:]}" if inside else "O"

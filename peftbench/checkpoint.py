@@ -60,6 +60,14 @@ def _retired_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f".{out_dir.name}.old")
 
 
+def _remove(path: Path) -> None:
+    """Delete a folder, or a link (an ``output_dir`` that was one, set aside: rmtree refuses links)."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def prepare_run_dir(out_dir: Path) -> Path:
     """Get ready to build a run of ``out_dir`` beside it; returns the new, empty staging folder.
 
@@ -69,7 +77,7 @@ def prepare_run_dir(out_dir: Path) -> Path:
     stage, old = staging_dir(out_dir), _retired_dir(out_dir)
     if not out_dir.exists() and old.exists():  # killed between the two renames of publish()
         os.replace(stage if (stage / RECORD_NAME).is_file() else old, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     if out_dir.is_file():
         raise PeftbenchError(f"config key 'output_dir': {out_dir} is a file, not a folder")
     if out_dir.is_dir():
@@ -89,7 +97,7 @@ def publish(stage: Path, out_dir: Path) -> None:
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(stage, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_dict: dict | None = None,
@@ -302,8 +310,9 @@ def save_training_state(accelerator, state: dict, run_id: str, where: Path) -> N
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's RNG state is in before the swap
     if accelerator.is_main_process:
-        write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id})
+        write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         _swap_in(tmp, where)
     accelerator.wait_for_everyone()
 

@@ -117,19 +117,41 @@ class FolderBoard(Board):
                 if not self._take_over(path):
                     return None
                 continue
+            holder = {**_holder(), "claimed_at": time.time()}
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({**_holder(), "claimed_at": time.time()}, fh)
-            return Claim(lambda: self._touch(path), lambda outcome: path.unlink(missing_ok=True),
+                json.dump(holder, fh)
+            token = holder["token"]
+            return Claim(lambda: self._touch(path, token), lambda outcome: self._drop(path, token),
                          self.timeout_s / BEATS_PER_TIMEOUT)
         return None
 
     @staticmethod
-    def _touch(path: Path) -> bool:
+    def _ours(path: Path, token: str) -> bool | None:
+        """Whether the claim file is still this worker's; None when it cannot be read now."""
+        try:
+            return json.loads(path.read_text(encoding="utf-8") or "{}").get("token") == token
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):  # a passing error of a shared disk, or a claim being written
+            return None
+
+    def _touch(self, path: Path, token: str) -> bool:
+        """A heartbeat: False once the claim is gone or another worker's (taken over); a beat that fails for a
+        passing reason is tried again at the next one."""
+        if self._ours(path, token) is False:
+            return False
         try:
             os.utime(path)
-            return True
-        except OSError:
+        except FileNotFoundError:
             return False
+        except OSError:
+            pass
+        return True
+
+    def _drop(self, path: Path, token: str) -> None:
+        """Let go of this worker's claim, never of the one that took it over."""
+        if self._ours(path, token):
+            path.unlink(missing_ok=True)
 
     def _take_over(self, path: Path) -> bool:
         """Move a stale claim aside; False if the claim is live (or another worker moved it first)."""

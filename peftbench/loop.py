@@ -229,6 +229,7 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
     try:
         while state.step < state.planned_steps:
             model.train()
+            started_at = state.batch_in_epoch
             for batch in batches(state.epoch, state.batch_in_epoch):
                 state.batch_in_epoch += 1
                 state.samples += len(batch["labels"])
@@ -269,6 +270,8 @@ def fit(accelerator: Accelerator, model, optimizer, batches: Callable[[int, int]
                 if state.step >= state.planned_steps:
                     break
             else:  # the epoch ran out before the budget
+                if started_at == state.batch_in_epoch == 0:  # a whole epoch without a batch: no step would come
+                    raise PeftbenchError("the training data yields no batch (fewer examples than processes?)")
                 state.epoch += 1
                 state.batch_in_epoch = 0
                 if not eval_every:

@@ -150,12 +150,13 @@ def peak_memory_mb(device: torch.device) -> dict:
 
 def model_shape(model: torch.nn.Module, per_step_modules: tuple[str, ...] = ()) -> dict:
     """Non-embedding parameter count, trained non-embedding count, layers and width, for :func:`train_flops`.
-    Embedding lookups and ``per_step_modules`` (virtual-token encoders: run once per step, not per token)
-    are left out."""
+    Embedding lookups (any ``nn.Embedding``, and an encoder's ``embeddings`` block) and ``per_step_modules``
+    (virtual-token encoders: run once per step, not per token) are left out."""
     skip = ("embeddings", *per_step_modules)
+    lookups = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     total = trained = 0
     for name, param in model.named_parameters():
-        if any(part in name for part in skip):
+        if any(part in name for part in skip) or id(param) in lookups:
             continue
         total += param.numel()
         trained += param.numel() if param.requires_grad else 0

@@ -387,6 +387,9 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
     split = torch.randperm(len(input_ids), generator=torch.Generator().manual_seed(t.seed))
     n_eval = max(1, round(cfg.corpus.eval_fraction * len(input_ids)))
     eval_idx, train_idx = split[:n_eval], split[n_eval:]
+    if len(train_idx) == 0:
+        raise PeftbenchError(f"config key 'corpus.files': the corpus makes {len(input_ids)} block(s) of "
+                             f"{cfg.mask.block_size} tokens, all held out for evaluation; pretraining needs more text")
     special = set(tokenizer.all_special_ids)
     random_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
 
@@ -405,6 +408,10 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
     if saved:
         eval_curve = saved.pop("eval_curve")
         saved.setdefault("lr_steps", saved["step"])  # states saved before the schedule counted skipped steps
+        processes = saved.pop("processes", accelerator.num_processes)  # (states saved before it was recorded)
+        if processes != accelerator.num_processes:  # each process's place in the epoch and masks follow the count
+            raise PeftbenchError(f"{ckpt}: a training state of {processes} processes; resume it with as many (this "
+                                 f"launch has {accelerator.num_processes})")
         state = LoopState(**saved)
         checkpoint.check_rng_state(ckpt, accelerator.process_index)
         accelerator.load_state(str(ckpt))

@@ -58,13 +58,6 @@ class Cell:
         return self.cfg.run_id
 
 
-def _nested(key: str, value) -> dict:
-    tree = value
-    for part in reversed(key.split(".")):
-        tree = {part: tree}
-    return tree
-
-
 def read_sweep(path: str | Path) -> dict:
     path = Path(path)
     spec = config.read_recipe(path)
@@ -125,7 +118,7 @@ def expand(spec: dict, overrides: list[str] | None = None, max_cells: int = MAX_
         values = [spec["grid"][k][i] for k, i in zip(keys, cell)]
         tree = base
         for key, value in zip(keys, values):
-            tree = config.merge(tree, value if key == VARIANTS else _nested(key, value))
+            tree = config.merge(tree, value if key == VARIANTS else config.nested(key, value))
         tree.pop("output_dir", None)
         try:
             cfg = config.resolve(tree)
@@ -149,7 +142,7 @@ def _located(exc: PeftbenchError, spec: dict, given: dict, cell: dict[str, int])
     lines = config.key_lines(spec["path"])
     for grid_key, i in reversed(cell.items()):
         value = spec["grid"][grid_key][i]
-        if config.sets(value if grid_key == VARIANTS else _nested(grid_key, value), key):
+        if config.sets(value if grid_key == VARIANTS else config.nested(grid_key, value), key):
             return config.at_line(exc, spec["path"], lines.get(f"grid.{grid_key}.{i}"))
     if spec.get("recipe_file"):
         return config.at_line(exc, spec["recipe_file"], config.key_lines(spec["recipe_file"]).get(key))

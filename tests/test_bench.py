@@ -11,7 +11,7 @@ import throughput as bench
 import torch
 
 from peftbench import config, models
-from peftbench.measure import train_flops
+from peftbench.measure import model_shape, train_flops
 from peftbench.methods import RunContext, get_method, set_trainable, settle_dtypes
 from peftbench.train import run
 
@@ -21,6 +21,19 @@ def test_train_flops_formula():
     assert train_flops(shape, [3, 5]) == 6 * 1000 * 8 + 12 * 2 * 8 * (9 + 25)  # full: 6N per token
     frozen = {**shape, "n_trained": 10}
     assert train_flops(frozen, [4]) == (4 * 1000 + 2 * 10) * 4 + 12 * 2 * 8 * 16  # frozen: 4N + 2N_trained
+
+
+def test_model_shape_leaves_out_every_embedding_lookup():
+    """An encoder's embeddings block and a decoder's ``embed_tokens`` alike: lookups, not matmuls."""
+    from transformers import BertConfig, BertForSequenceClassification, Qwen2Config, Qwen2ForSequenceClassification
+
+    small = {"vocab_size": 500, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64}
+    bert = BertForSequenceClassification(BertConfig(**small))
+    qwen = Qwen2ForSequenceClassification(Qwen2Config(**small, num_key_value_heads=1, pad_token_id=0))
+    for model, lookups in ((bert, bert.bert.embeddings), (qwen, qwen.model.embed_tokens)):
+        dense = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lookups.parameters())
+        assert model_shape(model)["n_params"] == dense, type(model).__name__
 
 
 def test_lengths_modes():

@@ -55,6 +55,20 @@ def test_a_killed_rerun_leaves_the_old_record_and_checkpoint_together(tmp_path, 
     assert digest(out) != before and not stage.exists()
 
 
+def test_an_output_dir_that_is_a_link_takes_run_after_run(tmp_path):
+    """The link is built beside and replaced by the run's folder; set aside, it is deleted (rmtree refuses a
+    link), so the next run's swap finds the way clear instead of failing after training."""
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "run"
+    out.symlink_to(tmp_path / "elsewhere")
+    for seed in (1, 2, 3):
+        stage = checkpoint.prepare_run_dir(out)
+        write_atomic(stage / RECORD_NAME, {"seed": seed})
+        checkpoint.publish(stage, out)
+        assert json.loads((out / RECORD_NAME).read_text())["seed"] == seed
+        assert not (tmp_path / ".run.old").exists() and not (tmp_path / ".run.old").is_symlink()
+
+
 def test_a_swap_cut_between_its_renames_is_finished_or_undone(tmp_path):
     out, old = tmp_path / "run", tmp_path / ".run.old"
     for folder, seed in ((old, 1), (checkpoint.staging_dir(out), 2)):
@@ -164,6 +178,27 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_is_not(tmp_path):
     taken = board.claim("cell")
     assert taken is not None
     taken.release()
+
+
+def test_a_claim_taken_over_is_not_released_by_its_old_holder_and_a_failed_beat_is_not_the_end(tmp_path,
+                                                                                                 monkeypatch):
+    from peftbench.claims import FolderBoard
+
+    board, path = FolderBoard(tmp_path), tmp_path / ".claims" / "cell.json"
+    old = board.claim("cell")
+    token = json.loads(path.read_text())["token"]
+    real_utime = os.utime
+
+    def flaky(*args, **kwargs):  # a shared disk's passing error
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "utime", flaky)
+    assert board._touch(path, token)  # beats on: the claim is still this worker's
+    monkeypatch.setattr(os, "utime", real_utime)
+    path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "newer"}))  # taken over meanwhile
+    assert not board._touch(path, token)
+    old.release()
+    assert json.loads(path.read_text())["token"] == "newer"  # the new holder keeps its claim
 
 
 def good_record(root: Path, name: str, task: str = "tnews", score: float = 0.5) -> dict:

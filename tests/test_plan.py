@@ -181,6 +181,17 @@ def test_recommendation_never_quantises_a_base_the_method_rewrites():
     assert pissa["recommend"].startswith("nothing fits")
 
 
+def test_a_quantised_recipe_keeps_its_bits_while_smaller_settings_are_tried():
+    """A 4-bit recipe over its budget: a smaller batch on the same 4-bit base, not a float one."""
+    recipe = ["task.name=synthetic", "model.name_or_path=random:mini", "method.name=lora", "model.quantization=4bit"]
+    cheapest = config.load(None, [*recipe, "train.batch_size=1", "train.grad_accum_steps=64",
+                                  "train.gradient_checkpointing=true"])
+    budget = plan.plan(cheapest, ["lora"], device="a100")["rows"][0]["memory"]["total"]
+    (row,) = plan.plan(config.load(None, [*recipe, "train.batch_size=64"]), ["lora"], device="a100",
+                       memory=budget)["rows"]
+    assert not row["fits"] and row["recommend"].endswith("model.quantization=4bit"), row["recommend"]
+
+
 def test_adalora_is_planned_over_the_steps_the_run_takes():
     """AdaLoRA's schedule is set from the run's step count (epochs × steps per epoch when max_steps is -1), so the
     planner refuses what the run refuses."""
@@ -202,6 +213,9 @@ def test_plan_command(capsys):
     assert main(["plan", "task.name=synthetic", "--memory", "lots"]) == 2
     assert "--memory" in capsys.readouterr().err
     assert plan.parse_bytes("80GiB") == 80 * 2**30 and plan.parse_bytes("24GB") == 24 * 10**9
+    for bad in ("1.2.3GB", "-5GB", "0", "GB", "nanGB", "infGB"):  # one line each, not a traceback or a budget
+        with pytest.raises(PeftbenchError, match="is not a size of at least one byte"):
+            plan.parse_bytes(bad)
 
 
 def test_plan_refuses_a_family_without_formula(tmp_path):

@@ -42,6 +42,13 @@ def quick_cfg(corpus, out, *extra):
                                        "train.log_every=4", "train.eval_every=8", f"output_dir={out}", *extra])
 
 
+def test_a_corpus_of_one_block_is_refused_not_trained_forever(tmp_path):
+    """Its one block is held out for evaluation: training would have no batch, and no step would ever come."""
+    one = write_jsonl(tmp_path / "one.json", [{"sentence": "股市今天大涨，投资者信心回升。" * 5}])
+    with pytest.raises(PeftbenchError, match="makes 1 block.* all held out for evaluation"):
+        pretrain.pretrain(quick_cfg(one, tmp_path / "pt", "train.max_steps=4"))
+
+
 def test_masking_statistics():
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (400, 128), generator=gen)
@@ -234,6 +241,11 @@ def test_resume_refuses_a_checkpoint_of_another_config(corpus, tmp_path, monkeyp
     with pytest.raises(PeftbenchError, match="different configuration"):
         pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4",
                                     "train.lr=1e-3"))
+    loop_state = tmp_path / "pt" / "checkpoint" / "loop_state.json"
+    assert json.loads(loop_state.read_text())["processes"] == 1
+    loop_state.write_text(json.dumps({**json.loads(loop_state.read_text()), "processes": 2}))  # saved by two
+    with pytest.raises(PeftbenchError, match="a training state of 2 processes; resume it with as many"):
+        pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4"))
 
 
 def test_eval_text_guard(tmp_path):

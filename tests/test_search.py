@@ -173,6 +173,21 @@ def test_tpe_sampler_keeps_the_budget_and_the_range(tmp_path):
         assert len(lrs) == 3 and all(low <= lr <= high for lr in lrs)
 
 
+def test_a_restarted_tpe_search_draws_new_rates_not_trial_0s_again(tmp_path):
+    """Each invocation (a restart, another worker) opens the study with a new sampler: seeded alike, it would draw
+    trial 0's rate for trial 1 (the same run id, a trial spent on nothing)."""
+    spec = spec_at(tmp_path, trials=4, sampler="tpe")
+    study = search.studies(spec)[0]
+    drawn = []
+    for _ in range(3):  # three workers or restarts, one trial each
+        optuna_study = search.open_study(study, spec["search"])
+        board = sweep.board(spec)
+        number, settings = search.next_trial(optuna_study, study, spec["search"], set(), board)
+        optuna_study.tell(number, 0.5)
+        drawn.append(settings["lr"])
+    assert len(set(drawn)) == 3, drawn
+
+
 def test_a_search_edited_after_it_started_is_refused_by_name(tmp_path):
     """A changed range, trial count or seed list would choose among the old trials and label the result with
     the new budget; more final seeds only add final runs."""
@@ -211,6 +226,7 @@ def test_a_diverged_trial_counts_in_the_budget_and_all_failed_leaves_the_study_o
 @pytest.mark.parametrize("edit, message", [
     (("trials: 4", "trials: 0"), "'search.trials' must be an integer >= 1"),
     (("sampler: grid", "sampler: random"), "'search.sampler' must be one of grid, tpe"),
+    (("lora: [1e-4, 3e-2]", "lora: [1e-4, 1.004e-4]"), "'search.lr.lora': [0.0001, 0.0001004] holds fewer than 4"),
     (("lora: [1e-4, 3e-2]", "lora: [3e-2, 1e-4]"), "'search.lr.lora' must be [low, high]"),
     (("lora: [1e-4, 3e-2]", "lorax: [1e-4, 3e-2]"), "lorax"),
     (("seeds: [1, 2]\n", "seeds: [1, 1]\n"), "'search.seeds' must be a list of distinct integers"),
@@ -386,6 +402,13 @@ def test_a_float_key_searched_between_integers_draws_floats(tmp_path):
     assert spec["search"].space["lora"]["method.dropout"] == {"low": 0.0, "high": 0.0, "log": False, "int": False}
 
 
+def test_an_optional_integer_key_searched_over_a_range_draws_integers(tmp_path):
+    spec = spec_at(tmp_path, sampler="tpe", **{"method.name: [full, lora]": "method.name: [full, adapter]",
+                                               "  sampler: tpe\n": "  sampler: tpe\n  space:\n    adapter: "
+                                                                    "{method.bottleneck: {low: 16, high: 128}}\n"})
+    assert spec["search"].space["adapter"]["method.bottleneck"] == {"low": 16, "high": 128, "log": False, "int": True}
+
+
 def test_a_record_from_before_a_key_existed_shares_the_row_of_one_at_its_default(tmp_path):
     """LoRA records written before method.b_lr_ratio and method.train_a existed pool with new ones at their
     defaults (LATER_KEYS), as their run ids do."""
@@ -442,6 +465,39 @@ def _trials(line: str) -> tuple[str, set[str], str]:
     tried = set(filter(None, re.search(r"\[(.*)\]", line).group(1).split("; ")))
     chosen = re.search(r"; chosen ([^(]*?)(?: \(from its records\))?$", line)
     return count, tried, chosen.group(1) if chosen else ""
+
+
+def test_a_variant_is_weighed_against_the_studys_own_settings_not_the_defaults(tmp_path):
+    """A recipe on a cosine schedule may try the default linear one as a variant; a variant that repeats the
+    study's own setting would be its plain run under another name, and is refused."""
+    from peftbench.search.run import _variants
+
+    cosine = {"train: {epochs: 1}": "train: {epochs: 1, scheduler: cosine}"}
+    for name, scheduler in (("linear", "linear"), ("same", "cosine")):
+        variants = f"final:\n  seeds: [1]\n  variants: {{{name}: {{train.scheduler: {scheduler}}}}}"
+        spec = spec_at(tmp_path, **cosine, **{"final:\n  seeds: [1, 2, 3]": variants})
+        study = search.studies(spec)[0]
+        if name == "linear":
+            assert _variants(study, spec["search"]) == [(None, {}), ("linear", {"train.scheduler": "linear"})]
+        else:
+            with pytest.raises(PeftbenchError, match="'final.variants.same': .* already runs with "
+                                                     "train.scheduler=cosine, so it would be its plain run"):
+                _variants(study, spec["search"])
+
+
+def test_a_dry_run_starts_no_study(tmp_path):
+    """Looking creates nothing: a study first seen by a dry run would keep that budget, and the real run, after
+    an edit of the search, would be refused."""
+    from peftbench.search.trials import stored_studies
+
+    spec = spec_at(tmp_path)
+    full, lora = search.studies(spec)
+    search.run_search([full], spec["search"], runner=fake_runner(tmp_path / "calls"))
+    lines = search.describe([full, lora], spec["search"])
+    assert lines[0].startswith(f"{full.label}: 4/4 trials") and lines[1].startswith(f"{lora.label}: 0/4 trials")
+    assert stored_studies(spec["search"]) == {full.name}
+    edited = spec_at(tmp_path, trials=3)  # the search edited before lora's study started: allowed
+    search.run_search([search.studies(edited)[1]], edited["search"], runner=fake_runner(tmp_path / "calls"))
 
 
 def test_dry_run_without_the_database_reads_each_trial_back_from_its_records(tmp_path):

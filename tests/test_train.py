@@ -169,3 +169,15 @@ def test_a_schedule_is_a_later_key_and_names_its_row(tmp_path):
         write_atomic(tmp_path / name / RECORD_NAME, record)
     (group,) = leaderboard.build(leaderboard.collect([tmp_path])[0])
     assert sorted(row.label.split(", ")[-1] for row in group.rows.values()) == ["lr=0.001)", "scheduler=cosine)"]
+
+
+def test_training_data_without_a_batch_fails_instead_of_looping_forever():
+    from peftbench import loop
+
+    cfg = config.LoopConfig(lr=1e-3)
+    accelerator = loop.make_accelerator(cfg)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(PeftbenchError, match="the training data yields no batch"):
+        loop.fit(accelerator, model, optimizer, lambda epoch, skip: iter(()), cfg, loop.LoopState(planned_steps=3),
+                 loop.Hooks(), list(model.parameters()))

@@ -21,6 +21,7 @@ from peftbench.config.reading import (
     key_lines,
     merge,
     named_key,
+    nested,
     parse_overrides,
     read_recipe,
     sets,
@@ -51,8 +52,8 @@ from peftbench.registry import METHODS
 __all__ = ["ADVERSARIAL", "LATER_KEYS", "MIXED_PRECISION", "QUANTIZATION", "QUANT_COMPUTE_DTYPES", "SCHEDULERS",
            "SHARDING", "TRACKERS", "DistillConfig", "LoopConfig", "ModelConfig", "RunConfig", "TaskConfig",
            "TrainConfig", "at_line", "build", "check_loop", "dotted", "drop_defaults", "finite", "key_help",
-           "key_lines", "load", "merge", "named_key", "parse_overrides", "read_recipe", "require", "resolve", "sets",
-           "yaml_float", "yaml_value"]
+           "key_lines", "load", "merge", "named_key", "nested", "parse_overrides", "read_recipe", "require", "resolve",
+           "sets", "yaml_float", "yaml_value"]
 
 
 def resolve(tree: dict) -> RunConfig:

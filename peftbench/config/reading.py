@@ -80,6 +80,14 @@ def build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def nested(key: str, value: Any) -> dict:
+    """Dotted ``key`` set to ``value`` as a nested tree: ``nested("train.lr", 1e-3) == {"train": {"lr": 1e-3}}``."""
+    tree = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
 def merge(base: dict, update: dict) -> dict:
     """Deep-merge ``update`` into a copy of ``base``."""
     out = dict(base)

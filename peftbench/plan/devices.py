@@ -36,6 +36,10 @@ def parse_bytes(text: str) -> int:
     s = text.strip().lower().replace(" ", "")
     number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = s[len(number):]
-    if unit not in units or not number:
-        raise PeftbenchError(f"--memory: {text!r} is not a size (examples: 80GiB, 24GB, 512MiB)")
-    return int(float(number) * units[unit])
+    try:
+        size = int(float(number) * units[unit])
+    except (KeyError, ValueError, OverflowError):
+        size = 0
+    if size < 1:
+        raise PeftbenchError(f"--memory: {text!r} is not a size of at least one byte (examples: 80GiB, 24GB, 512MiB)")
+    return size

@@ -70,7 +70,7 @@ def step_seconds(model: nn.Module, method: str, batches: list[list[int]], flops_
 def candidates(setting: Setting, can_quantize: bool):
     """The configured setting, then ever cheaper ones with the same effective batch."""
     yield setting
-    bits = ["none"] + (["8bit", "4bit"] if can_quantize and setting.quantization == "none" else [])
+    bits = [setting.quantization] + (["8bit", "4bit"] if can_quantize and setting.quantization == "none" else [])
     for quantization in bits:
         batch, accum = setting.batch_size, setting.grad_accum_steps
         while True:

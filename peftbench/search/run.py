@@ -13,7 +13,7 @@ from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, read_record
 from peftbench.search.spec import FINAL_DIR, SEARCH_DIR, SearchSpec, grid_lrs
 from peftbench.search.study import Study
-from peftbench.search.trials import choice, next_trial, open_study, settle, study_lock
+from peftbench.search.trials import choice, next_trial, open_study, settle, stored_studies, study_lock
 from peftbench.sweep import Cell, SweepOutcome, agree, comparable_budget, record_status, reusable_here, run_sweep
 
 
@@ -75,8 +75,14 @@ def _variants(study: Study, search: SearchSpec) -> list[tuple[str | None, dict]]
     """A study's final rows: (None, {}) for the plain one, then each ``final.variants`` entry that applies to its
     method, with its ``train.*`` keys."""
     method = study.cfg.method.name
-    return [(None, {}), *((name, {k: v for k, v in keys.items() if k != "methods"})
-                          for name, keys in search.final_variants.items() if method in keys.get("methods", [method]))]
+    found = [(name, {k: v for k, v in keys.items() if k != "methods"})
+             for name, keys in search.final_variants.items() if method in keys.get("methods", [method])]
+    plain = study.cell_cfg(FINAL_DIR, {"lr": 1.0}, 0).run_id
+    for name, keys in found:  # against the study's own settings, not the defaults: a recipe may set the key
+        if study.cell_cfg(FINAL_DIR, {"lr": 1.0, **keys}, 0).run_id == plain:
+            raise PeftbenchError(f"{search.source}: field 'final.variants.{name}': {study.label} already runs with "
+                                 f"{', '.join(f'{k}={v}' for k, v in keys.items())}, so it would be its plain run")
+    return [(None, {}), *found]
 
 
 def _to_reuse(study: Study, search: SearchSpec, reuse: dict[str, list[Path]], retry_failed: bool,
@@ -116,7 +122,14 @@ def describe(studies_: list[Study], search: SearchSpec, board: Board | None = No
     if db != search.storage and not Path(db).is_file():  # a fresh clone: the database is not kept with the records
         return [line + _to_reuse(study, search, reuse or {}, retry_failed, settings)
                 for study, (line, settings) in zip(studies_, _describe_from_records(studies_, search), strict=True)]
+    stored = stored_studies(search)  # a study not started yet is read from its records, not created by a dry run
+    unstarted = [study for study in studies_ if study.name not in stored]
+    from_records = dict(zip((s.name for s in unstarted), _describe_from_records(unstarted, search), strict=True))
     for study in studies_:
+        if study.name in from_records:
+            line, settings = from_records[study.name]
+            lines.append(line + _to_reuse(study, search, reuse or {}, retry_failed, settings))
+            continue
         optuna_study = open_study(study, search, board)
         trials = optuna_study.get_trials(deepcopy=False)
         tried = "; ".join(shown(t.params) + (f"={t.value:.4f}" if t.value is not None else f" {t.state.name}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftbench import sweep
-from peftbench.config import TrainConfig, resolve, yaml_float
+from peftbench.config import TrainConfig, merge, nested, resolve, yaml_float
 from peftbench.errors import PeftbenchError
 from peftbench.methods import get_method
 from peftbench.sweep import VARIANTS
@@ -98,6 +98,10 @@ def read_search(spec: dict, path: Path) -> SearchSpec:
     sampler = search.get("sampler", "grid")
     if sampler not in SAMPLERS:
         raise PeftbenchError(f"{path}: field 'search.sampler' must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    for method, (low, high) in lr.items() if sampler == "grid" else ():
+        if len(set(grid_lrs(low, high, trials))) < trials:  # trials that would be one run
+            raise PeftbenchError(f"{path}: field 'search.lr.{method}': [{low:g}, {high:g}] holds fewer than {trials} "
+                                 "grid rates of 3 significant digits; widen it or lower search.trials")
     if final is not None and (not isinstance(final, dict) or "seeds" not in final or set(final) - {"seeds",
                                                                                                   "variants"}):
         raise PeftbenchError(f"{path}: field 'final' must hold 'seeds' (and optionally 'variants')")
@@ -141,19 +145,11 @@ def read_variants(variants, space: dict, path: Path) -> dict[str, dict]:
             if not str(key).startswith("train.") or key in BUDGET_KEYS or key in searched:
                 raise PeftbenchError(f"{where}: a variant sets train.* keys other than the rate, the seed, the "
                                      "training budget and the searched keys")
-            tree: dict = {}
-            node = tree
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
             try:
-                resolved = resolve(tree)
+                resolve(nested(key, value))
             except PeftbenchError as err:
                 raise PeftbenchError(f"{where}: {value!r} does not make a valid run ({err})") from None
-            if resolved.to_dict() == resolve({}).to_dict():
-                raise PeftbenchError(f"{where}: {value!r} is its default, which changes nothing")
-    return variants
+    return variants  # a variant that changes nothing for a study is refused with it (search.run)
 
 
 def read_space(space, spec: dict, path: Path) -> dict[str, dict[str, dict]]:
@@ -183,14 +179,8 @@ def read_space(space, spec: dict, path: Path) -> dict[str, dict[str, dict]]:
             out[method][key] = _distribution(d, hints.get(name), where)
             probes = out[method][key].get("choices") or [out[method][key]["low"], out[method][key]["high"]]
             for value in probes:  # each must make a valid run of the method
-                tree = {"method": {"name": method}}
-                node = tree.setdefault(section, {})
-                *parents, leaf = name.split(".")
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = value
                 try:
-                    resolve(tree)
+                    resolve(merge({"method": {"name": method}}, nested(key, value)))
                 except PeftbenchError as err:
                     raise PeftbenchError(f"{where}: {value!r} does not make a valid run ({err})") from None
     return out
@@ -203,7 +193,8 @@ def _distribution(d, hint, where: str) -> dict:
     if isinstance(d, dict) and {"low", "high"} <= set(d) <= {"low", "high", "log"}:
         low, high = (yaml_float(d[k], float) for k in ("low", "high"))
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-        integer = hint is int or (hint is None and all(isinstance(v, int) for v in (low, high)))
+        kinds = set(typing.get_args(hint)) - {type(None)} or {hint}  # ``int | None``: an int where one is set
+        integer = kinds == {int} or (hint is None and all(isinstance(v, int) for v in (low, high)))
         log = d.get("log", False)
         if numbers and low <= high and isinstance(log, bool) and (low > 0 or not log):
             if not integer:

@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftbench.config import RunConfig, resolve
+from peftbench.config import RunConfig, merge, nested, resolve
 from peftbench.errors import PeftbenchError
 from peftbench.search.spec import SEARCH_DIR, SearchSpec
 from peftbench.sweep import MAX_CELLS, expand
@@ -38,11 +38,7 @@ class Study:
         if searched:
             tree = cfg.to_dict()
             for key, value in searched.items():
-                *parents, leaf = key.split(".")
-                node = tree
-                for part in parents:
-                    node = node.setdefault(part, {})
-                node[leaf] = value
+                tree = merge(tree, nested(key, value))
             cfg = resolve(tree)
         cfg.train.lr, cfg.train.seed = settings["lr"], seed
         if phase == SEARCH_DIR:  # dev decides: no test score, nothing to keep

@@ -42,12 +42,21 @@ def open_study(study: Study, search: SearchSpec, board: Board | None = None):
     if search.sampler == "grid":
         sampler = _grid_sampler_class()({"lr": grid_lrs(low, high, search.trials)}, seed=0)
     else:
-        sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=max(1, search.trials // 2))
+        sampler = _tpe(search, 0)
     with (board or FolderBoard(study.output_dir)).hold("search-storage"):  # one worker creates the tables
         optuna_study = optuna.create_study(storage=search.storage, study_name=study.name, direction="maximize",
                                            sampler=sampler, load_if_exists=True)
         _same_budget(optuna_study, study, search)
     return optuna_study
+
+
+def stored_studies(search: SearchSpec) -> set[str]:
+    """The names of the studies the search's database holds (none is created)."""
+    return set(_optuna().study.get_all_study_names(search.storage))
+
+
+def _tpe(search: SearchSpec, seed: int):
+    return _optuna().samplers.TPESampler(seed=seed, n_startup_trials=max(1, search.trials // 2))
 
 
 def _same_budget(optuna_study, study: Study, search: SearchSpec) -> None:
@@ -115,6 +124,8 @@ def next_trial(optuna_study, study: Study, search: SearchSpec, attempted: set[in
                 return trial.number, search.suggest(_optuna().Trial(optuna_study, trial._trial_id), method)
         if len(trials) >= search.trials:
             return None
+        if search.sampler == "tpe":  # seeded by the trial's number: a new worker, or a restart, draws anew
+            optuna_study.sampler = _tpe(search, len(trials))  # instead of repeating trial 0's settings
         trial = optuna_study.ask()
         return trial.number, search.suggest(trial, method)
 

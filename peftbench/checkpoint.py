@@ -45,10 +45,16 @@ TRACKERS_DIR = "trackers"  # experiment trackers' files (TensorBoard events), wi
 RUN_FILES = (RECORD_NAME, CHECKPOINT_DIR, TRACKERS_DIR)  # all a run folder holds
 
 
-def staging_dir(out_dir: Path) -> Path:
-    """Where a run of ``out_dir`` is built: beside it (so ``out_dir`` needs a parent: not the root folder). A
-    link stays a link: the run is built beside the link, not beside what it points to."""
+def _real(out_dir: Path) -> Path:
+    """``out_dir`` as an absolute path; a link as the folder it names, where the run then lands (the link stays)."""
     out_dir = Path(os.path.abspath(out_dir))
+    return out_dir.resolve() if out_dir.is_symlink() else out_dir
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """Where a run of ``out_dir`` is built: beside it (so ``out_dir`` needs a parent: not the root folder); beside
+    the folder a link names, so that the swap stays on that folder's disk."""
+    out_dir = _real(out_dir)
     if not out_dir.name:
         raise PeftbenchError(f"config key 'output_dir': {out_dir} is the root folder; a run needs a folder of its "
                              "own (it replaces the folder whole)")
@@ -56,16 +62,8 @@ def staging_dir(out_dir: Path) -> Path:
 
 
 def _retired_dir(out_dir: Path) -> Path:
-    out_dir = Path(os.path.abspath(out_dir))
+    out_dir = _real(out_dir)
     return out_dir.with_name(f".{out_dir.name}.old")
-
-
-def _remove(path: Path) -> None:
-    """Delete a folder, or a link (an ``output_dir`` that was one, set aside: rmtree refuses links)."""
-    if path.is_symlink():
-        path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare_run_dir(out_dir: Path) -> Path:
@@ -74,10 +72,11 @@ def prepare_run_dir(out_dir: Path) -> Path:
     A swap that a kill cut short is completed (the new run was whole) or undone. A folder holding
     anything but a run's files is refused: publishing replaces the folder whole.
     """
+    out_dir = _real(out_dir)
     stage, old = staging_dir(out_dir), _retired_dir(out_dir)
     if not out_dir.exists() and old.exists():  # killed between the two renames of publish()
         os.replace(stage if (stage / RECORD_NAME).is_file() else old, out_dir)
-    _remove(old)
+    shutil.rmtree(old, ignore_errors=True)
     if out_dir.is_file():
         raise PeftbenchError(f"config key 'output_dir': {out_dir} is a file, not a folder")
     if out_dir.is_dir():
@@ -93,11 +92,12 @@ def prepare_run_dir(out_dir: Path) -> Path:
 def publish(stage: Path, out_dir: Path) -> None:
     """Swap the finished staging folder in for ``out_dir``: two renames, then the old run is deleted. A kill
     leaves the old complete run or the new one (:func:`prepare_run_dir` finishes a swap cut in between)."""
+    out_dir = _real(out_dir)
     old = _retired_dir(out_dir)
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(stage, out_dir)
-    _remove(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_finetuned(ckpt_dir: Path, model, tokenizer, method, meta: dict, state_dict: dict | None = None,

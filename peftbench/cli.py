@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep_p.add_argument("--shard", default="0/1", help="i/N: run the i-th of N deterministic shares of the cells")
     sweep_p.add_argument("--retry-failed", action="store_true", help="rerun cells whose record says failed")
     sweep_p.add_argument("--dry-run", action="store_true", help="list the cells and their status, run nothing")
-    sweep_p.add_argument("--max-cells", type=int, default=10_000, help="refuse a grid of more cells (default 10000)")
+    sweep_p.add_argument("--max-cells", type=_positive, default=10_000,
+                         help="refuse a grid of more cells (default 10000)")
     pre_p = sub.add_parser("pretrain", help="masked-LM pretraining (resumes an interrupted run in the same output_dir)",
                            keys=_pretrain_keys)
     pre_p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]")
@@ -414,8 +415,6 @@ def _sweep(ns) -> int:
     from peftbench.leaderboard import run_summary
     from peftbench.loop import process_state
 
-    if ns.max_cells < 1:
-        raise PeftbenchError(f"--max-cells must be >= 1, got {ns.max_cells}")
     spec = sweep.read_sweep(ns.sweep_file)
     timeout = config.merge(spec["recipe"], config.parse_overrides(ns.overrides)).get("train", {}).get("dist_timeout")
     if timeout is not None and (type(timeout) is not int or timeout < 1):  # read before any cell's config is

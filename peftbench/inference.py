@@ -28,7 +28,7 @@ def load(ckpt_dir: str | Path, device: str | torch.device = "cpu", merge: bool =
 
     ``base`` replaces the base model's recorded place (a hub name or a directory: the same model, moved); it
     is checked against the fingerprint taken at training. ``merge=True`` folds LoRA-style updates into the
-    base weights (no extra latency).
+    base weights (no extra latency); refused for a quantised base, which would quantise them again.
     """
     ckpt_dir = Path(ckpt_dir)
     with loading(ckpt_dir):
@@ -89,6 +89,9 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
     if base is not None and meta["base"] is None:
         raise PeftbenchError(f"{ckpt_dir}: method '{meta['method']}' saved a whole model; it takes no base")
     quantized = cfg.model.quantization != "none"
+    if merge and quantized:  # before the base is loaded
+        raise PeftbenchError(f"{ckpt_dir}: trained on a {cfg.model.quantization} base; merging would quantise the "
+                             "updated weights again, and the model would not be the one trained: load it unmerged")
     base_model = None if meta["base"] is None else load_base(ckpt_dir, meta, tokenizer.pad_token_id, device, base)
     ctx = RunContext(total_steps=0, num_labels=len(meta["labels"]), peft_task_type=kind.peft_task_type,
                      labels_per_token=kind.labels_per_token,
@@ -99,10 +102,6 @@ def _load(ckpt_dir: Path, meta: dict, device, merge: bool, base: str | None):
     if merge:
         if not (hasattr(model, "merge_and_unload") and method.makes_plain_model()):
             raise PeftbenchError(f"method '{meta['method']}' has no weights to merge into the base model")
-        if quantized:
-            raise PeftbenchError(f"{ckpt_dir}: trained on a {cfg.model.quantization} base; merging would quantise "
-                                 "the updated weights again, and the model would not be the one trained: load it "
-                                 "unmerged")
         model = merge_and_unload(model)
     return (model if quantized else model.to(device)).eval(), tokenizer, meta  # bitsandbytes weights stay put
 

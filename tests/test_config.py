@@ -67,6 +67,9 @@ def test_a_bad_value_in_a_recipe_names_the_file_and_its_line(tmp_path):
     path.write_text("task: {name: synthetic}\ntrain:\n  seedz: 1\n")
     with pytest.raises(PeftbenchError, match=f"^{re.escape(str(path))}:3: unknown config key 'train.seedz'"):
         config.load(path)
+    path.write_text("method:\n  name: lora\n  target_modules: &x [query, *x]\n")  # an alias of itself
+    with pytest.raises(PeftbenchError, match=f"^{re.escape(str(path))}:3: config key 'method.target_modules'"):
+        config.load(path)
     path.write_text("model:\n  quantization: 8bit\nmethod:\n  name: full\n")
     with pytest.raises(PeftbenchError, match=f"^{re.escape(str(path))}:4: config keys 'method.name=full' and"):
         config.load(path)

@@ -55,18 +55,21 @@ def test_a_killed_rerun_leaves_the_old_record_and_checkpoint_together(tmp_path, 
     assert digest(out) != before and not stage.exists()
 
 
-def test_an_output_dir_that_is_a_link_takes_run_after_run(tmp_path):
-    """The link is built beside and replaced by the run's folder; set aside, it is deleted (rmtree refuses a
-    link), so the next run's swap finds the way clear instead of failing after training."""
-    (tmp_path / "elsewhere").mkdir()
+def test_an_output_dir_that_is_a_link_takes_run_after_run_in_the_folder_it_names(tmp_path):
+    """The run is built beside and swapped in for the folder the link names (on that folder's disk); the link
+    stays, and the next run's swap finds the way clear instead of failing after training."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "elsewhere").mkdir()
     out = tmp_path / "run"
-    out.symlink_to(tmp_path / "elsewhere")
+    out.symlink_to(tmp_path / "disk" / "elsewhere")
     for seed in (1, 2, 3):
         stage = checkpoint.prepare_run_dir(out)
+        assert stage.parent == tmp_path / "disk"
         write_atomic(stage / RECORD_NAME, {"seed": seed})
         checkpoint.publish(stage, out)
-        assert json.loads((out / RECORD_NAME).read_text())["seed"] == seed
-        assert not (tmp_path / ".run.old").exists() and not (tmp_path / ".run.old").is_symlink()
+        assert out.is_symlink() and json.loads((out / RECORD_NAME).read_text())["seed"] == seed
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "run"]
+        assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["elsewhere"]
 
 
 def test_a_swap_cut_between_its_renames_is_finished_or_undone(tmp_path):

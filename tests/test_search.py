@@ -479,10 +479,12 @@ def test_a_variant_is_weighed_against_the_studys_own_settings_not_the_defaults(t
         study = search.studies(spec)[0]
         if name == "linear":
             assert _variants(study, spec["search"]) == [(None, {}), ("linear", {"train.scheduler": "linear"})]
-        else:
+        else:  # refused before the first trial, not after a whole search
+            calls = tmp_path / "calls"
             with pytest.raises(PeftbenchError, match="'final.variants.same': .* already runs with "
                                                      "train.scheduler=cosine, so it would be its plain run"):
-                _variants(study, spec["search"])
+                search.run_search(search.studies(spec), spec["search"], runner=fake_runner(calls))
+            assert not calls.exists()
 
 
 def test_a_dry_run_starts_no_study(tmp_path):

@@ -144,6 +144,22 @@ def test_an_adapter_removed_while_it_loads_leaves_memory_once_its_request_is_ans
     store = asyncio.run(remove_while_loading())
     assert detached == ["a"] and not store.recent and not store.draining
 
+    def refused(name, path, device, bases):
+        raise store_lib.PeftbenchError(f"{path}: damaged")
+
+    monkeypatch.setattr(store_lib, "read_adapter", refused)
+
+    async def refused_on_first_use():
+        store = store_lib.AdapterStore({})
+        store.model_thread = ThreadPoolExecutor(1)
+        store.entries["b"] = store_lib.Entry("b", Path("b"), {})
+        with pytest.raises(store_lib.Refused, match="no longer served"):
+            await store.acquire("b")
+        return store
+
+    store = asyncio.run(refused_on_first_use())  # the name is free for a mended copy (not held by a drain)
+    assert "b" not in store.entries and not store.draining
+
 
 def test_the_log_names_each_refused_folder_and_each_change(folder_server):  # last: it stops the server
     proc, *_ = folder_server

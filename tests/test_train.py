@@ -178,6 +178,10 @@ def test_training_data_without_a_batch_fails_instead_of_looping_forever():
     accelerator = loop.make_accelerator(cfg)
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    def batches(epoch, skip):
+        assert epoch < 3, "fit went on through empty epochs"  # fail here rather than hang
+        return iter(())
+
     with pytest.raises(PeftbenchError, match="the training data yields no batch"):
-        loop.fit(accelerator, model, optimizer, lambda epoch, skip: iter(()), cfg, loop.LoopState(planned_steps=3),
-                 loop.Hooks(), list(model.parameters()))
+        loop.fit(accelerator, model, optimizer, batches, cfg, loop.LoopState(planned_steps=3), loop.Hooks(),
+                 list(model.parameters()))

@@ -240,9 +240,6 @@ def test_a_bad_trick_setting_is_one_line_naming_its_key(key, value, rule):
     (["train.adversarial_epsilon=0.3"], "'train.adversarial_epsilon' is set .* without train.adversarial=fgm or pgd"),
     (["train.adversarial=fgm", "train.adversarial_steps=2"],
      "'train.adversarial_steps' .* without train.adversarial=pgd"),
-    (["train.scheduler_power=2"], "'train.scheduler_power' is set [(]2.0[)] .* without train.scheduler=polynomial"),
-    (["train.scheduler=cosine", "train.scheduler_cycles=3"],
-     "'train.scheduler_cycles' is set [(]3[)] .* without train.scheduler=cosine_with_restarts"),
     (["method.name=adalora", "train.ema_decay=0.9"], "'train.ema_decay' and 'method.name=adalora' conflict: adalora "
                                                      "masks its trained tensors")])
 def test_a_setting_that_would_change_nothing_or_break_the_average_is_refused(overrides, message):

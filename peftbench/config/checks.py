@@ -54,10 +54,6 @@ def check_loop(t: LoopConfig, section: str = "train") -> None:
     require(t.scheduler_cycles >= 1, f"{section}.scheduler_cycles", ">= 1", t.scheduler_cycles)
     require(finite(t.scheduler_power) and t.scheduler_power > 0, f"{section}.scheduler_power", "a finite number > 0",
             t.scheduler_power)
-    for key, scheduler in (("scheduler_cycles", "cosine_with_restarts"), ("scheduler_power", "polynomial")):
-        if t.scheduler != scheduler and getattr(t, key) != getattr(type(t)(), key):  # a row and run id of its own
-            raise PeftbenchError(f"config key '{section}.{key}' is set ({getattr(t, key)!r}) but does nothing "
-                                 f"without {section}.scheduler={scheduler}; leave it at its default")
     for key in ("weight_decay", "max_grad_norm"):
         require(finite(getattr(t, key)) and getattr(t, key) >= 0, f"{section}.{key}", "a finite number >= 0",
                 getattr(t, key))

@@ -207,8 +207,12 @@ def key_lines(path: str | Path) -> dict[str, int]:
     """The line of each key of a YAML file that reads without error, by dotted path (list items by index): where
     an error about a value of the file points."""
     lines: dict[str, int] = {}
+    seen: set[int] = set()  # an alias is walked once (one may refer to itself)
 
     def walk(node, prefix: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             pairs = [(key.value, key, value) for key, value in node.value]
         elif isinstance(node, yaml.SequenceNode):

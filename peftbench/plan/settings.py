@@ -93,7 +93,7 @@ def plan_method(cfg, lengths: list[int], num_labels: int, vocab_size: int, kind:
     from peftbench.methods import get_method
 
     t = cfg.train
-    steps_per_epoch = math.ceil(len(lengths) / t.batch_size / t.grad_accum_steps)
+    steps_per_epoch = math.ceil(len(lengths) / processes / t.batch_size / t.grad_accum_steps)  # each process's
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch  # as the run counts them
     model = meta_model(cfg, vocab_size, num_labels, total_steps)
     multiple = 8 if kind == "cuda" else 1

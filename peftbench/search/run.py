@@ -26,6 +26,8 @@ def run_search(studies_: list[Study], search: SearchSpec, retry_failed: bool = F
     runs in ``reuse`` (:func:`sweep.reusable`) are copied in instead of run."""
     main = process_state().is_main_process
     outcome, waiting, failed = SweepOutcome(records=[]), [], []
+    for study in studies_:  # a variant that is some study's plain run is refused before any trial runs
+        _variants(study, search)
     for study in studies_:
         method = study.cfg.method.name
         on = board or FolderBoard(study.output_dir)

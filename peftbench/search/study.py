@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftbench.config import RunConfig, merge, nested, resolve
+from peftbench.config import RunConfig, resolve
 from peftbench.errors import PeftbenchError
 from peftbench.search.spec import SEARCH_DIR, SearchSpec
 from peftbench.sweep import MAX_CELLS, expand
@@ -37,8 +37,12 @@ class Study:
         searched = {k: v for k, v in settings.items() if k != "lr"}
         if searched:
             tree = cfg.to_dict()
-            for key, value in searched.items():
-                tree = merge(tree, nested(key, value))
+            for key, value in searched.items():  # the value replaces the key's (a mapping too, not merged)
+                *parents, leaf = key.split(".")
+                node = tree
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
             cfg = resolve(tree)
         cfg.train.lr, cfg.train.seed = settings["lr"], seed
         if phase == SEARCH_DIR:  # dev decides: no test score, nothing to keep

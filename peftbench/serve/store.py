@@ -147,6 +147,7 @@ class AdapterStore:
                 await asyncio.shield(entry.loading)
         except BaseException:
             entry.in_flight -= 1
+            await self._let_go_if_drained(entry)  # refused while loading: the name is free again
             raise
         if not entry.pinned:
             self.recent.pop(name, None)
@@ -155,10 +156,14 @@ class AdapterStore:
 
     async def release(self, entry: Entry) -> None:
         entry.in_flight -= 1
+        await self._let_go_if_drained(entry)
+        await self._make_room()
+
+    async def _let_go_if_drained(self, entry: Entry) -> None:
+        """A removed entry leaves memory, and frees its name, once no request holds it."""
         if entry.removed and entry.in_flight == 0 and self.draining.get(entry.name) is entry:
             del self.draining[entry.name]
             await self._unload(entry)
-        await self._make_room()
 
     async def _load(self, entry: Entry) -> None:
         loop = asyncio.get_running_loop()

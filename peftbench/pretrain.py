@@ -122,9 +122,16 @@ class PretrainConfig:
 
 
 def load_config(recipe: str | None, overrides: list[str]) -> PretrainConfig:
-    tree = config_lib.read_recipe(recipe) if recipe else {}
-    tree = config_lib.merge(tree, config_lib.parse_overrides(overrides))
-    cfg = config_lib.build(PretrainConfig, tree, "")
+    """The recipe with its overrides, checked; a bad value the recipe file sets is named with its line."""
+    given = config_lib.parse_overrides(overrides)
+    tree = config_lib.merge(config_lib.read_recipe(recipe) if recipe else {}, given)
+    try:
+        return _checked(config_lib.build(PretrainConfig, tree, ""))
+    except PeftbenchError as exc:
+        raise config_lib.located(exc, recipe, given) from None
+
+
+def _checked(cfg: PretrainConfig) -> PretrainConfig:
     if not cfg.corpus.files:
         raise PeftbenchError("config key 'corpus.files': give at least one text file")
     if cfg.model.from_scratch == (cfg.model.name_or_path is not None):

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 import stat
 
 import pytest
@@ -274,6 +275,10 @@ def test_corpus_formats_and_errors(tmp_path):
         pretrain.load_config(None, ["model.from_scratch=true"])
     with pytest.raises(PeftbenchError, match="unknown config key 'mask.prob'"):
         pretrain.load_config(None, [f"corpus.files=[{jl}]", "model.from_scratch=true", "mask.prob=0.2"])
+    recipe = tmp_path / "pt.yaml"
+    recipe.write_text(f"corpus: {{files: [{jl}]}}\nmodel: {{from_scratch: true}}\nmask:\n  block_size: 4\n")
+    with pytest.raises(PeftbenchError, match=f"^{re.escape(str(recipe))}:4: config key 'mask.block_size' must be >= 8"):
+        pretrain.load_config(str(recipe), [])  # a pretraining recipe's bad value is named with its line too
 
 
 @pytest.mark.slow

@@ -52,8 +52,8 @@ from peftbench.registry import METHODS
 __all__ = ["ADVERSARIAL", "LATER_KEYS", "MIXED_PRECISION", "QUANTIZATION", "QUANT_COMPUTE_DTYPES", "SCHEDULERS",
            "SHARDING", "TRACKERS", "DistillConfig", "LoopConfig", "ModelConfig", "RunConfig", "TaskConfig",
            "TrainConfig", "at_line", "build", "check_loop", "dotted", "drop_defaults", "finite", "key_help",
-           "key_lines", "load", "merge", "named_key", "nested", "parse_overrides", "read_recipe", "require", "resolve",
-           "sets", "yaml_float", "yaml_value"]
+           "key_lines", "load", "located", "merge", "named_key", "nested", "parse_overrides", "read_recipe", "require",
+           "resolve", "sets", "yaml_float", "yaml_value"]
 
 
 def resolve(tree: dict) -> RunConfig:
@@ -83,7 +83,13 @@ def load(recipe: str | Path | None = None, overrides: list[str] | None = None, b
     try:
         return resolve(merge(tree, given))
     except PeftbenchError as exc:
-        key = named_key(exc)
-        if recipe is None or key is None or sets(given, key):
-            raise
-        raise at_line(exc, recipe, key_lines(recipe).get(key)) from None
+        raise located(exc, recipe, given) from None
+
+
+def located(exc: PeftbenchError, recipe: str | Path | None, given: dict) -> PeftbenchError:
+    """``exc`` named with the recipe file and the line of the key it names, where the file sets that key and no
+    override (``given``) replaces it; else ``exc`` as it is."""
+    key = named_key(exc)
+    if recipe is None or key is None or sets(given, key):
+        return exc
+    return at_line(exc, recipe, key_lines(recipe).get(key))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from peftbench import checkpoint
 from peftbench.config import resolve
 from peftbench.data import Collator
 from peftbench.errors import PeftbenchError, clip
-from peftbench.measure import base_forward_flops, forward_flops, inference_cost
+from peftbench.measure import base_forward_flops, forward_flops, inference_cost, synchronize
 from peftbench.methods import RunContext, get_method, lacked_modules
 from peftbench.models import from_pretrained, guard_padding, merge_and_unload, without_peft
 from peftbench.records import write_text_atomic
@@ -314,6 +315,7 @@ class Ensemble:
         self.ckpts, self.device = [Path(c) for c in ckpts], device
         self.members = [load(c, device) for c in self.ckpts]  # (model, tokenizer, meta)
         self.meta = self.members[0][2]
+        self.forward_seconds = 0.0  # the last split_logits' forward passes
         first = self.meta
         for ckpt, (_, tokenizer, meta) in zip(self.ckpts[1:], self.members[1:]):
             for key in ("task", "kind", "labels"):
@@ -346,16 +348,21 @@ class Ensemble:
                      labeled_only: bool = False):
         """The first member's :class:`SplitBatches` of ``split`` (of ``data_dir``, else the first member's data
         for every member) and, per batch, the log of the members' mean probabilities (None when ``labeled_only``
-        and the split has no labels)."""
+        and the split has no labels). ``forward_seconds``: the members' forward passes took this long (reading
+        and tokenising the split aside, as a run's evaluation times it)."""
         data_dir = data_dir if data_dir is not None else self.meta["data_dir"]
         splits = [SplitBatches(meta, tokenizer, split, data_dir, batch_size) for _, tokenizer, meta in self.members]
         if labeled_only and not splits[0].labeled():
             return splits[0], None
         mean = None
+        synchronize(torch.device(self.device))
+        start = time.perf_counter()
         for (model, _, _), batches in zip(self.members, splits):
             probs = [_token_aligned(model(**{k: v.to(self.device) for k, v in b["inputs"].items()}).logits, b)
                      .float().softmax(-1).cpu() for b in batches]
             mean = probs if mean is None else [m + p for m, p in zip(mean, probs)]
+        synchronize(torch.device(self.device))
+        self.forward_seconds = time.perf_counter() - start
         return splits[0], [(m / len(self.members)).log() for m in mean]
 
 

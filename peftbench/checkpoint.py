@@ -281,15 +281,21 @@ def read_new_weights(ckpt_dir: Path) -> dict:
     return load_file(str(path))
 
 
-def save_pretrained_model(model, tokenizer, directory: Path, provenance: dict) -> None:
-    """A standard Hugging Face directory; LoRA adapters are merged into the weights."""
+def save_pretrained_model(model, tokenizer, directory: Path, provenance: dict, files: tuple[Path, ...] = ()) -> None:
+    """A standard Hugging Face directory with ``files`` copied in (a vocabulary), swapped in whole (a kill leaves
+    the last whole model); LoRA adapters are merged into the weights."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    write_atomic(directory / PROVENANCE_FILE, provenance)
-    settle_modes(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    for file in files:
+        shutil.copy2(file, tmp / file.name)
+    write_atomic(tmp / PROVENANCE_FILE, provenance)
+    settle_modes(tmp)
+    _swap_in(tmp, directory)
 
 
 def pretrained_by_peftbench(model_dir: str) -> dict | None:

@@ -49,8 +49,10 @@ from peftbench.records import (
     RunPhase,
     environment,
     failed_record_on_error,
+    holds_success,
     make_record,
     write_atomic,
+    write_text_atomic,
 )
 from peftbench.tasks import is_evaluation_file, read_records
 
@@ -318,10 +320,9 @@ def _load_tokenizer(cfg: PretrainConfig, out_dir: Path, docs: list[str], fresh: 
         if tokenizer.mask_token_id is None:
             raise PeftbenchError(f"config key 'model.name_or_path': tokenizer of '{m.name_or_path}' has no mask token")
         return tokenizer
-    vocab = out_dir / checkpoint.MODEL_DIR / "vocab.txt"
+    vocab = out_dir / "vocab.txt"  # the run's, beside its state: model/ keeps the last whole model until the end
     if fresh:
-        vocab.parent.mkdir(parents=True, exist_ok=True)
-        vocab.write_text("\n".join(build_char_vocab(docs, m.vocab_min_freq)) + "\n", encoding="utf-8")
+        write_text_atomic(vocab, "\n".join(build_char_vocab(docs, m.vocab_min_freq)) + "\n")
     return BertTokenizer(vocab=str(vocab), do_lower_case=True)
 
 
@@ -357,7 +358,8 @@ def _load_model(cfg: PretrainConfig, tokenizer):
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) masked-LM pretraining; returns the record (also written to ``output_dir``).
-    A crash writes a failed record; an interrupt leaves the last resumable checkpoint."""
+    A crash writes a failed record, unless ``output_dir`` holds a successful run (its model and record stay until
+    the new run is whole); an interrupt leaves the last resumable checkpoint."""
     launch = distributed.launch()
     if launch.sharded:
         raise PeftbenchError(f"peftbench pretrain runs in one process or under DDP, not under {launch.engine}: "
@@ -366,10 +368,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     accelerator = make_accelerator(cfg.train, trackers_dir=out_dir / checkpoint.TRACKERS_DIR)
     env = environment(accelerator.num_processes)
     start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
+    keep = holds_success(out_dir, PRETRAIN_RECORD_NAME)  # the last whole run's, which model/ still holds
     try:
         with failed_record_on_error(out_dir / PRETRAIN_RECORD_NAME, cfg.to_dict(), cfg.run_id, env,
-                                    accelerator.is_main_process, {"kind": "pretrain"}) as phase:
+                                    accelerator.is_main_process and not keep, {"kind": "pretrain"}) as phase:
             record = _pretrain(cfg, accelerator, out_dir, env, phase)
+    except Exception as exc:
+        exc.kept_success = keep  # the command's error line says so
+        raise
     finally:
         stop_tracking(accelerator)
     accelerator.wait_for_everyone()
@@ -382,9 +388,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
     start = time.perf_counter()
     where = out_dir / checkpoint.CHECKPOINT_DIR
     ckpt = checkpoint.whole_state_dir(where)  # the last whole state, also when a kill came mid-swap
-    saved = checkpoint.read_training_state(ckpt, cfg.run_id)
-    if saved is None and accelerator.is_main_process:  # a new run: the old record no longer describes model/
-        (out_dir / PRETRAIN_RECORD_NAME).unlink(missing_ok=True)
+    saved = checkpoint.read_training_state(ckpt, cfg.run_id)  # (model/ and its record stay the last whole run's)
     with accelerator.main_process_first():
         docs = read_documents(cfg.corpus.files, cfg.corpus.text_fields, cfg.corpus.allow_eval_text)
         set_seed(t.seed)
@@ -466,12 +470,14 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
                                 "eval_curve": eval_curve, "model_dir": str(out_dir / checkpoint.MODEL_DIR)})
     if accelerator.is_main_process:
         summary = {k: record[k] for k in ("run_id", "config", "env")} | {"metrics": metrics, "data": data}
+        vocab = (out_dir / "vocab.txt",) if cfg.model.from_scratch else ()
         checkpoint.save_pretrained_model(accelerator.unwrap_model(model), tokenizer, out_dir / checkpoint.MODEL_DIR,
-                                         summary)
+                                         summary, vocab)
         if cfg.reference is not None:
             record["reference"] = compare_with_reference(out_dir / checkpoint.MODEL_DIR, Path(cfg.reference), final)
         write_atomic(out_dir / PRETRAIN_RECORD_NAME, record)
         checkpoint.remove_state(where)
+        (out_dir / "vocab.txt").unlink(missing_ok=True)  # the run's own copy: the model's is in model/
     return record
 
 

@@ -208,11 +208,12 @@ def read_record(path: str | Path) -> dict:
     return validate(record, str(path))
 
 
-def holds_success(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a readable record of a successful run."""
+def holds_success(folder: str | Path, name: str = RECORD_NAME) -> bool:
+    """Whether ``folder`` holds a readable record (``name``: a fine-tuning or a pretraining one) of a successful
+    run."""
     try:
-        return read_record(Path(folder) / RECORD_NAME)["status"] == "success"
-    except (OSError, PeftbenchError):
+        return json.loads((Path(folder) / name).read_text(encoding="utf-8"))["status"] == "success"
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, not a record
         return False
 
 

@@ -224,6 +224,27 @@ def test_resume_after_interruption_continues_exactly(corpus, tmp_path, monkeypat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_new_run_that_crashes_keeps_the_last_whole_model_and_its_record(corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pt"
+    first = pretrain.pretrain(quick_cfg(corpus, out, "train.max_steps=4", "train.save_every=2"))
+    before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    real_save = checkpoint.save_training_state
+
+    def save_then_crash(*args):
+        real_save(*args)
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(checkpoint, "save_training_state", save_then_crash)
+    from peftbench.cli import main
+
+    assert main(["pretrain", f"corpus.files=[{corpus}]", "model.from_scratch=true", TINY_ARCH, "mask.block_size=64",
+                 "train.batch_size=16", "train.max_steps=4", "train.save_every=2", "train.lr=1e-3",
+                 f"output_dir={out}"]) == 1  # another run into the same folder, which crashes
+    assert f"(the earlier successful run in {out} is kept)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before  # not its vocabulary, say
+    assert json.loads((out / PRETRAIN_RECORD_NAME).read_text())["run_id"] == first["run_id"]
+
+
 def test_an_unreadable_rng_state_is_refused(corpus, tmp_path, monkeypatch):
     interrupt_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):

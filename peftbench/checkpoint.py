@@ -281,9 +281,10 @@ def read_new_weights(ckpt_dir: Path) -> dict:
     return load_file(str(path))
 
 
-def save_pretrained_model(model, tokenizer, directory: Path, provenance: dict, files: tuple[Path, ...] = ()) -> None:
-    """A standard Hugging Face directory with ``files`` copied in (a vocabulary), swapped in whole (a kill leaves
-    the last whole model); LoRA adapters are merged into the weights."""
+def stage_pretrained_model(model, tokenizer, directory: Path, provenance: dict, files: dict[str, Path] | None = None
+                           ) -> Path:
+    """A standard Hugging Face directory written beside ``directory`` (LoRA adapters merged into the weights,
+    ``files`` copied in by name: a vocabulary); returns it, for :func:`swap_in` to put in ``directory``'s place."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     tmp = directory.with_name(directory.name + ".tmp")
@@ -291,11 +292,11 @@ def save_pretrained_model(model, tokenizer, directory: Path, provenance: dict, f
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    for file in files:
-        shutil.copy2(file, tmp / file.name)
+    for name, source in (files or {}).items():
+        shutil.copy2(source, tmp / name)
     write_atomic(tmp / PROVENANCE_FILE, provenance)
     settle_modes(tmp)
-    _swap_in(tmp, directory)
+    return tmp
 
 
 def pretrained_by_peftbench(model_dir: str) -> dict | None:
@@ -319,7 +320,7 @@ def save_training_state(accelerator, state: dict, run_id: str, where: Path) -> N
     accelerator.wait_for_everyone()  # every process's RNG state is in before the swap
     if accelerator.is_main_process:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
-        _swap_in(tmp, where)
+        swap_in(tmp, where)
     accelerator.wait_for_everyone()
 
 
@@ -369,12 +370,13 @@ def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, wh
     if main:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         settle_modes(tmp)
-        _swap_in(tmp, where)
+        swap_in(tmp, where)
     accelerator.wait_for_everyone()
 
 
-def _swap_in(tmp: Path, where: Path) -> None:
-    """Replace the state ``where`` by ``tmp``: the last whole one steps aside until the new one is in place."""
+def swap_in(tmp: Path, where: Path) -> None:
+    """Replace the folder ``where`` by ``tmp``: the last whole one steps aside until the new one is in place
+    (:func:`whole_state_dir` finds it after a kill between the renames; :func:`restore_cut_swap` puts it back)."""
     old = where.with_name(where.name + ".old")
     if where.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -387,6 +389,13 @@ def whole_state_dir(where: Path) -> Path:
     """``where``, or the state that stepped aside for it when a kill came between the two renames."""
     old = where.with_name(where.name + ".old")
     return old if not where.exists() and old.exists() else where
+
+
+def restore_cut_swap(where: Path) -> None:
+    """Put back the folder that stepped aside for ``where`` when a kill came between :func:`swap_in`'s renames."""
+    old = where.with_name(where.name + ".old")
+    if not where.exists() and old.exists():
+        old.rename(where)
 
 
 def remove_state(where: Path) -> None:

@@ -320,10 +320,22 @@ def _load_tokenizer(cfg: PretrainConfig, out_dir: Path, docs: list[str], fresh: 
         if tokenizer.mask_token_id is None:
             raise PeftbenchError(f"config key 'model.name_or_path': tokenizer of '{m.name_or_path}' has no mask token")
         return tokenizer
-    vocab = out_dir / "vocab.txt"  # the run's, beside its state: model/ keeps the last whole model until the end
     if fresh:
-        write_text_atomic(vocab, "\n".join(build_char_vocab(docs, m.vocab_min_freq)) + "\n")
-    return BertTokenizer(vocab=str(vocab), do_lower_case=True)
+        write_text_atomic(out_dir / VOCAB_FILE, "\n".join(build_char_vocab(docs, m.vocab_min_freq)) + "\n")
+    return BertTokenizer(vocab=str(run_vocab(out_dir)), do_lower_case=True)
+
+
+VOCAB_FILE = "pretrain_vocab.txt"  # a from-scratch run's vocabulary, beside its state until model/ holds it
+
+
+def run_vocab(out_dir: Path) -> Path:
+    """The vocabulary of the from-scratch run in ``out_dir`` (one interrupted before it was kept beside the state:
+    in model/, which it had rewritten at its start)."""
+    for path in (out_dir / VOCAB_FILE, out_dir / checkpoint.MODEL_DIR / "vocab.txt"):
+        if path.is_file():
+            return path
+    raise PeftbenchError(f"{out_dir / VOCAB_FILE}: the vocabulary of the run to resume is missing; delete "
+                         f"{out_dir / checkpoint.CHECKPOINT_DIR} to start over")
 
 
 def _load_model(cfg: PretrainConfig, tokenizer):
@@ -374,7 +386,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                     accelerator.is_main_process and not keep, {"kind": "pretrain"}) as phase:
             record = _pretrain(cfg, accelerator, out_dir, env, phase)
     except Exception as exc:
-        exc.kept_success = keep  # the command's error line says so
+        exc.kept_success = keep and not phase.published  # the command's error line says so
         raise
     finally:
         stop_tracking(accelerator)
@@ -388,6 +400,8 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
     start = time.perf_counter()
     where = out_dir / checkpoint.CHECKPOINT_DIR
     ckpt = checkpoint.whole_state_dir(where)  # the last whole state, also when a kill came mid-swap
+    if accelerator.is_main_process:
+        checkpoint.restore_cut_swap(out_dir / checkpoint.MODEL_DIR)  # the last whole model, likewise
     saved = checkpoint.read_training_state(ckpt, cfg.run_id)  # (model/ and its record stay the last whole run's)
     with accelerator.main_process_first():
         docs = read_documents(cfg.corpus.files, cfg.corpus.text_fields, cfg.corpus.allow_eval_text)
@@ -470,14 +484,16 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
                                 "eval_curve": eval_curve, "model_dir": str(out_dir / checkpoint.MODEL_DIR)})
     if accelerator.is_main_process:
         summary = {k: record[k] for k in ("run_id", "config", "env")} | {"metrics": metrics, "data": data}
-        vocab = (out_dir / "vocab.txt",) if cfg.model.from_scratch else ()
-        checkpoint.save_pretrained_model(accelerator.unwrap_model(model), tokenizer, out_dir / checkpoint.MODEL_DIR,
-                                         summary, vocab)
+        vocab = {"vocab.txt": run_vocab(out_dir)} if cfg.model.from_scratch else {}
+        staged = checkpoint.stage_pretrained_model(accelerator.unwrap_model(model), tokenizer,
+                                                   out_dir / checkpoint.MODEL_DIR, summary, vocab)
         if cfg.reference is not None:
-            record["reference"] = compare_with_reference(out_dir / checkpoint.MODEL_DIR, Path(cfg.reference), final)
+            record["reference"] = compare_with_reference(staged, Path(cfg.reference), final)
+        checkpoint.swap_in(staged, out_dir / checkpoint.MODEL_DIR)  # the model, then at once its record
+        phase.published = True
         write_atomic(out_dir / PRETRAIN_RECORD_NAME, record)
         checkpoint.remove_state(where)
-        (out_dir / "vocab.txt").unlink(missing_ok=True)  # the run's own copy: the model's is in model/
+        (out_dir / VOCAB_FILE).unlink(missing_ok=True)  # model/ holds it now
     return record
 
 

@@ -130,6 +130,7 @@ class RunPhase:
     """Where a run is: bad input found before it starts training leaves no record (see below)."""
 
     training: bool = False  # set by the run when its loop begins
+    published: bool = False  # its outputs have replaced the last run's (pretraining's model/)
 
 
 @contextmanager
@@ -209,11 +210,13 @@ def read_record(path: str | Path) -> dict:
 
 
 def holds_success(folder: str | Path, name: str = RECORD_NAME) -> bool:
-    """Whether ``folder`` holds a readable record (``name``: a fine-tuning or a pretraining one) of a successful
-    run."""
+    """Whether ``folder`` holds a readable record (``name``: a fine-tuning one, checked as tables read it, or a
+    pretraining one) of a successful run."""
+    path = Path(folder) / name
     try:
-        return json.loads((Path(folder) / name).read_text(encoding="utf-8"))["status"] == "success"
-    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, not a record
+        record = read_record(path) if name == RECORD_NAME else json.loads(path.read_text(encoding="utf-8"))
+        return record["status"] == "success"
+    except (OSError, ValueError, KeyError, TypeError, PeftbenchError):  # none, unreadable, not a record
         return False
 
 

@@ -268,6 +268,16 @@ def test_resume_refuses_a_checkpoint_of_another_config(corpus, tmp_path, monkeyp
     loop_state.write_text(json.dumps({**json.loads(loop_state.read_text()), "processes": 2}))  # saved by two
     with pytest.raises(PeftbenchError, match="a training state of 2 processes; resume it with as many"):
         pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4"))
+    loop_state.write_text(json.dumps({**json.loads(loop_state.read_text()), "processes": 1}))
+    vocab = (tmp_path / "pt" / pretrain.VOCAB_FILE).read_text(encoding="utf-8")
+    (tmp_path / "pt" / pretrain.VOCAB_FILE).unlink()
+    with pytest.raises(PeftbenchError, match="the vocabulary of the run to resume is missing"):
+        pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4"))
+    (tmp_path / "pt" / "model").mkdir()
+    (tmp_path / "pt" / "model" / "vocab.txt").write_text(vocab, encoding="utf-8")  # where earlier runs kept it
+    pretrain.pretrain(quick_cfg(corpus, tmp_path / "pt", "train.max_steps=8", "train.save_every=4"))  # resumes
+    assert sorted(p.name for p in (tmp_path / "pt").iterdir()) == ["model", PRETRAIN_RECORD_NAME]  # nothing left
+    assert (tmp_path / "pt" / "model" / "vocab.txt").read_text(encoding="utf-8") == vocab
 
 
 def test_eval_text_guard(tmp_path):

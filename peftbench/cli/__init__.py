@@ -1,5 +1,4 @@
-"""Command line: ``peftbench run | sweep | pretrain | plan | leaderboard | predict | ensemble | export | serve``,
-and the listings ``peftbench tasks | methods``.
+"""Command line: ``peftbench COMMAND``, one command per job (``peftbench --help`` lists them).
 
 ``peftbench run`` with no recipe and no ``method.name`` runs the built-in demo:
 full fine-tuning and LoRA of the ``tiny`` backbone on the synthetic task, then a
@@ -26,7 +25,8 @@ STOPPABLE = ("run", "sweep", "pretrain")  # SIGTERM writes the run's record
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser(__doc__.splitlines()[0]).parse_args(argv)
+    parser = build_parser("Parameter-efficient fine-tuning and its benchmarks (peftbench COMMAND --help: its options).")
+    ns = parser.parse_args(argv)
     try:
         if ns.command not in READ_ONLY:
             failures.quiet_libraries()

@@ -139,7 +139,8 @@ def _csv_number(x: float | None) -> str:
 
 NOTES = ("Cells: the task's score in % (accuracy, or entity F1 where the header says F1), mean ± std over seeds "
          "(n seeds); split in the header (test = labeled test split). "
-         "Average: the CLUE-style mean of the task means, where a row has every task. PSCP: the average with "
+         "Average: the CLUE-style mean of the task means over this table's task columns only (not a "
+         "benchmark's other tasks), where a row has every one of them. PSCP: the average with "
          "PEFT-Bench's soft penalties for trainable parameters, extra inference FLOPs and training memory "
          "(docs/leaderboards.md). Trainable: parameters trained "
          "(mean over tasks; heads differ in size). Peak MB: max over processes (GPU: max allocated; CPU: peak RSS). "

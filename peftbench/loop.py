@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from peftbench.config import LoopConfig
 from peftbench.distributed import local
 from peftbench.errors import DivergedError, PeftbenchError
+from peftbench.heartbeat import start_beating
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
 from peftbench.tricks import LoopTricks
 
@@ -39,10 +40,13 @@ TRACKING_PROJECT = "peftbench"  # the MLflow experiment; TensorBoard events go t
 def process_state(dist_timeout: int = LoopConfig.dist_timeout):
     """This process's place among the launched ones, as the accelerator sees it (on CPU, ``cpu=True`` is what
     joins processes started by torchrun into one gloo group). The first call decides for the whole process,
-    ``dist_timeout`` too: the seconds a collective waits for the other processes before it fails."""
+    ``dist_timeout`` too: the seconds a collective waits for the other processes before it fails. The main
+    process of several beats for the others to follow while it works alone (:mod:`peftbench.heartbeat`)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=dist_timeout))
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=dist_timeout))
+    start_beating(state)
+    return state
 
 
 def make_accelerator(cfg: LoopConfig, compile: bool = False, trackers_dir: Path | None = None) -> Accelerator:

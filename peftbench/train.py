@@ -24,6 +24,7 @@ from peftbench import checkpoint, distributed, models, tricks
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
 from peftbench.errors import DivergedError, PeftbenchError
+from peftbench.heartbeat import wait_for_main
 from peftbench.inference import serving_cost
 from peftbench.loop import (
     Hooks,
@@ -92,7 +93,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     main = accelerator.is_main_process
     if main:
         checkpoint.prepare_run_dir(out_dir)
-    accelerator.wait_for_everyone()
+    wait_for_main(accelerator, cfg.train.dist_timeout)
     env = {**environment(accelerator.num_processes), **launch.describe()}
     start = time.perf_counter()
     start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
@@ -121,7 +122,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
         write_atomic(stage / RECORD_NAME, record)
         checkpoint.publish(stage, out_dir)
         checkpoint.remove_state(checkpoint.training_state_dir(out_dir))  # the run is whole: nothing to resume
-    accelerator.wait_for_everyone()
+    wait_for_main(accelerator, cfg.train.dist_timeout)  # behind the checkpoint, the serving cost and the record
     release(accelerator)  # a sweep runs many cells in one process
     return RunResult(record, model, tokenizer)
 
@@ -281,7 +282,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
         checkpoint.save_process_states(
             accelerator, {"loop": s.to_dict(), "history": history, "best": history.index(best["metrics"]) if best
-                          else None, "resumed_from": resumed_from}, shared, cfg.run_id, state_dir)
+                          else None, "resumed_from": resumed_from}, shared, cfg.run_id, state_dir, t.dist_timeout)
 
     def on_optimizer_step(step: int) -> None:
         method.on_optimizer_step(raw_model, step)

@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "peftbench"
 FLOORS = {  # top-level module or sub-package -> floor (higher may import lower)
     "errors": 0, "config": 0, "records": 0, "measure": 0, "registry": 0, "metrics": 0, "noise": 0, "client": 0,
-    "model_index": 0,
+    "model_index": 0, "heartbeat": 0,
     "methods": 1, "tasks": 1, "models": 1, "data": 1, "checkpoint": 1, "leaderboard": 1, "distributed": 1, "claims": 1,
     "tricks": 1,
     "loop": 2, "evaluate_modules": 2, "inference": 2, "mixed": 2,

@@ -1,6 +1,7 @@
 """When a process or a machine is lost: the others end within ``train.dist_timeout`` with a failed record naming
 what was lost, and the same launch with ``train.resume=true`` continues the run from its last state."""
 
+import contextlib
 import json
 import os
 import random
@@ -139,3 +140,60 @@ def test_a_run_killed_under_two_processes_resumes_when_launched_again(still_tiny
     assert record["status"] == "success" and record["resumed_from"] == [saved]
     assert_every_cell_trains_as_one(results, {"lora": cell}, one_process, machines=1)
     assert not checkpoint.training_state_dir(out).exists()
+
+
+MAIN_ALONE = """
+import os, signal, sys, time
+from peftbench.errors import LostProcess
+from peftbench.heartbeat import wait_for_main
+from peftbench.loop import process_state
+
+how, timeout, alone = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+state = process_state(timeout)
+state.wait_for_everyone()
+start = time.monotonic()
+if state.is_main_process:
+    if how == "freeze":  # as a machine that fell silent: no heartbeat, no answer
+        os.kill(os.getpid(), signal.SIGSTOP)
+    time.sleep(alone)  # the main process's work alone (a checkpoint, a training state, the serving cost)
+barrier = state.wait_for_everyone if how == "barrier" else lambda: wait_for_main(state, timeout)
+try:
+    barrier()
+except LostProcess as exc:
+    print(f"after {time.monotonic() - start:.1f} s: {exc}", flush=True)
+    os._exit(3)
+print(f"process {state.process_index} through after {time.monotonic() - start:.1f} s", flush=True)
+"""
+
+
+def run_main_alone(tmp_path, how: str, alone: float, limit: float = 120) -> tuple[subprocess.Popen, str]:
+    script = tmp_path / "main_alone.py"
+    script.write_text(MAIN_ALONE)
+    launch = start(torchrun(str(script), how, "3", str(alone)), start_new_session=True)
+    try:
+        out, err = launch.communicate(timeout=limit)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launch.pid, signal.SIGKILL)  # a frozen main process stays behind its launcher
+    return launch, out + err
+
+
+def test_the_others_wait_for_the_main_process_working_alone_longer_than_the_timeout(tmp_path):
+    """Writing a large checkpoint or training state takes longer than ``train.dist_timeout``: a plain barrier
+    fails the waiting process (the first launch), waiting on the main process's heartbeat does not."""
+    plain, said = run_main_alone(tmp_path, "barrier", 9)
+    assert plain.returncode != 0 and "process 1 through" not in said, said[-2000:]
+    followed, said = run_main_alone(tmp_path, "heartbeat", 9)
+    assert followed.returncode == 0, said[-2000:]
+    waited = [float(line.split(" after ")[1].split(" s")[0]) for line in said.splitlines() if " through after " in line]
+    assert len(waited) == 2 and min(waited) >= 9, said[-2000:]
+
+
+def test_a_main_process_that_freezes_while_working_alone_ends_the_others_within_the_timeout(tmp_path):
+    launch, said = run_main_alone(tmp_path, "freeze", 0, limit=60)
+    lost = [line for line in said.splitlines() if "lost the main process" in line]
+    assert lost and launch.returncode != 0, said[-2000:]
+    seconds = float(lost[0].split("after ")[1].split(" s:")[0])
+    assert 3 <= seconds < 3 + 5, lost[0]
+    assert "process 1 of 2 lost the main process while waiting for it to finish its own work: no heartbeat for " \
+           "train.dist_timeout=3 s" in lost[0]

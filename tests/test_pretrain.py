@@ -180,8 +180,8 @@ def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
     """Make a run die (as on Ctrl-C) right after writing its checkpoint of ``step``."""
     real_save = checkpoint.save_training_state
 
-    def save_then_die(accelerator, state, run_id, ckpt):
-        real_save(accelerator, state, run_id, ckpt)
+    def save_then_die(accelerator, state, *args):
+        real_save(accelerator, state, *args)
         if state["step"] == step:
             raise KeyboardInterrupt
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from peftbench import checkpoint, distributed
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError
+from peftbench.heartbeat import wait_for_main
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -62,7 +63,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise
     finally:
         stop_tracking(accelerator)
-    accelerator.wait_for_everyone()
+    wait_for_main(accelerator, cfg.train.dist_timeout)  # behind the model's staging and swap
     release(accelerator)
     return record
 
@@ -128,7 +129,8 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
                    "num_tokens": ids.numel()}
 
     def save(s: LoopState) -> None:
-        checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, where)
+        checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, where,
+                                       t.dist_timeout)
 
     def on_eval(s: LoopState) -> None:
         eval_curve.append({"step": s.step, "mlm_loss": eval_loss()})

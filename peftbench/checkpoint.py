@@ -310,20 +310,20 @@ def pretrained_by_peftbench(model_dir: str) -> dict | None:
             "mlm_loss": summary["metrics"]["mlm_loss"], "device": summary["env"].get("device_name")}
 
 
-def save_training_state(accelerator, state: dict, run_id: str, where: Path, dist_timeout: int) -> None:
+def save_training_state(accelerator, state: dict, run_id: str, where: Path) -> None:
     """Accelerate's model, optimizer and RNG states plus the loop position, replaced as a whole (a kill leaves the
     last whole one: :func:`whole_state_dir`). The other processes wait for the main one's writing while its
-    heartbeat goes on (``dist_timeout``: how long a silence ends them)."""
+    heartbeat goes on (:func:`heartbeat.wait_for_main`)."""
     tmp = where.with_name(where.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    wait_for_main(accelerator, dist_timeout)
+    wait_for_main(accelerator)
     accelerator.save_state(str(tmp))
-    wait_for_main(accelerator, dist_timeout)  # every process's RNG state is in before the swap
+    wait_for_main(accelerator)  # every process's RNG state is in before the swap
     if accelerator.is_main_process:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         swap_in(tmp, where)
-    wait_for_main(accelerator, dist_timeout)
+    wait_for_main(accelerator)
 
 
 def training_state_dir(out_dir: Path) -> Path:
@@ -357,25 +357,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, where: Path,
-                        dist_timeout: int) -> None:
+def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, where: Path) -> None:
     """A resumable state: each process's ``tensors`` (trained weights, optimizer, ...; empty where they are the
     main process's) with its RNG states, and
     the loop position ``state`` (main process), replaced as a whole (a kill leaves the last whole one). On
     several machines, ``where`` must be a folder they share. The other processes wait for the main one's writing
-    while its heartbeat goes on (``dist_timeout``: how long a silence ends them)."""
+    while its heartbeat goes on (:func:`heartbeat.wait_for_main`)."""
     tmp, main = where.with_name(where.name + ".tmp"), accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    wait_for_main(accelerator, dist_timeout)
+    wait_for_main(accelerator)
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save({**tensors, "rng": rng_state()}, tmp / f"process_{accelerator.process_index}.pt")
-    wait_for_main(accelerator, dist_timeout)
+    wait_for_main(accelerator)
     if main:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         settle_modes(tmp)
         swap_in(tmp, where)
-    wait_for_main(accelerator, dist_timeout)
+    wait_for_main(accelerator)
 
 
 def swap_in(tmp: Path, where: Path) -> None:

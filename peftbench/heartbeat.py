@@ -1,24 +1,27 @@
-"""Waiting for the main process's solo work: its heartbeat, and a barrier that follows it.
+"""Waiting for the main process's solo work: its heartbeat, and the waits that follow it.
 
-Writing a checkpoint or a training state, and timing the trained model, are the main process's work alone while
-the others wait. A plain barrier fails them after ``train.dist_timeout`` however alive the main process is (a
-full model's optimizer state takes minutes to write). At :func:`wait_for_main` they wait as long as the main
-process's heartbeat goes on, and end as lost within ``dist_timeout`` once it stops: the process died, froze, or
-its machine fell silent.
+Reading and encoding the data first, writing a checkpoint or a training state, timing the trained model: the
+main process works alone while the others wait. A plain barrier fails them after ``train.dist_timeout`` however
+alive the main process is (a full model's optimizer state takes minutes to write). At :func:`wait_for_main` they
+wait as long as the main process's heartbeat goes on, and end as lost once it has stopped for ``dist_timeout``
+(the process died, or it or its machine stopped as a whole) or once the work has taken :data:`SOLO_LIMIT` times
+``dist_timeout`` (the heartbeat, a thread of its own, cannot tell a stuck write from a long one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import torch
 
-from peftbench.errors import LostProcess
+from peftbench.errors import Interrupted, LostProcess
 
 BEAT_KEY = "peftbench/main_heartbeat"  # in the process group's store: counted up by the main process
 BEAT_SECONDS = 0.5  # between beats; a waiting process looks as often
-_beating: threading.Thread | None = None
+SOLO_LIMIT = 12  # the longest solo work the others wait for, in multiples of dist_timeout (an hour at 300 s)
+_timeout: float | None = None  # the group's train.dist_timeout: its first run set it, as for every collective
 _waits = 0  # waits passed by this process: every process passes the same ones in the same order
 
 
@@ -26,11 +29,15 @@ def _store():
     return torch.distributed.distributed_c10d._get_default_store()
 
 
-def start_beating(state) -> None:
-    """On the main process of several (``state``: Accelerate's ``PartialState``): a daemon thread counting up
-    :data:`BEAT_KEY` of the group's store every :data:`BEAT_SECONDS`, for the life of the process."""
-    global _beating
-    if state.num_processes == 1 or not state.is_main_process or _beating is not None:
+def start_beating(state, dist_timeout: float) -> None:
+    """Once per process of several (``state``: Accelerate's ``PartialState``): keep the group's ``dist_timeout``
+    for the waits and, on the main process, start a daemon thread counting up :data:`BEAT_KEY` of the group's
+    store every :data:`BEAT_SECONDS`, for the life of the process."""
+    global _timeout
+    if state.num_processes == 1 or _timeout is not None:
+        return
+    _timeout = dist_timeout
+    if not state.is_main_process:
         return
     store = _store()
 
@@ -42,14 +49,12 @@ def start_beating(state) -> None:
                 return
             time.sleep(BEAT_SECONDS)
 
-    _beating = threading.Thread(target=beat, name="peftbench-main-heartbeat", daemon=True)
-    _beating.start()
+    threading.Thread(target=beat, name="peftbench-main-heartbeat", daemon=True).start()
 
 
-def wait_for_main(state, dist_timeout: int) -> None:
+def wait_for_main(state) -> None:
     """A barrier behind work the main process does alone: the other processes wait while its heartbeat goes on
-    (:class:`LostProcess` once it has stopped for ``dist_timeout`` seconds), then every process meets in a
-    plain barrier."""
+    (:class:`LostProcess` once it has not), then every process meets in a plain barrier."""
     global _waits
     if state.num_processes == 1:
         return
@@ -57,25 +62,43 @@ def wait_for_main(state, dist_timeout: int) -> None:
     done, store = f"peftbench/main_done/{_waits}", _store()
     if state.is_main_process:
         store.set(done, "1")
+        if _waits > 1:
+            store.delete_key(f"peftbench/main_done/{_waits - 1}")  # every process is past it
     else:
-        _follow_heartbeat(store, done, state.process_index, state.num_processes, dist_timeout)
+        _follow_heartbeat(store, done, state.process_index, state.num_processes)
     state.wait_for_everyone()
 
 
-def _follow_heartbeat(store, done: str, process_index: int, processes: int, dist_timeout: int) -> None:
-    beat, heard = None, time.monotonic()
+@contextlib.contextmanager
+def main_first(state):
+    """Accelerate's ``main_process_first`` (the main process does the work first: it fills the caches the others
+    read), the others waiting as :func:`wait_for_main` does."""
+    if not state.is_main_process:
+        wait_for_main(state)
+    yield
+    if state.is_main_process:
+        wait_for_main(state)
+
+
+def _follow_heartbeat(store, done: str, process_index: int, processes: int) -> None:
+    who = f"process {process_index} of {processes} lost the main process while waiting for it to finish its own work"
+    start = beat_heard = time.monotonic()
+    beat = None
     while True:
         try:
             if store.check([done]):
                 return
             now = store.add(BEAT_KEY, 0)
+        except Interrupted:  # SIGTERM: a stop, not a loss
+            raise
         except RuntimeError as exc:  # the store (hosted by the main process or the launcher) is gone
-            raise LostProcess(f"process {process_index} of {processes} lost the main process while waiting for "
-                              f"it to finish its own work (its store stopped answering: {exc})") from exc
+            raise LostProcess(f"{who} (its store stopped answering: {exc})") from exc
         if now != beat:
-            beat, heard = now, time.monotonic()
-        elif time.monotonic() - heard > dist_timeout:
-            raise LostProcess(f"process {process_index} of {processes} lost the main process while waiting for it "
-                              f"to finish its own work: no heartbeat for train.dist_timeout={dist_timeout} s (it "
-                              "died, froze, or its machine fell silent)")
+            beat, beat_heard = now, time.monotonic()
+        elif time.monotonic() - beat_heard > _timeout:
+            raise LostProcess(f"{who}: no heartbeat for train.dist_timeout={_timeout:g} s (it died, or it or its "
+                              "machine stopped)")
+        if time.monotonic() - start > SOLO_LIMIT * _timeout:
+            raise LostProcess(f"{who}: it has not finished in {SOLO_LIMIT} x train.dist_timeout={_timeout:g} s (a "
+                              "stuck write or request; raise train.dist_timeout for longer work)")
         time.sleep(BEAT_SECONDS)

@@ -45,7 +45,7 @@ def process_state(dist_timeout: int = LoopConfig.dist_timeout):
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=dist_timeout))
-    start_beating(state)
+    start_beating(state, dist_timeout)
     return state
 
 

@@ -40,6 +40,7 @@ from peftbench import checkpoint, config
 from peftbench.claims import CLAIM_TIMEOUT_S, Board, FolderBoard, open_board, outcome_of
 from peftbench.config import RunConfig
 from peftbench.errors import Interrupted, PeftbenchError, one_line
+from peftbench.heartbeat import wait_for_main
 from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, error_text, read_record
 from peftbench.tasks import find_files, get_spec
@@ -318,10 +319,15 @@ class SweepOutcome:
 
 
 def agree(value):
-    """The main process's value on every process (all must run the same cells)."""
+    """The main process's value on every process (all must run the same cells); the others wait for the main
+    process to work it out (reading a claim, copying a run in) while its heartbeat goes on."""
     from accelerate.utils import broadcast_object_list
 
-    return value if process_state().num_processes == 1 else broadcast_object_list([value])[0]
+    state = process_state()
+    if state.num_processes == 1:
+        return value
+    wait_for_main(state)
+    return broadcast_object_list([value])[0]
 
 
 def run_sweep(cells: list[Cell], retry_failed: bool = False, runner=None, provenance: dict | None = None,

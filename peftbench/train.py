@@ -1,6 +1,6 @@
 """Fine-tuning recipe: ``setup_data``, ``setup_model``, the one loop (``loop.fit``), ``evaluate``, ``save``.
 
-Seed, data (under ``main_process_first``), model + method (what it trains is
+Seed, data (the main process first: ``heartbeat.main_first``), model + method (what it trains is
 declared, the rest frozen in one place), AdamW with linear warm-up/decay, dev
 evaluation each epoch with ``gather_for_metrics``, the best dev state kept, test
 evaluation of that state, checkpoint, record. The method and the task kind are
@@ -24,7 +24,7 @@ from peftbench import checkpoint, distributed, models, tricks
 from peftbench.config import RunConfig, require
 from peftbench.data import Collator, eval_loader, train_loader
 from peftbench.errors import DivergedError, PeftbenchError
-from peftbench.heartbeat import wait_for_main
+from peftbench.heartbeat import main_first, wait_for_main
 from peftbench.inference import serving_cost
 from peftbench.loop import (
     Hooks,
@@ -93,7 +93,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     main = accelerator.is_main_process
     if main:
         checkpoint.prepare_run_dir(out_dir)
-    wait_for_main(accelerator, cfg.train.dist_timeout)
+    wait_for_main(accelerator)
     env = {**environment(accelerator.num_processes), **launch.describe()}
     start = time.perf_counter()
     start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
@@ -122,7 +122,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
         write_atomic(stage / RECORD_NAME, record)
         checkpoint.publish(stage, out_dir)
         checkpoint.remove_state(checkpoint.training_state_dir(out_dir))  # the run is whole: nothing to resume
-    wait_for_main(accelerator, cfg.train.dist_timeout)  # behind the checkpoint, the serving cost and the record
+    wait_for_main(accelerator)  # behind the checkpoint, the serving cost and the record
     release(accelerator)  # a sweep runs many cells in one process
     return RunResult(record, model, tokenizer)
 
@@ -142,7 +142,7 @@ def encode_task(cfg: RunConfig, splits: tuple[str, ...] | None = None):
 def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
     """Load and tokenise the task's splits; length-grouped training batches, length-sorted evaluation batches."""
     t = cfg.train
-    with accelerator.main_process_first():
+    with main_first(accelerator):
         task, tokenizer, pair, encoded = encode_task(cfg)
     cuda = accelerator.device.type == "cuda"
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)
@@ -282,7 +282,7 @@ def _fine_tune(cfg: RunConfig, accelerator: Accelerator, launch: distributed.Lau
                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
         checkpoint.save_process_states(
             accelerator, {"loop": s.to_dict(), "history": history, "best": history.index(best["metrics"]) if best
-                          else None, "resumed_from": resumed_from}, shared, cfg.run_id, state_dir, t.dist_timeout)
+                          else None, "resumed_from": resumed_from}, shared, cfg.run_id, state_dir)
 
     def on_optimizer_step(step: int) -> None:
         method.on_optimizer_step(raw_model, step)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from peftbench import checkpoint, distributed
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError
-from peftbench.heartbeat import wait_for_main
+from peftbench.heartbeat import main_first, wait_for_main
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -63,7 +63,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise
     finally:
         stop_tracking(accelerator)
-    wait_for_main(accelerator, cfg.train.dist_timeout)  # behind the model's staging and swap
+    wait_for_main(accelerator)  # behind the model's staging and swap
     release(accelerator)
     return record
 
@@ -76,7 +76,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
     if accelerator.is_main_process:
         checkpoint.restore_cut_swap(out_dir / checkpoint.MODEL_DIR)  # the last whole model, likewise
     saved = checkpoint.read_training_state(ckpt, cfg.run_id)  # (model/ and its record stay the last whole run's)
-    with accelerator.main_process_first():
+    with main_first(accelerator):
         docs = read_documents(cfg.corpus.files, cfg.corpus.text_fields, cfg.corpus.allow_eval_text)
         set_seed(t.seed)
         tokenizer = load_tokenizer(cfg, out_dir, docs, fresh=saved is None)
@@ -129,8 +129,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
                    "num_tokens": ids.numel()}
 
     def save(s: LoopState) -> None:
-        checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, where,
-                                       t.dist_timeout)
+        checkpoint.save_training_state(accelerator, {**s.to_dict(), "eval_curve": eval_curve}, cfg.run_id, where)
 
     def on_eval(s: LoopState) -> None:
         eval_curve.append({"step": s.step, "mlm_loss": eval_loss()})

@@ -34,6 +34,7 @@ CLAIM_TIMEOUT_S = 90.0  # a claim whose heartbeat is older belongs to a dead or 
 BEATS_PER_TIMEOUT = 6  # heartbeats within one timeout
 LOCK_WAIT_S = 0.2  # between tries for a held lock
 TABLE = "peftbench_cells"
+DATABASE_TRIES = 4  # a call the database drops (a restart, a network blip) is made again, 0.5, 1, 2 s apart
 
 
 def _holder() -> dict:
@@ -183,7 +184,8 @@ class DatabaseBoard(Board):
     pid, token) and heartbeat time (the holder's clock: machines' clocks must agree to well within the claim
     timeout, as NTP keeps them). Taking a claim is one insert, or one update of a stale (or, retried, failed)
     row conditioned on the generation read, so exactly one worker wins; every later write is conditioned on
-    the winner's token, so a worker that comes back after its claim was taken over changes nothing.
+    the winner's token, so a worker that comes back after its claim was taken over changes nothing. A call the
+    database drops is made again (:data:`DATABASE_TRIES`); a claim whose answer was lost is found by its token.
     """
 
     def __init__(self, url: str, timeout_s: float = CLAIM_TIMEOUT_S):
@@ -215,30 +217,37 @@ class DatabaseBoard(Board):
             if not exists:
                 raise PeftbenchError(f"storage {self.where!r}: cannot use the database: {_first_line(exc)}") from None
 
+    def _asked(self, call):
+        """``call()``, made again while the database drops it; past the last try, one line naming the storage."""
+        for attempt in range(DATABASE_TRIES):
+            try:
+                return call()
+            except (self.sa.exc.OperationalError, self.sa.exc.InterfaceError) as exc:
+                if attempt == DATABASE_TRIES - 1:
+                    raise PeftbenchError(f"storage {self.where!r}: the database did not answer in {DATABASE_TRIES} "
+                                         f"tries: {_first_line(exc)}") from None
+                time.sleep(0.5 * 2 ** attempt)
+
     def _write(self, statement) -> int:
-        with self.engine.begin() as conn:
-            return conn.execute(statement).rowcount
+        def write() -> int:
+            with self.engine.begin() as conn:
+                return conn.execute(statement).rowcount
+
+        return self._asked(write)
 
     def claim(self, key: str, replace_failed: bool = False) -> Claim | None:
         """The claim on ``key``, or None while another live worker holds it or (unless ``replace_failed``) the
         cell has finished."""
         sa, t, me = self.sa, self.table, _holder()
         row = {"status": "running", "score": None, "holder": json.dumps(me), "token": me["token"], "beat": time.time()}
-        try:
-            self._write(t.insert().values(key=key, generation=0, **row))
-        except sa.exc.IntegrityError:
-            held = self.row(key)
-            if held is None or not self._replaceable(held, replace_failed):
-                return None
-            if self._write(t.update().where(t.c.key == key, t.c.generation == held["generation"])
-                           .values(generation=held["generation"] + 1, **row)) != 1:
-                return None  # another worker took it first: every claim moves the generation on
+        if not self._took(key, row, replace_failed):
+            return None
         where = (t.c.key == key, t.c.token == me["token"])
 
         def beat() -> bool:
             try:
                 return self._write(t.update().where(*where).values(beat=time.time())) == 1
-            except sa.exc.SQLAlchemyError:  # the database is briefly unreachable: try again next beat
+            except (sa.exc.SQLAlchemyError, PeftbenchError):  # the database is unreachable: try again next beat
                 return True
 
         def drop(outcome: dict | None) -> None:
@@ -246,10 +255,28 @@ class DatabaseBoard(Board):
                                                    token=None, beat=None) if outcome else t.delete().where(*where)
             try:
                 self._write(done)
-            except sa.exc.SQLAlchemyError as exc:  # the record is written: the claim lapses after the timeout
+            except (sa.exc.SQLAlchemyError, PeftbenchError) as exc:  # the record is written: it lapses instead
                 print(f"warning: storage {self.where!r}: could not release the claim on {key} "
                       f"({_first_line(exc)}); it lapses after {self.timeout_s:g} s", file=sys.stderr)
         return Claim(beat, drop, self.timeout_s / BEATS_PER_TIMEOUT)
+
+    def _took(self, key: str, row: dict, replace_failed: bool) -> bool:
+        """Whether this worker now holds ``key``: by its insert, or by its update of a replaceable row conditioned on
+        the generation read (a call made again after its answer was lost finds the row holding its token)."""
+        t = self.table
+        try:
+            self._write(t.insert().values(key=key, generation=0, **row))
+            return True
+        except self.sa.exc.IntegrityError:
+            held = self.row(key)
+        if held is None or held["token"] == row["token"]:
+            return held is not None
+        if not self._replaceable(held, replace_failed):
+            return False
+        if self._write(t.update().where(t.c.key == key, t.c.generation == held["generation"])
+                       .values(generation=held["generation"] + 1, **row)) == 1:
+            return True
+        return (self.row(key) or {}).get("token") == row["token"]  # else another worker took it first
 
     def _replaceable(self, held: dict, replace_failed: bool) -> bool:
         if held["status"] == "running":
@@ -257,8 +284,11 @@ class DatabaseBoard(Board):
         return held["status"] == "failed" and replace_failed
 
     def row(self, key: str) -> dict | None:
-        with self.engine.connect() as conn:
-            found = conn.execute(self.sa.select(self.table).where(self.table.c.key == key)).mappings().first()
+        def read():
+            with self.engine.connect() as conn:
+                return conn.execute(self.sa.select(self.table).where(self.table.c.key == key)).mappings().first()
+
+        found = self._asked(read)
         return dict(found) if found else None
 
     def outcome(self, key: str) -> dict | None:

@@ -118,6 +118,62 @@ def test_a_silent_holder_loses_its_claim_after_the_timeout_and_a_dead_one_at_onc
     assert DatabaseBoard(url, timeout_s=3600).claim(key + "-dead") is not None
 
 
+class DroppingEngine:
+    """An engine whose next ``drops`` calls fail as they do while a database restarts."""
+
+    def __init__(self, engine, drops: int):
+        self.engine, self.drops = engine, drops
+
+    def _call(self, name: str):
+        import sqlalchemy as sa
+
+        if self.drops:
+            self.drops -= 1
+            raise sa.exc.OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+        return getattr(self.engine, name)()
+
+    def begin(self):
+        return self._call("begin")
+
+    def connect(self):
+        return self._call("connect")
+
+
+def test_a_call_the_database_drops_is_made_again_and_a_claim_whose_answer_was_lost_is_found(tmp_path,
+                                                                                            monkeypatch):
+    from peftbench import claims
+
+    waits = []
+    monkeypatch.setattr(claims.time, "sleep", waits.append)
+    board = DatabaseBoard(f"sqlite:///{tmp_path / 'claims.db'}")
+    engine = board.engine
+    board.engine = DroppingEngine(engine, drops=2)
+    held = board.claim("a")  # its insert dropped twice, made a third time
+    assert held is not None and waits == [0.5, 1.0] and board.row("a")["status"] == "running"
+    board.engine = DroppingEngine(engine, drops=1)
+    held.release({"status": "success", "score": 0.5})
+    assert board.outcome("a") == {"status": "success", "score": 0.5}
+
+    # an insert that reached the database but whose answer was lost: made again, it meets its own row
+    me = {"host": "here", "pid": os.getpid(), "token": "mine"}
+    monkeypatch.setattr(claims, "_holder", lambda: me)
+    with engine.begin() as conn:
+        conn.execute(board.table.insert().values(key="b", status="running", holder=json.dumps(me), token="mine",
+                                                 beat=time.time(), generation=0))
+    ours = [board.claim("b") for _ in range(2)]
+    assert None not in ours  # ours, not another worker's
+    monkeypatch.setattr(claims, "_holder", lambda: {**me, "token": "theirs"})
+    assert board.claim("b") is None
+
+    board.engine = DroppingEngine(engine, drops=99)
+    with pytest.raises(PeftbenchError, match=r"storage '.*claims.db': the database did not answer in 4 tries: "
+                                             "server closed the connection unexpectedly"):
+        board.claim("c")
+    board.engine = engine
+    for claim in ours:
+        claim.release()
+
+
 def test_a_heartbeat_keeps_a_claim_alive(tmp_path):
     board = DatabaseBoard(f"sqlite:///{tmp_path / 'claims.db'}", timeout_s=1.2)  # a beat every 0.2 s
     held = board.claim("cell")

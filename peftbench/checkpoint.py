@@ -317,13 +317,13 @@ def save_training_state(accelerator, state: dict, run_id: str, where: Path) -> N
     tmp = where.with_name(where.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    wait_for_main(accelerator)
+    wait_for_main(accelerator, "clearing the last training state's folder")
     accelerator.save_state(str(tmp))
-    wait_for_main(accelerator)  # every process's RNG state is in before the swap
+    wait_for_main(accelerator, "writing a training state")  # every process's RNG state is in before the swap
     if accelerator.is_main_process:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         swap_in(tmp, where)
-    wait_for_main(accelerator)
+    wait_for_main(accelerator, "swapping a training state in")
 
 
 def training_state_dir(out_dir: Path) -> Path:
@@ -366,15 +366,15 @@ def save_process_states(accelerator, state: dict, tensors: dict, run_id: str, wh
     tmp, main = where.with_name(where.name + ".tmp"), accelerator.is_main_process
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    wait_for_main(accelerator)
+    wait_for_main(accelerator, "clearing the last training state's folder")
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save({**tensors, "rng": rng_state()}, tmp / f"process_{accelerator.process_index}.pt")
-    wait_for_main(accelerator)
+    wait_for_main(accelerator, "writing a training state")
     if main:
         write_atomic(tmp / LOOP_STATE_FILE, {**state, "run_id": run_id, "processes": accelerator.num_processes})
         settle_modes(tmp)
         swap_in(tmp, where)
-    wait_for_main(accelerator)
+    wait_for_main(accelerator, "swapping a training state in")
 
 
 def swap_in(tmp: Path, where: Path) -> None:

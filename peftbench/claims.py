@@ -34,7 +34,7 @@ CLAIM_TIMEOUT_S = 90.0  # a claim whose heartbeat is older belongs to a dead or 
 BEATS_PER_TIMEOUT = 6  # heartbeats within one timeout
 LOCK_WAIT_S = 0.2  # between tries for a held lock
 TABLE = "peftbench_cells"
-DATABASE_TRIES = 4  # a call the database drops (a restart, a network blip) is made again, 0.5, 1, 2 s apart
+DATABASE_TRIES = 6  # a call the database drops (a restart, a network blip): 6 tries, 1, 2, 4, 8, 16 s apart
 
 
 def _holder() -> dict:
@@ -224,9 +224,9 @@ class DatabaseBoard(Board):
                 return call()
             except (self.sa.exc.OperationalError, self.sa.exc.InterfaceError) as exc:
                 if attempt == DATABASE_TRIES - 1:
-                    raise PeftbenchError(f"storage {self.where!r}: the database did not answer in {DATABASE_TRIES} "
-                                         f"tries: {_first_line(exc)}") from None
-                time.sleep(0.5 * 2 ** attempt)
+                    raise PeftbenchError(f"storage {self.where!r}: the database call failed {DATABASE_TRIES} times "
+                                         f"over {2 ** (DATABASE_TRIES - 1) - 1} s: {_first_line(exc)}") from None
+                time.sleep(2 ** attempt)
 
     def _write(self, statement) -> int:
         def write() -> int:

@@ -326,7 +326,7 @@ def agree(value):
     state = process_state()
     if state.num_processes == 1:
         return value
-    wait_for_main(state)
+    wait_for_main(state, "a sweep's next step")
     return broadcast_object_list([value])[0]
 
 

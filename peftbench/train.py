@@ -93,7 +93,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     main = accelerator.is_main_process
     if main:
         checkpoint.prepare_run_dir(out_dir)
-    wait_for_main(accelerator)
+    wait_for_main(accelerator, "preparing the run's folder")
     env = {**environment(accelerator.num_processes), **launch.describe()}
     start = time.perf_counter()
     start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
@@ -122,7 +122,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
         write_atomic(stage / RECORD_NAME, record)
         checkpoint.publish(stage, out_dir)
         checkpoint.remove_state(checkpoint.training_state_dir(out_dir))  # the run is whole: nothing to resume
-    wait_for_main(accelerator)  # behind the checkpoint, the serving cost and the record
+    wait_for_main(accelerator, "writing the checkpoint, timing the model and writing the record")
     release(accelerator)  # a sweep runs many cells in one process
     return RunResult(record, model, tokenizer)
 
@@ -142,7 +142,7 @@ def encode_task(cfg: RunConfig, splits: tuple[str, ...] | None = None):
 def setup_data(cfg: RunConfig, accelerator: Accelerator) -> Data:
     """Load and tokenise the task's splits; length-grouped training batches, length-sorted evaluation batches."""
     t = cfg.train
-    with main_first(accelerator):
+    with main_first(accelerator, "reading and encoding the data"):
         task, tokenizer, pair, encoded = encode_task(cfg)
     cuda = accelerator.device.type == "cuda"
     collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else 1)

@@ -159,7 +159,9 @@ if state.is_main_process:
     if how == "freeze":  # as a machine that fell silent: no heartbeat, no answer
         os.kill(os.getpid(), signal.SIGSTOP)
     time.sleep(alone)  # the main process's work alone (a checkpoint, a training state, the serving cost)
-barrier = state.wait_for_everyone if how == "barrier" else lambda: wait_for_main(state)
+    if how == "fails":  # that work failed; caught, as a sweep catches a cell's error, it goes on to its next wait
+        wait_for_main(state, "a sweep's next step")
+barrier = state.wait_for_everyone if how == "barrier" else lambda: wait_for_main(state, "its own work")
 try:
     barrier()
 except LostProcess as exc:
@@ -195,10 +197,13 @@ def test_the_others_wait_for_the_main_process_working_alone_longer_than_the_time
 
 @pytest.mark.parametrize("how, alone, why, seconds", [
     ("freeze", 0, "no heartbeat for train.dist_timeout=3 s", 3),
-    ("stuck", 30, "it has not finished in 2 x train.dist_timeout=3 s", 6)])
-def test_a_main_process_that_stops_or_sticks_while_working_alone_ends_the_others(tmp_path, how, alone, why, seconds):
+    ("stuck", 30, "it has not finished in 2 x train.dist_timeout=3 s", 6),
+    ("fails", 1, "it went on to a later step (a sweep's next step): its own work failed", 1)])
+def test_a_main_process_that_stops_sticks_or_fails_while_working_alone_ends_the_others(tmp_path, how, alone, why,
+                                                                                      seconds):
     """Frozen (no heartbeat): the others end after the timeout; stuck in its work (a write that never returns,
-    while its heartbeat thread goes on): after ``SOLO_LIMIT`` times the timeout."""
+    while its heartbeat thread goes on): after ``SOLO_LIMIT`` times the timeout; failed, and gone on to a later
+    wait: at once, instead of being let through into steps the main process no longer runs."""
     launch, said = run_main_alone(tmp_path, how, alone)  # torchrun waits 30 s before it kills a frozen process
     lost = [line for line in said.splitlines() if "lost the main process" in line]
     assert lost and launch.returncode != 0, said[-2000:]

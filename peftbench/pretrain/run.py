@@ -63,7 +63,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         raise
     finally:
         stop_tracking(accelerator)
-    wait_for_main(accelerator)  # behind the model's staging and swap
+    wait_for_main(accelerator, "writing the pretrained model and its record")
     release(accelerator)
     return record
 
@@ -76,7 +76,7 @@ def _pretrain(cfg: PretrainConfig, accelerator, out_dir: Path, env: dict, phase:
     if accelerator.is_main_process:
         checkpoint.restore_cut_swap(out_dir / checkpoint.MODEL_DIR)  # the last whole model, likewise
     saved = checkpoint.read_training_state(ckpt, cfg.run_id)  # (model/ and its record stay the last whole run's)
-    with main_first(accelerator):
+    with main_first(accelerator, "reading the corpus and building the model"):
         docs = read_documents(cfg.corpus.files, cfg.corpus.text_fields, cfg.corpus.allow_eval_text)
         set_seed(t.seed)
         tokenizer = load_tokenizer(cfg, out_dir, docs, fresh=saved is None)

@@ -168,6 +168,8 @@ def setup_model(cfg: RunConfig, accelerator: Accelerator, data: Data, total_step
                                     save_random_base=ckpt_dir / checkpoint.BASE_DIR if save_base else None,
                                     device_map={"": accelerator.local_process_index} if per_gpu else None,
                                     float_storage=launch.engine == "fsdp2")
+    if cfg.train.save_checkpoint and not method.saves_full_model and models.is_random_init(cfg.model.name_or_path):
+        wait_for_main(accelerator, "writing the random-init base")  # (the main process writes it)
     if save_base:  # the reload checks it is given this very base
         base.fingerprint = checkpoint.fingerprint(model)
         base.pretrained_fingerprint = checkpoint.fingerprint(model, pretrained_only=True,

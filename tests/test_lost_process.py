@@ -174,7 +174,7 @@ def run_main_alone(tmp_path, how: str, alone: float) -> tuple[int, str]:
     script.write_text(MAIN_ALONE)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     launch = subprocess.Popen(torchrun(str(script), how, "3", str(alone)), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                              stderr=subprocess.STDOUT, text=True, env=env)
     said = ""
     try:
         for line in launch.stdout:
@@ -182,8 +182,9 @@ def run_main_alone(tmp_path, how: str, alone: float) -> tuple[int, str]:
             if "lost the main process" in line:
                 break
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launch.pid, signal.SIGKILL)
+        for pid in [*workers(launch).values(), launch.pid]:  # the workers run in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         launch.wait(timeout=60)
     return launch.returncode, said
 

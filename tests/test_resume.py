@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import peftbench.train as train_module
+import peftbench.train.fine_tuning as fine_tuning
 from peftbench import checkpoint, config
 from peftbench.errors import PeftbenchError
 from peftbench.train import run
@@ -32,7 +32,7 @@ class Killed(BaseException):
 
 def kill_at(monkeypatch, step: int) -> None:
     """The next run dies inside optimizer step ``step`` (after the backward pass, before the step is counted)."""
-    fit = train_module.fit
+    fit = fine_tuning.fit
 
     def fit_then_die(*args, **kwargs):
         hooks = args[6]
@@ -46,7 +46,7 @@ def kill_at(monkeypatch, step: int) -> None:
         hooks.on_optimizer_step = step_then_die
         return fit(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", fit_then_die)
+    monkeypatch.setattr(fine_tuning, "fit", fit_then_die)
 
 
 def timing_aside(history: list[dict]) -> list[dict]:

@@ -341,16 +341,16 @@ def test_averaged_weights_are_what_is_evaluated_and_saved(quick_overrides, monke
 
 
 def test_early_stopping_ends_the_run_and_says_so(quick_overrides, monkeypatch):
-    from peftbench import train
+    from peftbench.train import fine_tuning
 
     scores = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.9])  # best at the second evaluation, then two without a better one
-    real = train.evaluate
+    real = fine_tuning.evaluate
 
     def scored(model, loader, accelerator, task, split):
         metrics, ids, preds = real(model, loader, accelerator, task, split)
         return ({**metrics, "score": next(scores)} if split == "dev" else metrics), ids, preds
 
-    monkeypatch.setattr(train, "evaluate", scored)
+    monkeypatch.setattr(fine_tuning, "evaluate", scored)
     cfg = config.load(None, [*quick_overrides, "method.name=lora", "train.epochs=6", "task.max_train_samples=32",
                              "train.batch_size=16", "train.early_stopping_patience=2", "train.save_checkpoint=false"])
     rec = run(cfg).record
@@ -364,7 +364,7 @@ def test_every_trick_at_once_trains_a_lora_above_chance(quick_overrides, monkeyp
     """They compose: a LoRA with layer decay, smoothing, R-Drop, PGD and EMA learns the synthetic task, and the
     row says which tricks it used."""
     from peftbench import leaderboard
-    from peftbench import train as train_module
+    from peftbench.train import fine_tuning
     from peftbench.tricks import label_smoothing, rdrop
 
     calls = Counter()
@@ -389,8 +389,8 @@ def test_every_trick_at_once_trains_a_lora_above_chance(quick_overrides, monkeyp
 
     monkeypatch.setattr(tricks.Adversary, "losses", adversarial)
     groups = []
-    build = train_module.build_optimizer
-    monkeypatch.setattr(train_module, "build_optimizer",
+    build = fine_tuning.build_optimizer
+    monkeypatch.setattr(fine_tuning, "build_optimizer",
                         lambda *a: groups.extend(build(*a).param_groups) or build(*a))
     tricks_on = ["train.layer_decay=0.9", "train.label_smoothing=0.1", "train.rdrop_alpha=1.0",
                  "train.adversarial=pgd", "train.adversarial_steps=2", "train.ema_decay=0.9"]

@@ -9,6 +9,11 @@ class DivergedError(FloatingPointError):
     """Training produced a non-finite loss, parameter or logit. The message starts with ``diverged:``."""
 
 
+class MainProcessFailed(RuntimeError):
+    """The main process's run failed while this process waited for its solo work: the run fails here too, and a
+    sweep goes on to its next cell with every process."""
+
+
 class Interrupted(RuntimeError):
     """The run was cut short from outside (a signal, a lost process): its failed record says so, and a sweep
     stops and runs the cell again when resumed."""

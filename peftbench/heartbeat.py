@@ -6,25 +6,32 @@ alive the main process is (a full model's optimizer state takes minutes to write
 wait as long as the main process's heartbeat goes on, and end as lost once it has stopped for ``dist_timeout``
 (the process died, or it or its machine stopped as a whole) or once the work has taken :data:`SOLO_LIMIT` times
 ``dist_timeout`` (the heartbeat, a thread of its own, cannot tell a stuck write from a long one). Each wait names
-the work it waits for: a main process whose solo work failed, and which went on to a later wait (a sweep's next
-cell), ends the others with :class:`LostProcess` instead of releasing them into steps it no longer runs.
+the work it waits for, and the waits are counted within a phase that every process starts together (a run, a
+sweep's step: :func:`new_phase`). A main process whose run failed says so (:func:`tell_failed`): the others,
+waiting for its solo work, end with the same bad input (:class:`PeftbenchError`) or with :class:`MainProcessFailed`,
+and a sweep goes on to its next cell with every process; one that went on without saying so (to a later wait or
+phase) ends them with :class:`LostProcess` instead of releasing them into steps it no longer runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 
 import torch
 
-from peftbench.errors import Interrupted, LostProcess
+from peftbench.errors import Interrupted, LostProcess, MainProcessFailed, PeftbenchError, one_line
 
 BEAT_KEY = "peftbench/main_heartbeat"  # in the process group's store: counted up by the main process
+PHASE_KEY = "peftbench/main_phase"  # the phase the main process is in
 BEAT_SECONDS = 0.5  # between beats; a waiting process looks every 10 ms at first, then as often as this
 SOLO_LIMIT = 12  # the longest solo work the others wait for, in multiples of dist_timeout (an hour at 300 s)
 _timeout: float | None = None  # the group's train.dist_timeout: its first run set it, as for every collective
-_waits = 0  # waits passed by this process: every process passes the same ones in the same order
+_phase = 0  # phases begun by this process: every process begins the same ones
+_waits = 0  # waits passed in this phase: every process passes the same ones in the same order, unless a run fails
+_last_done: str | None = None  # the main process's last done key (deleted when it sets the next: all are past it)
 
 
 def _store():
@@ -54,21 +61,48 @@ def start_beating(state, dist_timeout: float) -> None:
     threading.Thread(target=beat, name="peftbench-main-heartbeat", daemon=True).start()
 
 
+def new_phase(state) -> None:
+    """Every process at the same point (the start of a run, a sweep's step): waits are counted afresh, so that a
+    run which failed on one process between two waits leaves the next phase in step."""
+    global _phase, _waits
+    if state.num_processes == 1:
+        return
+    _phase, _waits = _phase + 1, 0
+    if state.is_main_process:
+        _store().set(PHASE_KEY, str(_phase))
+
+
+def tell_failed(state, exc: BaseException) -> None:
+    """The main process's run failed with ``exc`` (not a stop: that ends the group): the others waiting for its
+    solo work in this phase end with the same bad input, or with :class:`MainProcessFailed`."""
+    if state.num_processes == 1 or not state.is_main_process or isinstance(exc, Interrupted):
+        return
+    with contextlib.suppress(RuntimeError):  # the store is gone: the others end as lost
+        refused = isinstance(exc, PeftbenchError)  # bad input: the same one-line error on every process
+        _store().set(_failed_key(_phase), json.dumps({"refused": refused, "error": one_line(
+            exc if refused else f"{type(exc).__name__}: {exc}")}))
+
+
+def _failed_key(phase: int) -> str:
+    return f"peftbench/main_failed/{phase}"
+
+
 def wait_for_main(state, work: str) -> None:
     """A barrier behind ``work`` (in words) that the main process does alone: the other processes wait while its
-    heartbeat goes on (:class:`LostProcess` once it has not, or once the main process reaches another wait),
-    then every process meets in a plain barrier."""
-    global _waits
+    heartbeat goes on (:class:`LostProcess` once it has not, or once the main process reaches another wait or
+    phase; its error when it says its run failed), then every process meets in a plain barrier."""
+    global _waits, _last_done
     if state.num_processes == 1:
         return
     _waits += 1
-    done, store = f"peftbench/main_done/{_waits}", _store()
+    done, store = f"peftbench/main_done/{_phase}/{_waits}", _store()
     if state.is_main_process:
         store.set(done, work)
-        if _waits > 1:
-            store.delete_key(f"peftbench/main_done/{_waits - 1}")  # every process is past it
+        if _last_done is not None:
+            store.delete_key(_last_done)  # every process is past it
+        _last_done = done
     else:
-        _follow_heartbeat(store, done, work, state.process_index, state.num_processes)
+        _follow_heartbeat(store, done, work, state.process_index, state.num_processes, _phase)
     state.wait_for_everyone()
 
 
@@ -83,23 +117,31 @@ def main_first(state, work: str):
         wait_for_main(state, work)
 
 
-def _follow_heartbeat(store, done: str, work: str, process_index: int, processes: int) -> None:
+def _follow_heartbeat(store, done: str, work: str, process_index: int, processes: int, phase: int) -> None:
     who = f"process {process_index} of {processes} lost the main process while waiting for it to finish {work}"
+    went_on = f"{who}: it went on to a later step ({{}}): its own work failed (its log and the run's record say why)"
     start = beat_heard = time.monotonic()
     beat, pause = None, 0.01
     while True:
         try:
-            if store.check([done]):
-                reached = store.get(done).decode()
-                if reached != work:
-                    raise LostProcess(f"{who}: it went on to a later step ({reached}): its own work failed (its "
-                                      "log and the run's record say why)")
-                return
+            reached = store.get(done).decode() if store.check([done]) else None
+            failed = json.loads(store.get(_failed_key(phase))) if store.check([_failed_key(phase)]) else None
+            main_phase = int(store.get(PHASE_KEY)) if store.check([PHASE_KEY]) else phase
             now = store.add(BEAT_KEY, 0)
         except Interrupted:  # SIGTERM: a stop, not a loss
             raise
         except RuntimeError as exc:  # the store (hosted by the main process or the launcher) is gone
             raise LostProcess(f"{who} (its store stopped answering: {exc})") from exc
+        if reached is not None:
+            if reached != work:
+                raise LostProcess(went_on.format(reached))
+            return
+        if failed is not None:
+            raise (PeftbenchError if failed["refused"] else MainProcessFailed)(
+                f"the main process failed while process {process_index} of {processes} waited for it to finish "
+                f"{work}: {failed['error']}")
+        if main_phase > phase:
+            raise LostProcess(went_on.format("the next run or sweep step"))
         if now != beat:
             beat, beat_heard = now, time.monotonic()
         elif time.monotonic() - beat_heard > _timeout:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from peftbench.config import LoopConfig
 from peftbench.distributed import local
 from peftbench.errors import DivergedError, PeftbenchError
-from peftbench.heartbeat import start_beating
+from peftbench.heartbeat import new_phase, start_beating
 from peftbench.measure import StepTimer, peak_memory_mb, reset_peak_memory
 from peftbench.tricks import LoopTricks
 
@@ -54,7 +54,7 @@ def make_accelerator(cfg: LoopConfig, compile: bool = False, trackers_dir: Path 
     ``cfg.report_to``, its experiment trackers write under ``trackers_dir``. On CPU, denormal floats are
     flushed to zero for the process."""
     AcceleratorState._reset_state()
-    process_state(cfg.dist_timeout)  # the process group outlives the reset: its first run sets the timeout
+    new_phase(process_state(cfg.dist_timeout))  # the group outlives the reset: its first run sets the timeout
     cuda = torch.cuda.is_available()
     if not cuda:  # denormal floats (tiny prefixes, small gradients) run many times slower on CPUs; GPUs flush them
         torch.set_flush_denormal(True)

@@ -40,7 +40,7 @@ from peftbench import checkpoint, config
 from peftbench.claims import CLAIM_TIMEOUT_S, Board, FolderBoard, open_board, outcome_of
 from peftbench.config import RunConfig
 from peftbench.errors import Interrupted, PeftbenchError, one_line
-from peftbench.heartbeat import wait_for_main
+from peftbench.heartbeat import new_phase, wait_for_main
 from peftbench.loop import process_state
 from peftbench.records import RECORD_NAME, error_text, read_record
 from peftbench.tasks import find_files, get_spec
@@ -326,6 +326,7 @@ def agree(value):
     state = process_state()
     if state.num_processes == 1:
         return value
+    new_phase(state)  # (a run that failed on the main process alone leaves the waits in step)
     wait_for_main(state, "a sweep's next step")
     return broadcast_object_list([value])[0]
 

@@ -204,3 +204,33 @@ def test_a_main_process_that_freezes_while_working_alone_ends_the_others_within_
     lost = re.search(r"after ([\d.]+) s: (process 1 of 2 lost the main process while waiting for it to finish its "
                      r"own work: no heartbeat for train.dist_timeout=3 s)", said)
     assert lost and 3 <= float(lost.group(1)) < 3 + 5, said[-2000:]
+
+
+def test_a_cell_whose_data_only_the_main_process_reads_bad_is_refused_on_both_and_the_sweep_goes_on(tmp_path):
+    """The main process reads and encodes a cell's data first, alone: a bad line there is its error alone. It tells
+    the waiting process, which refuses the cell with the same error instead of losing the main process when the
+    sweep goes on; the next cell runs on both."""
+    from peftbench.tasks.synthetic import write_files
+
+    good, bad = write_files(tmp_path / "good"), write_files(tmp_path / "bad")
+    with (bad / "train_few_all.json").open("a", encoding="utf-8") as fh:
+        fh.write("not json\n")
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(json.dumps({
+        "recipe": {"task": {"name": "synthetic", "max_length": 32, "max_train_samples": 32},
+                   "method": {"name": "lora"},
+                   "train": {"max_steps": 2, "batch_size": 8, "measure_inference": False, "evaluate_test": False,
+                             "save_checkpoint": False, "dist_timeout": TIMEOUT}},
+        "grid": {"task.data_dir": [str(bad), str(good)]}, "output_dir": str(tmp_path / "results")}))
+    launch = start(torchrun("-m", "peftbench", "sweep", str(spec)))
+    out, err = launch.communicate(timeout=300)
+    assert launch.returncode == 1, err[-3000:]  # a refused cell: the sweep says so in its exit status
+    assert out.strip().splitlines()[-1] == \
+        "sweep: 2 cells, ran 2, done before 0, claimed elsewhere 0, failed 0, refused 1", out[-2000:]
+    refusals = re.findall(r"cell \w+ refused: (.*)", err)
+    assert len(refusals) == 2 and "lost the main process" not in err, err[-3000:]
+    assert all(f"{bad / 'train_few_all.json'}:1001" in line for line in refusals), refusals
+    assert refusals[1 - refusals.index(min(refusals, key=len))].startswith("the main process failed while process 1 "
+                                                                          "of 2 waited for it to finish reading")
+    (record,) = [read_record(p) for p in (tmp_path / "results").glob("*/record.json")]
+    assert record["status"] == "success" and record["config"]["task"]["data_dir"] == str(good)

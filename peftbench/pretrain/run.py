@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from peftbench import checkpoint, distributed
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError
-from peftbench.heartbeat import main_first, wait_for_main
+from peftbench.heartbeat import main_first, tell_failed, wait_for_main
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -59,6 +59,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                                     accelerator.is_main_process and not keep, {"kind": "pretrain"}) as phase:
             record = _pretrain(cfg, accelerator, out_dir, env, phase)
     except Exception as exc:
+        tell_failed(accelerator, exc)  # (main process) the others may be waiting for its solo work
         exc.kept_success = keep and not phase.published  # the command's error line says so
         raise
     finally:

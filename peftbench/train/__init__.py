@@ -20,7 +20,7 @@ import torch
 
 from peftbench import checkpoint, distributed
 from peftbench.config import RunConfig
-from peftbench.heartbeat import wait_for_main
+from peftbench.heartbeat import tell_failed, wait_for_main
 from peftbench.loop import make_accelerator, release, start_tracking, stop_tracking
 from peftbench.methods import get_method
 from peftbench.records import RECORD_NAME, environment, failed_record_on_error, holds_success, make_record, write_atomic
@@ -74,6 +74,7 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
                                                   cfg.train.dist_timeout):
             model, tokenizer, result = fine_tune(cfg, accelerator, launch, stage, out_dir, phase, extra)
     except Exception as exc:
+        tell_failed(accelerator, exc)  # (main process) the others may be waiting for its solo work
         stop_tracking(accelerator)
         if main:  # publish the failed record alone (no half-written checkpoint), or keep the old run if it succeeded
             shutil.rmtree(stage / checkpoint.CHECKPOINT_DIR, ignore_errors=True)

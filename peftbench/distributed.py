@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from peftbench.errors import Interrupted, LostProcess, PeftbenchError
+from peftbench.errors import Interrupted, LostProcess, MainProcessFailed, PeftbenchError
 
 ENGINES = ("none", "ddp", "fsdp2", "deepspeed")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,7 +105,7 @@ def naming_lost_processes(process_index: int, processes: int, dist_timeout: int)
     except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's plain RuntimeError
         text = " ".join(str(exc).split())
         backend = isinstance(exc, torch.distributed.DistError) or "gloo" in text.lower() or "nccl" in text.lower()
-        if processes == 1 or isinstance(exc, Interrupted) or not backend or \
+        if processes == 1 or isinstance(exc, (Interrupted, MainProcessFailed)) or not backend or \
                 not any(cue in text.lower() for cue in PEER_LOST):
             raise
         raise LostProcess(f"process {process_index} of {processes} lost another process of the group (it died, or "

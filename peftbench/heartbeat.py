@@ -63,7 +63,7 @@ def start_beating(state, dist_timeout: float) -> None:
 
 def new_phase(state) -> None:
     """Every process at the same point (the start of a run, a sweep's step): waits are counted afresh, so that a
-    run which failed on one process between two waits leaves the next phase in step."""
+    run which failed on the main process between two waits (and told the others) leaves the next phase in step."""
     global _phase, _waits
     if state.num_processes == 1:
         return
@@ -81,6 +81,16 @@ def tell_failed(state, exc: BaseException) -> None:
         refused = isinstance(exc, PeftbenchError)  # bad input: the same one-line error on every process
         _store().set(_failed_key(_phase), json.dumps({"refused": refused, "error": one_line(
             exc if refused else f"{type(exc).__name__}: {exc}")}))
+
+
+@contextlib.contextmanager
+def telling_failure(state):
+    """A failure of the body on the main process is told to the others (:func:`tell_failed`), then raised."""
+    try:
+        yield
+    except Exception as exc:
+        tell_failed(state, exc)
+        raise
 
 
 def _failed_key(phase: int) -> str:
@@ -124,9 +134,10 @@ def _follow_heartbeat(store, done: str, work: str, process_index: int, processes
     beat, pause = None, 0.01
     while True:
         try:
-            reached = store.get(done).decode() if store.check([done]) else None
-            failed = json.loads(store.get(_failed_key(phase))) if store.check([_failed_key(phase)]) else None
+            # read in the reverse of the order the main process writes them (a failure, then a later phase)
             main_phase = int(store.get(PHASE_KEY)) if store.check([PHASE_KEY]) else phase
+            failed = json.loads(store.get(_failed_key(phase))) if store.check([_failed_key(phase)]) else None
+            reached = store.get(done).decode() if store.check([done]) else None
             now = store.add(BEAT_KEY, 0)
         except Interrupted:  # SIGTERM: a stop, not a loss
             raise

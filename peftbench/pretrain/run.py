@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from peftbench import checkpoint, distributed
 from peftbench.data import LengthGroupedBatchSampler
 from peftbench.errors import PeftbenchError
-from peftbench.heartbeat import main_first, tell_failed, wait_for_main
+from peftbench.heartbeat import main_first, telling_failure, wait_for_main
 from peftbench.loop import (
     Hooks,
     LoopState,
@@ -52,19 +52,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg.train, trackers_dir=out_dir / checkpoint.TRACKERS_DIR)
     env = environment(accelerator.num_processes)
-    start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
-    keep = holds_success(out_dir, PRETRAIN_RECORD_NAME)  # the last whole run's, which model/ still holds
-    try:
-        with failed_record_on_error(out_dir / PRETRAIN_RECORD_NAME, cfg.to_dict(), cfg.run_id, env,
-                                    accelerator.is_main_process and not keep, {"kind": "pretrain"}) as phase:
-            record = _pretrain(cfg, accelerator, out_dir, env, phase)
-    except Exception as exc:
-        tell_failed(accelerator, exc)  # (main process) the others may be waiting for its solo work
-        exc.kept_success = keep and not phase.published  # the command's error line says so
-        raise
-    finally:
-        stop_tracking(accelerator)
-    wait_for_main(accelerator, "writing the pretrained model and its record")
+    with telling_failure(accelerator):  # the others may be waiting for the main process's solo work
+        start_tracking(accelerator, cfg.run_id, cfg.to_dict(), out_dir.parent)
+        keep = holds_success(out_dir, PRETRAIN_RECORD_NAME)  # the last whole run's, which model/ still holds
+        try:
+            with failed_record_on_error(out_dir / PRETRAIN_RECORD_NAME, cfg.to_dict(), cfg.run_id, env,
+                                        accelerator.is_main_process and not keep, {"kind": "pretrain"}) as phase:
+                record = _pretrain(cfg, accelerator, out_dir, env, phase)
+        except Exception as exc:
+            exc.kept_success = keep and not phase.published  # the command's error line says so
+            raise
+        finally:
+            stop_tracking(accelerator)
+        wait_for_main(accelerator, "writing the pretrained model and its record")
     release(accelerator)
     return record
 

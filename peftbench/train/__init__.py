@@ -20,7 +20,7 @@ import torch
 
 from peftbench import checkpoint, distributed
 from peftbench.config import RunConfig
-from peftbench.heartbeat import tell_failed, wait_for_main
+from peftbench.heartbeat import telling_failure, wait_for_main
 from peftbench.loop import make_accelerator, release, start_tracking, stop_tracking
 from peftbench.methods import get_method
 from peftbench.records import RECORD_NAME, environment, failed_record_on_error, holds_success, make_record, write_atomic
@@ -52,13 +52,19 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
     successful run: that is kept); a run cut short by Ctrl-C leaves ``output_dir`` as it was. ``provenance``
     (e.g. the sweep a run belongs to) is stored in the record as is.
     """
-    extra = {"provenance": provenance} if provenance else {}
     if cfg.output_dir is None:
         cfg.output_dir = default_output_dir(cfg)
+    launch = distributed.launch(cfg.train.sharding)  # before the accelerator: it takes an FSDP launch over
+    accelerator = make_accelerator(cfg.train, cfg.train.compile,
+                                   checkpoint.staging_dir(Path(cfg.output_dir)) / checkpoint.TRACKERS_DIR)
+    with telling_failure(accelerator):  # the others may be waiting for the main process's solo work
+        return _run(cfg, accelerator, launch, {"provenance": provenance} if provenance else {})
+
+
+def _run(cfg: RunConfig, accelerator, launch: distributed.Launch, extra: dict) -> RunResult:
+    """The run on its accelerator: folder, training (``fine_tune``), record, publication."""
     out_dir = Path(cfg.output_dir)
     stage = checkpoint.staging_dir(out_dir)
-    launch = distributed.launch(cfg.train.sharding)  # before the accelerator: it takes an FSDP launch over
-    accelerator = make_accelerator(cfg.train, cfg.train.compile, stage / checkpoint.TRACKERS_DIR)
     distributed.check(cfg, launch, accelerator.device.type == "cuda", get_method(cfg.method.name).reads_gradients,
                       accelerator)  # refuse what this launch cannot run, before any work
     main = accelerator.is_main_process
@@ -74,7 +80,6 @@ def run(cfg: RunConfig, provenance: dict | None = None) -> RunResult:
                                                   cfg.train.dist_timeout):
             model, tokenizer, result = fine_tune(cfg, accelerator, launch, stage, out_dir, phase, extra)
     except Exception as exc:
-        tell_failed(accelerator, exc)  # (main process) the others may be waiting for its solo work
         stop_tracking(accelerator)
         if main:  # publish the failed record alone (no half-written checkpoint), or keep the old run if it succeeded
             shutil.rmtree(stage / checkpoint.CHECKPOINT_DIR, ignore_errors=True)

@@ -389,7 +389,8 @@ def test_the_clue_average_module_gives_every_committed_rows_average(tmp_path):
 COMMITTED = {"fewclue": ["leaderboards/fewclue-tiny/records", "leaderboards/fewclue-zh-mini-tuned/records"],
              "fewclue-zh-mini-ranges": ["leaderboards/fewclue-zh-mini-ranges/records"],
              "prefix-study": ["leaderboards/prefix-study/records"],
-             "fewclue-tricks": ["leaderboards/fewclue-tricks/records"]}  # the commands of leaderboards/README.md
+             "fewclue-tricks": ["leaderboards/fewclue-tricks/records"],
+             "fewclue-zh-mini-tuners": ["leaderboards/fewclue-zh-mini-tuners/records"]}  # leaderboards/README.md
 
 
 def test_rows_whose_labels_match_but_settings_differ_name_the_difference(tmp_path):

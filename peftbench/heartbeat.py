@@ -7,7 +7,7 @@ wait as long as the main process's heartbeat goes on, and end as lost once it ha
 (the process died, or it or its machine stopped as a whole) or once the work has taken :data:`SOLO_LIMIT` times
 ``dist_timeout`` (the heartbeat, a thread of its own, cannot tell a stuck write from a long one). Each wait names
 the work it waits for, and the waits are counted within a phase that every process starts together (a run, a
-sweep's step: :func:`new_phase`). A main process whose run failed says so (:func:`tell_failed`): the others,
+sweep's step: :func:`new_phase`). A main process whose run failed says so (:func:`telling_failure`): the others,
 waiting for its solo work, end with the same bad input (:class:`PeftbenchError`) or with :class:`MainProcessFailed`,
 and a sweep goes on to its next cell with every process; one that went on without saying so (to a later wait or
 phase) ends them with :class:`LostProcess` instead of releasing them into steps it no longer runs.
@@ -72,24 +72,18 @@ def new_phase(state) -> None:
         _store().set(PHASE_KEY, str(_phase))
 
 
-def tell_failed(state, exc: BaseException) -> None:
-    """The main process's run failed with ``exc`` (not a stop: that ends the group): the others waiting for its
-    solo work in this phase end with the same bad input, or with :class:`MainProcessFailed`."""
-    if state.num_processes == 1 or not state.is_main_process or isinstance(exc, Interrupted):
-        return
-    with contextlib.suppress(RuntimeError):  # the store is gone: the others end as lost
-        refused = isinstance(exc, PeftbenchError)  # bad input: the same one-line error on every process
-        _store().set(_failed_key(_phase), json.dumps({"refused": refused, "error": one_line(
-            exc if refused else f"{type(exc).__name__}: {exc}")}))
-
-
 @contextlib.contextmanager
 def telling_failure(state):
-    """A failure of the body on the main process is told to the others (:func:`tell_failed`), then raised."""
+    """Around a run: when it fails on the main process (not a stop: that ends the group), the others waiting for
+    its solo work in this phase are told, and end with the same bad input or with :class:`MainProcessFailed`."""
     try:
         yield
     except Exception as exc:
-        tell_failed(state, exc)
+        if state.num_processes > 1 and state.is_main_process and not isinstance(exc, Interrupted):
+            refused = isinstance(exc, PeftbenchError)  # bad input: the same one-line error on every process
+            with contextlib.suppress(RuntimeError):  # the store is gone: the others end as lost
+                _store().set(_failed_key(_phase), json.dumps({"refused": refused, "error": one_line(
+                    exc if refused else f"{type(exc).__name__}: {exc}")}))
         raise
 
 

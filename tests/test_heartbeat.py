@@ -12,7 +12,8 @@ from peftbench.errors import LostProcess, MainProcessFailed, PeftbenchError, Sto
 class FakeStore:
     """A process group's store as the waiting process (in phase 1) sees it: the main process beats ``beating``
     times a look; at the ``at``-th look it writes ``done`` (the work it finished), says its run failed
-    (``failed``: what :func:`heartbeat.tell_failed` writes), begins phase ``phase``, or the store raises ``error``."""
+    (``failed``: what :func:`heartbeat.telling_failure` writes), begins phase ``phase``, or the store raises
+    ``error``."""
 
     def __init__(self, beating: bool, done: str | None = None, at: int = 3, error: Exception | None = None,
                  failed: dict | None = None, phase: int = 1):
@@ -80,13 +81,19 @@ def test_the_main_process_tells_the_others_of_a_failed_run_but_not_of_a_stop(mon
     monkeypatch.setattr(heartbeat, "_store", lambda: SimpleNamespace(set=written.__setitem__))
     monkeypatch.setattr(heartbeat, "_phase", 4)
     main, other = (SimpleNamespace(num_processes=2, is_main_process=m) for m in (True, False))
-    heartbeat.tell_failed(other, PeftbenchError("x"))
-    heartbeat.tell_failed(main, Stopped("stopped by SIGTERM"))
-    heartbeat.tell_failed(main, Interrupted("lost"))
+
+    def fail(state, exc):
+        with pytest.raises(type(exc)) as raised, heartbeat.telling_failure(state):
+            raise exc
+        assert raised.value is exc  # raised on, unchanged
+
+    fail(other, PeftbenchError("x"))
+    fail(main, Stopped("stopped by SIGTERM"))
+    fail(main, Interrupted("lost"))
     assert written == {}  # the others find a stop or a lost process themselves
-    heartbeat.tell_failed(main, PeftbenchError("data/train.json:3:\nnot JSON"))
+    fail(main, PeftbenchError("data/train.json:3:\nnot JSON"))
     assert json.loads(written.pop(heartbeat._failed_key(4))) == {"refused": True,
                                                                   "error": "data/train.json:3: not JSON"}
-    heartbeat.tell_failed(main, OSError(28, "No space left on device"))
+    fail(main, OSError(28, "No space left on device"))
     assert json.loads(written[heartbeat._failed_key(4)]) == {
         "refused": False, "error": "OSError: [Errno 28] No space left on device"}
